@@ -1,0 +1,1 @@
+"""swarm/discovery: mDNS announcements, link probes and liveness."""

@@ -1,0 +1,1 @@
+"""swarm/planner: joint device selection and partition. Pure: no torch, no zmq."""

@@ -1,0 +1,1 @@
+"""swarm/runtime: the ZeroMQ pipeline of async shard servers."""

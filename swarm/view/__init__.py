@@ -1,0 +1,1 @@
+"""swarm/view: pure functions from state snapshots to rich renderables."""
