@@ -1,0 +1,170 @@
+"""Everything swarm needs from transformers, in one module.
+
+The rest of swarm never imports transformers: it asks this module for a config,
+for the library's own unit modules (embedding, decoder layers, norm, head, rotary
+embedding) and for a tokenizer. Keeping the dependency here means a transformers
+upgrade touches one file, and the planner, runtime and view stay light.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+log = logging.getLogger(__name__)
+
+# Families whose decoder layers share Llama's interface (hidden, mask, position
+# embeddings, a cache object with .update) and whose checkpoints use the
+# model.embed_tokens / model.layers.N / model.norm / lm_head names.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a Llama-family causal LM swarm can split."""
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{model_dir}: model_type {config.model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    # sdpa is exact for float32 and the fastest portable kernel; pin it so a
+    # checkpoint asking for flash attention still loads on a CPU peer.
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@dataclass
+class UnitModules:
+    """The library's own modules for a contiguous unit range, still on the meta device.
+
+    ``params`` maps each module parameter's checkpoint name to (module, attribute path).
+    """
+
+    embed: nn.Module | None
+    layers: list[nn.Module]
+    norm: nn.Module | None
+    head: nn.Module | None
+    rotary: nn.Module
+    checkpoint_names: dict[str, tuple[nn.Module, str]]
+    cache_kwarg: str  # "cache" in transformers >= 5.2x, "past_key_values" before
+
+
+def build_unit_modules(config: PretrainedConfig, start: int, end: int, device: torch.device) -> UnitModules:
+    """Build the modules of units [start, end) without allocating any weights.
+
+    The whole model skeleton is built on the meta device (no memory), the modules
+    of the range are picked out, and everything else is dropped. The caller fills
+    the weights from the checkpoint with ``materialize``.
+    """
+    num_layers = config.num_hidden_layers
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    base = skeleton.model
+    embed = base.embed_tokens if start == 0 else None
+    first_block, last_block = max(start, 1) - 1, min(end, num_layers + 1) - 1
+    layers = [base.layers[i] for i in range(first_block, last_block)]
+    has_head = end == num_layers + 2
+    norm = base.norm if has_head else None
+    head = skeleton.lm_head if has_head else None
+    # Rotary inverse frequencies are computed in __init__, so build a real one.
+    with torch.device(device):
+        rotary = type(base.rotary_emb)(config=config)
+
+    names: dict[str, tuple[nn.Module, str]] = {}
+    prefixes = [("model.embed_tokens.", embed), ("model.norm.", norm), ("lm_head.", head)]
+    prefixes += [(f"model.layers.{first_block + i}.", layer) for i, layer in enumerate(layers)]
+    for prefix, module in prefixes:
+        if module is None:
+            continue
+        for attr, _ in module.named_parameters():
+            names[prefix + attr] = (module, attr)
+    params = inspect.signature(type(base.layers[0]).forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    return UnitModules(embed, layers, norm, head, rotary, names, cache_kwarg)
+
+
+def tied_embeddings(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def load_tokenizer(model_dir: Path):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_token_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation rendered with the model's own chat template."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in transformers 5
+        out = out["input_ids"]
+    return list(out)
+
+
+def convert_gguf_checkpoint(gguf_path: Path, out_dir: Path, on_stage: Callable[[str], None]) -> None:
+    """Dequantize a GGUF checkpoint into a standard safetensors folder.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the
+    weights are moved into a plain model built from the same config (without its
+    quantization_config) and saved from there.
+    """
+    on_stage("reading and dequantizing GGUF")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    on_stage("building a plain float32 model")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    del loaded
+    on_stage("writing safetensors")
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def save_tiny_llama(out_dir: Path, seed: int = 0, model_type: str = "llama") -> Path:
+    """A tiny random model (no download) for fast tests: 4 layers, hidden 64.
+
+    Weights are drawn with a larger spread than the library default so that
+    logits are well separated and greedy decoding is not decided by rounding.
+    """
+    common = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.2,
+    )
+    config_cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[model_type]
+    config = config_cls(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def reference_model(model_dir: Path, dtype: torch.dtype = torch.float32):
+    """The whole model as transformers loads it: the reference for exactness checks."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()

@@ -1,0 +1,303 @@
+"""A shard: a contiguous range of a model's units with its own weights and KV cache.
+
+The same class serves every position in a chain: the first shard takes token ids,
+middle shards take and return hidden states, the shard holding the head samples
+and returns token ids, and one shard may hold the whole model. Its decoder blocks
+are the library's own modules; only their tensors are read from the checkpoint.
+
+The KV cache is preallocated (the paper's blocks x batch x (input + generated)
+tokens) with one slot per sequence. Each slot keeps its own length, so sequences
+with different prompt lengths share a batch without left padding: new tokens are
+right-padded, positions start at each slot's own length, and a mask hides what a
+row must not see. Every stage of a chain sees the same (slots, lengths) steps, so
+the slot lengths stay in step across stages without being sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from swarm.model import hf
+from swarm.model.sampling import GREEDY, SamplingParams, sample_next
+from swarm.model.units import ModelLayout
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+class SlotKVCache:
+    """Preallocated keys and values for a shard's blocks, one slot per sequence.
+
+    Buffers are [slots, kv_heads, max_len, head_dim] per block. The shard calls
+    ``begin_step`` once per step; the library's attention then calls ``update``
+    once per block, which writes the new keys/values and returns the keys/values
+    the batch attends to: [B, kv_heads, span, head_dim].
+    """
+
+    def __init__(self, block_ids: Sequence[int], max_slots: int, max_len: int,
+                 kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.max_slots, self.max_len = max_slots, max_len
+        shape = (max_slots, kv_heads, max_len, head_dim)
+        self._index = {block: i for i, block in enumerate(block_ids)}
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in block_ids]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in block_ids]
+        self.lengths = [0] * max_slots
+        self._write: tuple | None = None
+        self._read: slice | torch.Tensor | None = None
+        self._span = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def begin_step(self, slots: Sequence[int], width: int) -> None:
+        starts = [self.lengths[s] for s in slots]
+        self._span = max(starts) + width
+        if self._span > self.max_len:
+            raise ValueError(f"sequence would reach {self._span} tokens; the cache holds {self.max_len}")
+        first = slots[0]
+        contiguous = list(slots) == list(range(first, first + len(slots)))
+        self._read = slice(first, first + len(slots)) if contiguous else torch.tensor(slots)
+        if contiguous and len(set(starts)) == 1:
+            # One rectangular block: a plain slice write, the common decode case.
+            self._write = (self._read, slice(starts[0], starts[0] + width))
+        else:
+            device = self.keys[0].device if self.keys else "cpu"
+            rows = torch.tensor(slots, device=device)[:, None, None]
+            heads = torch.arange(self.keys[0].shape[1], device=device)[None, :, None] if self.keys else None
+            positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device))[:, None, :]
+            self._write = (rows, heads, positions)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        i = self._index[layer_idx]
+        keys, values = self.keys[i], self.values[i]
+        if len(self._write) == 2:
+            rows, positions = self._write
+            keys[rows, :, positions] = key
+            values[rows, :, positions] = value
+        else:
+            keys[self._write] = key
+            values[self._write] = value
+        span = slice(0, self._span)
+        return keys[self._read, :, span], values[self._read, :, span]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Per-row bookkeeping of one step: absolute positions, attention mask, last real token."""
+
+    position_ids: torch.Tensor  # int64 [B, T]
+    mask: torch.Tensor | None  # bool [B, 1, T, span], or None when plain causal attention is exact
+    last_index: torch.Tensor  # int64 [B]: index of each row's last real new token
+
+
+def plan_step(starts: Sequence[int], real: Sequence[int], width: int, device: torch.device) -> StepPlan:
+    start = torch.tensor(starts, device=device)
+    offsets = torch.arange(width, device=device)
+    position_ids = start[:, None] + offsets
+    last_index = torch.tensor(real, device=device) - 1
+    same_start = len(set(starts)) == 1
+    # sdpa's own causal masking is exact when every row starts at 0, or when a
+    # single new token attends to all cached ones (span == start + 1 for every row).
+    if same_start and (width == 1 or starts[0] == 0):
+        return StepPlan(position_ids, None, last_index)
+    span = max(starts) + width
+    key_pos = torch.arange(span, device=device)
+    mask = key_pos[None, None, :] <= position_ids[:, :, None]  # [B, T, span]
+    return StepPlan(position_ids, mask[:, None], last_index)
+
+
+class Shard:
+    """Units [start, end) of a model, ready to run prefill and decode steps."""
+
+    def __init__(self, layout: ModelLayout, start: int, end: int, modules: hf.UnitModules,
+                 cache: SlotKVCache, dtype: torch.dtype, device: torch.device, load_seconds: float):
+        self.layout, self.start, self.end = layout, start, end
+        self.dtype, self.device = dtype, device
+        self.embed, self.layers = modules.embed, modules.layers
+        self.norm, self.head, self.rotary = modules.norm, modules.head, modules.rotary
+        self._cache_kwarg = modules.cache_kwarg
+        self.cache = cache
+        self.load_seconds = load_seconds
+        self._sampling: list[SamplingParams] = [GREEDY] * cache.max_slots
+        self._generators: list[torch.Generator | None] = [None] * cache.max_slots
+        self.prefilled_tokens = 0  # new tokens this shard has run, for tests and stats
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, model_dir: Path | str, start: int, end: int, *, max_slots: int = 1, max_len: int = 512,
+             dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> "Shard":
+        """Load units [start, end) of the checkpoint in ``model_dir``, reading only their tensors."""
+        began = time.perf_counter()
+        model_dir = Path(model_dir)
+        layout = ModelLayout.read(model_dir)
+        if not 0 <= start < end <= layout.num_units:
+            raise ValueError(f"unit range [{start}, {end}) is not inside [0, {layout.num_units})")
+        if max_slots < 1 or max_len < 1:
+            raise ValueError("max_slots and max_len must be positive")
+        dtype, device = resolve_dtype(dtype), torch.device(device)
+        config = hf.load_config(model_dir)
+        modules = hf.build_unit_modules(config, start, end, device)
+        _materialize(modules, layout, dtype, device)
+        block_ids = [m.self_attn.layer_idx for m in modules.layers]
+        cache = SlotKVCache(block_ids, max_slots, max_len, layout.num_kv_heads, layout.head_dim, dtype, device)
+        shard = cls(layout, start, end, modules, cache, dtype, device, time.perf_counter() - began)
+        log.info("loaded units [%d, %d) in %.2fs: %.1f MB weights, %.1f MB KV cache", start, end,
+                 shard.load_seconds, shard.weight_bytes / 1e6, cache.nbytes / 1e6)
+        return shard
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.layout.num_units
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layout.hidden_size
+
+    @property
+    def max_slots(self) -> int:
+        return self.cache.max_slots
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes
+
+    @property
+    def weight_bytes(self) -> int:
+        seen: dict[int, int] = {}
+        for module in [self.embed, self.norm, self.head, *self.layers]:
+            if module is not None:
+                for p in module.parameters():
+                    seen[p.data_ptr()] = p.numel() * p.element_size()
+        return sum(seen.values())
+
+    # ---------------------------------------------------------------- slots
+    def open_slot(self, slot: int, sampling: SamplingParams = GREEDY) -> None:
+        """Start a new sequence in ``slot`` (its old contents are forgotten)."""
+        self._check_slot(slot)
+        self.cache.lengths[slot] = 0
+        self._sampling[slot] = sampling
+        self._generators[slot] = sampling.make_generator(self.device) if self.is_last else None
+
+    def free_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        self.cache.lengths[slot] = 0
+        self._sampling[slot], self._generators[slot] = GREEDY, None
+
+    def slot_length(self, slot: int) -> int:
+        return self.cache.lengths[slot]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.cache.max_slots:
+            raise ValueError(f"slot {slot} is outside [0, {self.cache.max_slots})")
+
+    # ---------------------------------------------------------------- compute
+    @torch.inference_mode()
+    def step(self, slots: Sequence[int], inputs: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """Run one step for a batch of slots.
+
+        inputs: int64 [B, T] token ids on the first shard, else hidden states [B, T, H].
+        lengths: the real new tokens of each row (rows are right-padded to T); None = all T.
+        Returns int64 [B] next tokens on the last shard, else hidden states [B, T, H].
+        """
+        slots = list(slots)
+        batch, width = inputs.shape[0], inputs.shape[1]
+        real = [width] * batch if lengths is None else list(lengths)
+        if len(slots) != batch or len(real) != batch or len(set(slots)) != batch:
+            raise ValueError(f"need {batch} distinct slots and lengths, got slots={slots} lengths={real}")
+        if any(not 1 <= n <= width for n in real):
+            raise ValueError(f"lengths must be in [1, {width}], got {real}")
+        for slot in slots:
+            self._check_slot(slot)
+        plan = plan_step([self.cache.lengths[s] for s in slots], real, width, self.device)
+
+        if self.is_first:
+            if inputs.dtype != torch.int64 or inputs.dim() != 2:
+                raise ValueError(f"the first shard takes int64 token ids [B, T], got {inputs.dtype} {tuple(inputs.shape)}")
+            hidden = self.embed(inputs.to(self.device))
+        else:
+            if inputs.dim() != 3 or inputs.shape[2] != self.hidden_size:
+                raise ValueError(f"expected hidden states [B, T, {self.hidden_size}], got {tuple(inputs.shape)}")
+            hidden = inputs.to(self.device, self.dtype)
+
+        if self.layers:
+            self.cache.begin_step(slots, width)
+            position_embeddings = self.rotary(hidden, plan.position_ids)
+            kwargs = {self._cache_kwarg: self.cache}
+            for layer in self.layers:
+                hidden = layer(hidden, attention_mask=plan.mask, position_ids=plan.position_ids,
+                               position_embeddings=position_embeddings, **kwargs)
+        for slot, n in zip(slots, real):
+            self.cache.lengths[slot] += n
+        self.prefilled_tokens += sum(real)
+
+        if not self.is_last:
+            return hidden
+        last = hidden[torch.arange(batch, device=self.device), plan.last_index]  # [B, H]
+        logits = self.head(self.norm(last)).float()
+        return sample_next(logits, [self._sampling[s] for s in slots], [self._generators[s] for s in slots])
+
+
+def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtype, device: torch.device) -> None:
+    """Read exactly the tensors of this unit range from the checkpoint into the modules."""
+    locations = layout.tensor_locations
+    loaded: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name in modules.checkpoint_names:
+        source = name
+        if name == "lm_head.weight" and name not in locations and layout.tied_embeddings:
+            source = "model.embed_tokens.weight"
+        if source not in locations:
+            raise KeyError(f"{layout.model_dir}: checkpoint has no tensor {source!r}")
+        by_file.setdefault(locations[source][0], []).append((name, source))
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name, source in names:
+                if source in loaded:  # tied head beside the embedding: share one tensor
+                    loaded[name] = loaded[source]
+                    continue
+                loaded[name] = loaded[source] = f.get_tensor(source).to(device=device, dtype=dtype)
+    for name, (module, attr) in modules.checkpoint_names.items():
+        *parents, leaf = attr.split(".")
+        owner = module
+        for part in parents:
+            owner = getattr(owner, part)
+        setattr(owner, leaf, nn.Parameter(loaded[name], requires_grad=False))
+    for module in [modules.embed, modules.norm, modules.head, *modules.layers]:
+        if module is None:
+            continue
+        module.eval()
+        leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if leftover:
+            raise RuntimeError(f"tensors not found in the checkpoint: {leftover[:5]}")

@@ -1,0 +1,118 @@
+"""The unit layout of a checkpoint: what each unit is, what it weighs, what it sends.
+
+A model with L decoder layers has N = L + 2 units: 0 is the token embedding,
+1..L the decoder blocks, L+1 the final norm with the output head. Sizes come from
+the safetensors headers and config.json alone (no torch, no weights read), so the
+planner side can size a model it has never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
+TOKEN_ID_BYTES = 8  # the head stage sends int64 token ids, never logits
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def unit_of_tensor(name: str, num_layers: int) -> int:
+    """Which unit a checkpoint tensor belongs to."""
+    if name.startswith("model.embed_tokens."):
+        return 0
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith(("model.norm.", "lm_head.")):
+        return num_layers + 1
+    raise ValueError(f"tensor {name!r} belongs to no unit")
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Static facts about a checkpoint, read from config.json and safetensors headers."""
+
+    model_dir: Path
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    checkpoint_dtype: str
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "ModelLayout":
+        model_dir = Path(model_dir)
+        config = json.loads((model_dir / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        return cls(
+            model_dir=model_dir,
+            num_layers=config["num_hidden_layers"],
+            hidden_size=config["hidden_size"],
+            num_kv_heads=config.get("num_key_value_heads", heads),
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab_size=config["vocab_size"],
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            checkpoint_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        )
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers + 2
+
+    def unit_names(self) -> list[str]:
+        return ["embed"] + [f"block.{i}" for i in range(self.num_layers)] + ["head"]
+
+    @cached_property
+    def tensor_locations(self) -> dict[str, tuple[Path, dict]]:
+        """Checkpoint tensor name -> (file, header entry with dtype, shape, offsets)."""
+        out: dict[str, tuple[Path, dict]] = {}
+        for path in safetensors_files(self.model_dir):
+            for name, entry in read_safetensors_header(path).items():
+                out[name] = (path, entry)
+        return out
+
+    def unit_param_counts(self) -> list[int]:
+        counts = [0] * self.num_units
+        for name, (_, entry) in self.tensor_locations.items():
+            n = 1
+            for d in entry["shape"]:
+                n *= d
+            counts[unit_of_tensor(name, self.num_layers)] += n
+        if self.tied_embeddings and "lm_head.weight" not in self.tensor_locations:
+            counts[-1] += self.vocab_size * self.hidden_size  # the head holds its own copy
+        return counts
+
+    def unit_weight_bytes(self, dtype: str) -> list[int]:
+        return [n * DTYPE_BYTES[dtype] for n in self.unit_param_counts()]
+
+    def kv_bytes_per_token(self, dtype: str) -> list[int]:
+        """KV cache bytes one token occupies in each unit (keys and values, blocks only)."""
+        per_block = 2 * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+        return [0] + [per_block] * self.num_layers + [0]
+
+    def out_bytes_per_token(self, dtype: str) -> list[int]:
+        """Bytes sent per token when the model is cut after each unit."""
+        hidden = self.hidden_size * DTYPE_BYTES[dtype]
+        return [hidden] * (self.num_layers + 1) + [TOKEN_ID_BYTES]
