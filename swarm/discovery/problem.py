@@ -1,0 +1,89 @@
+"""The planner's problem (the JSON `swarm plan` reads) built from live announcements. Pure.
+
+Device 0 is the source, from its own profile: it holds unit 0, and its profile also
+gives the units' sizes (every peer in the problem has the same model fingerprint,
+so the same units). Other devices come from their announcements, or from the full
+profile fetched over INFO when the announcement only carried a summary.
+
+A link measured in one direction only is assumed symmetric; two peers that never
+measured each other get bandwidth 0 (no link), which the planner will not use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarm.discovery.txt import Announcement, Link
+
+RETURN_BYTES_PER_SEQUENCE = 8  # one int64 token id per sequence goes back to the source
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the plan must hold and carry: KV slots x context on every stage, and the
+    tokens one pipeline step moves across a cut (1 per sequence while decoding)."""
+
+    slots: int = 1
+    context: int = 512
+    tokens_per_step: int = 1
+
+
+@dataclass(frozen=True)
+class Device:
+    peer_id: str
+    name: str
+    mem_bytes: int
+    times: tuple[float, ...]  # seconds per unit, as the planner uses them
+
+
+def device_from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None = None) -> Device:
+    mem = profile["device"]["mem_bytes"] if mem_bytes is None else mem_bytes
+    return Device(peer_id, name, int(mem), tuple(float(u["time_s"]) for u in profile["units"]))
+
+
+def device_from_announcement(a: Announcement) -> Device:
+    times = a.unit_times()
+    if times is None:
+        raise ValueError(f"peer {a.peer_id} announced a summary only; fetch its profile over INFO")
+    return Device(a.peer_id, a.name, a.mem_bytes, tuple(times))
+
+
+def build_problem(source_profile: dict, devices: list[Device], links: dict[tuple[str, str], Link],
+                  workload: Workload = Workload()) -> dict:
+    """Planner problem JSON. devices[0] is the source; links maps (from id, to id) to
+    what was measured. Extra field "peer_ids" maps device indices back to peers."""
+    units = source_profile["units"]
+    ids = [d.peer_id for d in devices]
+    bandwidth, latency = link_matrices(ids, links)
+    kv_tokens = workload.slots * workload.context
+    return {
+        "source": 0,
+        "layers": [{"name": u["name"],
+                    "mem": u["weight_bytes"] + u["kv_bytes_per_token"] * kv_tokens,
+                    "out": u["out_bytes_per_token"] * workload.tokens_per_step * workload.slots}
+                   for u in units],
+        "devices": [{"name": d.name, "mem": d.mem_bytes, "time": list(d.times)} for d in devices],
+        "bandwidth": bandwidth,
+        "latency": latency,
+        "return_bytes": RETURN_BYTES_PER_SEQUENCE * workload.slots,
+        "peer_ids": ids,
+    }
+
+
+def link_matrices(ids: list[str], links: dict[tuple[str, str], Link]) -> tuple[list[list[float]], list[list[float]]]:
+    """bandwidth [M][M] bytes/s and one-way latency [M][M] s (half the round trip)."""
+    m = len(ids)
+    bw = [[0.0] * m for _ in range(m)]
+    lat = [[0.0] * m for _ in range(m)]
+    for i, u in enumerate(ids):
+        for j, v in enumerate(ids):
+            if i == j:
+                continue
+            link = links.get((u, v)) or links.get((v, u))
+            if link is not None:
+                bw[i][j], lat[i][j] = link.bandwidth, link.rtt / 2
+    return bw, lat
+
+
+def links_from_announcements(announcements: list[Announcement]) -> dict[tuple[str, str], Link]:
+    return {(a.peer_id, other): link for a in announcements for other, link in a.links.items()}

@@ -1,0 +1,48 @@
+from swarm.discovery.links import ProbeConfig, link_from_timings, probe_sizes
+from swarm.discovery.liveness import Liveness, LivenessConfig
+from swarm.discovery.problem import (Workload, build_problem, device_from_announcement, device_from_profile,
+                                     links_from_announcements)
+from swarm.discovery.txt import Link, decode, encode, from_profile
+from swarm.planner.problem import Problem
+from discovery_fixtures import fixture_profile
+
+
+def test_problem_from_announcements_matches_profiles_and_links():
+    profiles = [fixture_profile(block_decode_s=0.001 * (k + 1), mem_bytes=(k + 1) << 30) for k in range(3)]
+    ids = ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"]
+    peers = [decode(encode(from_profile(p, pid, f"dev{k}", links={ids[0]: Link(1e6 * (k + 1), 0.002)})))
+             for k, (p, pid) in enumerate(zip(profiles[1:], ids[1:]))]
+    source_links = {(ids[0], ids[1]): Link(5e6, 0.001)}
+    devices = [device_from_profile(profiles[0], ids[0], "source")] + [device_from_announcement(a) for a in peers]
+    w = Workload(slots=2, context=100, tokens_per_step=1)
+    data = build_problem(profiles[0], devices, {**links_from_announcements(peers), **source_links}, w)
+    problem = Problem.from_json(data)  # the planner accepts it
+    assert data["peer_ids"] == ids
+    for k, dev in enumerate(data["devices"]):
+        assert dev["mem"] == profiles[k]["device"]["mem_bytes"]
+        assert max(abs(t - u["time_s"]) for t, u in zip(dev["time"], profiles[k]["units"])) <= 1e-6
+    u = profiles[0]["units"][1]
+    assert data["layers"][1]["mem"] == u["weight_bytes"] + u["kv_bytes_per_token"] * 200
+    assert data["layers"][1]["out"] == u["out_bytes_per_token"] * 2
+    # measured both ways -> each direction its own; one way only -> assumed symmetric; never -> no link
+    assert problem.bandwidth[0, 1] == 5e6 and problem.bandwidth[1, 0] == 1e6
+    assert problem.bandwidth[2, 0] == 2e6 and problem.bandwidth[0, 2] == 2e6
+    assert problem.bandwidth[1, 2] == 0 and abs(problem.latency[2, 0] - 0.001) < 1e-9
+
+
+def test_bandwidth_slope_cancels_round_trip_and_burst():
+    rate, burst, rtt = 1.25e6, 16_000, 0.004
+    small, large = probe_sizes(2_000, ProbeConfig(min_bytes=40_000))
+    assert (small, large) == (40_000, 160_000)
+    # the first round drains the burst; later rounds pay the full rate
+    def times(size):
+        return [rtt + (size - burst) / rate] + [rtt + size / rate] * 3
+    link = link_from_timings([rtt, rtt * 1.5], (small, times(small)), (large, times(large)))
+    assert abs(link.bandwidth - rate) / rate < 1e-9 and link.rtt == rtt
+
+
+def test_liveness_drops_after_consecutive_misses_only():
+    live = Liveness(LivenessConfig(misses=3))
+    assert not live.missed("p") and not live.missed("p")
+    live.answered("p")
+    assert not live.missed("p") and not live.missed("p") and live.missed("p")
