@@ -1,0 +1,179 @@
+"""PeerClient: a DEALER to one peer's ShardServer, with request/reply matching.
+
+    async with PeerClient("tcp://127.0.0.1:PORT") as peer:
+        status = await peer.ping()            # dict, see ShardServer.status()
+        info = await peer.info()              # the dict the peer was started with
+        rtt_s, up_bps = await peer.probe(send_bytes=1 << 20)
+        ready = await peer.load(model_dir, start, end, slots=8, max_len=256)
+
+Messages that are not replies to a request (token ids from the last stage, errors
+about a pipeline step) go to ``on_message``; the pipeline engine uses that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from swarm.runtime import sockets
+from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 10.0
+LOAD_TIMEOUT_S = 300.0
+
+
+class PeerError(RuntimeError):
+    """The peer answered a request with an ERROR, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A peer's answer to LOAD."""
+
+    load_s: float
+    weight_bytes: int
+    kv_bytes: int
+    rss_bytes: int
+
+
+class PeerClient:
+    """Requests to one peer. ``async with`` connects and starts the reader; close() is idempotent."""
+
+    def __init__(
+        self,
+        address: str,
+        identity: bytes | None = None,
+        on_message: Callable[[Message], None] | None = None,
+        limits: WireLimits = DEFAULT_LIMITS,
+        ctx=None,
+    ) -> None:
+        self.address = address
+        self.identity = identity or sockets.new_identity("client")
+        self._on_message = on_message
+        self._limits = limits
+        self._own_ctx = ctx is None
+        self._ctx = ctx
+        self._sock = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "PeerClient":
+        if self._ctx is None:
+            self._ctx = sockets.new_context()
+        self._sock = sockets.connect_dealer(self._ctx, self.address, self.identity)
+        self._stack = contextlib.AsyncExitStack()
+        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._reader = tg.create_task(self._read_loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+        self._fail_pending(PeerError(f"connection to {self.address} closed"))
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._pending.clear()
+
+    async def _read_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                message = decode(frames, self._limits)
+            except WireError as exc:
+                log.warning("bad message from %s: %s", self.address, exc)
+                continue
+            future = self._pending.pop(message.re, None) if message.re else None
+            if future is not None:
+                if not future.done():
+                    future.set_result(message)
+            elif self._on_message is not None:
+                self._on_message(message)
+            else:
+                log.debug("unsolicited %s from %s", message.kind.value, self.address)
+
+    async def send(self, message: Message) -> None:
+        """Send without waiting for an answer (pipeline steps)."""
+        await self._sock.send_multipart(encode(message), copy=False)
+
+    async def request(self, kind: Kind, fields: dict[str, Any] | None = None,
+                      tensors: tuple[torch.Tensor, ...] = (), timeout: float = REQUEST_TIMEOUT_S) -> Message:
+        """Send a request and wait for its reply; an ERROR reply raises PeerError."""
+        if self._sock is None:
+            raise PeerError(f"client for {self.address} is not open")
+        msg_id = next(self._ids)
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = future
+        try:
+            await self.send(Message(kind, fields or {}, tensors, id=msg_id))
+            reply = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise PeerError(f"{kind.value} to {self.address}: no reply in {timeout} s") from None
+        finally:
+            self._pending.pop(msg_id, None)
+        if reply.kind is Kind.ERROR:
+            raise PeerError(f"{kind.value} to {self.address}: {reply['error']}")
+        return reply
+
+    # ------------------------------------------------------------ typed requests
+
+    async def ping(self, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        return (await self.request(Kind.PING, timeout=timeout))["status"]
+
+    async def info(self) -> dict[str, Any]:
+        return (await self.request(Kind.INFO)).get("info") or {}
+
+    async def probe(self, send_bytes: int = 0, reply_bytes: int = 0,
+                    timeout: float = REQUEST_TIMEOUT_S) -> float:
+        """Round-trip seconds for send_bytes up and reply_bytes down (0, 0: plain RTT)."""
+        payload = (torch.zeros(send_bytes, dtype=torch.uint8),) if send_bytes else ()
+        began = time.perf_counter()
+        await self.request(Kind.PROBE, {"reply_bytes": reply_bytes}, payload, timeout=timeout)
+        return time.perf_counter() - began
+
+    async def load(self, model_dir: Path | str, start: int, end: int, *, slots: int, max_len: int,
+                   dtype: str = "float32", next_address: str | None = None, dep: int = 0,
+                   timeout: float = LOAD_TIMEOUT_S) -> Ready:
+        reply = await self.request(Kind.LOAD, {
+            "dep": dep, "model": str(model_dir), "start": start, "end": end, "slots": slots,
+            "max_len": max_len, "dtype": dtype, "next": next_address,
+        }, timeout=timeout)
+        return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"])
+
+    async def unload(self) -> None:
+        await self.request(Kind.UNLOAD)
+
+    async def open_slots(self, slots: list[int], temperature: float = 0.0, top_k: int = 0,
+                         top_p: float = 1.0, seed: int | None = None) -> None:
+        await self.request(Kind.OPEN, {"slots": slots, "temperature": temperature, "top_k": top_k,
+                                       "top_p": top_p, "seed": seed})
+
+    async def close_slots(self, slots: list[int]) -> None:
+        await self.request(Kind.CLOSE, {"slots": slots})

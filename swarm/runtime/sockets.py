@@ -1,0 +1,59 @@
+"""Every ZeroMQ socket of the runtime is created, bound and connected here.
+
+Keeping this in one module is what lets CURVE authentication and encryption be
+added later (a join secret -> keypairs, set on these sockets) without touching
+the server, the client or the scheduler.
+
+Topology: each peer binds one ROUTER. Whoever talks to a peer connects a DEALER
+with an explicit identity; the source uses one identity for all its DEALERs, so
+the last stage can send tokens home through its own ROUTER.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import zmq
+import zmq.asyncio
+
+# Messages queued per socket before sends wait: enough for every micro-batch in flight.
+HIGH_WATER_MARK = 1000
+
+
+def new_context() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context()
+
+
+def new_identity(prefix: str = "src") -> bytes:
+    return f"{prefix}-{secrets.token_hex(6)}".encode()
+
+
+def _common(sock: zmq.asyncio.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)  # close() never waits on a dead peer
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+
+
+def bind_router(ctx: zmq.asyncio.Context, host: str, port: int) -> tuple[zmq.asyncio.Socket, str]:
+    """A ROUTER bound to host:port (0 = a free port); returns it and its tcp:// address."""
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock)
+    # Raise instead of silently dropping a message to a peer that is not connected.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    try:
+        sock.bind(f"tcp://{host}:{port}")
+    except zmq.ZMQError:
+        sock.close()
+        raise
+    address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    return sock, address
+
+
+def connect_dealer(ctx: zmq.asyncio.Context, address: str, identity: bytes | None = None) -> zmq.asyncio.Socket:
+    """A DEALER connected to a peer's ROUTER at ``address`` (tcp://host:port)."""
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock)
+    sock.setsockopt(zmq.IDENTITY, identity or new_identity("peer"))
+    sock.connect(address)
+    return sock
