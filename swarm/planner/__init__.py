@@ -1,1 +1,14 @@
-"""swarm/planner: joint device selection and partition. Pure: no torch, no zmq."""
+"""swarm/planner: joint device selection and partition. Pure: no torch, no zmq.
+
+    problem = Problem.from_json(json.load(f))
+    best = plan(problem, objective="cycle", inflight=8)   # -> Plan(stages, latency_s, ...)
+    sim = simulate_pipeline(stage_times_s, hop_times_s, m=8, b=1, barrier=False)
+"""
+
+from swarm.planner.api import plan
+from swarm.planner.plan import Plan, Stage, evaluate
+from swarm.planner.problem import InfeasibleError, Problem, ProblemError
+from swarm.planner.simulate import SimResult, simulate_pipeline
+
+__all__ = ["InfeasibleError", "Plan", "Problem", "ProblemError", "SimResult", "Stage", "evaluate", "plan",
+           "simulate_pipeline"]

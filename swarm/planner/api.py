@@ -1,0 +1,73 @@
+"""plan(): pick the fastest exact method that the problem's structure allows.
+
+Structure detected, fastest first:
+- identical blocks (units 1..N-2 equal on every device): Held-Karp over device types plus
+  a greedy block count per device (swarm.planner.blocks);
+- otherwise the DP over device types with a vector over units (swarm.planner.generic);
+- when neither fits the work budget (many distinct devices, arbitrary links, uneven units):
+  beam search with a proven lower bound, reporting the gap (swarm.planner.bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from swarm.planner import blocks, bounded, generic
+from swarm.planner.plan import Plan, evaluate
+from swarm.planner.problem import Problem
+from swarm.planner.search import OBJECTIVES, optimise
+from swarm.planner.types import build_space, device_key, group_devices, state_count
+
+log = logging.getLogger(__name__)
+
+GENERIC_WORK_LIMIT = 3e8  # inner-loop operations per solve before exact-generic is out of reach
+BLOCKS_STATE_LIMIT = 2_000_000  # type states for Held-Karp over types
+
+
+def plan(problem: Problem, objective: str = "latency", inflight: int = 1, strategy: str | None = None,
+         **options) -> Plan:
+    """Best plan for the objective ("latency", "throughput" or "cycle" with `inflight` micro-batches).
+
+    strategy None/"ours" is exact (or bounded with a reported gap); the paper's algorithms and
+    baselines are available by name (see swarm.planner.strategies.STRATEGIES).
+    Raises InfeasibleError when no plan fits memory and links.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if strategy not in (None, "ours"):
+        from swarm.planner.strategies import run_strategy
+
+        return run_strategy(problem, strategy, objective, inflight, **options)
+    return plan_ours(problem, objective, inflight)
+
+
+def plan_ours(problem: Problem, objective: str, inflight: int = 1) -> Plan:
+    """Our exact planner: structure detection, then the fastest exact method."""
+    method, oracle = choose_method(problem)
+    if oracle is None:
+        return bounded.plan_bounded(problem, objective, inflight)
+    found = optimise(oracle, objective, inflight)
+    if found is None:
+        raise problem.infeasible()
+    log.debug("%s via %s: %d oracle calls", objective, method, found.evaluations)
+    return evaluate(problem, found.stages, inflight, objective=objective, strategy="ours", method=method)
+
+
+def choose_method(problem: Problem):
+    """(method name, oracle) for the fastest exact method; (name, None) when none is in reach."""
+    structure = blocks.block_structure(problem)
+    if structure is not None:
+        members = group_devices(problem, blocks.device_key(problem, structure))
+        if state_count([len(m) for m in members]) <= BLOCKS_STATE_LIMIT:
+            return f"blocks/{len(members)} types", blocks.BlocksOracle(problem, build_space(members), structure)
+    members = group_devices(problem, device_key(problem))
+    n_states = state_count([len(m) for m in members])
+    if n_states * len(members) ** 2 * (problem.n_units + 1) ** 2 <= GENERIC_WORK_LIMIT:
+        return f"generic/{len(members)} types", generic.GenericOracle(problem, build_space(members))
+    log.info("no exact method in reach (%d types, %d units): bounded search", len(members), problem.n_units)
+    return "bounded", None
+
+
+def is_exact(plan_: Plan) -> bool:
+    return plan_.gap == 0 or math.isclose(plan_.gap, 0.0)
