@@ -1,0 +1,271 @@
+"""`swarm chat`: an interactive chat with a model split across the swarm.
+
+Tokens stream as they are generated; earlier turns stay in the KV cache. Ctrl-C
+stops the current answer (twice: leaves at once), Ctrl-D or /quit leaves cleanly
+and stops whatever the chat started (``--local N`` peers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from swarm.view.conversation import DEFAULT_MAX_NEW_TOKENS, Conversation
+from swarm.view.live import refresh_forever
+from swarm.view.render import links_table, peers_table, plan_view, topology
+from swarm.view.snapshot import SwarmSnapshot
+
+if TYPE_CHECKING:
+    from swarm.view.conversation import TokenEngine
+
+HELP = """\
+/peers   the peers in the swarm: memory, compute, liveness, links
+/plan    how the model's layers are laid out across the peers
+/view    show or hide the live topology panel while answering
+/reset   forget the conversation (and its cache)
+/help    this list
+/quit    leave (Ctrl-D too); Ctrl-C stops an answer"""
+PROMPT = "you> "
+VIEW_REFRESH_S = 0.25
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("chat", help="chat with a model split across the swarm", description=__doc__)
+    add_backend_arguments(parser)
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--view", action="store_true", help="start with the topology panel shown")
+    parser.add_argument("--no-history-file", action="store_true", help="keep input history in memory only")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    try:
+        return asyncio.run(_chat(args, console))
+    except BackendError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 1
+
+
+@dataclass
+class ChatState:
+    view: bool
+    snapshot: Callable[[], SwarmSnapshot]
+
+
+async def _chat(args: argparse.Namespace, console: Console) -> int:
+    async with open_backend(args, console) as backend:
+        conversation = Conversation(backend.engine, backend.tokenizer, system=args.system,
+                                    max_new_tokens=args.max_new_tokens)
+        await conversation.reset()
+        state = ChatState(view=args.view, snapshot=backend.snapshot)
+        history = InMemoryHistory() if args.no_history_file else FileHistory(str(history_path()))
+        prompt = PromptSession(history=history)
+        console.print(f"[bold]swarm chat[/] with {backend.model_name} — /help for commands, Ctrl-D to leave")
+        while True:
+            try:
+                line = (await prompt.prompt_async(PROMPT)).strip()
+            except KeyboardInterrupt:
+                continue  # like any REPL: Ctrl-C at the prompt clears the line
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not await _command(line, conversation, state, console):
+                    break
+                continue
+            await _answer(line, conversation, state, console)
+    console.print("bye")
+    return 0
+
+
+async def _command(line: str, conversation: Conversation, state: ChatState, console: Console) -> bool:
+    """Run a slash command; False means leave."""
+    name = line.split()[0].lower()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        console.print(HELP)
+    elif name == "/peers":
+        snapshot = state.snapshot()
+        console.print(peers_table(snapshot))
+        if snapshot.links:
+            console.print(links_table(snapshot))
+    elif name == "/plan":
+        console.print(plan_view(state.snapshot().plan))
+    elif name == "/view":
+        state.view = not state.view
+        console.print(f"topology panel {'on' if state.view else 'off'}")
+        if state.view:
+            console.print(topology(state.snapshot()))
+    elif name == "/reset":
+        await conversation.reset()
+        console.print("conversation cleared")
+    else:
+        console.print(f"unknown command {name}; /help lists them")
+    return True
+
+
+async def _answer(text: str, conversation: Conversation, state: ChatState, console: Console) -> None:
+    """Stream one answer; the first Ctrl-C stops it, a second one leaves at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    me = asyncio.current_task()
+
+    def on_sigint() -> None:
+        if stop.is_set():
+            me.cancel()  # second Ctrl-C: unwind now; `async with` still stops the local swarm
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    began = time.perf_counter()
+    first_token_s: float | None = None
+    pieces: list[str] = []
+    try:
+        async with _answer_display(state, console, pieces):
+            async for piece in conversation.ask(text, stop):
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - began
+                pieces.append(piece)
+                if not state.view:
+                    console.print(piece, end="", markup=False, soft_wrap=True)
+                    console.file.flush()
+    except BackendError as exc:
+        console.print(f"\n[bold red]error:[/] {exc}")
+        return
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    if state.view:
+        console.print("".join(pieces), markup=False, soft_wrap=True, end="")
+    console.print()
+    turn = conversation.last_turn
+    if turn is not None:
+        elapsed = time.perf_counter() - began
+        per_token = (elapsed - (first_token_s or 0)) / max(turn.generated - 1, 1) * 1e3
+        status = " [stopped]" if turn.stopped else ""
+        console.print(Text(
+            f"[{turn.generated} tokens, first after {1e3 * (first_token_s or 0):.0f} ms, "
+            f"{per_token:.1f} ms/token, prefilled {turn.prefilled}"
+            f"{'' if turn.reused_cache or turn.prefilled == 0 else ' (whole conversation)'}]{status}",
+            style="dim"))
+
+
+@contextlib.asynccontextmanager
+async def _answer_display(state: ChatState, console: Console, pieces: list[str]):
+    """With the view on: a transient Live of the answer so far above the topology panel."""
+    if not state.view:
+        yield
+        return
+
+    def render(snapshot: SwarmSnapshot):
+        return Group(Text("".join(pieces)), topology(snapshot))
+
+    with Live(console=console, auto_refresh=False, transient=True, vertical_overflow="crop") as live:
+        async with asyncio.TaskGroup() as tasks:
+            refresher = tasks.create_task(refresh_forever(live, state.snapshot, render, VIEW_REFRESH_S))
+            try:
+                yield
+            finally:
+                refresher.cancel()
+
+
+# ---------------------------------------------------------------- backends
+# Shared with `swarm top`: where the model runs, chosen from the command line.
+
+
+class BackendError(RuntimeError):
+    """Something a person can act on: no peers, not enough memory, a lost peer."""
+
+
+@dataclass
+class Backend:
+    engine: "TokenEngine"
+    tokenizer: Any
+    model_name: str
+    snapshot: Callable[[], SwarmSnapshot]
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--local", type=int, metavar="N", default=None,
+                       help="start N peers on this machine (loopback only) and split the model across them")
+    where.add_argument("--no-swarm", action="store_true", help="run the whole model in this process")
+    parser.add_argument("--interface", action="append", default=None, metavar="IP",
+                        help="interface address for discovery (repeatable; default: every interface)")
+    parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                        help="a peer to ask directly, for networks that block multicast")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for this process (and each local peer)")
+    parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens (KV cache size)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def history_path() -> Path:
+    from swarm.model.store import cache_root
+
+    path = cache_root() / "chat_history"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _resolve_model(args: argparse.Namespace, console: Console) -> Path:
+    from swarm.model.store import ModelNotFoundError, resolve_model
+
+    with console.status("finding the model") as status:
+        try:
+            return resolve_model(args.model, lambda stage: status.update(f"default model: {stage}"))
+        except ModelNotFoundError as exc:
+            raise BackendError(str(exc)) from None
+
+
+@contextlib.asynccontextmanager
+async def open_backend(args: argparse.Namespace, console: Console):
+    """The model running where the command line says: this process, or the swarm."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = await asyncio.to_thread(_resolve_model, args, console)
+    if args.no_swarm:
+        yield await _single_process(args, model_dir, console)
+        return
+    raise BackendError("the swarm runtime is not available yet; use --no-swarm")
+
+
+async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console) -> Backend:
+    from rich.progress import Progress
+
+    from swarm.localswarm import ChainEngine
+    from swarm.model import hf
+    from swarm.model.local import LocalChain
+    from swarm.model.sampling import SamplingParams
+    from swarm.model.shard import Shard
+    from swarm.model.units import ModelLayout
+
+    layout = ModelLayout.read(model_dir)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("loading the model", total=1)
+        shard = await asyncio.to_thread(Shard.load, model_dir, 0, layout.num_units, max_len=args.max_len)
+        progress.advance(task)
+    tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    engine = ChainEngine(LocalChain([shard]), sampling)
+    name = model_dir.name
+    return Backend(engine, tokenizer, name, lambda: engine.snapshot(name))
