@@ -1,0 +1,171 @@
+"""A deployment: a plan's stages loaded, the first in this process, the rest on peers.
+
+    plan = (Stage(None, 0, 11), Stage("tcp://10.0.0.2:5555", 11, 22), Stage("tcp://10.0.0.3:5555", 22, 32))
+    async with Deployment(model_dir, plan, slots=8, max_len=256, on_message=handler) as dep:
+        dep.ready          # per stage: load time, weight/KV/process memory
+        await dep.open_slots([3], GREEDY)
+        await dep.run_first_stage(mb, step, slots, tokens, lengths)   # -> hidden sent on to stage 1
+
+Each peer loads its own unit range from its own copy of the model and is told
+where to forward its results (the next stage's address). The source holds unit 0,
+so raw token ids never leave this process; only hidden states do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import psutil
+import torch
+
+from swarm.model.sampling import GREEDY, SamplingParams
+from swarm.model.shard import Shard
+from swarm.runtime import sockets
+from swarm.runtime.client import PeerClient, Ready
+from swarm.runtime.wire import Kind, Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Units [start, end) on the peer at ``address`` (None: this source process)."""
+
+    address: str | None
+    start: int
+    end: int
+
+
+def check_plan(plan: Sequence[Stage], num_units: int) -> None:
+    """Raise ValueError unless the plan covers [0, num_units) in order, source first, peers distinct."""
+    if not plan:
+        raise ValueError("a plan needs at least one stage")
+    if plan[0].address is not None or plan[0].start != 0:
+        raise ValueError("the first stage runs in the source process (address None) and holds unit 0")
+    if any(s.address is None for s in plan[1:]):
+        raise ValueError("only the first stage may run in the source process")
+    addresses = [s.address for s in plan[1:]]
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("a peer may host only one stage of a plan")
+    edge = 0
+    for s in plan:
+        if s.start != edge or s.end <= s.start:
+            raise ValueError(f"stage [{s.start}, {s.end}) does not continue the chain at unit {edge}")
+        edge = s.end
+    if edge != num_units:
+        raise ValueError(f"the plan covers units [0, {edge}) of {num_units}")
+
+
+class Deployment:
+    """A loaded plan. ``async with`` loads every stage; exit unloads the peers (idempotent)."""
+
+    def __init__(self, model_dir: Path, plan: Sequence[Stage], *, slots: int, max_len: int,
+                 dtype: str = "float32", on_message: Callable[[Message], None] | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.plan = tuple(plan)
+        self.slots, self.max_len, self.dtype = slots, max_len, dtype
+        self.dep_id = secrets.randbits(31)  # steps of an older deployment are refused by the peers
+        self.identity = sockets.new_identity("src")
+        self.ready: list[Ready] = []
+        self.shard: Shard | None = None
+        self._on_message = on_message
+        self._ctx = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.peers: list[PeerClient] = []
+
+    @property
+    def is_local_only(self) -> bool:
+        return len(self.plan) == 1
+
+    async def __aenter__(self) -> "Deployment":
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            await self._load()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _load(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-shard")
+        self._stack.callback(self._executor.shutdown, wait=True)
+        self._ctx = sockets.new_context()
+        self._stack.callback(self._ctx.term)
+        for stage in self.plan[1:]:
+            peer = PeerClient(stage.address, self.identity, on_message=self._on_message, ctx=self._ctx)
+            self.peers.append(await self._stack.enter_async_context(peer))
+        first = self.plan[0]
+        began = time.perf_counter()
+        local = asyncio.get_running_loop().run_in_executor(self._executor, lambda: Shard.load(
+            self.model_dir, first.start, first.end, max_slots=self.slots, max_len=self.max_len, dtype=self.dtype))
+        nexts = [s.address for s in self.plan[2:]] + [None]
+        remote = [peer.load(self.model_dir, s.start, s.end, slots=self.slots, max_len=self.max_len,
+                            dtype=self.dtype, next_address=nxt, dep=self.dep_id)
+                  for peer, s, nxt in zip(self.peers, self.plan[1:], nexts)]
+        self.shard, *peer_ready = await asyncio.gather(local, *remote)
+        self._stack.push_async_callback(self._unload_peers)
+        mine = Ready(time.perf_counter() - began, self.shard.weight_bytes, self.shard.kv_cache_bytes,
+                     psutil.Process(os.getpid()).memory_info().rss)
+        self.ready = [mine, *peer_ready]
+        log.info("deployment %d ready: %s", self.dep_id,
+                 ", ".join(f"[{s.start},{s.end})@{s.address or 'source'} {r.load_s:.2f}s" for s, r in zip(self.plan, self.ready)))
+
+    async def _unload_peers(self) -> None:
+        results = await asyncio.gather(*(p.unload() for p in self.peers), return_exceptions=True)
+        for peer, result in zip(self.peers, results):
+            if isinstance(result, Exception):
+                log.warning("unload on %s failed: %s", peer.address, result)
+
+    async def aclose(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+        self.peers = []
+        self.shard = None
+
+    # ------------------------------------------------------------ slots and steps
+
+    async def on_worker(self, fn, *args):
+        """Run fn on the source's torch thread (serialised with its steps)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open_slots(self, slots: list[int], sampling: SamplingParams = GREEDY) -> None:
+        shard = self.shard
+        await asyncio.gather(
+            self.on_worker(lambda: [shard.open_slot(s, sampling) for s in slots]),
+            *(p.open_slots(slots, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+              for p in self.peers),
+        )
+
+    async def close_slots(self, slots: list[int]) -> None:
+        shard = self.shard
+        await asyncio.gather(self.on_worker(lambda: [shard.free_slot(s) for s in slots]),
+                             *(p.close_slots(slots) for p in self.peers))
+
+    async def run_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
+                              lengths: list[int] | None) -> torch.Tensor | None:
+        """Run the local stage; send its hidden states on, or return the tokens if it is the last."""
+        out = await self.on_worker(self.shard.step, slots, tokens, lengths)
+        if self.is_local_only:
+            return out
+        await self.peers[0].send(Message(Kind.STEP, {
+            "dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "src": self.identity,
+        }, (out,)))
+        return None
+
+    async def peer_status(self) -> list[dict]:
+        """Every peer's PING status, in plan order."""
+        return list(await asyncio.gather(*(p.ping() for p in self.peers)))

@@ -1,0 +1,94 @@
+"""Scheduling decisions as pure functions: what the source launches next, and with what.
+
+The KV slots are split into m micro-batches of b slots each (slot s belongs to
+micro-batch s // b). A micro-batch step carries every sequence of that micro-batch
+that has tokens to feed: a whole new prompt (or a new chat turn) for a sequence
+that just joined, its last sampled token for one that is decoding. Sequences join
+and leave between steps (iteration-level scheduling).
+
+No-Bubbles (the paper's EdgeShard-No-Bubbles): a micro-batch starts its next step
+the moment its tokens return. Bubbles: a per-token barrier, every micro-batch waits
+until all of them have returned (GPipe-style; kept only for comparison).
+Sequential inference is one micro-batch of one sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Collection, Iterable, Mapping, Sequence
+
+
+class Mode(str, enum.Enum):
+    NO_BUBBLES = "no-bubbles"
+    BUBBLES = "bubbles"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """m micro-batches of b slots: m * b KV slots in all."""
+
+    micro_batches: int = 1
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1 or self.batch_size < 1:
+            raise ValueError("micro_batches and batch_size must be at least 1")
+
+    @property
+    def slots(self) -> int:
+        return self.micro_batches * self.batch_size
+
+    def group_of(self, slot: int) -> int:
+        return slot // self.batch_size
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """One micro-batch step: which slots, each row's tokens right-padded to one width."""
+
+    slots: tuple[int, ...]
+    tokens: tuple[tuple[int, ...], ...]  # padded with 0 to the widest row
+    lengths: tuple[int, ...]  # real tokens per row
+
+    @property
+    def width(self) -> int:
+        return len(self.tokens[0])
+
+    @property
+    def uniform(self) -> bool:
+        return all(n == self.width for n in self.lengths)
+
+
+def groups_to_launch(mode: Mode, ready: Collection[int], in_flight: Collection[int]) -> list[int]:
+    """Micro-batches to start now. ``ready``: those with a sequence that has tokens to feed."""
+    if mode is Mode.BUBBLES:
+        return sorted(ready) if not in_flight else []
+    return sorted(set(ready) - set(in_flight))
+
+
+def build_step(pending: Mapping[int, Sequence[int]]) -> StepRows:
+    """The step for one micro-batch from each slot's tokens to feed (slots in ascending order)."""
+    rows = sorted((slot, tuple(tokens)) for slot, tokens in pending.items() if tokens)
+    if not rows:
+        raise ValueError("a step needs at least one row with tokens")
+    width = max(len(tokens) for _, tokens in rows)
+    return StepRows(
+        slots=tuple(slot for slot, _ in rows),
+        tokens=tuple(tokens + (0,) * (width - len(tokens)) for _, tokens in rows),
+        lengths=tuple(len(tokens) for _, tokens in rows),
+    )
+
+
+def choose_slot(layout: Layout, free: Iterable[int], busy: Iterable[int]) -> int | None:
+    """A free slot in the micro-batch with the fewest busy slots (keeps micro-batches balanced)."""
+    load = [0] * layout.micro_batches
+    for slot in busy:
+        load[layout.group_of(slot)] += 1
+    candidates = sorted(free, key=lambda s: (load[layout.group_of(s)], s))
+    return candidates[0] if candidates else None
+
+
+def turn_finished(generated: int, max_new_tokens: int, token: int, stop_ids: Collection[int]) -> bool:
+    """A turn ends after max_new_tokens tokens, or on a stop token (which is still emitted)."""
+    return generated >= max_new_tokens or token in stop_ids
