@@ -7,6 +7,7 @@ cycle with m micro-batches in flight = max(R / m, P).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -88,6 +89,8 @@ def evaluate(problem: Problem, stages: Sequence[Stage], inflight: int = 1, **met
     compute = tuple(float(pt[s.device, s.end] - pt[s.device, s.start]) for s in stages)
     hop = [float(hops[b.start, a.device, b.device]) for a, b in zip(stages, stages[1:])]
     hop.append(float(ret[stages[-1].device]))
+    if not all(map(math.isfinite, hop)):
+        raise ValueError("the plan uses a missing link (bandwidth 0)")
     latency = sum(compute) + sum(hop)
     bottleneck = max(max(compute), max(hop))
     return Plan(

@@ -157,17 +157,24 @@ class Problem:
         needed = float(self.layer_mem.sum())
         available = float(self.device_mem.sum())
         largest = float(self.device_mem.max())
-        gb = 1e9
         if needed > available:
-            msg = (f"infeasible: the model needs {needed / gb:.3f} GB but all {self.n_devices} devices "
-                   f"together have {available / gb:.3f} GB (largest {largest / gb:.3f} GB)")
+            msg = (f"infeasible: the model needs {fmt_bytes(needed)} but all {self.n_devices} devices "
+                   f"together have {fmt_bytes(available)} (largest {fmt_bytes(largest)})")
         else:
-            msg = (f"infeasible: the model needs {needed / gb:.3f} GB of {available / gb:.3f} GB in total, "
+            msg = (f"infeasible: the model needs {fmt_bytes(needed)} of {fmt_bytes(available)} in total, "
                    f"but no chain of linked devices starting at the source "
                    f"'{self.device_names[self.source]}' holds contiguous ranges within each device's memory")
         if detail:
             msg += f" ({detail})"
         return InfeasibleError(msg, needed, available, largest)
+
+
+def fmt_bytes(x: float) -> str:
+    """Human-readable bytes (decimal units, as memory specs are quoted)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} B"
 
 
 def _list(obj: dict, key: str, where: str) -> list:
