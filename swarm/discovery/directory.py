@@ -1,0 +1,218 @@
+"""Who is in the swarm right now: mDNS records and unicast seeds, kept honest by heartbeats.
+
+A peer is *live* once it has answered a PING and stays live until it misses
+LivenessConfig.misses heartbeats in a row (or sends an mDNS goodbye); mDNS alone
+would keep a killed peer for about 19 minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from zeroconf import InterfaceChoice
+
+from swarm.discovery.liveness import Liveness, LivenessConfig
+from swarm.discovery.mdns import Mdns, PeerRecord
+from swarm.discovery.txt import SERVICE_TYPE as SERVICE, TxtError, decode
+from swarm.runtime import sockets
+from swarm.runtime.client import PeerClient, PeerError
+from swarm.runtime.wire import Kind
+
+log = logging.getLogger(__name__)
+
+SEED_REFRESH_S = 5.0  # between INFO requests to seeds (and the peers they told us of)
+INFO_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    interfaces: list[str] | InterfaceChoice  # explicit, always (see swarm.discovery.mdns)
+    seeds: tuple[str, ...] = ()  # "host:port" of peers' shard servers, for networks without multicast
+    fingerprint: str | None = None  # accept only peers serving this model (short fingerprint)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    seed_refresh_s: float = SEED_REFRESH_S
+
+
+class Directory:
+    """Live peers by peer id. ``async with Directory(...) as d`` opens mDNS; run ``d.run()``
+    in the owner's TaskGroup. ``wait_change(version)`` wakes every waiter on a change."""
+
+    def __init__(self, config: DirectoryConfig, own_id: str | None = None) -> None:
+        self.config = config
+        self.own_id = own_id
+        self.live: dict[str, PeerRecord] = {}
+        self.version = 0
+        self.mdns = Mdns(config.interfaces)
+        self._seeded: dict[str, PeerRecord] = {}  # peer id -> record learned over INFO
+        self._liveness = Liveness(config.liveness)
+        self._clients: dict[str, PeerClient] = {}
+        self._ctx = None
+        self._changed = asyncio.Event()
+        self.seed_errors: dict[str, str] = {}
+
+    async def __aenter__(self) -> Directory:
+        self._ctx = sockets.new_context()
+        await self.mdns.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.mdns.close()
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.aclose()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    async def client(self, host: str, port: int) -> PeerClient:
+        """A connected client for a peer's shard server, shared by heartbeats and probes."""
+        address = f"tcp://{host}:{port}"
+        if address not in self._clients:
+            self._clients[address] = await PeerClient(address, ctx=self._ctx).__aenter__()
+        return self._clients[address]
+
+    async def run(self) -> None:
+        """Resolve mDNS, poll seeds and send heartbeats until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.mdns.run())
+            tg.create_task(self._heartbeats())
+            if self.config.seeds:
+                tg.create_task(self._seed_loop())
+
+    async def wait_change(self, version: int, timeout: float) -> int:
+        """Wait until the live set or an announcement in it changes past `version`, or timeout."""
+        if self.version == version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self.version
+
+    async def wait_for(self, predicate, timeout: float) -> bool:
+        """Wait until predicate(live) holds; False on timeout."""
+        deadline = time.monotonic() + timeout
+        version = self.version
+        while not predicate(self.live):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            version = await self.wait_change(version, left)
+        return True
+
+    def _bump(self) -> None:
+        # A fresh event per version: every waiter of the old one wakes, none misses a bump.
+        self.version += 1
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    def candidates(self) -> dict[str, PeerRecord]:
+        """Every peer heard of (mDNS or seeds) serving our model; the freshest record wins."""
+        out: dict[str, PeerRecord] = {}
+        for rec in [*self._seeded.values(), *self.mdns.records.values()]:
+            a = rec.announcement
+            if a.peer_id == self.own_id:
+                continue
+            if self.config.fingerprint and a.fingerprint != self.config.fingerprint:
+                self.mdns.heard.rejected[rec.service_name or a.peer_id] = f"model {a.fingerprint}, not ours"
+                continue
+            old = out.get(a.peer_id)
+            if old is None or a.seq >= old.announcement.seq:
+                out[a.peer_id] = rec
+        return out
+
+    async def _heartbeats(self) -> None:
+        interval = self.config.liveness.interval_s
+        while True:
+            candidates = self.candidates()
+            answers = await asyncio.gather(*(self._ping(r) for r in candidates.values()))
+            changed = False
+            for (pid, rec), ok in zip(candidates.items(), answers):
+                if ok:
+                    self._liveness.answered(pid)
+                    if self.live.get(pid) != rec:
+                        self.live[pid], changed = rec, True
+                elif self._liveness.missed(pid) and pid in self.live:
+                    log.info("peer %s (%s) missed %d heartbeats: dropped", rec.announcement.name, pid,
+                             self.config.liveness.misses)
+                    del self.live[pid]
+                    changed = True
+            for pid in set(self.live) - set(candidates):  # mDNS goodbye
+                del self.live[pid]
+                self._liveness.forget(pid)
+                changed = True
+            if changed:
+                self._bump()
+            # A new or changed record is pinged at once; otherwise once per interval.
+            self.mdns.changed.clear()
+            try:
+                await asyncio.wait_for(self.mdns.changed.wait(), interval)
+            except TimeoutError:
+                pass
+
+    async def _ping(self, rec: PeerRecord) -> bool:
+        try:
+            client = await self.client(rec.host, rec.port)
+            await client.ping(timeout=self.config.liveness.timeout_s)
+            return True
+        except PeerError:
+            return False
+
+    async def _seed_loop(self) -> None:
+        while True:
+            addresses = {_split(s) for s in self.config.seeds}
+            addresses |= {(r.host, r.port) for r in self._seeded.values()}
+            for host, port in sorted(addresses):
+                await self._ask_seed(host, port)
+            self.mdns.changed.set()
+            await asyncio.sleep(self.config.seed_refresh_s)
+
+    async def _ask_seed(self, host: str, port: int) -> None:
+        key = f"{host}:{port}"
+        try:
+            client = await self.client(host, port)
+            info = (await client.request(Kind.INFO, timeout=INFO_TIMEOUT_S)).get("info") or {}
+            a = decode(info["announcement"])
+        except (PeerError, TxtError, KeyError, TypeError) as e:
+            self.seed_errors[key] = str(e)
+            return
+        self.seed_errors.pop(key, None)
+        self._seeded[a.peer_id] = PeerRecord(a, host, port, "")
+        for other in info.get("peers", []):  # gossip one hop: the seed's live peers
+            try:
+                oid, ohost, oport = other["id"], str(other["host"]), int(other["port"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if oid != self.own_id and oid not in self._seeded:
+                await self._ask_seed(ohost, oport)
+
+    def diagnostic(self) -> str:
+        """Why nobody usable was found: interfaces tried, what was heard, seed errors."""
+        interfaces = self.config.interfaces
+        tried = ", ".join(interfaces) if isinstance(interfaces, list) else f"{interfaces.name} (all interfaces)"
+        lines = [f"no live peers found; mDNS on {tried} for {SERVICE}"]
+        heard = sorted(self.mdns.heard.names)
+        lines.append(f"heard {len(heard)} service(s)" + (": " + ", ".join(heard) if heard else
+                     " (multicast may be blocked: Wi-Fi client isolation, VLANs, a firewall on UDP 5353;"
+                     " try --peer HOST:PORT)"))
+        for name, why in sorted(self.mdns.heard.rejected.items()):
+            lines.append(f"  ignored {name}: {why}")
+        for seed, err in sorted(self.seed_errors.items()):
+            lines.append(f"  seed {seed}: {err}")
+        silent = set(self.candidates()) - set(self.live)
+        for pid in sorted(silent):
+            lines.append(f"  heard of {pid} but it does not answer heartbeats (firewall on its port?)")
+        return "\n".join(lines)
+
+
+
+
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host, int(port)

@@ -1,0 +1,117 @@
+"""A swarm peer (`swarm join`): shard server + announcement + directory + link prober."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+from zeroconf import InterfaceChoice
+
+from swarm.discovery.directory import Directory, DirectoryConfig
+from swarm.discovery.links import ProbeConfig
+from swarm.discovery.liveness import LivenessConfig
+from swarm.discovery.prober import LinkProber
+from swarm.discovery.txt import encode, from_profile, short_fingerprint
+from swarm.runtime.server import ServerConfig, ShardServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    interfaces: list[str] | InterfaceChoice  # explicit, always
+    port: int = 0  # shard server port; 0 = any free port
+    seeds: tuple[str, ...] = ()
+    threads: int = 1
+    mem_bytes: int | None = None  # usable memory to announce; None = the profile's
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+def new_peer_id() -> str:
+    """Fresh per process, so cloned machines never share an id."""
+    return secrets.token_hex(6)
+
+
+def bind_host(interfaces: list[str] | InterfaceChoice) -> str:
+    return interfaces[0] if isinstance(interfaces, list) and len(interfaces) == 1 else "0.0.0.0"
+
+
+def activation_bytes(profile: dict) -> int:
+    """What a prefill step sends across the widest cut: the size link probes use."""
+    per_token = max(u["out_bytes_per_token"] for u in profile["units"][:-1]) if len(profile["units"]) > 1 else 0
+    return int(per_token * profile.get("prefill_tokens", 32))
+
+
+class SwarmPeer:
+    """``async with SwarmPeer(config, profile) as peer: await peer.run()``."""
+
+    def __init__(self, config: PeerConfig, profile: dict, peer_id: str | None = None) -> None:
+        self.config = config
+        self.profile = profile
+        self.peer_id = peer_id or new_peer_id()
+        self.seq = 0
+        # Served verbatim by INFO (the server reads this dict on every request, so updates show).
+        self.info: dict = {"profile": profile}
+        self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
+                                               threads=config.threads, info=self.info))
+        self.directory = Directory(DirectoryConfig(
+            interfaces=config.interfaces, seeds=config.seeds, liveness=config.liveness,
+            fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)
+        self.prober = LinkProber(self.directory, activation_bytes(profile), config.probe, self.republish)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.address.rsplit(":", 1)[1])
+
+    def announcement(self):
+        return from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes,
+                            links=self.prober.links, seq=self.seq)
+
+    async def __aenter__(self) -> SwarmPeer:
+        await self.server.__aenter__()
+        try:
+            await self.directory.__aenter__()
+            self._refresh_info()
+            await self.directory.mdns.register(self.announcement(), self.port)
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("peer %s (%s) serving on %s", self.config.name, self.peer_id, self.server.address)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.directory.close()
+        await self.server.aclose()
+
+    async def run(self) -> None:
+        """Serve, listen, heartbeat and probe until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.server.serve_forever())
+            tg.create_task(self.directory.run())
+            tg.create_task(self.prober.run())
+            tg.create_task(self._follow_directory())
+
+    async def republish(self) -> None:
+        """New link figures or a new live set: bump seq and re-announce."""
+        self.seq += 1
+        self._refresh_info()
+        await self.directory.mdns.update(self.announcement())
+
+    def _refresh_info(self) -> None:
+        self.info["announcement"] = encode(self.announcement())
+        self.info["peers"] = [{"id": pid, "host": r.host, "port": r.port, "seq": r.announcement.seq}
+                              for pid, r in sorted(self.directory.live.items())]
+
+    async def _follow_directory(self) -> None:
+        version = self.directory.version
+        while True:
+            version = await self.directory.wait_change(version, 3600)
+            self._refresh_info()
