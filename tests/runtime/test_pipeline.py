@@ -1,0 +1,153 @@
+"""The pipeline across local peer processes gives the tokens of the single-process path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from swarm.model import hf
+from swarm.model.local import even_cuts
+from swarm.model.sampling import SamplingParams
+from swarm.runtime.deploy import Stage
+from swarm.runtime.engine import Pipeline, PipelineConfig
+from swarm.runtime.schedule import Layout, Mode
+
+TINY_UNITS = 6  # embedding + 4 blocks + norm/head
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20], [30, 31, 32], [40, 41, 42, 43]]
+NEW = 12
+TIMEOUT_S = 60
+
+
+def plan_for(peers: list[str], n_peers: int, num_units: int = TINY_UNITS) -> tuple[Stage, ...]:
+    cuts = even_cuts(num_units, n_peers + 1)
+    return tuple(Stage(addr, a, b) for addr, (a, b) in zip([None, *peers[:n_peers]], cuts))
+
+
+def config(model_dir, plan, m=1, b=1, mode=Mode.NO_BUBBLES, max_len=128):
+    return PipelineConfig(model_dir, plan, layout=Layout(m, b), mode=mode, max_len=max_len)
+
+
+@pytest.fixture(scope="module")
+def transformers_reference(tiny_model_dir):
+    model = hf.reference_model(tiny_model_dir)
+    out = []
+    with torch.inference_mode():
+        for p in PROMPTS:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("n_peers", [1, 2, 3, 4])
+async def test_sequential_matches_single_process_and_transformers(tiny_model_dir, peers, tiny_reference,
+                                                                  transformers_reference, n_peers):
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, n_peers))) as pipe:
+        assert len(pipe.deployment.ready) == n_peers + 1
+        assert all(r.load_s > 0 and r.weight_bytes > 0 and r.rss_bytes > 0 for r in pipe.deployment.ready)
+        # One slot: the requests queue and run one after another.
+        got = await asyncio.wait_for(pipe.generate_all(PROMPTS[:3], NEW), TIMEOUT_S)
+    assert got == tiny_reference(PROMPTS[:3], NEW) == transformers_reference[:3]
+
+
+@pytest.mark.parametrize("mode", [Mode.NO_BUBBLES, Mode.BUBBLES])
+@pytest.mark.parametrize("m, b", [(2, 2), (4, 1)])
+async def test_pipelined_batches_of_different_lengths(tiny_model_dir, peers, tiny_reference, transformers_reference,
+                                                      mode, m, b):
+    # 6 prompts for 4 slots: two requests join when earlier ones leave.
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m, b, mode)) as pipe:
+        got = await asyncio.wait_for(pipe.generate_all(PROMPTS, NEW), TIMEOUT_S)
+        stats = await pipe.stage_stats()
+    assert got == tiny_reference(PROMPTS, NEW) == transformers_reference
+    assert [(s.start, s.end) for s in stats] == [(0, 2), (2, 4), (4, 6)]
+    assert all(0 < s.busy_share <= 1 and s.tokens_per_s > 0 for s in stats)
+
+
+async def test_requests_of_different_lengths_join_and_leave_between_steps(tiny_model_dir, peers, tiny_reference):
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m=2, b=2)) as pipe:
+        async def late(prompt, delay_tokens, n):
+            await asyncio.sleep(0)
+            return [t async for t in pipe.generate(prompt, n)]
+
+        short = pipe.generate(PROMPTS[1], 3)
+        long = pipe.generate(PROMPTS[0], 20)
+        first = await anext(long)
+        joined = asyncio.gather(late(PROMPTS[2], 0, 8), late(PROMPTS[3], 0, 5))
+        outs = [t async for t in short], [first] + [t async for t in long], *await joined
+    want = [tiny_reference([p], n)[0] for p, n in [(PROMPTS[1], 3), (PROMPTS[0], 20), (PROMPTS[2], 8), (PROMPTS[3], 5)]]
+    assert list(outs) == want
+
+
+async def test_multi_turn_session_reuses_the_kv_cache(tiny_model_dir, peers, tiny_reference):
+    turn1, turn2 = [5, 6, 7, 8], [50, 51, 52]
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m=1, b=2)) as pipe:
+        async with await pipe.open_session() as chat:
+            out1 = [t async for t in chat.generate(turn1, 6)]
+            after1 = chat.prefilled_tokens
+            out2 = [t async for t in chat.generate(turn2, 7)]
+            history = turn1 + out1 + turn2 + out2
+            # Turn 2 computed only its new tokens (plus turn 1's last sampled token).
+            assert after1 == len(turn1) + 6 - 1
+            assert chat.prefilled_tokens == len(history) - 1
+    assert out1 == tiny_reference([turn1], 6)[0]
+    assert out2 == tiny_reference([turn1 + out1 + turn2], 7)[0]
+
+
+async def test_cancel_frees_the_slot_and_others_are_unaffected(tiny_model_dir, peers, tiny_reference):
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 1), m=1, b=1)) as pipe:
+        stream = pipe.generate(PROMPTS[0], 50)
+        got = [await anext(stream), await anext(stream)]
+        await stream.aclose()  # the consumer walks away: the turn is cancelled
+        # The only slot comes back, and the next request is exact.
+        after = await asyncio.wait_for(pipe.generate_all([PROMPTS[2]], NEW), TIMEOUT_S)
+    assert got == tiny_reference([PROMPTS[0]], 2)[0]
+    assert after == tiny_reference([PROMPTS[2]], NEW)
+
+
+async def test_stop_token_ends_the_turn(tiny_model_dir, peers, tiny_reference):
+    full = tiny_reference([PROMPTS[0]], NEW)[0]
+    stop = full[4]
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 1))) as pipe:
+        got = [t async for t in pipe.generate(PROMPTS[0], NEW, stop_ids=[stop])]
+    assert got == full[: full.index(stop) + 1]
+
+
+async def test_seeded_sampling_matches_the_single_process_path(tiny_model_dir, peers):
+    from swarm.model.local import LocalChain, generate
+
+    sampling = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=123)
+    chain = LocalChain.load(tiny_model_dir, [(0, 3), (3, 6)], max_slots=1, max_len=64)
+    want = generate(chain, [PROMPTS[0]], NEW, sampling)
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m=2, b=1)) as pipe:
+        got = await asyncio.wait_for(pipe.generate_all([PROMPTS[0]], NEW, sampling), TIMEOUT_S)
+    assert got == want
+
+
+async def test_redeploy_with_a_new_plan_keeps_sessions_exact(tiny_model_dir, peers, tiny_reference):
+    turn1, turn2 = [9, 8, 7], [60, 61]
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 1), m=1, b=1)) as pipe:
+        chat = await pipe.open_session()
+        out1 = [t async for t in chat.generate(turn1, 5)]
+        new_plan = (Stage(None, 0, 1), Stage(peers[2], 1, 3), Stage(peers[3], 3, 6))
+        await pipe.redeploy(new_plan)
+        assert [s.address for s in pipe.deployment.plan] == [None, peers[2], peers[3]]
+        out2 = [t async for t in chat.generate(turn2, 5)]
+        await chat.aclose()
+    assert out1 == tiny_reference([turn1], 5)[0]
+    assert out2 == tiny_reference([turn1 + out1 + turn2], 5)[0]
+
+
+async def test_source_only_plan_runs_without_peers(tiny_model_dir, tiny_reference):
+    async with Pipeline(config(tiny_model_dir, (Stage(None, 0, TINY_UNITS),), m=2, b=2)) as pipe:
+        got = await asyncio.wait_for(pipe.generate_all(PROMPTS, NEW), TIMEOUT_S)
+    assert got == tiny_reference(PROMPTS, NEW)
+
+
+def test_bad_plans_are_refused(tiny_model_dir, peers):
+    from swarm.runtime.deploy import check_plan
+
+    for plan in [(), (Stage(peers[0], 0, 6),), (Stage(None, 0, 3), Stage(peers[0], 4, 6)),
+                 (Stage(None, 0, 3), Stage(peers[0], 3, 5)), (Stage(None, 0, 2), Stage(peers[0], 2, 4), Stage(peers[0], 4, 6))]:
+        with pytest.raises(ValueError):
+            check_plan(plan, TINY_UNITS)

@@ -1,0 +1,40 @@
+"""Pure scheduling decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm.runtime.schedule import Layout, Mode, build_step, choose_slot, groups_to_launch, turn_finished
+
+
+def test_no_bubbles_launches_every_returned_micro_batch_at_once():
+    assert groups_to_launch(Mode.NO_BUBBLES, ready={0, 1, 3}, in_flight={1, 2}) == [0, 3]
+
+
+def test_bubbles_waits_for_every_micro_batch():
+    assert groups_to_launch(Mode.BUBBLES, ready={0, 1}, in_flight={2}) == []
+    assert groups_to_launch(Mode.BUBBLES, ready={2, 0, 1}, in_flight=set()) == [0, 1, 2]
+
+
+def test_build_step_pads_rows_and_keeps_their_lengths():
+    step = build_step({5: [7], 4: [1, 2, 3], 6: []})
+    assert step.slots == (4, 5)
+    assert step.tokens == ((1, 2, 3), (7, 0, 0))
+    assert step.lengths == (3, 1) and step.width == 3 and not step.uniform
+    assert build_step({0: [9], 1: [8]}).uniform
+    with pytest.raises(ValueError):
+        build_step({0: []})
+
+
+def test_choose_slot_balances_micro_batches():
+    layout = Layout(micro_batches=2, batch_size=2)  # slots 0,1 | 2,3
+    assert layout.slots == 4 and layout.group_of(3) == 1
+    assert choose_slot(layout, free=[1, 2, 3], busy=[0]) == 2
+    assert choose_slot(layout, free=[1, 3], busy=[0, 2]) == 1
+    assert choose_slot(layout, free=[], busy=[0, 1, 2, 3]) is None
+
+
+def test_turn_finishes_on_count_or_stop_token():
+    assert turn_finished(3, 3, 10, ())
+    assert turn_finished(1, 3, 2, {2})
+    assert not turn_finished(1, 3, 10, {2})
