@@ -53,11 +53,10 @@ def parse_bytes(text: str) -> int:
 def load_profile(args) -> dict:
     if args.profile:
         return json.loads(args.profile.read_text())
-    from swarm.model.profile import profile_device
+    from swarm.discovery.peer import measure_profile
     from swarm.model.store import resolve_model
 
-    model_dir = resolve_model(args.model)
-    return profile_device(model_dir, threads=args.threads).to_json()
+    return measure_profile(resolve_model(args.model), args.threads)
 
 
 def run(args) -> int:

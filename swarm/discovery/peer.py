@@ -47,6 +47,16 @@ def activation_bytes(profile: dict) -> int:
     return int(per_token * profile.get("prefill_tokens", 32))
 
 
+def measure_profile(model_dir, threads: int) -> dict:
+    """This device's profile for the model as JSON (swarm.model.profile caches it)."""
+    import json
+
+    from swarm.model.profile import profile_device
+
+    out = profile_device(model_dir, threads=threads).to_json()
+    return json.loads(out) if isinstance(out, str) else out
+
+
 class SwarmPeer:
     """``async with SwarmPeer(config, profile) as peer: await peer.run()``."""
 
@@ -107,7 +117,7 @@ class SwarmPeer:
 
     def _refresh_info(self) -> None:
         self.info["announcement"] = encode(self.announcement())
-        self.info["peers"] = [{"id": pid, "host": r.host, "port": r.port, "seq": r.announcement.seq}
+        self.info["peers"] = [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement)}
                               for pid, r in sorted(self.directory.live.items())]
 
     async def _follow_directory(self) -> None:

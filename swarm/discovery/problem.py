@@ -20,12 +20,17 @@ RETURN_BYTES_PER_SEQUENCE = 8  # one int64 token id per sequence goes back to th
 
 @dataclass(frozen=True)
 class Workload:
-    """What the plan must hold and carry: KV slots x context on every stage, and the
-    tokens one pipeline step moves across a cut (1 per sequence while decoding)."""
+    """What the plan must hold and carry: m micro-batches of b sequences, each with a KV
+    slot of `context` positions on every stage; a decode step moves one token per
+    sequence of a micro-batch across each cut and returns b token ids."""
 
-    slots: int = 1
+    micro_batches: int = 1
+    batch_size: int = 1
     context: int = 512
-    tokens_per_step: int = 1
+
+    @property
+    def slots(self) -> int:
+        return self.micro_batches * self.batch_size
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,12 @@ def build_problem(source_profile: dict, devices: list[Device], links: dict[tuple
         "source": 0,
         "layers": [{"name": u["name"],
                     "mem": u["weight_bytes"] + u["kv_bytes_per_token"] * kv_tokens,
-                    "out": u["out_bytes_per_token"] * workload.tokens_per_step * workload.slots}
+                    "out": u["out_bytes_per_token"] * workload.batch_size}
                    for u in units],
         "devices": [{"name": d.name, "mem": d.mem_bytes, "time": list(d.times)} for d in devices],
         "bandwidth": bandwidth,
         "latency": latency,
-        "return_bytes": RETURN_BYTES_PER_SEQUENCE * workload.slots,
+        "return_bytes": RETURN_BYTES_PER_SEQUENCE * workload.batch_size,
         "peer_ids": ids,
     }
 

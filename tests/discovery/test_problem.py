@@ -14,7 +14,7 @@ def test_problem_from_announcements_matches_profiles_and_links():
              for k, (p, pid) in enumerate(zip(profiles[1:], ids[1:]))]
     source_links = {(ids[0], ids[1]): Link(5e6, 0.001)}
     devices = [device_from_profile(profiles[0], ids[0], "source")] + [device_from_announcement(a) for a in peers]
-    w = Workload(slots=2, context=100, tokens_per_step=1)
+    w = Workload(micro_batches=1, batch_size=2, context=100)
     data = build_problem(profiles[0], devices, {**links_from_announcements(peers), **source_links}, w)
     problem = Problem.from_json(data)  # the planner accepts it
     assert data["peer_ids"] == ids

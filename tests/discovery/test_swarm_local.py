@@ -1,0 +1,153 @@
+"""Three `swarm join` processes on 127.0.0.1 and a source in the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from discovery_fixtures import fixture_profile
+from swarm.discovery.liveness import LivenessConfig
+from swarm.discovery.links import ProbeConfig
+from swarm.discovery.txt import decode, from_profile
+from swarm.runtime.client import PeerClient
+from swarm.source import SourceConfig, SwarmSource
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(1)
+
+HEARTBEAT_S = 0.3
+# swarm join --heartbeat sets the interval; timeout and misses are the defaults
+BOUND_S = LivenessConfig(interval_s=HEARTBEAT_S).drop_bound_s
+START_TIMEOUT_S = 60
+
+
+def _profiles():
+    return [fixture_profile(block_decode_s=0.001 * (k + 2), mem_bytes=(k + 2) << 30, name=f"p{k}") for k in range(3)]
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory):
+    """Three peers, each with its own profile; yields [(process, joined line, profile)]."""
+    tmp = tmp_path_factory.mktemp("peers")
+    procs = []
+    try:
+        for k, profile in enumerate(_profiles()):
+            path = tmp / f"p{k}.json"
+            path.write_text(json.dumps(profile))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", f"p{k}",
+                 "--profile", str(path), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"})
+            procs.append((proc, profile))
+        out = []
+        for proc, profile in procs:
+            ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+            assert ready, "swarm join did not start"
+            out.append((proc, json.loads(proc.stdout.readline()), profile))
+        yield out
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def _info(address: str) -> dict:
+    async with PeerClient(address) as c:
+        return await c.info()
+
+
+async def _until(predicate, timeout: float, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(step)  # polling with a deadline, not a fixed wait
+    return await predicate()
+
+
+async def test_each_peer_sees_the_other_two_with_their_figures_and_links(peers):
+    ids = {joined["joined"]: (joined, profile) for _, joined, profile in peers}
+
+    async def views():
+        infos = [await _info(joined["address"]) for _, joined, _ in peers]
+        complete = all(
+            {p["id"] for p in info["peers"]} == set(ids) - {decode(info["announcement"]).peer_id}
+            # every view shows every other peer's links to the rest: announcement updates arrived
+            and all(set(decode(p["txt"]).links) == set(ids) - {p["id"]} for p in info["peers"])
+            for info in infos)
+        return infos if complete else None
+
+    infos = await _until(views, 30)
+    assert infos, "peers did not converge on a full view with links"
+    for info in infos:
+        for entry in info["peers"]:
+            seen = decode(entry["txt"])
+            joined, profile = ids[seen.peer_id]
+            expected = from_profile(profile, seen.peer_id, joined["name"], joined["mem_bytes"])
+            assert (seen.mem_bytes, seen.prefill_us, seen.decode_us, seen.name, seen.fingerprint) == (
+                expected.mem_bytes, expected.prefill_us, expected.decode_us, expected.name, expected.fingerprint)
+            assert seen.seq > 0  # what is seen is a re-announcement, not the first record
+            assert all(link.bandwidth > 1e6 and 0 < link.rtt < 0.1 for link in seen.links.values())
+            assert entry["port"] == int(joined["address"].rsplit(":", 1)[1])
+
+
+async def test_problem_built_from_announcements_equals_the_peers_profiles(peers):
+    source_profile = fixture_profile(block_decode_s=0.0005, mem_bytes=1 << 30, name="src")
+    config = SourceConfig(interfaces=["127.0.0.1"], profile=source_profile, min_peers=3,
+                          liveness=LivenessConfig(interval_s=HEARTBEAT_S), probe=ProbeConfig(interval_s=60))
+    async with SwarmSource(config) as source:
+        data = await source.problem()
+        planned = await source.plan()
+    by_id = {joined["joined"]: profile for _, joined, profile in peers}
+    assert data["peer_ids"][0] == source.peer_id and set(data["peer_ids"][1:]) == set(by_id)
+    for k, pid in enumerate(data["peer_ids"]):
+        profile = source_profile if k == 0 else by_id[pid]
+        device = data["devices"][k]
+        assert device["mem"] == profile["device"]["mem_bytes"]
+        assert len(device["time"]) == len(profile["units"])
+        assert max(abs(t - u["time_s"]) for t, u in zip(device["time"], profile["units"])) <= 1e-6
+    m = len(data["devices"])
+    assert all(data["bandwidth"][i][j] > 1e6 for i in range(m) for j in range(m) if i != j)
+    assert planned.plan.stages[0].device == 0 and planned.stages[0].address is None
+    # the source is the fastest device and holds the whole (small) model: no hop is worth it
+    assert [(s.start, s.end) for s in planned.plan.stages] == [(0, len(source_profile["units"]))]
+
+
+async def test_a_killed_peer_is_dropped_within_the_heartbeat_bound(peers):
+    (victim, vjoined, _), *rest = peers
+    vid = vjoined["joined"]
+
+    async def seen_by():
+        infos = [await _info(j["address"]) for _, j, _ in rest]
+        return [vid in {p["id"] for p in info["peers"]} for info in infos]
+
+    async def everyone_sees_it():
+        return all(await seen_by())
+
+    assert await _until(everyone_sees_it, 30)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = time.monotonic()
+
+    async def nobody_sees_it():
+        return not any(await seen_by())
+
+    assert await _until(nobody_sees_it, BOUND_S + 2, step=0.05)
+    assert time.monotonic() - killed <= BOUND_S + 0.5
