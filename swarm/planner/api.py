@@ -47,7 +47,7 @@ def plan_ours(problem: Problem, objective: str, inflight: int = 1) -> Plan:
     method, oracle = choose_method(problem)
     if oracle is None:
         return bounded.plan_bounded(problem, objective, inflight)
-    found = optimise(oracle, objective, inflight)
+    found = optimise(oracle, objective, inflight, lower=relaxation(problem, oracle.space))
     if found is None:
         raise problem.infeasible()
     log.debug("%s via %s: %d oracle calls", objective, method, found.evaluations)
@@ -67,6 +67,12 @@ def choose_method(problem: Problem):
         return f"generic/{len(members)} types", generic.GenericOracle(problem, build_space(members))
     log.info("no exact method in reach (%d types, %d units): bounded search", len(members), problem.n_units)
     return "bounded", None
+
+
+def relaxation(problem: Problem, space) -> bounded.RelaxedOracle:
+    """The devices-may-repeat relaxation over the same types: a cheap lower bound for the search."""
+    seg, hop, ret = generic.type_costs(problem, space)
+    return bounded.RelaxedOracle(seg, hop, ret, 0)
 
 
 def is_exact(plan_: Plan) -> bool:

@@ -85,6 +85,7 @@ class BlocksOracle:
         self.ret = problem.return_time()[reps]
         self.total_src = float(problem.time[problem.source].sum())
         self.src_fits_all = problem.layer_mem.sum() <= self.mem[0] * (1 + 1e-12)
+        self._path_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def candidates(self) -> np.ndarray:
         k = np.arange(self.st.n_blocks + 1)[None, :]
@@ -104,61 +105,94 @@ class BlocksOracle:
         last = np.where(fits(self.th, tau) & (self.mem - st.head_mem >= -1e-12 * self.mem), np.maximum(last, -1), -1)
         return regular, last, int(source) if fits(self.te[0], tau) and self.mem[0] >= st.embed_mem else -1
 
-    def compute(self, tau: float, digits: np.ndarray, u: int, want_split: bool = False):
+    def compute(self, tau: float, digits: np.ndarray, u: int, want_split: bool = False, caps=None):
         """Least compute time for each state (rows of digits) with last type u (u >= 1)."""
-        b = self.st.n_blocks
-        regular, last, cap_s = self._caps(tau)
-        r = digits[:, 1:].copy()
+        regular, last, cap_s = caps or self._caps(tau)
+        r = digits[:, 1:].copy()  # devices of each type that are neither source nor last
         r[:, u - 1] -= 1
         valid = (digits[:, u] >= 1) & (last[u] >= 0) & (cap_s >= 0)
-        valid &= ((r == 0) | (regular[1:] >= 1)[None]).all(axis=1)
-        rem = b - r.sum(axis=1)
+        if (regular[1:] < 1).any():
+            valid &= ~(r[:, regular[1:] < 1] > 0).any(axis=1)
+        rem = self.st.n_blocks - r.sum(axis=1)
         valid &= rem >= 0
         cost = self.te[0] + self.th[u] + r @ self.tb[1:]
-        # slots: regular types (extra blocks beyond the first), then source, then last device
+        # slots, cheapest per block first: extra blocks beyond each middle device's first one,
+        # the source's blocks, the last device's blocks
         prices = np.concatenate([self.tb[1:], [self.tb[0], self.tb[u]]])
-        caps = np.concatenate([r * np.maximum(regular[1:] - 1, 0)[None],
-                               np.full((len(r), 1), max(cap_s, 0)), np.full((len(r), 1), max(last[u], 0))], axis=1)
-        rem = np.maximum(rem, 0)
-        takes = np.zeros_like(caps)
-        for k in np.argsort(prices, kind="stable"):
-            take = np.minimum(rem, caps[:, k])
-            takes[:, k] = take
-            cost = cost + take * prices[k]
-            rem = rem - take
-        valid &= rem == 0
-        out = np.where(valid, cost, np.inf)
-        return (out, takes, regular) if want_split else out
+        order = np.argsort(prices, kind="stable")
+        slot = np.empty((len(r), len(prices)), dtype=np.int64)
+        slot[:, :-2] = r * np.maximum(regular[1:] - 1, 0)[None]
+        slot[:, -2] = max(cap_s, 0)
+        slot[:, -1] = max(last[u], 0)
+        slot = slot[:, order]
+        before = np.cumsum(slot, axis=1) - slot
+        take = np.clip(np.maximum(rem, 0)[:, None] - before, 0, slot)
+        valid &= before[:, -1] + slot[:, -1] >= rem
+        out = np.where(valid, cost + take @ prices[order], np.inf)
+        if not want_split:
+            return out
+        takes = np.empty_like(take)
+        takes[:, order] = take
+        return out, takes, regular
+
+    def latency_floor(self, tau: float) -> float:
+        """A lower bound on R*(tau), ignoring links and which device is which: the B blocks on the
+        cheapest devices up to their caps, the embedding, the cheapest head; inf if they cannot fit."""
+        regular, last, cap_s = self._caps(tau)
+        if cap_s < 0:
+            return np.inf
+        alone = self.total_src if fits(self.total_src, tau) and self.src_fits_all else np.inf
+        heads = self.th[1:][last[1:] >= 0]
+        if len(heads) == 0:
+            return alone
+        prices = np.concatenate([[self.tb[0]], self.tb[1:]])
+        caps = np.concatenate([[cap_s], np.maximum(regular[1:], 0) * self.space.counts[1:]])
+        order = np.argsort(prices)
+        before = np.cumsum(caps[order]) - caps[order]
+        if before[-1] + caps[order][-1] < self.st.n_blocks:
+            return alone
+        take = np.clip(self.st.n_blocks - before, 0, caps[order])
+        return min(alone, float(self.te[0] + heads.min() + take @ prices[order]))
+
+    def _paths(self, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Held-Karp over type counts with the usable hops: least hop sum per (state, last type).
+
+        Only the set of usable hops matters, and nearby taus share it: cache by that mask."""
+        key = usable.tobytes()
+        if key in self._path_cache:
+            return self._path_cache[key]
+        sp = self.space
+        hop = np.where(usable, self.hop, np.inf)
+        hk = np.full((sp.n_states, sp.n_types), np.inf)
+        par = np.zeros((sp.n_states, sp.n_types), dtype=np.int32)
+        hk[0, 0] = 0.0
+        for layer in sp.layers[1:]:  # pull: each state from the states one device smaller
+            prev = layer[:, None] - sp.strides[None, :]  # [s, v]
+            has = sp.digits[layer] >= 1
+            has[:, 0] = False
+            x = hk[np.where(has, prev, 0)] + hop.T[None]  # [s, v, u]
+            bu = np.argmin(x, axis=2)
+            val = np.take_along_axis(x, bu[:, :, None], axis=2)[:, :, 0]
+            hk[layer] = np.where(has, val, np.inf)
+            par[layer] = bu
+        if len(self._path_cache) >= 4:
+            self._path_cache.pop(next(iter(self._path_cache)))
+        self._path_cache[key] = (hk, par)
+        return hk, par
 
     def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
         sp = self.space
         tn = sp.n_types
-        hop = np.where(fits(self.hop, tau), self.hop, np.inf)
-        hk = np.full((sp.n_states, tn), np.inf)
-        par = np.zeros((sp.n_states, tn), dtype=np.int32)
-        hk[0, 0] = 0.0
-        for layer in sp.layers[:-1]:
-            for v in range(1, tn):
-                sel = layer[sp.digits[layer, v] < sp.counts[v]]
-                if len(sel) == 0:
-                    continue
-                x = hk[sel] + hop[:, v][None]
-                bu = np.argmin(x, axis=1)
-                val = x[np.arange(len(sel)), bu]
-                new = sel + sp.strides[v]
-                better = val < hk[new, v]
-                hk[new, v] = np.where(better, val, hk[new, v])
-                par[new, v] = np.where(better, bu, par[new, v])
+        hk, par = self._paths(fits(self.hop, tau))
         ret = np.where(fits(self.ret, tau), self.ret, np.inf)
         total = np.full((sp.n_states, tn), np.inf)
         if self.src_fits_all and fits(self.total_src, tau):
             total[0, 0] = self.total_src
+        caps = self._caps(tau)
         for u in range(1, tn):
             live = np.isfinite(hk[:, u])
             if live.any() and np.isfinite(ret[u]):
-                c = np.full(sp.n_states, np.inf)
-                c[live] = self.compute(tau, sp.digits[live], u) + hk[live, u] + ret[u]
-                total[:, u] = c
+                total[live, u] = self.compute(tau, sp.digits[live], u, caps=caps) + hk[live, u] + ret[u]
         flat = int(np.argmin(total))
         best = float(total.flat[flat])
         if not np.isfinite(best):

@@ -20,7 +20,16 @@ from swarm.planner.search import candidate_values, fits, optimise
 BEAM_WORK = 4e7  # operations per beam solve; the width follows from it
 
 
-class _Costs:
+class _Masked:
+    def __init__(self, seg: np.ndarray, hop: np.ndarray, ret: np.ndarray):
+        self.seg, self.hop, self.ret = seg, hop, ret
+
+    def masked(self, tau: float):
+        f = lambda x: np.where(fits(x, tau), x, np.inf)  # noqa: E731
+        return f(self.seg), f(self.hop), f(self.ret)
+
+
+class _Costs(_Masked):
     def __init__(self, problem: Problem):
         n = problem.n_units
         pt, pm = problem.prefix_time(), problem.prefix_mem()
@@ -33,25 +42,27 @@ class _Costs:
         self.hop[:, idx, idx] = np.inf
         self.ret = problem.return_time()
 
-    def masked(self, tau: float):
-        f = lambda x: np.where(fits(x, tau), x, np.inf)  # noqa: E731
-        return f(self.seg), f(self.hop), f(self.ret)
-
 
 class RelaxedOracle:
     """R*(tau) when devices may repeat: a lower bound on the true R*(tau). O(M^2 N^2)."""
 
-    def __init__(self, problem: Problem):
-        self.problem, self.c = problem, _Costs(problem)
+    def __init__(self, seg: np.ndarray, hop: np.ndarray, ret: np.ndarray, source: int):
+        """seg[D, a, b], hop[N+1, D, D], ret[D] over devices or device types D."""
+        self.c, self.source = _Masked(seg, hop, ret), source
+
+    @classmethod
+    def for_devices(cls, problem: Problem) -> RelaxedOracle:
+        c = _Costs(problem)
+        return cls(c.seg, c.hop, c.ret, problem.source)
 
     def candidates(self) -> np.ndarray:
         return candidate_values(self.c.seg, self.c.hop, self.c.ret)
 
     def table(self, tau: float) -> np.ndarray:
         seg, hop, _ = self.c.masked(tau)
-        m, n = self.problem.n_devices, self.problem.n_units
+        m, n = seg.shape[0], seg.shape[1] - 1
         L = np.full((m, n + 1), np.inf)  # L[v, b]: least latency with units [0, b) done, v last
-        L[self.problem.source] = seg[self.problem.source, 0]
+        L[self.source] = seg[self.source, 0]
         for b in range(1, n + 1):  # a segment [a, b) only reads L[:, a] for a < b, already final
             x = (L[:, None, :b] + hop[:b].transpose(1, 2, 0)).min(axis=0)  # [v, a]
             L[:, b] = np.minimum(L[:, b], (x + seg[:, :b, b]).min(axis=1))
@@ -70,7 +81,7 @@ class BeamOracle:
         self.problem, self.c = problem, _Costs(problem)
         m, n = problem.n_devices, problem.n_units
         self.width = width or max(4, int(BEAM_WORK / (m * m * (n + 1) ** 2)))
-        self.relaxed = RelaxedOracle(problem)
+        self.relaxed = RelaxedOracle.for_devices(problem)
 
     def candidates(self) -> np.ndarray:
         return self.relaxed.candidates()
@@ -128,7 +139,7 @@ def plan_bounded(problem: Problem, objective: str, inflight: int = 1) -> Plan:
     if found is None:
         raise problem.infeasible("no plan found by bounded search")
     plan_ = evaluate(problem, found.stages, inflight, objective=objective, strategy="ours", method="bounded")
-    lower = optimise(RelaxedOracle(problem), objective, inflight)
+    lower = optimise(RelaxedOracle.for_devices(problem), objective, inflight)
     value = {"latency": plan_.latency_s, "throughput": plan_.bottleneck_s, "cycle": plan_.cycle_s}[objective]
     bound = lower.value if lower is not None else value
     gap = max(0.0, (value - bound) / bound) if bound > 0 else 0.0

@@ -23,29 +23,32 @@ def work(space: TypeSpace, n_units: int) -> float:
     return float(space.n_states) * space.n_types ** 2 * (n_units + 1) ** 2
 
 
+def type_costs(problem: Problem, space: TypeSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """seg[T, a, b] (inf if a >= b or over memory), hop[N+1, T, T] (cut at a), ret[T], type 0 = source."""
+    n = problem.n_units
+    reps = space.reps
+    pt = problem.prefix_time()[reps]  # [T, N+1]
+    pm = problem.prefix_mem()
+    ok = (np.arange(n + 1)[:, None] < np.arange(n + 1)[None, :])[None] & (
+        (pm[None, :] - pm[:, None])[None] <= problem.device_mem[reps][:, None, None] * (1 + 1e-12))
+    seg = np.where(ok, pt[:, None, :] - pt[:, :, None], np.inf)
+    hops = problem.cut_hops()  # [N+1, M, M]
+    t = space.n_types
+    hop = np.full((n + 1, t, t), np.inf)
+    for u in range(t):
+        for v in range(1, t):
+            p = space.pair(u, v)
+            if p is not None:
+                hop[1:, u, v] = hops[1:, p[0], p[1]]
+    return seg, hop, problem.return_time()[reps]
+
+
 class GenericOracle:
     """R*(tau) over a type space; the plain subset DP when every device is its own type."""
 
     def __init__(self, problem: Problem, space: TypeSpace):
         self.problem, self.space = problem, space
-        n = problem.n_units
-        reps = space.reps
-        pt = problem.prefix_time()[reps]  # [T, N+1]
-        pm = problem.prefix_mem()
-        seg = pt[:, None, :] - pt[:, :, None]  # [T, a, b]
-        wseg = pm[None, :] - pm[:, None]  # [a, b]
-        ok = (np.arange(n + 1)[:, None] < np.arange(n + 1)[None, :])[None] & (
-            wseg[None] <= problem.device_mem[reps][:, None, None] * (1 + 1e-12))
-        self.seg = np.where(ok, seg, np.inf)
-        hops = problem.cut_hops()  # [N+1, M, M]
-        t = space.n_types
-        self.hop = np.full((n + 1, t, t), np.inf)
-        for u in range(t):
-            for v in range(1, t):
-                p = space.pair(u, v)
-                if p is not None:
-                    self.hop[1:, u, v] = hops[1:, p[0], p[1]]
-        self.ret = problem.return_time()[reps]
+        self.seg, self.hop, self.ret = type_costs(problem, space)
 
     def candidates(self) -> np.ndarray:
         return candidate_values(self.seg, self.hop, self.ret)

@@ -41,14 +41,30 @@ class SearchResult:
     evaluations: int
 
 
-def optimise(oracle: Oracle, objective: str, inflight: int = 1) -> SearchResult | None:
-    """Optimum of `objective` through the oracle; None when no plan exists."""
+def optimise(oracle: Oracle, objective: str, inflight: int = 1, lower: Oracle | None = None) -> SearchResult | None:
+    """Optimum of `objective` through the oracle; None when no plan exists.
+
+    `lower`, if given, is a cheap oracle whose R*(tau) never exceeds the real one (a
+    relaxation); its optimum is a lower bound, so the search gallops up from there and
+    usually needs two or three real solves instead of a full bisection.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "latency":
         r, build = oracle.solve(np.inf)
         return None if build is None else SearchResult(r, build(), 1)
     cands = oracle.candidates()
+    start = 0
+    if lower is not None:
+        bound = optimise(lower, objective, inflight)
+        if bound is None:
+            return None
+        start = int(np.searchsorted(cands, bound.value * (1 - 1e-9)))
+    floor = getattr(oracle, "latency_floor", None)
+    if floor is not None:  # a cheap lower bound on R*(tau), never growing with tau: skip hopeless taus
+        m = max(1, int(inflight)) if objective == "cycle" else np.inf
+        start = bisect.bisect_left(range(len(cands)), True, lo=start,
+                                   key=lambda i: floor(float(cands[i])) / m <= float(cands[i]))
     cache: dict[int, tuple[float, Callable[[], list[Stage]] | None]] = {}
 
     def at(i: int) -> tuple[float, Callable[[], list[Stage]] | None]:
@@ -57,13 +73,13 @@ def optimise(oracle: Oracle, objective: str, inflight: int = 1) -> SearchResult 
         return cache[i]
 
     if objective == "throughput":
-        i = _first_true(len(cands), lambda i: at(i)[1] is not None)
+        i = _first_true(len(cands), lambda i: at(i)[1] is not None, start)
         if i == len(cands):
             return None
         r, build = at(i)
         return SearchResult(float(cands[i]), build(), len(cache))
     m = max(1, int(inflight))
-    i = _first_true(len(cands), lambda i: at(i)[1] is not None and at(i)[0] / m <= float(cands[i]))
+    i = _first_true(len(cands), lambda i: at(i)[1] is not None and at(i)[0] / m <= float(cands[i]), start)
     best: tuple[float, Callable[[], list[Stage]]] | None = None
     if i < len(cands):
         best = (float(cands[i]), at(i)[1])
@@ -79,9 +95,15 @@ def optimise(oracle: Oracle, objective: str, inflight: int = 1) -> SearchResult 
     return SearchResult(best[0], best[1](), len(cache))
 
 
-def _first_true(n: int, pred: Callable[[int], bool]) -> int:
-    """Least i in [0, n) with pred(i) for a monotone predicate; n if none."""
-    return bisect.bisect_left(range(n), True, key=pred)
+def _first_true(n: int, pred: Callable[[int], bool], start: int = 0) -> int:
+    """Least i in [start, n) with pred(i) for a monotone predicate false below start; n if none.
+
+    Gallops up from start (1, 2, 4... steps), then bisects the last step.
+    """
+    lo, hi, step = start, start, 1
+    while hi < n and not pred(hi):
+        lo, hi, step = hi + 1, hi + step, step * 2
+    return bisect.bisect_left(range(n), True, lo=lo, hi=min(hi, n), key=pred)
 
 
 def candidate_values(*arrays: np.ndarray) -> np.ndarray:
