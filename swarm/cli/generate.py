@@ -1,0 +1,165 @@
+"""`swarm generate`: complete one or more prompts.
+
+Without swarm options the whole model runs in this process through the same
+shard code the peers run. With ``--local N`` it starts N peers on this machine;
+with ``--interface``/``--peer`` it plans over the peers announced on the network.
+Several ``--prompt`` run as one batch. The prompt is used as given unless
+``--chat`` wraps it in the model's chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from swarm.cli.common import add_model_arguments, check_device, default_dtype, resolve_model_with_status
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="generate a completion for one or more prompts",
+                                   description=__doc__)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="a prompt (repeat for a batch; default: read one from standard input)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (prompt i uses seed + i)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+@dataclass
+class Outcome:
+    """What a backend produced: tokens per prompt and when they arrived."""
+
+    token_ids: list[list[int]]
+    first_token_s: float
+    total_s: float
+    plan: list[dict] = field(default_factory=list)
+    mode: str = "single-process"
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt:
+        return args.prompt
+    if sys.stdin.isatty():
+        print("reading the prompt from standard input (end with Ctrl-D)...", file=sys.stderr)
+    text = sys.stdin.read()
+    if not text.strip():
+        raise SystemExit("error: no prompt: pass --prompt TEXT or pipe one on standard input")
+    return [text.rstrip("\n")]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from swarm.model import hf
+    from swarm.model.sampling import SamplingParams
+
+    if args.max_new_tokens < 1:
+        raise SystemExit("error: --max-new-tokens must be at least 1")
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    torch.set_num_threads(args.threads)
+    check_device(args.device)
+    console = Console(stderr=True, highlight=False)
+    texts = read_prompts(args)
+    model_dir = resolve_model_with_status(args.model, console)
+    tokenizer = hf.load_tokenizer(model_dir)
+    if args.chat:
+        prompts = [hf.chat_token_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    else:
+        prompts = [tokenizer(t)["input_ids"] for t in texts]
+    stop_ids = sorted(stop_token_ids(tokenizer, model_dir))
+    stream = None if args.json or len(prompts) > 1 else TextStream(tokenizer)
+    outcome = generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, console)
+    if stream:
+        stream.finish()
+    report(args, tokenizer, prompts, outcome)
+    return 0
+
+
+def stop_token_ids(tokenizer, model_dir) -> set[int]:
+    """End-of-sequence ids: the tokenizer's, plus generation_config.json's (as generate does)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_config = model_dir / "generation_config.json"
+    if gen_config.exists():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+class TextStream:
+    """Prints a single answer as it grows, decoding the whole answer so multi-token characters come out right."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, console) -> Outcome:
+    from swarm.model.local import LocalChain, stream_generate
+    from swarm.model.units import ModelLayout
+
+    num_units = ModelLayout.read(model_dir).num_units
+    dtype = args.dtype or default_dtype(args.device)
+    with console.status("loading the model..."):
+        chain = LocalChain.load(model_dir, [(0, num_units)], max_slots=len(prompts),
+                                max_len=max(map(len, prompts)) + args.max_new_tokens, dtype=dtype, device=args.device)
+    out: list[list[int]] = [[] for _ in prompts]
+    began = time.perf_counter()
+    first = None
+    for step in stream_generate(chain, prompts, args.max_new_tokens, sampling, stop_ids):
+        first = first or time.perf_counter() - began
+        for row, token in step:
+            out[row].append(token)
+            if stream:
+                stream.push(token)
+    total = time.perf_counter() - began
+    plan = [{"device": "this process", "start": 0, "end": num_units}]
+    return Outcome(out, first or 0.0, total, plan)
+
+
+def report(args, tokenizer, prompts, outcome: Outcome) -> None:
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outcome.token_ids]
+    decode_tokens = sum(max(len(ids) - 1, 0) for ids in outcome.token_ids)
+    decode_steps = max((len(ids) for ids in outcome.token_ids), default=1) - 1
+    timings = {
+        "time_to_first_token_s": round(outcome.first_token_s, 4),
+        "total_s": round(outcome.total_s, 4),
+        # per decode step after the first token (what a person waits per token)
+        "ms_per_token": round(1000 * (outcome.total_s - outcome.first_token_s) / max(decode_steps, 1), 2),
+        "tokens_per_s": round(decode_tokens / max(outcome.total_s - outcome.first_token_s, 1e-9), 2),
+    }
+    if args.json:
+        results = [{"token_ids": ids, "text": text, "prompt_tokens": len(p)}
+                   for ids, text, p in zip(outcome.token_ids, texts, prompts)]
+        body = {**results[0], "results": results, "mode": outcome.mode, "plan": outcome.plan, "timings": timings}
+        print(json.dumps(body))
+        return
+    if len(prompts) > 1:
+        for i, text in enumerate(texts):
+            print(f"--- {i}: {args.prompt[i]!r}\n{text}")
