@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    # Import the model code now, while the other peers start too, so the first LOAD is quick.
+    import swarm.model.shard  # noqa: F401
+
     config = ServerConfig(bind_host=args.host, port=args.port, threads=args.threads, info=json.loads(args.info))
     asyncio.run(serve(config, args.exit_on_eof))
     return 0
