@@ -10,11 +10,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import json
 import logging
-import os
+import math
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -42,13 +48,14 @@ class ChainEngine:
         self.prefilled_tokens = 0
         self.generated_tokens = 0
         self.fed: list[int] = []  # every token in the current sequence's cache, in order
+        self._unfed: list[int] = []  # the last token of the previous turn, fed first in the next
         self.timers = [StageTimer() for _ in chain.shards]
         self.started = time.perf_counter()
         self._recent: list[float] = []  # completion times of recent tokens, for tokens/s
 
     async def reset(self) -> None:
         await asyncio.to_thread(self.chain.open_slot, self.slot, self.sampling)
-        self.fed = []
+        self.fed, self._unfed = [], []
 
     def _step(self, ids: list[int]) -> int:
         import torch  # the engine is only built where torch is already loaded
@@ -67,17 +74,18 @@ class ChainEngine:
                        stop: asyncio.Event) -> AsyncIterator[int]:
         """See swarm.view.conversation.TokenEngine: the prompt step always runs, so the
         cache holds ``new_ids`` even if ``stop`` was already set."""
-        ids = list(new_ids)
+        ids, self._unfed = self._unfed + list(new_ids), []
         for i in range(max_new_tokens):
             token = await asyncio.to_thread(self._step, ids)
             if i == 0:
                 self.prefilled_tokens += len(ids)
             self.generated_tokens += 1
             self._recent = self._recent[-31:] + [time.perf_counter()]
+            self._unfed = [token]
             yield token
             if token in stop_ids or stop.is_set():
                 return
-            ids = [token]
+            ids, self._unfed = [token], []
 
     def tokens_per_s(self) -> float | None:
         recent = self._recent
@@ -107,3 +115,166 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------- N peers on loopback
+
+PEER_START_TIMEOUT_S = 600.0  # a first start profiles the device for the model
+PEER_STOP_TIMEOUT_S = 10.0  # SIGTERM (mDNS goodbye), then SIGKILL
+LOG_TAIL_LINES = 15
+
+
+class LocalSwarmError(RuntimeError):
+    """A local peer did not start; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Usable memory for the source (this process) and for each local peer, in bytes."""
+
+    source: int
+    peer: int
+
+
+def local_budgets(unit_mem: Sequence[int], peers: int) -> Budgets:
+    """Budgets that make the planner split the model across ``peers`` local peers.
+
+    The source gets room for the embedding only (raw tokens never leave it); each
+    peer gets an even share of the rest plus one block of slack, so that with two or
+    more peers none can hold everything and the plan must cut the model.
+    ``unit_mem``: bytes each unit needs (weights + KV cache), in unit order.
+    """
+    if peers < 1:
+        raise ValueError("a local swarm needs at least one peer")
+    rest = list(unit_mem[1:])
+    slack = max(rest[:-1] or rest)  # one decoder block
+    source = math.ceil(unit_mem[0] * 1.01) + 1
+    peer = max(max(rest), math.ceil(sum(rest) / peers)) + slack
+    return Budgets(source, peer)
+
+
+def unit_memory(model_dir: Path, slots: int, max_len: int, dtype: str = "float32") -> list[int]:
+    """Bytes per unit as the planner counts them: weights + a KV cache of slots x max_len."""
+    from swarm.model.units import ModelLayout
+
+    layout = ModelLayout.read(model_dir)
+    kv_tokens = slots * max_len
+    return [w + kv * kv_tokens for w, kv in zip(layout.unit_weight_bytes(dtype), layout.kv_bytes_per_token(dtype))]
+
+
+@dataclass(frozen=True)
+class LocalSwarmConfig:
+    peers: int
+    mem_bytes: int  # usable memory each peer announces
+    model: Path | None = None
+    threads: int = 1
+    interface: str = "127.0.0.1"
+    log_dir: Path | None = None  # each peer's stderr goes to peer-<i>.log here; None: discarded
+    extra_args: tuple[str, ...] = ()  # more `swarm join` options (tests shorten heartbeats)
+    start_timeout_s: float = PEER_START_TIMEOUT_S
+    stop_timeout_s: float = PEER_STOP_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class LocalPeer:
+    name: str
+    pid: int
+    peer_id: str
+    address: str
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: close() still stops them on every orderly exit
+
+
+class LocalSwarm:
+    """``async with LocalSwarm(config) as swarm``: N `swarm join` processes on loopback.
+
+    Each peer runs in its own session, so Ctrl-C in the terminal reaches only the
+    chat; the peers stop when the block exits (or when this process dies).
+    """
+
+    def __init__(self, config: LocalSwarmConfig, on_ready: Callable[[int, int, str], None] | None = None) -> None:
+        self.config = config
+        self.peers: list[LocalPeer] = []
+        self._procs: list[asyncio.subprocess.Process] = []
+        self._on_ready = on_ready or (lambda done, total, name: None)
+
+    def command(self, index: int) -> list[str]:
+        c = self.config
+        cmd = [sys.executable, "-m", "swarm", "join", "--interface", c.interface, "--name", f"local-{index + 1}",
+               "--mem", str(c.mem_bytes), "--threads", str(c.threads)]
+        if c.model is not None:
+            cmd += ["--model", str(c.model)]
+        return cmd + list(c.extra_args)
+
+    def log_path(self, index: int) -> Path | None:
+        return None if self.config.log_dir is None else self.config.log_dir / f"peer-{index + 1}.log"
+
+    async def __aenter__(self) -> "LocalSwarm":
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        if self.config.log_dir is not None:
+            self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.config.peers):
+            path = self.log_path(i)
+            with open(path, "wb") if path else contextlib.nullcontext(asyncio.subprocess.DEVNULL) as err:
+                self._procs.append(await asyncio.create_subprocess_exec(
+                    *self.command(i), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+                    start_new_session=True, preexec_fn=_die_with_parent))
+        async with asyncio.timeout(self.config.start_timeout_s):
+            async with asyncio.TaskGroup() as tasks:
+                waits = [tasks.create_task(self._joined(i, proc)) for i, proc in enumerate(self._procs)]
+        self.peers = [w.result() for w in waits]
+
+    async def _joined(self, index: int, proc: asyncio.subprocess.Process) -> LocalPeer:
+        """The peer's `joined` line, printed once it serves and announces."""
+        while line := await proc.stdout.readline():
+            try:
+                said = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(said, dict) and "joined" in said:
+                peer = LocalPeer(said.get("name", f"local-{index + 1}"), proc.pid, said["joined"], said["address"])
+                self.peers.append(peer)
+                self._on_ready(len(self.peers), self.config.peers, peer.name)
+                return peer
+        await proc.wait()
+        raise LocalSwarmError(f"local peer {index + 1} exited with status {proc.returncode} before joining"
+                              + self._log_tail(index))
+
+    def _log_tail(self, index: int) -> str:
+        path = self.log_path(index)
+        if path is None or not path.exists():
+            return ""
+        lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        return f"; end of {path}:\n" + "\n".join(lines)
+
+    async def close(self) -> None:
+        """Stop every peer (SIGTERM, then SIGKILL after stop_timeout_s); safe to call twice."""
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), self.config.stop_timeout_s)
+            except TimeoutError:
+                log.warning("local peer %d did not stop in %.0f s; killing it", proc.pid, self.config.stop_timeout_s)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()

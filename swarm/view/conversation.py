@@ -29,8 +29,8 @@ class TokenEngine(Protocol):
 
     Contract of ``generate``: ``new_ids`` are appended to the sequence, then sampled
     tokens are yielded one by one until a stop id, ``max_new_tokens`` or ``stop`` is
-    set. When it returns, every yielded token except the last one is in the KV
-    cache; the last one is not (it was sampled but never fed back).
+    set. Every yielded token belongs to the sequence afterwards: the engine feeds the
+    last one at the start of the next call (so a turn costs only its new tokens).
     """
 
     prefilled_tokens: int  # tokens fed as prompts (the first step of each generate call)
@@ -63,7 +63,7 @@ def stop_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 class Conversation:
-    """Messages, the text the engine holds, and the token sampled but not yet fed."""
+    """Messages, and the text of every token the engine's sequence holds."""
 
     def __init__(self, engine: TokenEngine, tokenizer: Any, *, system: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
@@ -71,8 +71,7 @@ class Conversation:
         self.system, self.max_new_tokens = system, max_new_tokens
         self.stop_ids = stop_token_ids(tokenizer)
         self.messages: list[dict[str, str]] = []
-        self._held_text = ""  # the text of every token in the cache, plus the pending one
-        self._pending: list[int] = []  # the last sampled token, not yet fed
+        self._held_text = ""  # the text of every token in the engine's sequence
         self.last_turn: Turn | None = None
         self._fresh = True  # the engine holds nothing yet
 
@@ -84,7 +83,7 @@ class Conversation:
         """Forget the conversation and start a new sequence in the engine."""
         await self.engine.reset()
         self.messages.clear()
-        self._held_text, self._pending, self._fresh = "", [], True
+        self._held_text, self._fresh = "", True
 
     async def ask(self, text: str, stop: asyncio.Event | None = None) -> AsyncIterator[str]:
         """Answer one user message, yielding the answer's text as it is generated.
@@ -99,8 +98,8 @@ class Conversation:
             if not self._fresh:
                 log.info("chat template does not extend the cached text; recomputing the conversation")
             await self.engine.reset()
-            self._held_text, self._pending = "", []
-        new_ids = self._pending + self.tokenizer.encode(target[len(self._held_text):], add_special_tokens=False)
+            self._held_text = ""
+        new_ids = self.tokenizer.encode(target[len(self._held_text):], add_special_tokens=False)
         self._fresh = False
         self.messages.append({"role": "user", "content": text})
         before = self.engine.prefilled_tokens
@@ -108,10 +107,8 @@ class Conversation:
         answer_ids: list[int] = []
         shown = ""
         self._held_text = target
-        self._pending = []
         async for token in self.engine.generate(new_ids, self.max_new_tokens, self.stop_ids, stop):
             answer_ids.append(token)
-            self._pending = [token]
             if token in self.stop_ids:
                 break
             # Decode the whole answer each time: a character can span several tokens.
