@@ -73,7 +73,7 @@ def _print_table(problem: Problem, p: Plan) -> None:
     console.print(table)
     console.print(f"latency R = {p.latency_s * 1e3:.2f} ms/token, bottleneck P = {p.bottleneck_s * 1e3:.2f} ms, "
                   f"cycle max(R/{p.inflight}, P) = {p.cycle_s * 1e3:.2f} ms "
-                  f"-> {p.inflight / max(p.inflight * p.cycle_s, 1e-300):.2f} micro-batch tokens/s")
+                  f"-> {1 / max(p.cycle_s, 1e-300):.2f} micro-batch steps/s (x b sequences each)")
     if p.gap > 0:
         console.print(f"bounded: within {p.gap:.2%} of the proven optimum bound")
     for note in p.notes:
