@@ -1,0 +1,44 @@
+"""`swarm bench`: the pipeline against the single-process shard path, measured side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="benchmark the pipeline against the single-process path",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (medians are reported)")
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from swarm.model.store import resolve_model
+    from swarm.runtime.bench import BenchConfig, run_bench
+
+    model_dir = resolve_model(args.model, on_stage=lambda stage: print(stage, file=sys.stderr))
+    result = run_bench(BenchConfig(Path(model_dir), args.prompt_tokens, args.new_tokens, args.repeats,
+                                   micro_batches=tuple(args.micro_batches)))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    r = result
+    print(f"single process      {r.single_process_ms_per_token:8.2f} ms/token")
+    print(f"3 peers, sequential {r.sequential_ms_per_token:8.2f} ms/token  ({r.sequential_over_single:.3f}x, target <= 1.10x)")
+    print(f"overhead per hop    {r.hop_overhead_ms:8.3f} ms  ({r.hops} hops; probe: {r.probe_hop_ms:.3f} ms; target <= 0.5 ms)")
+    print(f"2 stages, cut at unit {r.two_stage_cut}: stage steps {', '.join(f'{t:.2f}' for t in r.stage_step_ms)} ms, "
+          f"hop {r.hop_ms:.2f} ms, m=1 {r.two_stage_m1_ms_per_token:.2f} ms/token")
+    for p in r.pipeline:
+        print(f"  m={p.m}: No-Bubbles {p.no_bubbles_tok_s:6.1f} tok/s, Bubbles {p.bubbles_tok_s:6.1f} tok/s "
+              f"({p.no_bubbles_over_bubbles:.2f}x, target >= 1.3x), simulated {p.simulated_tok_s:6.1f} tok/s "
+              f"({p.no_bubbles_over_simulated:.0%}, target >= 85%)")
+    return 0

@@ -1,0 +1,183 @@
+"""The pipeline benchmark behind `swarm bench` and benchmarks/bench_pipeline.py.
+
+Measured side by side in one run, one torch thread per process (the paper's
+setting: prompt 32 tokens, 96 generated, float32):
+
+- single-process shard path vs sequential inference over 3 local peers (ms/token),
+  and the transport overhead per hop derived from the two;
+- a 2-stage pipeline with m micro-batches: No-Bubbles vs Bubbles (tok/s), and the
+  planner's simulator fed with the stage and hop times measured at m = 1.
+
+Runs alternate (single, pipeline, single, pipeline, ...) and report medians, so
+background load on a shared machine hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from swarm.model.local import LocalChain, even_cuts, generate
+from swarm.model.units import ModelLayout
+from swarm.planner.simulate import simulate_pipeline
+from swarm.runtime.client import PeerClient
+from swarm.runtime.deploy import Stage
+from swarm.runtime.engine import Pipeline, PipelineConfig
+from swarm.runtime.peer import local_peers
+from swarm.runtime.schedule import Layout, Mode
+
+log = logging.getLogger(__name__)
+
+PROBE_ROUNDS = 200
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_dir: Path
+    prompt_tokens: int = 32
+    new_tokens: int = 96
+    repeats: int = 3
+    sequential_peers: int = 3
+    micro_batches: tuple[int, ...] = (2, 4)
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class PipelineFigures:
+    m: int
+    no_bubbles_tok_s: float
+    bubbles_tok_s: float
+    simulated_tok_s: float  # No-Bubbles, predicted from the stage/hop times measured at m = 1
+    simulated_bubbles_tok_s: float
+    no_bubbles_over_bubbles: float
+    no_bubbles_over_simulated: float
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    single_process_ms_per_token: float
+    sequential_ms_per_token: float
+    sequential_over_single: float
+    hops: int
+    hop_overhead_ms: float  # (sequential - single) / hops: everything a hop adds per token
+    probe_hop_ms: float  # half a PROBE round trip carrying one token's hidden state
+    pipeline: list[PipelineFigures]
+    two_stage_cut: int
+    two_stage_m1_ms_per_token: float
+    stage_step_ms: list[float]
+    hop_ms: float
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def bench_prompts(count: int, length: int, vocab: int) -> list[list[int]]:
+    """Deterministic prompts of ``length`` tokens (distinct per sequence)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(100, min(vocab, 20000), (length,), generator=g).tolist() for _ in range(count)]
+
+
+def balanced_cut(layout: ModelLayout) -> int:
+    """The unit splitting a 2-stage chain into halves of equal parameters (embedding lookups are free)."""
+    work = layout.unit_param_counts()
+    work[0] = 0
+    total, best, run = sum(work), 1, 0
+    for cut in range(1, layout.num_units):
+        run += work[cut - 1]
+        if abs(2 * run - total) < abs(2 * sum(work[:best]) - total):
+            best = cut
+    return best
+
+
+def _time_local(chain: LocalChain, prompt: list[int], new: int) -> float:
+    began = time.perf_counter()
+    generate(chain, [prompt], new)
+    return (time.perf_counter() - began) / new
+
+
+async def _time_pipeline(pipe: Pipeline, prompts: list[list[int]], new: int) -> float:
+    """Seconds per generated token of the whole batch (all prompts admitted at once)."""
+    began = time.perf_counter()
+    outs = await pipe.generate_all(prompts, new)
+    return (time.perf_counter() - began) / sum(len(o) for o in outs)
+
+
+async def _probe_hop_s(address: str, payload: int) -> float:
+    async with PeerClient(address) as peer:
+        rtts = [await peer.probe(send_bytes=payload, reply_bytes=payload) for _ in range(PROBE_ROUNDS)]
+    return statistics.median(rtts) / 2
+
+
+async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
+    layout = ModelLayout.read(config.model_dir)
+    n, new, max_len = layout.num_units, config.new_tokens, config.prompt_tokens + config.new_tokens
+    prompt = bench_prompts(1, config.prompt_tokens, layout.vocab_size)[0]
+
+    # --- sequential: single process vs source (embedding) + 3 peers
+    chain = LocalChain.load(config.model_dir, [(0, n)], max_slots=1, max_len=max_len, dtype=config.dtype)
+    cuts = [(0, 1)] + [(1 + a, 1 + b) for a, b in even_cuts(n - 1, config.sequential_peers)]
+    plan = tuple(Stage(addr, a, b) for addr, (a, b) in zip([None, *peers], cuts))
+    single, seq = [], []
+    async with Pipeline(PipelineConfig(config.model_dir, plan, max_len=max_len, dtype=config.dtype)) as pipe:
+        await _time_pipeline(pipe, [prompt], 4)  # warm-up both paths
+        _time_local(chain, prompt, 4)
+        for _ in range(config.repeats):
+            single.append(_time_local(chain, prompt, new))
+            seq.append(await _time_pipeline(pipe, [prompt], new))
+            log.info("single %.2f ms/token, sequential %.2f ms/token", single[-1] * 1e3, seq[-1] * 1e3)
+    del chain
+    single_s, seq_s = statistics.median(single), statistics.median(seq)
+    hops = len(plan)
+    probe_s = await _probe_hop_s(peers[0], layout.hidden_size * 4)
+
+    # --- 2-stage pipeline: source [0, cut) + one peer [cut, n)
+    cut = balanced_cut(layout)
+    two = (Stage(None, 0, cut), Stage(peers[0], cut, n))
+
+    def two_stage(m: int, mode: Mode) -> PipelineConfig:
+        return PipelineConfig(config.model_dir, two, layout=Layout(m, 1), mode=mode, max_len=max_len, dtype=config.dtype)
+
+    async with Pipeline(two_stage(1, Mode.NO_BUBBLES)) as pipe:
+        await _time_pipeline(pipe, [prompt], 4)
+        await pipe.stage_stats()
+        m1_s = await _time_pipeline(pipe, [prompt], new)
+        stats = await pipe.stage_stats()
+    stage_s = [s.busy_share / s.steps_per_s for s in stats]
+    hop_s = max(0.0, m1_s - sum(stage_s)) / len(stage_s)  # the rest of a round trip, shared by its 2 hops
+
+    figures = []
+    for m in config.micro_batches:
+        prompts = bench_prompts(m, config.prompt_tokens, layout.vocab_size)
+        rates = {}
+        for mode in (Mode.NO_BUBBLES, Mode.BUBBLES):
+            async with Pipeline(two_stage(m, mode)) as pipe:
+                await _time_pipeline(pipe, prompts, 4)
+                runs = [await _time_pipeline(pipe, prompts, new) for _ in range(config.repeats)]
+            rates[mode] = 1 / statistics.median(runs)
+            log.info("m=%d %s: %.1f tok/s", m, mode.value, rates[mode])
+        sim = simulate_pipeline(stage_s, [hop_s] * len(stage_s), m=m, b=1).tokens_per_s
+        sim_bubbles = simulate_pipeline(stage_s, [hop_s] * len(stage_s), m=m, b=1, barrier=True).tokens_per_s
+        nb, bb = rates[Mode.NO_BUBBLES], rates[Mode.BUBBLES]
+        figures.append(PipelineFigures(m, nb, bb, sim, sim_bubbles, nb / bb, nb / sim))
+
+    return BenchResult(
+        single_process_ms_per_token=single_s * 1e3, sequential_ms_per_token=seq_s * 1e3,
+        sequential_over_single=seq_s / single_s, hops=hops, hop_overhead_ms=(seq_s - single_s) / hops * 1e3,
+        probe_hop_ms=probe_s * 1e3, pipeline=figures, two_stage_cut=cut, two_stage_m1_ms_per_token=m1_s * 1e3,
+        stage_step_ms=[s * 1e3 for s in stage_s], hop_ms=hop_s * 1e3,
+        config={**asdict(config), "model_dir": str(config.model_dir), "threads_per_process": 1},
+    )
+
+
+def run_bench(config: BenchConfig) -> BenchResult:
+    """Start the local peers (one torch thread each), run every measurement, stop the peers."""
+    torch.set_num_threads(1)
+    with local_peers(config.sequential_peers, threads=1) as peers:
+        return asyncio.run(_bench(config, peers))
