@@ -161,7 +161,7 @@ async def _answer(text: str, conversation: Conversation, state: ChatState, conso
         console.print(Text(
             f"[{turn.generated} tokens, first after {1e3 * (first_token_s or 0):.0f} ms, "
             f"{per_token:.1f} ms/token, prefilled {turn.prefilled}"
-            f"{'' if turn.reused_cache or turn.prefilled == 0 else ' (whole conversation)'}]{status}",
+            f"{' (recomputed the conversation)' if turn.recomputed else ''}]{status}",
             style="dim"))
 
 
@@ -216,6 +216,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    # Extra `swarm join` options for --local peers (tests shorten heartbeats with it).
+    parser.add_argument("--local-peer-arg", dest="local_peer_args", action="append", help=argparse.SUPPRESS)
 
 
 def history_path() -> Path:
@@ -246,7 +248,91 @@ async def open_backend(args: argparse.Namespace, console: Console):
     if args.no_swarm:
         yield await _single_process(args, model_dir, console)
         return
-    raise BackendError("the swarm runtime is not available yet; use --no-swarm")
+    async with contextlib.AsyncExitStack() as stack:
+        yield await _swarm(args, model_dir, console, stack)
+
+
+def _progress(console: Console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[what]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
+                 stack: contextlib.AsyncExitStack) -> Backend:
+    """Start local peers if asked, profile this device, discover, plan and deploy."""
+    import socket
+
+    from swarm.localswarm import LocalSwarm, LocalSwarmConfig, LocalSwarmError, local_budgets, unit_memory
+    from swarm.model import hf
+    from swarm.model.profile import profile_device
+    from swarm.model.sampling import SamplingParams
+    from swarm.model.store import cache_root
+    from swarm.planner.problem import InfeasibleError
+    from swarm.source import SourceConfig, SwarmSource
+
+    source_mem = None
+    if args.local:
+        budgets = local_budgets(unit_memory(model_dir, 1, args.max_len), args.local)
+        source_mem = budgets.source
+        log_dir = cache_root() / "local-peers"
+        with _progress(console) as progress:
+            task = progress.add_task(f"starting {args.local} local peers", total=args.local, what="")
+            try:
+                await stack.enter_async_context(LocalSwarm(
+                    LocalSwarmConfig(args.local, budgets.peer, model_dir, args.threads, log_dir=log_dir,
+                                     extra_args=tuple(args.local_peer_args or ())),
+                    on_ready=lambda done, total, name: progress.update(task, completed=done, what=name)))
+            except LocalSwarmError as exc:
+                raise BackendError(str(exc)) from None
+    with _progress(console) as progress:
+        task = progress.add_task("profiling this device", total=None, what="")
+        profile = (await asyncio.to_thread(
+            profile_device, model_dir, threads=args.threads,
+            on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
+    config = SourceConfig(
+        interfaces=["127.0.0.1"] if args.local else _interfaces(args), model=model_dir, seeds=tuple(args.peer),
+        name=socket.gethostname(), threads=args.threads, mem_bytes=source_mem, profile=profile,
+        max_len=args.max_len, min_peers=args.local or 0)
+    source = await stack.enter_async_context(SwarmSource(config))
+    with console.status("looking for peers, measuring links, planning and loading shards"):
+        try:
+            await source.deploy()
+        except InfeasibleError as exc:
+            raise BackendError(_not_enough_memory(exc, source)) from None
+    tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    engine = SwarmEngine(source, sampling)
+    stack.push_async_callback(engine.aclose)
+    view = SourceView(source, engine, model_dir.name)
+    tasks = await stack.enter_async_context(asyncio.TaskGroup())
+    poller = tasks.create_task(view.poll_forever())
+    stack.callback(poller.cancel)  # runs before the TaskGroup waits for it
+    return Backend(engine, tokenizer, model_dir.name, view.snapshot)
+
+
+def _interfaces(args: argparse.Namespace):
+    from swarm.discovery.mdns import HOME_INTERFACES
+
+    return list(args.interface) if args.interface else HOME_INTERFACES
+
+
+def _not_enough_memory(exc, source) -> str:
+    from swarm.view.render import format_bytes
+
+    live = len(source.directory.live) if source.directory is not None else 0
+    if exc.needed_bytes > exc.available_bytes:
+        missing = exc.needed_bytes - exc.available_bytes
+        text = (f"not enough memory in the swarm: the model needs {format_bytes(exc.needed_bytes)}, "
+                f"this device and {live} peer(s) offer {format_bytes(exc.available_bytes)}: "
+                f"{format_bytes(missing)} missing. Start more peers (`swarm join` on another device), "
+                f"give them more memory (--mem), or shorten the context (--max-len).")
+    else:
+        text = f"no plan fits the swarm: {exc}"
+    if live == 0:
+        text += "\n" + source.directory.diagnostic() + "\nOr try `swarm chat --local 2` to start peers on this machine."
+    return text
 
 
 async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console) -> Backend:
@@ -269,3 +355,150 @@ async def _single_process(args: argparse.Namespace, model_dir: Path, console: Co
     engine = ChainEngine(LocalChain([shard]), sampling)
     name = model_dir.name
     return Backend(engine, tokenizer, name, lambda: engine.snapshot(name))
+
+
+class TokenRate:
+    """Tokens per second over the last few tokens; None when idle."""
+
+    WINDOW = 32
+    IDLE_S = 2.0
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+
+    def tick(self) -> None:
+        self._times = self._times[-(self.WINDOW - 1):] + [time.perf_counter()]
+
+    def value(self) -> float | None:
+        t = self._times
+        if len(t) < 2 or time.perf_counter() - t[-1] > self.IDLE_S:
+            return None
+        return (len(t) - 1) / (t[-1] - t[0])
+
+
+LOSS_CHECK_S = 0.2  # how often an answer checks that every planned peer is still live
+
+
+class SwarmEngine:
+    """One pipeline session of the swarm behind the chat's TokenEngine interface.
+
+    Before each turn the source re-plans if peers joined or left (the session's
+    history is re-prefilled on the new stages). A planned peer that stops answering
+    heartbeats mid-answer ends the answer with an error a person can act on.
+    """
+
+    def __init__(self, source, sampling) -> None:
+        self.source, self.sampling = source, sampling
+        self.session = None
+        self.pipeline = None
+        self.prefilled_tokens = 0  # tokens fed at the start of each turn (the runtime counts all in session)
+        self.rate = TokenRate()
+
+    async def reset(self) -> None:
+        await self.aclose()
+        self.pipeline = await self.source.pipeline()
+        self.session = await self.pipeline.open_session(self.sampling)
+
+    async def aclose(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.aclose()
+
+    def lost_peers(self) -> list[str]:
+        """Names of peers in the deployed plan that are no longer live."""
+        current = self.source.current
+        if current is None or self.source.directory is None:
+            return []
+        live = self.source.directory.live
+        names = dict(zip(current.problem["peer_ids"], (d["name"] for d in current.problem["devices"])))
+        return sorted(names[pid] for pid in current.peer_ids if pid not in live)
+
+    async def generate(self, new_ids: list[int], max_new_tokens: int, stop_ids: frozenset[int],
+                       stop: asyncio.Event):
+        if self.session is None:
+            await self.reset()
+        pipeline = await self.source.pipeline()  # re-plans (and redeploys) if the peer set changed
+        if pipeline is not self.pipeline:
+            await self.reset()
+        session = self.session
+        self.prefilled_tokens += len(session.unfed) + len(new_ids)
+        last = None
+        try:
+            async with contextlib.aclosing(session.generate(new_ids, max_new_tokens, stop_ids)) as tokens:
+                while True:
+                    token = await self._next_or_loss(tokens)
+                    if token is None:
+                        break
+                    last = token
+                    self.rate.tick()
+                    yield token
+                    if stop.is_set():
+                        session.cancel()  # the step in flight lands and is dropped
+                        async for _ in tokens:
+                            pass
+                        break
+        except ValueError as exc:  # the conversation no longer fits the KV cache
+            raise BackendError(f"{exc}; /reset starts a new conversation") from None
+        finally:
+            if last is not None and (session.history + session.unfed)[-1:] != [last]:
+                session.unfed = [last]  # keep the engine contract: every yielded token is in the sequence
+
+    async def _next_or_loss(self, tokens):
+        """The next token, or None at the end; raises BackendError if a planned peer is lost."""
+        from swarm.runtime.client import PeerError
+
+        step = asyncio.ensure_future(anext(tokens, None))
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=LOSS_CHECK_S)
+                if done:
+                    return step.result()
+                if lost := self.lost_peers():
+                    raise BackendError(
+                        f"peer {', '.join(lost)} was lost mid-answer (it stopped answering heartbeats). "
+                        "Ask again: the swarm re-plans without it.")
+        except PeerError as exc:
+            raise BackendError(f"a peer failed mid-answer: {exc}. Ask again: the swarm re-plans.") from None
+        finally:
+            if not step.done():
+                step.cancel()
+
+
+STATS_POLL_S = 0.5
+
+
+class SourceView:
+    """Copies the source's state into snapshots; polls stage statistics (which need requests)."""
+
+    def __init__(self, source, engine: SwarmEngine, model: str) -> None:
+        self.source, self.engine, self.model = source, engine, model
+        self._stats: list = []
+        self._notes: tuple[str, ...] = ()
+
+    async def poll_forever(self, interval_s: float = STATS_POLL_S) -> None:
+        from swarm.runtime.client import PeerError
+
+        while True:
+            pipeline = self.engine.pipeline
+            if pipeline is not None and pipeline.deployment is not None:
+                try:
+                    self._stats, self._notes = await pipeline.stage_stats(), ()
+                except PeerError as exc:
+                    self._notes = (f"stage statistics unavailable: {exc}",)
+            await asyncio.sleep(interval_s)
+
+    def snapshot(self) -> SwarmSnapshot:
+        from swarm.view.from_source import SourceState, snapshot_from_source
+
+        s = self.source
+        current = s.current
+        pipeline = self.engine.pipeline
+        state = SourceState(
+            source_id=s.peer_id, source_name=s.config.name, source_profile=s.profile or {},
+            source_mem=s.config.mem_bytes or (s.profile or {}).get("device", {}).get("mem_bytes", 0),
+            announcements={pid: rec.announcement for pid, rec in (s.directory.live if s.directory else {}).items()},
+            source_links=dict(s.prober.links) if s.prober else {},
+            problem=current.problem if current else None, plan=current.plan if current else None,
+            stats=tuple(self._stats), micro_batches=pipeline.micro_batches_in_flight if pipeline else None,
+            tokens_per_s=self.engine.rate.value(), model=self.model, notes=self._notes)
+        return snapshot_from_source(state)

@@ -49,6 +49,7 @@ class Turn:
     generated: int
     stopped: bool  # the person interrupted it
     reused_cache: bool  # earlier turns were not recomputed
+    recomputed: bool = False  # earlier turns had to be computed again (e.g. after a peer was lost)
 
 
 def stop_token_ids(tokenizer: Any) -> frozenset[int]:
@@ -94,6 +95,7 @@ class Conversation:
         stop = stop or asyncio.Event()
         target = self._render(self.messages + [{"role": "user", "content": text}])
         reused = not self._fresh and target.startswith(self._held_text)
+        recomputed = not reused and bool(self.messages)
         if not reused:
             if not self._fresh:
                 log.info("chat template does not extend the cached text; recomputing the conversation")
@@ -107,15 +109,22 @@ class Conversation:
         answer_ids: list[int] = []
         shown = ""
         self._held_text = target
-        async for token in self.engine.generate(new_ids, self.max_new_tokens, self.stop_ids, stop):
-            answer_ids.append(token)
-            if token in self.stop_ids:
-                break
-            # Decode the whole answer each time: a character can span several tokens.
-            decoded = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
-            if not decoded.endswith("\ufffd") and len(decoded) > len(shown):
-                yield decoded[len(shown):]
-                shown = decoded
+        try:
+            async for token in self.engine.generate(new_ids, self.max_new_tokens, self.stop_ids, stop):
+                answer_ids.append(token)
+                if token in self.stop_ids:
+                    break
+                # Decode the whole answer each time: a character can span several tokens.
+                decoded = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
+                if not decoded.endswith("\ufffd") and len(decoded) > len(shown):
+                    yield decoded[len(shown):]
+                    shown = decoded
+        except BaseException:
+            # The engine's state is unknown (a peer lost, the program leaving): forget
+            # this question and recompute the conversation on the next one.
+            self.messages.pop()
+            self._fresh = True
+            raise
         answer = self.tokenizer.decode([t for t in answer_ids if t not in self.stop_ids], skip_special_tokens=True)
         if len(answer) > len(shown):
             yield answer[len(shown):]
@@ -126,4 +135,5 @@ class Conversation:
             generated=len(answer_ids),
             stopped=stop.is_set(),
             reused_cache=reused,
+            recomputed=recomputed,
         )
