@@ -38,14 +38,21 @@ def rate(p: Plan, b: int, m: int, barrier: bool = False) -> float:
 
 def plan_batched(build: Callable[[int, int], Problem], batches: Iterable[int] = BATCHES,
                  inflights: Iterable[int] = INFLIGHTS, strategy: str | None = None, objective: str = "cycle",
-                 barrier: bool = False, slo_s: float | None = None) -> BatchedPlan:
-    """Best (b, m, plan) by decode throughput; raises InfeasibleError if no (b, m) fits."""
+                 barrier: bool = False, slo_s: float | None = None, max_sequences: int | None = None,
+                 **options) -> BatchedPlan:
+    """Best (b, m, plan) by decode throughput; raises InfeasibleError if no (b, m) fits.
+
+    max_sequences caps b * m (the paper's "batch size" is the sequences in flight in total);
+    options go to the strategy (e.g. cloud=, devices=).
+    """
     best: BatchedPlan | None = None
     last_error: InfeasibleError | None = None
     for b in batches:
         for m in inflights:
+            if max_sequences is not None and b * m > max_sequences:
+                break
             try:
-                p = plan(build(b, m), objective, inflight=m, strategy=strategy)
+                p = plan(build(b, m), objective, inflight=m, strategy=strategy, **options)
             except InfeasibleError as e:  # more in flight only needs more memory: stop growing m
                 last_error = e
                 break

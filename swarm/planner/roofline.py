@@ -29,7 +29,7 @@ from swarm.planner.problem import Problem
 
 MEM_EFFICIENCY = 0.94  # paper: 140.34 ms measured vs 131.6 ms bound, Llama2-7B on AGX Orin
 FLOP_EFFICIENCY = 0.6  # fp32 GEMMs on Ampere reach about 60% of peak
-USABLE_MEMORY = 0.9  # share of nominal memory left to the model (OS, runtime, CUDA context)
+USABLE_MEMORY = 0.95  # share of nominal memory (GiB, as vendors quote it) left to the model
 TOKEN_ID_BYTES = 4
 TESTBED = Path(__file__).resolve().parents[2] / "peers" / "testbed.json"
 
@@ -80,7 +80,7 @@ class Testbed:
 
 def load_testbed(path: Path = TESTBED) -> Testbed:
     raw = json.loads(Path(path).read_text())
-    devices = {k: DeviceSpec(k, v["memory_GB"] * 1e9 * USABLE_MEMORY, v["tflops_fp32"] * 1e12,
+    devices = {k: DeviceSpec(k, v["memory_GB"] * 2 ** 30 * USABLE_MEMORY, v["tflops_fp32"] * 1e12,
                              v["mem_bandwidth_GBps"] * 1e9) for k, v in raw["devices"].items()}
     models = {k: ModelSpec(k, **v) for k, v in raw["models"].items()}
     return Testbed(devices, models, raw)

@@ -99,7 +99,12 @@ def _paper(problem: Problem, name: str, inflight: int, meta: dict) -> Plan:
 
     result = paper.algorithm1(problem) if name == "paper-latency" else paper.algorithm2(problem)
     if result is None:
-        raise problem.infeasible(f"{name} found no plan")
+        from swarm.planner.api import plan_ours
+
+        plan_ours(problem, "latency")  # raises InfeasibleError when no plan exists at all
+        raise InvalidPlanError(f"{name} (Algorithm {1 if name == 'paper-latency' else 2} as printed) found no plan "
+                               "although one exists: its running per-device memory counter pruned every path",
+                               problem, ())
     if result.problems:
         raise InvalidPlanError(f"{name} returned an invalid plan: " + "; ".join(result.problems), problem,
                                result.stages)
