@@ -228,7 +228,7 @@ def history_path() -> Path:
     return path
 
 
-def _resolve_model(args: argparse.Namespace, console: Console) -> Path:
+def resolve_model_dir(args: argparse.Namespace, console: Console) -> Path:
     from swarm.model.store import ModelNotFoundError, resolve_model
 
     with console.status("finding the model") as status:
@@ -244,7 +244,7 @@ async def open_backend(args: argparse.Namespace, console: Console):
     import torch
 
     torch.set_num_threads(args.threads)
-    model_dir = await asyncio.to_thread(_resolve_model, args, console)
+    model_dir = await asyncio.to_thread(resolve_model_dir, args, console)
     if args.no_swarm:
         yield await _single_process(args, model_dir, console)
         return
@@ -259,30 +259,26 @@ def _progress(console: Console):
                     TextColumn("{task.fields[what]}"), TimeElapsedColumn(), console=console, transient=True)
 
 
-async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
-                 stack: contextlib.AsyncExitStack) -> Backend:
-    """Start local peers if asked, profile this device, discover, plan and deploy."""
+async def start_source(args: argparse.Namespace, model_dir: Path, console: Console,
+                       stack: contextlib.AsyncExitStack):
+    """Start local peers if asked, profile this device (progress bars), open a SwarmSource."""
     import socket
 
     from swarm.localswarm import LocalSwarm, LocalSwarmConfig, LocalSwarmError, local_budgets, unit_memory
-    from swarm.model import hf
     from swarm.model.profile import profile_device
-    from swarm.model.sampling import SamplingParams
     from swarm.model.store import cache_root
-    from swarm.planner.problem import InfeasibleError
     from swarm.source import SourceConfig, SwarmSource
 
     source_mem = None
     if args.local:
         budgets = local_budgets(unit_memory(model_dir, 1, args.max_len), args.local)
         source_mem = budgets.source
-        log_dir = cache_root() / "local-peers"
         with _progress(console) as progress:
             task = progress.add_task(f"starting {args.local} local peers", total=args.local, what="")
             try:
                 await stack.enter_async_context(LocalSwarm(
-                    LocalSwarmConfig(args.local, budgets.peer, model_dir, args.threads, log_dir=log_dir,
-                                     extra_args=tuple(args.local_peer_args or ())),
+                    LocalSwarmConfig(args.local, budgets.peer, model_dir, args.threads,
+                                     log_dir=cache_root() / "local-peers", extra_args=tuple(args.local_peer_args or ())),
                     on_ready=lambda done, total, name: progress.update(task, completed=done, what=name)))
             except LocalSwarmError as exc:
                 raise BackendError(str(exc)) from None
@@ -295,12 +291,22 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
         interfaces=["127.0.0.1"] if args.local else _interfaces(args), model=model_dir, seeds=tuple(args.peer),
         name=socket.gethostname(), threads=args.threads, mem_bytes=source_mem, profile=profile,
         max_len=args.max_len, min_peers=args.local or 0)
-    source = await stack.enter_async_context(SwarmSource(config))
+    return await stack.enter_async_context(SwarmSource(config))
+
+
+async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
+                 stack: contextlib.AsyncExitStack) -> Backend:
+    """Plan and deploy over the swarm; the chat's engine is a pipeline session."""
+    from swarm.model import hf
+    from swarm.model.sampling import SamplingParams
+    from swarm.planner.problem import InfeasibleError
+
+    source = await start_source(args, model_dir, console, stack)
     with console.status("looking for peers, measuring links, planning and loading shards"):
         try:
             await source.deploy()
         except InfeasibleError as exc:
-            raise BackendError(_not_enough_memory(exc, source)) from None
+            raise BackendError(not_enough_memory(exc, source)) from None
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     engine = SwarmEngine(source, sampling)
@@ -318,7 +324,7 @@ def _interfaces(args: argparse.Namespace):
     return list(args.interface) if args.interface else HOME_INTERFACES
 
 
-def _not_enough_memory(exc, source) -> str:
+def not_enough_memory(exc, source) -> str:
     from swarm.view.render import format_bytes
 
     live = len(source.directory.live) if source.directory is not None else 0

@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-
 from swarm.localswarm import ChainEngine
 from swarm.model import hf
 from swarm.model.local import LocalChain
 from swarm.model.shard import Shard
-from swarm.model.store import resolve_model
 from swarm.view.conversation import Conversation
 
 pytestmark = pytest.mark.slow  # the real default model
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    torch.set_num_threads(1)
-    model_dir = resolve_model(None)
+def smollm(smollm2_dir):
+    model_dir = smollm2_dir
     chain = LocalChain([Shard.load(model_dir, 0, 32, max_slots=2, max_len=512)])
     return chain, hf.load_tokenizer(model_dir)
 
