@@ -1,6 +1,7 @@
 """plan(): pick the fastest exact method that the problem's structure allows.
 
 Structure detected, fastest first:
+- identical blocks on one shared network: a knapsack over devices (swarm.planner.shared);
 - identical blocks (units 1..N-2 equal on every device): Held-Karp over device types plus
   a greedy block count per device (swarm.planner.blocks);
 - otherwise the DP over device types with a vector over units (swarm.planner.generic);
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 
-from swarm.planner import blocks, bounded, generic
+from swarm.planner import blocks, bounded, generic, shared
 from swarm.planner.plan import Plan, evaluate
 from swarm.planner.problem import Problem
 from swarm.planner.search import OBJECTIVES, optimise
@@ -47,7 +48,8 @@ def plan_ours(problem: Problem, objective: str, inflight: int = 1) -> Plan:
     method, oracle = choose_method(problem)
     if oracle is None:
         return bounded.plan_bounded(problem, objective, inflight)
-    found = optimise(oracle, objective, inflight, lower=relaxation(problem, oracle.space))
+    space = getattr(oracle, "space", None)
+    found = optimise(oracle, objective, inflight, lower=relaxation(problem, space) if space else None)
     if found is None:
         raise problem.infeasible()
     log.debug("%s via %s: %d oracle calls", objective, method, found.evaluations)
@@ -57,6 +59,8 @@ def plan_ours(problem: Problem, objective: str, inflight: int = 1) -> Plan:
 def choose_method(problem: Problem):
     """(method name, oracle) for the fastest exact method; (name, None) when none is in reach."""
     structure = blocks.block_structure(problem)
+    if structure is not None and shared.shared_network(problem):
+        return "shared", shared.SharedOracle(problem, structure)
     if structure is not None:
         members = group_devices(problem, blocks.device_key(problem, structure))
         if state_count([len(m) for m in members]) <= BLOCKS_STATE_LIMIT:

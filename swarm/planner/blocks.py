@@ -70,10 +70,8 @@ def _floor_cap(x: np.ndarray | float, n_blocks: int) -> np.ndarray:
 class BlocksOracle:
     def __init__(self, problem: Problem, space: TypeSpace, st: BlockStructure):
         self.problem, self.space, self.st = problem, space, st
-        reps = space.reps
-        t = problem.time[reps]
-        self.tb, self.te, self.th = t[:, 1], t[:, 0], t[:, -1]
-        self.mem = problem.device_mem[reps]
+        self.counts = space.counts
+        self._per_type(space.reps)
         hop = problem.hop_time(st.block_out)
         tn = space.n_types
         self.hop = np.full((tn, tn), np.inf)
@@ -82,10 +80,17 @@ class BlocksOracle:
                 p = space.pair(u, v)
                 if p is not None:
                     self.hop[u, v] = hop[p]
+        self._path_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _per_type(self, reps: list[int]) -> None:
+        """Per-type (or per-device) figures; reps[0] is the source."""
+        problem = self.problem
+        t = problem.time[reps]
+        self.tb, self.te, self.th = t[:, 1], t[:, 0], t[:, -1]
+        self.mem = problem.device_mem[reps]
         self.ret = problem.return_time()[reps]
         self.total_src = float(problem.time[problem.source].sum())
         self.src_fits_all = problem.layer_mem.sum() <= self.mem[0] * (1 + 1e-12)
-        self._path_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def candidates(self) -> np.ndarray:
         k = np.arange(self.st.n_blocks + 1)[None, :]
@@ -146,7 +151,7 @@ class BlocksOracle:
         if len(heads) == 0:
             return alone
         prices = np.concatenate([[self.tb[0]], self.tb[1:]])
-        caps = np.concatenate([[cap_s], np.maximum(regular[1:], 0) * self.space.counts[1:]])
+        caps = np.concatenate([[cap_s], np.maximum(regular[1:], 0) * self.counts[1:]])
         order = np.argsort(prices)
         before = np.cumsum(caps[order]) - caps[order]
         if before[-1] + caps[order][-1] < self.st.n_blocks:

@@ -34,7 +34,7 @@ def close(a, b):
 def problems():
     rng = np.random.default_rng(20261127)
     for i in range(N_PROBLEMS):
-        yield rng, random_problem(rng, identical_blocks=i % 3 == 0, types=i % 3 == 1)
+        yield rng, random_problem(rng, identical_blocks=i % 3 == 0 or i % 6 == 1, types=i % 3 == 1)
 
 
 def test_ours_matches_brute_force_on_every_objective():
@@ -58,7 +58,7 @@ def test_ours_matches_brute_force_on_every_objective():
             again = evaluate(prob, got.stages, m)
             assert close(again.latency_s, got.latency_s) and close(again.bottleneck_s, got.bottleneck_s)
     assert feasible > 900 and infeasible > 50
-    assert methods == {"blocks", "generic"}
+    assert methods == {"shared", "blocks", "generic"}
 
 
 def test_generic_dp_matches_on_identical_block_problems_too():
@@ -87,6 +87,24 @@ def test_blocks_oracle_with_singleton_types_matches():
             want = optimum(plans, objective, 2)
             assert (found is None and want == math.inf) or close(
                 value(evaluate(prob, found.stages, 2), objective), want)
+
+
+def test_blocks_oracle_over_device_types_matches_on_shared_networks():
+    """Where the shared-network knapsack is the default, Held-Karp over types must agree."""
+    checked = 0
+    for i, (rng, prob) in enumerate(problems()):
+        if i % 6 != 1 or prob.n_devices < 2:
+            continue
+        st = block_structure(prob)
+        oracle = BlocksOracle(prob, build_space(group_devices(prob, block_key(prob, st))), st)
+        plans = all_plans(prob)
+        for objective in OBJECTIVES:
+            found = optimise(oracle, objective, 3)
+            want = optimum(plans, objective, 3)
+            assert (found is None and want == math.inf) or close(
+                value(evaluate(prob, found.stages, 3), objective), want)
+        checked += 1
+    assert checked > 50
 
 
 def test_bounded_search_is_valid_and_its_gap_brackets_the_optimum():
