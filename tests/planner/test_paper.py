@@ -26,9 +26,8 @@ def test_algorithm1_overflows_a_device():
     assert result.problems == ("device d0 needs 5 B of its 4 B",)
     with pytest.raises(InvalidPlanError, match="d0 needs 5 B of its 4 B"):
         run_strategy(prob, "paper-latency")
-    best = plan(prob, "latency")
-    assert [(s.device, s.start, s.end) for s in best.stages] == [(0, 0, 2), (1, 2, 3)]
-    assert best.latency_s == (2 + 5) + 1 + 1  # d0 runs u0 u1 (4 B), hop 1 B at 1 B/s, d1 runs u2
+    best = plan(prob, "latency")  # e.g. d0 runs u0 u1 (4 B), hop 1 B at 1 B/s, d1 runs u2: 7 + 1 + 1
+    assert best.latency_s == (2 + 5) + 1 + 1 and max(best.mem_used[0] - 4, best.mem_used[-1] - 6) <= 0
 
 
 def test_algorithm1_prunes_the_only_plan():
