@@ -122,7 +122,8 @@ class SwarmSource:
         self.directory = await self._stack.enter_async_context(Directory(DirectoryConfig(
             interfaces=self.config.interfaces, seeds=self.config.seeds, fingerprint=fingerprint,
             liveness=self.config.liveness), own_id=self.peer_id))
-        self.prober = LinkProber(self.directory, activation_bytes(self.profile), self.config.probe)
+        # Peers do not probe a source (it serves nothing), so it measures both directions itself.
+        self.prober = LinkProber(self.directory, activation_bytes(self.profile), self.config.probe, both_ways=True)
         tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._tasks = [tg.create_task(self.directory.run()), tg.create_task(self.prober.run())]
         self._started = time.monotonic()
@@ -175,6 +176,7 @@ class SwarmSource:
             devices.append(await self._device(rec))
         links = links_from_announcements([r.announcement for r in live.values()])
         links.update({(self.peer_id, pid): link for pid, link in self.prober.links.items()})
+        links.update({(pid, self.peer_id): link for pid, link in self.prober.links_back.items()})
         return build_problem(self.profile, devices, links, self.config.workload)
 
     async def _device(self, rec) -> Device:

@@ -56,7 +56,7 @@ def load_profile(args) -> dict:
     from swarm.discovery.peer import measure_profile
     from swarm.model.store import resolve_model
 
-    return measure_profile(resolve_model(args.model), args.threads)
+    return measure_profile(resolve_model(args.model), args.threads, args.mem)
 
 
 def run(args) -> int:

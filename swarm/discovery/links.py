@@ -4,36 +4,44 @@ Bandwidth is the slope between two payload sizes, (s2 - s1) / (t2 - t1): the rou
 trip, the reply and a token bucket's burst (home routers and `tc tbf` shape this
 way) appear in both timings and cancel, so the figure is the rate a long activation
 transfer actually gets. Each size is timed several times back to back and the
-median kept; the first round only drains the burst and is discarded.
+fastest kept (other traffic on the link, such as another peer's probe queued in
+front of our replies, only ever adds time); the first round only drains the burst
+and is discarded.
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 from swarm.discovery.txt import Link
 
 PROBE_INTERVAL_S = 30.0  # between measurements of one link, when nothing changes
 PROBE_MIN_BYTES = 32 * 1024  # above any sane token-bucket burst so the slope is linear
-PROBE_ROUNDS = 4  # rounds of (small, large); round 0 is discarded
+PROBE_MAX_BYTES = 64 * 1024  # a huge prefill activation is timed by its first 64 KiB: probes stay light
+PROBE_ROUNDS = 3  # rounds of (small, large); round 0 is discarded
 PING_ROUNDS = 5
 PROBE_TIMEOUT_S = 10.0
+PROBE_HISTORY = 3  # measurements per link kept; the link's figure is the best of them
+PROBE_JITTER = 0.25  # intervals vary by +-25% so peers' probes into one peer rarely coincide
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     interval_s: float = PROBE_INTERVAL_S
     min_bytes: int = PROBE_MIN_BYTES
+    max_bytes: int = PROBE_MAX_BYTES
     rounds: int = PROBE_ROUNDS
     ping_rounds: int = PING_ROUNDS
     timeout_s: float = PROBE_TIMEOUT_S
+    history: int = PROBE_HISTORY
+    jitter: float = PROBE_JITTER
 
 
 def probe_sizes(activation_bytes: int, config: ProbeConfig) -> tuple[int, int]:
     """The two payload sizes: an activation as the pipeline sends it (at least
-    min_bytes, so a burst never hides the rate), and four times that."""
-    small = max(int(activation_bytes), config.min_bytes)
+    min_bytes, so a burst never hides the rate; at most max_bytes, so probes stay light), and
+    four times that."""
+    small = min(max(int(activation_bytes), config.min_bytes), config.max_bytes)
     return small, 4 * small
 
 
@@ -42,12 +50,20 @@ def link_from_timings(rtts: list[float], small: tuple[int, list[float]],
     """Link figures from ping round trips and timed (size, [seconds]) probe rounds."""
     rtt = min(rtts)
     (s1, t1s), (s2, t2s) = small, large
-    t1, t2 = statistics.median(_steady(t1s)), statistics.median(_steady(t2s))
+    t1, t2 = min(_steady(t1s)), min(_steady(t2s))
     if t2 > t1 and s2 > s1:
         bandwidth = (s2 - s1) / (t2 - t1)
     else:  # timings below the clock's resolution: fall back to the large payload alone
         bandwidth = s2 / max(t2 - rtt, 1e-9)
     return Link(bandwidth=bandwidth, rtt=rtt)
+
+
+def best_of(history: list[Link]) -> Link:
+    """A link's figure from its recent measurements: the highest bandwidth and lowest RTT.
+    Cross traffic (another peer's probe into the same peer, someone's download) only
+    ever slows a measurement, so the best recent one is the link's capacity; a link
+    that really got slower shows once the older measurements age out."""
+    return Link(bandwidth=max(l.bandwidth for l in history), rtt=min(l.rtt for l in history))
 
 
 def _steady(times: list[float]) -> list[float]:

@@ -47,14 +47,11 @@ def activation_bytes(profile: dict) -> int:
     return int(per_token * profile.get("prefill_tokens", 32))
 
 
-def measure_profile(model_dir, threads: int) -> dict:
+def measure_profile(model_dir, threads: int, mem_limit: int | None = None) -> dict:
     """This device's profile for the model as JSON (swarm.model.profile caches it)."""
-    import json
-
     from swarm.model.profile import profile_device
 
-    out = profile_device(model_dir, threads=threads).to_json()
-    return json.loads(out) if isinstance(out, str) else out
+    return profile_device(model_dir, threads=threads, mem_limit=mem_limit).to_json()
 
 
 class SwarmPeer:

@@ -5,70 +5,91 @@ link per interval, so a running generation does not notice."""
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections import deque
 from typing import Awaitable, Callable
 
 from swarm.discovery.directory import Directory
-from swarm.discovery.links import ProbeConfig, link_from_timings, probe_sizes
+from swarm.discovery.links import ProbeConfig, best_of, link_from_timings, probe_sizes
 from swarm.discovery.txt import Link
 from swarm.runtime.client import PeerClient, PeerError
 
 log = logging.getLogger(__name__)
 
 
-async def measure_link(client: PeerClient, activation_bytes: int, config: ProbeConfig) -> Link:
-    """RTT from empty probes, bandwidth from the slope between two payload sizes."""
+async def measure_link(client: PeerClient, activation_bytes: int, config: ProbeConfig, down: bool = False) -> Link:
+    """RTT from empty probes, bandwidth from the slope between two payload sizes: sent to
+    the peer (up), or with down=True asked back from it (the link from the peer to us)."""
     rtts = [await client.probe(timeout=config.timeout_s) for _ in range(config.ping_rounds)]
     small, large = probe_sizes(activation_bytes, config)
     t_small, t_large = [], []
     for _ in range(config.rounds):
-        t_small.append(await client.probe(send_bytes=small, timeout=config.timeout_s))
-        t_large.append(await client.probe(send_bytes=large, timeout=config.timeout_s))
+        for size, times in ((small, t_small), (large, t_large)):
+            payload = {"reply_bytes": size} if down else {"send_bytes": size}
+            times.append(await client.probe(**payload, timeout=config.timeout_s))
     return link_from_timings(rtts, (small, t_small), (large, t_large))
 
 
 class LinkProber:
-    """links[peer id] -> what this process measured towards that peer."""
+    """links[peer id] -> what this process measured towards that peer; with both_ways
+    (a source nobody else probes) also links_back[peer id], from that peer to us."""
 
     def __init__(self, directory: Directory, activation_bytes: int, config: ProbeConfig,
-                 on_update: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_update: Callable[[], Awaitable[None]] | None = None, both_ways: bool = False) -> None:
         self.directory = directory
         self.activation_bytes = activation_bytes
         self.config = config
         self.links: dict[str, Link] = {}
-        self._measured_at: dict[str, float] = {}
+        self.links_back: dict[str, Link] = {}
+        self.both_ways = both_ways
+        self._history: dict[tuple[str, bool], deque[Link]] = {}  # (peer id, down) -> recent measurements
+        self._due_at: dict[str, float] = {}
         self._on_update = on_update
-        self.rounds = 0  # completed passes, for callers waiting on fresh figures
+        self._random = random.Random()
 
     def due(self, now: float) -> list[str]:
-        """Live peers never measured or measured longer than an interval ago."""
-        return [pid for pid in sorted(self.directory.live)
-                if now - self._measured_at.get(pid, -float("inf")) >= self.config.interval_s]
+        """Live peers never measured, or whose (jittered) interval has passed."""
+        return [pid for pid in sorted(self.directory.live) if self._due_at.get(pid, -float("inf")) <= now]
 
     async def run(self) -> None:
         version = self.directory.version
         while True:
-            changed = False
-            for pid in set(self.links) - set(self.directory.live):
-                del self.links[pid], self._measured_at[pid]
-                changed = True
+            changed = self._forget_gone()
             for pid in self.due(time.monotonic()):
-                rec = self.directory.live.get(pid)
-                if rec is None:
-                    continue
-                try:
-                    client = await self.directory.client(rec.host, rec.port)
-                    link = await measure_link(client, self.activation_bytes, self.config)
-                except PeerError as e:
-                    log.info("probe to %s failed: %s", pid, e)
-                    continue
-                log.info("link to %s: %.2f MB/s, rtt %.2f ms", rec.announcement.name, link.bandwidth / 1e6,
-                         link.rtt * 1e3)
-                self.links[pid], self._measured_at[pid] = link, time.monotonic()
-                changed = True
-            self.rounds += 1
+                changed |= await self._measure(pid)
             if changed and self._on_update is not None:
                 await self._on_update()
-            soonest = min([self._measured_at[p] + self.config.interval_s for p in self._measured_at],
-                          default=time.monotonic() + self.config.interval_s)
+            soonest = min(self._due_at.values(), default=time.monotonic() + self.config.interval_s)
             version = await self.directory.wait_change(version, max(0.05, soonest - time.monotonic()))
+
+    def _forget_gone(self) -> bool:
+        gone = set(self._due_at) - set(self.directory.live)
+        for pid in gone:
+            self.links.pop(pid, None)
+            self.links_back.pop(pid, None)
+            self._due_at.pop(pid)
+            self._history.pop((pid, False), None)
+            self._history.pop((pid, True), None)
+        return bool(gone)
+
+    async def _measure(self, pid: str) -> bool:
+        rec = self.directory.live.get(pid)
+        if rec is None:
+            return False
+        spread = 1 + self.config.jitter * (2 * self._random.random() - 1)
+        self._due_at[pid] = time.monotonic() + self.config.interval_s * spread
+        try:
+            client = await self.directory.client(rec.host, rec.port)
+            for down in (False, True) if self.both_ways else (False,):
+                link = await measure_link(client, self.activation_bytes, self.config, down=down)
+                history = self._history.setdefault((pid, down), deque(maxlen=self.config.history))
+                history.append(link)
+                (self.links_back if down else self.links)[pid] = best_of(list(history))
+                log.info("link %s %s: %.2f MB/s, rtt %.2f ms (best of last %d: %.2f MB/s)",
+                         "from" if down else "to", rec.announcement.name, link.bandwidth / 1e6, link.rtt * 1e3,
+                         len(history), best_of(list(history)).bandwidth / 1e6)
+        except PeerError as e:
+            log.info("probe to %s failed: %s", pid, e)
+            return False
+        return True
