@@ -6,13 +6,13 @@ Structure detected, fastest first:
   a greedy block count per device (swarm.planner.blocks);
 - otherwise the DP over device types with a vector over units (swarm.planner.generic);
 - when neither fits the work budget (many distinct devices, arbitrary links, uneven units):
-  beam search with a proven lower bound, reporting the gap (swarm.planner.bounded).
+  near-identical blocks are bracketed by two identical-block problems, anything else gets
+  beam search with a relaxation bound; either way the gap is reported (swarm.planner.bounded).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 from swarm.planner import blocks, bounded, generic, shared
 from swarm.planner.plan import Plan, evaluate
@@ -47,6 +47,9 @@ def plan_ours(problem: Problem, objective: str, inflight: int = 1) -> Plan:
     """Our exact planner: structure detection, then the fastest exact method."""
     method, oracle = choose_method(problem)
     if oracle is None:
+        if blocks.block_structure(problem) is None and bounded.block_spread(problem) <= bounded.BRACKET_SPREAD:
+            return bounded.plan_bracketed(problem, objective, inflight,
+                                          lambda p: plan_ours(p, objective, inflight))
         return bounded.plan_bounded(problem, objective, inflight)
     space = getattr(oracle, "space", None)
     found = optimise(oracle, objective, inflight, lower=relaxation(problem, space) if space else None)
@@ -79,5 +82,3 @@ def relaxation(problem: Problem, space) -> bounded.RelaxedOracle:
     return bounded.RelaxedOracle(seg, hop, ret, 0)
 
 
-def is_exact(plan_: Plan) -> bool:
-    return plan_.gap == 0 or math.isclose(plan_.gap, 0.0)

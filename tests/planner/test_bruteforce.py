@@ -10,7 +10,7 @@ import pytest
 from swarm.planner import InfeasibleError, Problem, plan
 from swarm.planner import paper
 from swarm.planner.blocks import BlocksOracle, block_structure, device_key as block_key
-from swarm.planner.bounded import plan_bounded
+from swarm.planner.bounded import plan_bounded, plan_bracketed
 from swarm.planner.generic import GenericOracle
 from swarm.planner.plan import evaluate
 from swarm.planner.search import optimise
@@ -119,6 +119,27 @@ def test_bounded_search_is_valid_and_its_gap_brackets_the_optimum():
             assert v >= want * (1 - 1e-9)
             bound = v / (1 + got.gap)
             assert bound <= want * (1 + 1e-9)
+
+
+def test_bracketing_near_identical_blocks_brackets_the_optimum():
+    rng = np.random.default_rng(11)
+    checked = 0
+    for i in range(80):
+        d = random_problem(rng, identical_blocks=True).to_json()
+        for dev in d["devices"]:  # measured profiles: blocks within a few percent of each other
+            dev["time"] = [t * rng.uniform(0.95, 1.05) for t in dev["time"]]
+        prob = Problem.from_json(d)
+        plans = all_plans(prob)
+        for objective in OBJECTIVES:
+            want = optimum(plans, objective, 2)
+            if want == math.inf:
+                continue
+            got = plan_bracketed(prob, objective, 2, lambda p: plan(p, objective, inflight=2))
+            v = value(got, objective)
+            assert v >= want * (1 - 1e-9) and v / (1 + got.gap) <= want * (1 + 1e-9)
+            assert got.gap < 0.25
+            checked += 1
+    assert checked > 100
 
 
 def test_paper_algorithm2_is_exact_when_the_return_hop_is_free():
