@@ -18,11 +18,6 @@ from swarm.planner.search import candidate_values, fits
 from swarm.planner.types import TypeSpace, assign_devices
 
 
-def work(space: TypeSpace, n_units: int) -> float:
-    """Rough count of inner-loop operations per solve, to choose between methods."""
-    return float(space.n_states) * space.n_types ** 2 * (n_units + 1) ** 2
-
-
 def type_costs(problem: Problem, space: TypeSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """seg[T, a, b] (inf if a >= b or over memory), hop[N+1, T, T] (cut at a), ret[T], type 0 = source."""
     n = problem.n_units
