@@ -50,6 +50,7 @@ class SourceConfig:
     interfaces: list[str] | InterfaceChoice  # explicit, always
     model: str | Path | None = None  # model folder; None: the bundled default
     seeds: tuple[str, ...] = ()  # "host:port" for networks that block multicast
+    mdns: bool = True  # False: seeds only
     name: str = "source"
     threads: int = 1
     mem_bytes: int | None = None  # usable memory of this device; None: the profile's
@@ -120,7 +121,7 @@ class SwarmSource:
             self.profile = await asyncio.to_thread(measure_profile, self.model_dir, self.config.threads)
         fingerprint = short_fingerprint(self.profile["model"]["fingerprint"])
         self.directory = await self._stack.enter_async_context(Directory(DirectoryConfig(
-            interfaces=self.config.interfaces, seeds=self.config.seeds, fingerprint=fingerprint,
+            interfaces=self.config.interfaces, seeds=self.config.seeds, mdns=self.config.mdns, fingerprint=fingerprint,
             liveness=self.config.liveness), own_id=self.peer_id))
         # Peers do not probe a source (it serves nothing), so it measures both directions itself.
         self.prober = LinkProber(self.directory, activation_bytes(self.profile), self.config.probe, both_ways=True)

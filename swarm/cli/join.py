@@ -35,6 +35,8 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interface", action="append", metavar="IP", help=DEFAULT_INTERFACES_HELP)
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a peer's shard server to ask directly, for networks that block multicast (repeatable)")
+    p.add_argument("--no-mdns", dest="mdns", action="store_false",
+                   help="no multicast at all: find peers through --peer seeds only")
 
 
 def interfaces_from(args):
@@ -72,7 +74,7 @@ def run(args) -> int:
     liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)
     probe = ProbeConfig() if args.probe_interval is None else ProbeConfig(interval_s=args.probe_interval)
     config = PeerConfig(name=args.name, interfaces=interfaces_from(args), port=args.port, seeds=tuple(args.peer),
-                        threads=args.threads, mem_bytes=mem, liveness=liveness, probe=probe)
+                        mdns=args.mdns, threads=args.threads, mem_bytes=mem, liveness=liveness, probe=probe)
 
     async def main() -> None:
         async with SwarmPeer(config, profile) as peer:

@@ -26,7 +26,8 @@ def run(args) -> int:
     from swarm.discovery.directory import Directory, DirectoryConfig
 
     async def gather() -> tuple[dict, str]:
-        async with Directory(DirectoryConfig(interfaces=interfaces_from(args), seeds=tuple(args.peer))) as d:
+        async with Directory(DirectoryConfig(interfaces=interfaces_from(args), seeds=tuple(args.peer),
+                                                     mdns=args.mdns)) as d:
             async with asyncio.TaskGroup() as tg:
                 task = tg.create_task(d.run())
                 await asyncio.sleep(args.wait)  # listening window, not a synchronisation

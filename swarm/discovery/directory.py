@@ -31,6 +31,7 @@ INFO_TIMEOUT_S = 3.0
 class DirectoryConfig:
     interfaces: list[str] | InterfaceChoice  # explicit, always (see swarm.discovery.mdns)
     seeds: tuple[str, ...] = ()  # "host:port" of peers' shard servers, for networks without multicast
+    mdns: bool = True  # False: seeds only (a network that blocks multicast, or to test one)
     fingerprint: str | None = None  # accept only peers serving this model (short fingerprint)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     seed_refresh_s: float = SEED_REFRESH_S
@@ -55,7 +56,8 @@ class Directory:
 
     async def __aenter__(self) -> Directory:
         self._ctx = sockets.new_context()
-        await self.mdns.__aenter__()
+        if self.config.mdns:
+            await self.mdns.__aenter__()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -80,7 +82,8 @@ class Directory:
     async def run(self) -> None:
         """Resolve mDNS, poll seeds and send heartbeats until cancelled."""
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.mdns.run())
+            if self.config.mdns:
+                tg.create_task(self.mdns.run())
             tg.create_task(self._heartbeats())
             if self.config.seeds:
                 tg.create_task(self._seed_loop())
@@ -195,7 +198,8 @@ class Directory:
         """Why nobody usable was found: interfaces tried, what was heard, seed errors."""
         interfaces = self.config.interfaces
         tried = ", ".join(interfaces) if isinstance(interfaces, list) else f"{interfaces.name} (all interfaces)"
-        lines = [f"no live peers found; mDNS on {tried} for {SERVICE}"]
+        lines = [f"no live peers found; mDNS on {tried} for {SERVICE}" if self.config.mdns else
+                 "no live peers found; mDNS off, seeds only"]
         heard = sorted(self.mdns.heard.names)
         lines.append(f"heard {len(heard)} service(s)" + (": " + ", ".join(heard) if heard else
                      " (multicast may be blocked: Wi-Fi client isolation, VLANs, a firewall on UDP 5353;"

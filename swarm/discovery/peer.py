@@ -26,6 +26,7 @@ class PeerConfig:
     interfaces: list[str] | InterfaceChoice  # explicit, always
     port: int = 0  # shard server port; 0 = any free port
     seeds: tuple[str, ...] = ()
+    mdns: bool = True  # False: reachable through seeds only
     threads: int = 1
     mem_bytes: int | None = None  # usable memory to announce; None = the profile's
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
@@ -67,7 +68,7 @@ class SwarmPeer:
         self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
                                                threads=config.threads, info=self.info))
         self.directory = Directory(DirectoryConfig(
-            interfaces=config.interfaces, seeds=config.seeds, liveness=config.liveness,
+            interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
             fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)
         self.prober = LinkProber(self.directory, activation_bytes(profile), config.probe, self.republish)
 
@@ -84,7 +85,8 @@ class SwarmPeer:
         try:
             await self.directory.__aenter__()
             self._refresh_info()
-            await self.directory.mdns.register(self.announcement(), self.port)
+            if self.config.mdns:
+                await self.directory.mdns.register(self.announcement(), self.port)
         except BaseException:
             await self.aclose()
             raise
@@ -110,7 +112,8 @@ class SwarmPeer:
         """New link figures or a new live set: bump seq and re-announce."""
         self.seq += 1
         self._refresh_info()
-        await self.directory.mdns.update(self.announcement())
+        if self.config.mdns:
+            await self.directory.mdns.update(self.announcement())
 
     def _refresh_info(self) -> None:
         self.info["announcement"] = encode(self.announcement())

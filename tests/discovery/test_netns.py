@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from discovery_fixtures import fixture_profile
+from tests.discovery.discovery_fixtures import fixture_profile
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.problem import Problem
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from discovery_fixtures import fixture_profile
+from tests.discovery.discovery_fixtures import fixture_profile
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.txt import decode, from_profile

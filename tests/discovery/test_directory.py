@@ -1,0 +1,67 @@
+"""In-process peers on 127.0.0.1: unicast seeds without multicast, and the diagnostic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from swarm.discovery.directory import Directory, DirectoryConfig
+from swarm.discovery.links import ProbeConfig
+from swarm.discovery.liveness import LivenessConfig
+from swarm.discovery.peer import PeerConfig, SwarmPeer
+from tests.discovery.discovery_fixtures import fixture_profile
+
+FAST = LivenessConfig(interval_s=0.2, timeout_s=0.5, misses=3)
+TIMEOUT_S = 20
+
+
+def _peer(name: str, seeds=(), mdns=True, fingerprint="sha256:" + "ab" * 32) -> SwarmPeer:
+    config = PeerConfig(name=name, interfaces=["127.0.0.1"], seeds=tuple(seeds), mdns=mdns, liveness=FAST,
+                        probe=ProbeConfig(interval_s=60))
+    return SwarmPeer(config, fixture_profile(fingerprint=fingerprint))
+
+
+@contextlib.asynccontextmanager
+async def _running(*things):
+    """Run each (already entered) peer or directory in one TaskGroup; cancel on exit."""
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(t.run()) for t in things]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+async def test_seeds_find_peers_without_multicast_one_hop_of_gossip():
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(_peer("a", mdns=False))
+        b = await stack.enter_async_context(_peer("b", seeds=[f"127.0.0.1:{a.port}"], mdns=False))
+        watcher = await stack.enter_async_context(Directory(DirectoryConfig(
+            interfaces=["127.0.0.1"], seeds=(f"127.0.0.1:{b.port}",), mdns=False, liveness=FAST,
+            seed_refresh_s=0.2)))
+        async with _running(a, b, watcher):
+            # the watcher only knows b; b's INFO lists a, whom b found through its own seed
+            assert await watcher.wait_for(lambda live: {a.peer_id, b.peer_id} <= set(live), TIMEOUT_S)
+            assert watcher.live[a.peer_id].port == a.port
+            assert watcher.live[a.peer_id].announcement.mem_bytes == a.announcement().mem_bytes
+            assert not watcher.mdns.heard.names  # nothing came over multicast
+
+
+async def test_diagnostic_says_what_was_tried_heard_and_ignored():
+    other_model = _peer("other-model", fingerprint="sha256:" + "cd" * 32)
+    watcher = Directory(DirectoryConfig(interfaces=["127.0.0.1"], seeds=("127.0.0.1:9",),
+                                        fingerprint=("ab" * 32)[:16], liveness=FAST, seed_refresh_s=0.2))
+    async with other_model, watcher, _running(other_model, watcher):
+        async def heard():
+            while not (any("other-model" in n for n in watcher.mdns.heard.names) and watcher.seed_errors
+                       and watcher.mdns.heard.rejected):
+                await asyncio.sleep(0.05)  # polled under the timeout below
+        await asyncio.wait_for(heard(), TIMEOUT_S)
+        watcher.candidates()
+        text = watcher.diagnostic()
+    assert not watcher.live
+    assert "mDNS on 127.0.0.1" in text
+    assert f"other-model-{other_model.peer_id}._swarm._tcp.local." in text
+    assert "model cdcdcdcdcdcdcdcd, not ours" in text
+    assert "seed 127.0.0.1:9:" in text
