@@ -57,6 +57,11 @@ class PipelineFigures:
     simulated_bubbles_tok_s: float
     no_bubbles_over_bubbles: float
     no_bubbles_over_simulated: float
+    # Stage step times measured during the No-Bubbles run itself (both stages computing at
+    # once): on a machine with fewer free cores than stages they grow, and so does this gap.
+    in_run_stage_step_ms: list[float]
+    simulated_in_run_tok_s: float
+    no_bubbles_over_simulated_in_run: float
 
 
 @dataclass(frozen=True)
@@ -137,35 +142,43 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
     hops = len(plan)
     probe_s = await _probe_hop_s(peers[0], layout.hidden_size * 4)
 
-    # --- 2-stage pipeline: source [0, cut) + one peer [cut, n)
+    # --- 2-stage pipeline: source [0, cut) + one peer [cut, n); one deployment for every m and mode,
+    # runs interleaved per repeat so that drifting background load hits every configuration alike.
     cut = balanced_cut(layout)
     two = (Stage(None, 0, cut), Stage(peers[0], cut, n))
-
-    def two_stage(m: int, mode: Mode) -> PipelineConfig:
-        return PipelineConfig(config.model_dir, two, layout=Layout(m, 1), mode=mode, max_len=max_len, dtype=config.dtype)
-
-    async with Pipeline(two_stage(1, Mode.NO_BUBBLES)) as pipe:
+    ms = sorted(set(config.micro_batches))
+    slots = max(ms)
+    runs: dict[tuple[int, Mode], list[float]] = {}
+    step_times: dict[tuple[int, Mode], list[list[float]]] = {}
+    async with Pipeline(PipelineConfig(config.model_dir, two, layout=Layout(slots, 1), max_len=max_len,
+                                       dtype=config.dtype)) as pipe:
         await _time_pipeline(pipe, [prompt], 4)
-        await pipe.stage_stats()
-        m1_s = await _time_pipeline(pipe, [prompt], new)
-        stats = await pipe.stage_stats()
-    stage_s = [s.busy_share / s.steps_per_s for s in stats]
-    hop_s = max(0.0, m1_s - sum(stage_s)) / len(stage_s)  # the rest of a round trip, shared by its 2 hops
+        for _ in range(config.repeats):
+            for m, mode in [(1, Mode.NO_BUBBLES)] + [(m, mode) for m in ms for mode in (Mode.NO_BUBBLES, Mode.BUBBLES)]:
+                pipe.mode = mode
+                prompts = bench_prompts(m, config.prompt_tokens, layout.vocab_size)
+                await pipe.stage_stats()
+                runs.setdefault((m, mode), []).append(await _time_pipeline(pipe, prompts, new))
+                step_times.setdefault((m, mode), []).append([s.busy_share / s.steps_per_s for s in await pipe.stage_stats()])
+                log.info("m=%d %s: %.1f tok/s", m, mode.value, 1 / runs[(m, mode)][-1])
 
+    def median_stages(key) -> list[float]:
+        return [statistics.median(col) for col in zip(*step_times[key])]
+
+    m1_s = statistics.median(runs[(1, Mode.NO_BUBBLES)])
+    stage_s = median_stages((1, Mode.NO_BUBBLES))
+    hop_s = max(0.0, m1_s - sum(stage_s)) / len(stage_s)  # the rest of a round trip, shared by its 2 hops
+    hops_s = [hop_s] * len(stage_s)
     figures = []
-    for m in config.micro_batches:
-        prompts = bench_prompts(m, config.prompt_tokens, layout.vocab_size)
-        rates = {}
-        for mode in (Mode.NO_BUBBLES, Mode.BUBBLES):
-            async with Pipeline(two_stage(m, mode)) as pipe:
-                await _time_pipeline(pipe, prompts, 4)
-                runs = [await _time_pipeline(pipe, prompts, new) for _ in range(config.repeats)]
-            rates[mode] = 1 / statistics.median(runs)
-            log.info("m=%d %s: %.1f tok/s", m, mode.value, rates[mode])
-        sim = simulate_pipeline(stage_s, [hop_s] * len(stage_s), m=m, b=1).tokens_per_s
-        sim_bubbles = simulate_pipeline(stage_s, [hop_s] * len(stage_s), m=m, b=1, barrier=True).tokens_per_s
-        nb, bb = rates[Mode.NO_BUBBLES], rates[Mode.BUBBLES]
-        figures.append(PipelineFigures(m, nb, bb, sim, sim_bubbles, nb / bb, nb / sim))
+    for m in ms:
+        nb = 1 / statistics.median(runs[(m, Mode.NO_BUBBLES)])
+        bb = 1 / statistics.median(runs[(m, Mode.BUBBLES)])
+        sim = simulate_pipeline(stage_s, hops_s, m=m, b=1).tokens_per_s
+        sim_bubbles = simulate_pipeline(stage_s, hops_s, m=m, b=1, barrier=True).tokens_per_s
+        in_run = median_stages((m, Mode.NO_BUBBLES))
+        sim_in_run = simulate_pipeline(in_run, hops_s, m=m, b=1).tokens_per_s
+        figures.append(PipelineFigures(m, nb, bb, sim, sim_bubbles, nb / bb, nb / sim,
+                                       [t * 1e3 for t in in_run], sim_in_run, nb / sim_in_run))
 
     return BenchResult(
         single_process_ms_per_token=single_s * 1e3, sequential_ms_per_token=seq_s * 1e3,

@@ -153,6 +153,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.layout = config.layout
+        self.mode = config.mode  # may be switched between steps (the benchmark compares both)
         self.deployment: Deployment | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -316,7 +317,7 @@ class Pipeline:
         if self._paused or self.deployment is None:
             return
         ready = {self.layout.group_of(s) for s, t in self._turns.items() if t.pending and not t.in_flight}
-        for group in groups_to_launch(self.config.mode, ready, self._flights.keys()):
+        for group in groups_to_launch(self.mode, ready, self._flights.keys()):
             rows = {s: t.pending for s, t in self._turns.items()
                     if self.layout.group_of(s) == group and t.pending and not t.in_flight}
             step = build_step(rows)
