@@ -33,6 +33,8 @@ METHODS = (
 PAPER_KEY = {"Edge-Solo": "edge-solo", "Cloud-Edge-Even": "cloud-edge-even", "Cloud-Edge-Opt": "cloud-edge-opt",
              "EdgeShard, paper Alg. 1 (latency)": "edgeshard", "EdgeShard objectives, exact: latency / min P": "edgeshard"}
 BANDWIDTHS = (1, 5, 10, 20, 50)
+PAPER_CURVE = {"edge-solo": "Edge-Solo", "cloud-edge-even": "Cloud-Edge-Even", "cloud-edge-opt": "Cloud-Edge-Opt",
+               "edgeshard": "ours (latency / cycle)"}
 PAPER_SEQUENCES = 8  # the paper's throughput runs: at most 8 sequences in flight (its "batch size 8")
 
 
@@ -123,14 +125,17 @@ def plot(curves: dict, bandwidths, key: str, ylabel: str, path: Path, paper_poin
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, model in zip(axes, MODELS):
+        colors = {}
         for label, c in curves[model].items():
             ys = c[key]
             if all(y is None for y in ys):
                 continue
-            ax.plot(bandwidths, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+            (line,) = ax.plot(bandwidths, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+            colors[label] = line.get_color()
         for label, value in paper_points[model].items():
-            if value is not None:
-                ax.scatter([1], [value], marker="x", s=80, zorder=5, label=f"paper: {label} @1 Mb/s")
+            if value is not None:  # the paper's measured point, in the colour of the matching curve
+                ax.scatter([1], [value], marker="x", s=80, zorder=5, color=colors.get(PAPER_CURVE[label], "black"),
+                           label=f"paper: {label} @1 Mb/s")
         ax.set_title(model)
         ax.set_xlabel("source-cloud bandwidth (Mb/s)")
         ax.set_ylabel(ylabel)

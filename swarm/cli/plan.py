@@ -61,11 +61,10 @@ def _print_table(problem: Problem, p: Plan) -> None:
     from rich.table import Table
 
     table = Table(title=f"plan: {p.strategy}, objective {p.objective} ({p.method or 'fixed'})")
-    for col in ("stage", "device", "layers", "compute", "hop", "memory used / available"):
+    for col in ("stage", "device", "units (n)", "compute", "hop", "memory used / available"):
         table.add_column(col, justify="right" if col in ("stage", "compute", "hop") else "left")
     for k, s in enumerate(p.stages):
-        names = problem.layer_names
-        layers = f"{s.start}-{s.end - 1} ({names[s.start]}..{names[s.end - 1]})"
+        layers = f"{s.start}-{s.end - 1} ({s.end - s.start})"
         hop = f"{p.hop_s[k] * 1e3:.2f} ms" + (" (return)" if k == len(p.stages) - 1 else "")
         table.add_row(str(k), problem.device_names[s.device], layers, f"{p.compute_s[k] * 1e3:.2f} ms", hop,
                       f"{fmt_bytes(p.mem_used[k])} / {fmt_bytes(problem.device_mem[s.device])}")

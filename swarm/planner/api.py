@@ -23,7 +23,7 @@ from swarm.planner.types import build_space, device_key, group_devices, state_co
 log = logging.getLogger(__name__)
 
 GENERIC_WORK_LIMIT = 3e8  # inner-loop operations per solve before exact-generic is out of reach
-BLOCKS_STATE_LIMIT = 2_000_000  # type states for Held-Karp over types
+BLOCKS_STATE_LIMIT = 70_000  # type states for Held-Karp over types (17 distinct devices; time and memory grow with it)
 
 
 def plan(problem: Problem, objective: str = "latency", inflight: int = 1, strategy: str | None = None,

@@ -6,7 +6,8 @@ links, uneven units): a plan, a proven lower bound, and the gap between them.
   gives the bound, the second (or the first, if valid) the plan. Gap ~ the profiles' spread.
 
 - Bound: the same DP without the "each device once" rule (a device may reappear), which
-  every valid plan satisfies, so its optimum is a lower bound for every objective.
+  every valid plan satisfies, strengthened by a capacity floor that keeps that rule
+  (FloorOracle); its optimum is a lower bound for every objective.
 - Plan: the subset DP keeping only the `width` most promising (devices used, last device)
   states per chain length, ranked by their best latency so far plus the bound's cost to go.
 """
@@ -123,6 +124,45 @@ class BeamOracle:
         return best, lambda: _unwind(best_path, n)
 
 
+class FloorOracle:
+    """A lower bound on R*(tau) keeping "each device once": max of the relaxation and a capacity
+    floor (interior units 1..N-2 on devices in one run each, at most as long as the device's
+    longest run within tau and memory, each unit at least the device's cheapest unit time)."""
+
+    def __init__(self, problem: Problem):
+        self.problem, self.relaxed = problem, RelaxedOracle.for_devices(problem)
+        inner = slice(1, problem.n_units - 1) if problem.n_units >= 3 else slice(0, 0)
+        self.t, w = problem.time[:, inner], problem.layer_mem[inner]
+        self.pt = np.concatenate([np.zeros((len(self.t), 1)), np.cumsum(self.t, axis=1)], axis=1)
+        self.pm = np.concatenate([[0.0], np.cumsum(w)])
+        self.price = self.t.min(axis=1, initial=np.inf) if self.t.shape[1] else np.zeros(len(self.t))
+        self.ends = problem.time[problem.source, 0] + (problem.time[:, -1].min() if problem.n_units >= 2 else 0.0)
+
+    def candidates(self) -> np.ndarray:
+        return self.relaxed.candidates()
+
+    def floor(self, tau: float) -> float:
+        n = self.t.shape[1]
+        if n == 0:
+            return 0.0
+        caps = np.empty(len(self.t), dtype=np.int64)
+        for d in range(len(self.t)):
+            by_time = np.searchsorted(self.pt[d], self.pt[d, :-1] + tau * (1 + 1e-9) + 1e-15, side="right") - 1
+            by_mem = np.searchsorted(self.pm, self.pm[:-1] + self.problem.device_mem[d] * (1 + 1e-12), side="right") - 1
+            caps[d] = (np.minimum(by_time, by_mem) - np.arange(n)).max()
+        order = np.argsort(self.price)
+        before = np.cumsum(caps[order]) - caps[order]
+        if before[-1] + caps[order][-1] < n:
+            return np.inf
+        take = np.clip(n - before, 0, caps[order])
+        return float(self.ends + take @ self.price[order])
+
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
+        r, build = self.relaxed.solve(tau)
+        r = max(r, self.floor(tau))
+        return (r, build) if np.isfinite(r) else (np.inf, None)
+
+
 def _score(vec: np.ndarray, togo: np.ndarray) -> float:
     return float(np.min(vec + togo))
 
@@ -140,13 +180,15 @@ def _unwind(path: list, n: int) -> list[Stage]:
 
 def plan_bounded(problem: Problem, objective: str, inflight: int = 1) -> Plan:
     """Beam-search plan with its relative gap to the relaxation's proven lower bound."""
-    found = optimise(BeamOracle(problem), objective, inflight)
+    lower = optimise(FloorOracle(problem), objective, inflight)
+    if lower is None:
+        raise problem.infeasible()
+    found = optimise(BeamOracle(problem), objective, inflight, bound=lower.value)
     if found is None:
         raise problem.infeasible("no plan found by bounded search")
     plan_ = evaluate(problem, found.stages, inflight, objective=objective, strategy="ours", method="bounded")
-    lower = optimise(RelaxedOracle.for_devices(problem), objective, inflight)
     value = _value(plan_, objective)
-    bound = lower.value if lower is not None else value
+    bound = lower.value
     gap = max(0.0, (value - bound) / bound) if bound > 0 else 0.0
     return Plan(**{**plan_.__dict__, "gap": gap,
                    "notes": (f"bounded search: within {gap:.1%} of the proven lower bound {bound:.6g} s",)})

@@ -41,12 +41,14 @@ class SearchResult:
     evaluations: int
 
 
-def optimise(oracle: Oracle, objective: str, inflight: int = 1, lower: Oracle | None = None) -> SearchResult | None:
+def optimise(oracle: Oracle, objective: str, inflight: int = 1, lower: Oracle | None = None,
+             bound: float | None = None) -> SearchResult | None:
     """Optimum of `objective` through the oracle; None when no plan exists.
 
     `lower`, if given, is a cheap oracle whose R*(tau) never exceeds the real one (a
     relaxation); its optimum is a lower bound, so the search gallops up from there and
-    usually needs two or three real solves instead of a full bisection.
+    usually needs two or three real solves instead of a full bisection. `bound` is such a
+    lower bound given directly.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -54,12 +56,12 @@ def optimise(oracle: Oracle, objective: str, inflight: int = 1, lower: Oracle | 
         r, build = oracle.solve(np.inf)
         return None if build is None else SearchResult(r, build(), 1)
     cands = oracle.candidates()
-    start = 0
     if lower is not None:
-        bound = optimise(lower, objective, inflight)
-        if bound is None:
+        found = optimise(lower, objective, inflight)
+        if found is None:
             return None
-        start = int(np.searchsorted(cands, bound.value * (1 - 1e-9)))
+        bound = found.value if bound is None else max(bound, found.value)
+    start = 0 if bound is None else int(np.searchsorted(cands, bound * (1 - 1e-9)))
     floor = getattr(oracle, "latency_floor", None)
     if floor is not None:  # a cheap lower bound on R*(tau), never growing with tau: skip hopeless taus
         m = max(1, int(inflight)) if objective == "cycle" else np.inf
