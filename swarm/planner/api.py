@@ -36,6 +36,8 @@ def plan(problem: Problem, objective: str = "latency", inflight: int = 1, strate
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if int(inflight) < 1:
+        raise ValueError(f"inflight must be >= 1, got {inflight!r}")
     if strategy not in (None, "ours"):
         from swarm.planner.strategies import run_strategy
 

@@ -75,18 +75,31 @@ def build_space(members: list[tuple[int, ...]]) -> TypeSpace:
 def group_devices(problem: Problem, key: Callable[[int], Hashable]) -> list[tuple[int, ...]]:
     """Group devices by key (source alone first), then keep the grouping only if links agree.
 
-    Links must be equal within every (type, type) block, off the diagonal of devices; if not,
-    every device becomes its own type (exact either way, only slower).
+    Links must be equal within every (type, type) block, off the diagonal of devices; groups are
+    split by their links to the other groups until they are, and if that does not settle, every
+    device becomes its own type (exact either way, only slower).
     """
     src = problem.source
-    groups: dict[Hashable, list[int]] = {}
-    for d in range(problem.n_devices):
-        if d != src:
-            groups.setdefault(key(d), []).append(d)
-    members = [(src,)] + [tuple(g) for g in groups.values()]
-    if _links_agree(problem, members):
-        return members
+    label = {d: ("source",) if d == src else ("device", key(d)) for d in range(problem.n_devices)}
+    for _ in range(problem.n_devices):  # refine by links to each class until stable
+        members = _classes(label, src)
+        if _links_agree(problem, members):
+            return members
+        new = {d: (label[d], tuple(sorted(
+            (label[j], problem.bandwidth[d, j], problem.latency[d, j], problem.bandwidth[j, d], problem.latency[j, d])
+            for j in range(problem.n_devices) if j != d))) for d in label}
+        if len(set(new.values())) == len(set(label.values())):
+            break
+        label = new
     return [(src,)] + [(d,) for d in range(problem.n_devices) if d != src]
+
+
+def _classes(label: dict[int, Hashable], src: int) -> list[tuple[int, ...]]:
+    groups: dict[Hashable, list[int]] = {}
+    for d, lab in label.items():
+        if d != src:
+            groups.setdefault(lab, []).append(d)
+    return [(src,)] + [tuple(g) for g in groups.values()]
 
 
 def _links_agree(problem: Problem, members: list[tuple[int, ...]]) -> bool:

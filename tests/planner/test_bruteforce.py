@@ -157,3 +157,29 @@ def test_paper_algorithm2_is_exact_when_the_return_hop_is_free():
         assert (got is None and want == math.inf) or close(got.value, want)
         checked += got is not None
     assert checked > 50
+
+
+def test_device_types_split_by_links_stay_exact():
+    """Identical devices where one sits on a slower link: types are refined, plans stay optimal."""
+    checked = grouped = 0
+    for i, (rng, prob) in enumerate(problems()):
+        if i % 3 != 1 or prob.n_devices < 4:
+            continue
+        d = prob.to_json()
+        slow = (prob.source + 1) % prob.n_devices
+        for j in range(prob.n_devices):
+            if j != slow:
+                d["bandwidth"][slow][j] = d["bandwidth"][j][slow] = d["bandwidth"][slow][j] / 3
+        prob = Problem.from_json(d)
+        members = group_devices(prob, device_key(prob))
+        assert (slow,) in members
+        grouped += len(members) < prob.n_devices
+        plans = all_plans(prob)
+        for objective in OBJECTIVES:
+            want = optimum(plans, objective, 2)
+            try:
+                assert close(value(plan(prob, objective, inflight=2), objective), want)
+            except InfeasibleError:
+                assert want == math.inf
+        checked += 1
+    assert checked > 20 and grouped > 10
