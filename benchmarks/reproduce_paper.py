@@ -111,8 +111,10 @@ def markdown(rows: list[dict]) -> str:
             thr = d["throughput"]
             thr_s = "-" if thr is None and row["method"].startswith("EdgeShard, paper Alg. 1") else (
                 "OOM" if thr is None else f"{thr[0]:.2f} [{thr[1]} x {thr[2]}]")
-            cells += [f"{lat} ({fmt(p_lat) if p_lat is not None else 'OOM'})",
-                      f"{thr_s} ({fmt(p_thr) if p_thr is not None else 'OOM'})"]
+            if row["method"] not in PAPER_KEY:  # the paper has no such row
+                cells += [f"{lat} (-)", f"{thr_s} (-)"]
+            else:
+                cells += [f"{lat} ({fmt(p_lat)})", f"{thr_s} ({fmt(p_thr)})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
