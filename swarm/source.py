@@ -145,6 +145,10 @@ class SwarmSource:
 
     # ------------------------------------------------------------ gathering
 
+    def diagnostic(self) -> str:
+        """What discovery tried and heard: for the error when too few peers were found."""
+        return self.directory.diagnostic() if self.directory is not None else "discovery not started"
+
     async def wait_for_peers(self) -> None:
         """Discovery window: until min_peers are live, or discovery_s has passed."""
         d = self.directory

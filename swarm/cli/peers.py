@@ -61,12 +61,13 @@ def print_table(peers: list[dict]) -> None:
 
     names = {p["id"]: p["name"] for p in peers}
     table = Table(title=f"{len(peers)} peer(s)")
-    for col in ("name", "id", "address", "model", "memory", "decode ms/token", "links (MB/s, rtt ms)"):
-        table.add_column(col)
+    for col in ("name", "address", "model", "memory", "decode ms", "prefill ms", "links: MB/s @ rtt ms"):
+        table.add_column(col, no_wrap=col != "links: MB/s @ rtt ms")
     for p in peers:
-        decode_ms = sum(p["decode_us"]) / 1e3 if not p["summarised"] else float("nan")
-        links = ", ".join(f"{names.get(pid, pid)}: {l['bandwidth_Bps'] / 1e6:.1f}, {l['rtt_s'] * 1e3:.2f}"
-                          for pid, l in p["links"].items())
-        table.add_row(p["name"], p["id"], f"{p['host']}:{p['port']}", p["fingerprint"],
-                      f"{p['mem_bytes'] / 2**30:.2f} GiB", f"{decode_ms:.2f}", links or "-")
+        decode_ms, prefill_ms = (sum(p[k]) / 1e3 if not p["summarised"] else float("nan")
+                                 for k in ("decode_us", "prefill_us"))
+        links = "\n".join(f"{names.get(pid, pid)}: {l['bandwidth_Bps'] / 1e6:.0f} @ {l['rtt_s'] * 1e3:.2f}"
+                           for pid, l in p["links"].items())
+        table.add_row(f"{p['name']} ({p['id'][:6]})", f"{p['host']}:{p['port']}", p["fingerprint"][:8],
+                      f"{p['mem_bytes'] / 2**30:.2f} GiB", f"{decode_ms:.1f}", f"{prefill_ms:.1f}", links or "-")
     Console().print(table)

@@ -79,6 +79,11 @@ class Directory:
             self._clients[address] = await PeerClient(address, ctx=self._ctx).__aenter__()
         return self._clients[address]
 
+    async def _close_client(self, host: str, port: int) -> None:
+        client = self._clients.pop(f"tcp://{host}:{port}", None)
+        if client is not None:
+            await client.aclose()
+
     async def run(self) -> None:
         """Resolve mDNS, poll seeds and send heartbeats until cancelled."""
         async with asyncio.TaskGroup() as tg:
@@ -146,8 +151,9 @@ class Directory:
                     del self.live[pid]
                     changed = True
             for pid in set(self.live) - set(candidates):  # mDNS goodbye
-                del self.live[pid]
+                rec = self.live.pop(pid)
                 self._liveness.forget(pid)
+                await self._close_client(rec.host, rec.port)
                 changed = True
             if changed:
                 self._bump()
