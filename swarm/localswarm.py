@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -171,6 +172,9 @@ class LocalSwarmConfig:
     interface: str = "127.0.0.1"
     log_dir: Path | None = None  # each peer's stderr goes to peer-<i>.log here; None: discarded
     extra_args: tuple[str, ...] = ()  # more `swarm join` options (tests shorten heartbeats)
+    # No multicast: the peers find each other (and the source finds them) through
+    # --peer seeds only, so a local swarm never mixes with other swarms on the machine.
+    isolated: bool = True
     start_timeout_s: float = PEER_START_TIMEOUT_S
     stop_timeout_s: float = PEER_STOP_TIMEOUT_S
 
@@ -181,6 +185,15 @@ class LocalPeer:
     pid: int
     peer_id: str
     address: str
+
+
+def free_ports(count: int, host: str) -> list[int]:
+    """Ports free right now (all held open together, so they are distinct)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _die_with_parent() -> None:
@@ -201,6 +214,7 @@ class LocalSwarm:
     def __init__(self, config: LocalSwarmConfig, on_ready: Callable[[int, int, str], None] | None = None) -> None:
         self.config = config
         self.peers: list[LocalPeer] = []
+        self.ports = free_ports(config.peers, config.interface) if config.isolated else [0] * config.peers
         self._procs: list[asyncio.subprocess.Process] = []
         self._on_ready = on_ready or (lambda done, total, name: None)
 
@@ -210,7 +224,17 @@ class LocalSwarm:
                "--mem", str(c.mem_bytes), "--threads", str(c.threads)]
         if c.model is not None:
             cmd += ["--model", str(c.model)]
+        if c.isolated:
+            cmd += ["--no-mdns", "--port", str(self.ports[index])]
+            for other, port in enumerate(self.ports):
+                if other != index:
+                    cmd += ["--peer", f"{c.interface}:{port}"]
         return cmd + list(c.extra_args)
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        """host:port of every peer, for a source that finds them without multicast."""
+        return tuple(p.address.removeprefix("tcp://") for p in self.peers)
 
     def log_path(self, index: int) -> Path | None:
         return None if self.config.log_dir is None else self.config.log_dir / f"peer-{index + 1}.log"

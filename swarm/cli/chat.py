@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from swarm.view.snapshot import SwarmSnapshot
 
 if TYPE_CHECKING:
     from swarm.view.conversation import TokenEngine
+
+log = logging.getLogger(__name__)
 
 HELP = """\
 /peers   the peers in the swarm: memory, compute, liveness, links
@@ -259,39 +262,40 @@ def _progress(console: Console):
                     TextColumn("{task.fields[what]}"), TimeElapsedColumn(), console=console, transient=True)
 
 
-async def start_source(args: argparse.Namespace, model_dir: Path, console: Console,
-                       stack: contextlib.AsyncExitStack):
-    """Start local peers if asked, profile this device (progress bars), open a SwarmSource."""
+async def source_config(args: argparse.Namespace, model_dir: Path, console: Console,
+                        stack: contextlib.AsyncExitStack):
+    """Start local peers if asked (stopped when ``stack`` closes), profile this device
+    (progress bars), and return the SourceConfig for a SwarmSource."""
     import socket
 
     from swarm.localswarm import LocalSwarm, LocalSwarmConfig, LocalSwarmError, local_budgets, unit_memory
     from swarm.model.profile import profile_device
     from swarm.model.store import cache_root
-    from swarm.source import SourceConfig, SwarmSource
+    from swarm.source import SourceConfig
 
-    source_mem = None
+    source_mem, seeds = None, tuple(args.peer)
     if args.local:
         budgets = local_budgets(unit_memory(model_dir, 1, args.max_len), args.local)
         source_mem = budgets.source
         with _progress(console) as progress:
             task = progress.add_task(f"starting {args.local} local peers", total=args.local, what="")
             try:
-                await stack.enter_async_context(LocalSwarm(
+                local = await stack.enter_async_context(LocalSwarm(
                     LocalSwarmConfig(args.local, budgets.peer, model_dir, args.threads,
                                      log_dir=cache_root() / "local-peers", extra_args=tuple(args.local_peer_args or ())),
                     on_ready=lambda done, total, name: progress.update(task, completed=done, what=name)))
             except LocalSwarmError as exc:
                 raise BackendError(str(exc)) from None
+        seeds += local.seeds
     with _progress(console) as progress:
         task = progress.add_task("profiling this device", total=None, what="")
         profile = (await asyncio.to_thread(
             profile_device, model_dir, threads=args.threads,
             on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
-    config = SourceConfig(
-        interfaces=["127.0.0.1"] if args.local else _interfaces(args), model=model_dir, seeds=tuple(args.peer),
+    return SourceConfig(
+        interfaces=["127.0.0.1"] if args.local else _interfaces(args), model=model_dir, seeds=seeds, mdns=not args.local,
         name=socket.gethostname(), threads=args.threads, mem_bytes=source_mem, profile=profile,
         max_len=args.max_len, min_peers=args.local or 0)
-    return await stack.enter_async_context(SwarmSource(config))
 
 
 async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
@@ -299,19 +303,14 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
     """Plan and deploy over the swarm; the chat's engine is a pipeline session."""
     from swarm.model import hf
     from swarm.model.sampling import SamplingParams
-    from swarm.planner.problem import InfeasibleError
 
-    source = await start_source(args, model_dir, console, stack)
-    with console.status("looking for peers, measuring links, planning and loading shards"):
-        try:
-            await source.deploy()
-        except InfeasibleError as exc:
-            raise BackendError(not_enough_memory(exc, source)) from None
-    tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    engine = SwarmEngine(source, sampling)
+    config = await source_config(args, model_dir, console, stack)
+    engine = SwarmEngine(config, SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     stack.push_async_callback(engine.aclose)
-    view = SourceView(source, engine, model_dir.name)
+    with console.status("looking for peers, measuring links, planning and loading shards"):
+        await engine.start()
+    tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
+    view = SourceView(engine, model_dir.name)
     tasks = await stack.enter_async_context(asyncio.TaskGroup())
     poller = tasks.create_task(view.poll_forever())
     stack.callback(poller.cancel)  # runs before the TaskGroup waits for it
@@ -383,6 +382,7 @@ class TokenRate:
 
 
 LOSS_CHECK_S = 0.2  # how often an answer checks that every planned peer is still live
+CLOSE_TIMEOUT_S = 5.0
 
 
 class SwarmEngine:
@@ -393,22 +393,54 @@ class SwarmEngine:
     heartbeats mid-answer ends the answer with an error a person can act on.
     """
 
-    def __init__(self, source, sampling) -> None:
-        self.source, self.sampling = source, sampling
+    def __init__(self, config, sampling) -> None:
+        self.config, self.sampling = config, sampling
+        self.source = None  # swarm.source.SwarmSource, replaced after a peer is lost
         self.session = None
         self.pipeline = None
+        self.broken = False  # a peer was lost: the pipeline cannot finish its steps
         self.prefilled_tokens = 0  # tokens fed at the start of each turn (the runtime counts all in session)
         self.rate = TokenRate()
 
+    async def start(self) -> None:
+        """Open the source (discovery, link probes) and deploy a plan over the live peers."""
+        from swarm.planner.problem import InfeasibleError
+        from swarm.source import SwarmSource
+
+        self.source = await SwarmSource(self.config).__aenter__()
+        try:
+            await self.source.deploy()
+        except InfeasibleError as exc:
+            raise BackendError(not_enough_memory(exc, self.source)) from None
+        self.broken = False
+
     async def reset(self) -> None:
-        await self.aclose()
+        await self._close_session()
+        if self.broken or self.source is None:
+            await self._close_source()
+            await self.start()
         self.pipeline = await self.source.pipeline()
         self.session = await self.pipeline.open_session(self.sampling)
 
-    async def aclose(self) -> None:
+    async def _close_session(self) -> None:
         session, self.session = self.session, None
         if session is not None:
-            await session.aclose()
+            try:
+                # A session whose step died with a lost peer would wait for it forever.
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await session.aclose()
+            except TimeoutError:
+                log.warning("closing the chat session timed out (a lost peer); closing the pipeline instead")
+
+    async def _close_source(self) -> None:
+        source, self.source, self.pipeline = self.source, None, None
+        if source is not None:
+            await source.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session and the source (pipeline, discovery); safe to call twice."""
+        await self._close_session()
+        await self._close_source()
 
     def lost_peers(self) -> list[str]:
         """Names of peers in the deployed plan that are no longer live."""
@@ -421,7 +453,7 @@ class SwarmEngine:
 
     async def generate(self, new_ids: list[int], max_new_tokens: int, stop_ids: frozenset[int],
                        stop: asyncio.Event):
-        if self.session is None:
+        if self.session is None or self.broken:
             await self.reset()
         pipeline = await self.source.pipeline()  # re-plans (and redeploys) if the peer set changed
         if pipeline is not self.pipeline:
@@ -460,14 +492,20 @@ class SwarmEngine:
                 if done:
                     return step.result()
                 if lost := self.lost_peers():
+                    self.broken = True
                     raise BackendError(
                         f"peer {', '.join(lost)} was lost mid-answer (it stopped answering heartbeats). "
                         "Ask again: the swarm re-plans without it.")
         except PeerError as exc:
+            self.broken = True
             raise BackendError(f"a peer failed mid-answer: {exc}. Ask again: the swarm re-plans.") from None
         finally:
             if not step.done():
+                # Cancelling the pending anext() ends the runtime's generator (and its turn),
+                # so it is not still running when closed.
                 step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await step
 
 
 STATS_POLL_S = 0.5
@@ -476,8 +514,8 @@ STATS_POLL_S = 0.5
 class SourceView:
     """Copies the source's state into snapshots; polls stage statistics (which need requests)."""
 
-    def __init__(self, source, engine: SwarmEngine, model: str) -> None:
-        self.source, self.engine, self.model = source, engine, model
+    def __init__(self, engine: SwarmEngine, model: str) -> None:
+        self.engine, self.model = engine, model
         self._stats: list = []
         self._notes: tuple[str, ...] = ()
 
@@ -486,7 +524,7 @@ class SourceView:
 
         while True:
             pipeline = self.engine.pipeline
-            if pipeline is not None and pipeline.deployment is not None:
+            if pipeline is not None and pipeline.deployment is not None and not self.engine.broken:
                 try:
                     self._stats, self._notes = await pipeline.stage_stats(), ()
                 except PeerError as exc:
@@ -496,7 +534,9 @@ class SourceView:
     def snapshot(self) -> SwarmSnapshot:
         from swarm.view.from_source import SourceState, snapshot_from_source
 
-        s = self.source
+        s = self.engine.source
+        if s is None:
+            return SwarmSnapshot(notes=("re-planning the swarm",))
         current = s.current
         pipeline = self.engine.pipeline
         state = SourceState(

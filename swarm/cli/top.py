@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.live import Live
 
-from swarm.cli.chat import BackendError, add_backend_arguments, not_enough_memory, resolve_model_dir, start_source
+from swarm.cli.chat import BackendError, add_backend_arguments, not_enough_memory, resolve_model_dir, source_config
 from swarm.view.from_source import SourceState, snapshot_from_source
 from swarm.view.live import refresh_forever
 from swarm.view.render import topology
@@ -52,7 +52,9 @@ async def _top(args: argparse.Namespace, console: Console) -> int:
     torch.set_num_threads(args.threads)
     model_dir = await asyncio.to_thread(resolve_model_dir, args, console)
     async with contextlib.AsyncExitStack() as stack:
-        source = await start_source(args, model_dir, console, stack)
+        from swarm.source import SwarmSource
+
+        source = await stack.enter_async_context(SwarmSource(await source_config(args, model_dir, console, stack)))
         observer = Observer(source, model_dir.name)
         with console.status("looking for peers and measuring links"):
             await observer.poll()

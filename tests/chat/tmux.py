@@ -51,9 +51,12 @@ class Terminal:
         self._tmux("send-keys", "-t", "t", *keys)
 
     def screen(self, history: bool = True) -> str:
-        """The pane's text, wrapped lines joined; with history, everything scrolled off too."""
+        """The pane's text, wrapped lines joined; with history, everything scrolled off too.
+
+        The empty rows below the last line are dropped, so offsets only grow as the program writes.
+        """
         args = ["capture-pane", "-p", "-J", "-t", "t"] + (["-S", "-"] if history else [])
-        return self._tmux(*args)
+        return self._tmux(*args).rstrip() + "\n"
 
     def wait_for(self, pattern: str, timeout: float = 30.0, *, after: int = 0) -> re.Match:
         """Poll the screen until the regex ``pattern`` appears at or after character ``after``."""

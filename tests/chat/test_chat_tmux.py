@@ -1,0 +1,90 @@
+"""`swarm chat --local 2` driven in a real terminal (tmux), with the default model.
+
+A person's session: a question and its streamed answer, a follow-up that reuses
+the cache, /peers, /plan, Ctrl-C during an answer, /quit; then nothing may be left
+running (the chat, and the two peers it started, carry the terminal's tag).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+
+import pytest
+
+from .tmux import Terminal
+
+pytestmark = pytest.mark.slow
+
+START_S = 420.0  # first run: peers and source profile the model, shards load
+ANSWER_S = 120.0
+
+
+def chat(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "swarm", "chat", "--local", "2", "--no-history-file", "--max-new-tokens", "48",
+            "--local-peer-arg=--heartbeat", "--local-peer-arg=0.3", *extra]
+
+
+def ask(term: Terminal, text: str) -> int:
+    """Type a question; returns where its echo starts on the screen."""
+    start = len(term.screen())
+    term.type(text)
+    term.press("Enter")
+    return term.wait_for(re.escape(text), 10, after=max(0, start - len(text) - 10)).start()
+
+
+def test_chat_with_a_local_swarm(smollm2_dir):
+    with Terminal(chat(), width=110, height=50) as term:
+        term.wait_for(r"swarm chat with .* /help", START_S)
+        term.wait_for(r"you>", 10)
+
+        at = ask(term, "What is the capital of France?")
+        answer = term.wait_for(r"Paris[^\n]*\n\[(\d+) tokens, first after \d+ ms, [\d.]+ ms/token, prefilled (\d+)\]",
+                               ANSWER_S, after=at)
+        first_prefill = int(answer.group(2))
+
+        at = ask(term, "And of Italy?")
+        follow = term.wait_for(r"\[(\d+) tokens, [^\n]*prefilled (\d+)\]", ANSWER_S, after=at)
+        # The second turn prefilled only its own tokens, not the first turn's again.
+        assert 0 < int(follow.group(2)) < first_prefill
+        assert "recomputed" not in follow.group(0)
+
+        at = ask(term, "/peers")
+        term.wait_for(r"local-1", 10, after=at)
+        peers = term.screen()[at:]
+        assert re.search(r"local-2 .*alive", peers) and re.search(r"\(you\)", peers)
+        assert re.search(r"↔[^\n]*(Gbit|Mbit)/s[^\n]*ms", peers)  # links with bandwidth and RTT
+
+        at = ask(term, "/plan")
+        plan = term.wait_for(r"layers (1+)(2+)(3+)\b", 10, after=at)
+        assert len("".join(plan.groups())) == 32  # SmolLM2: embedding, 30 blocks, head
+        term.wait_for(r"32 units in 3 stages", 5, after=at)
+
+        at = ask(term, "Tell me a long story about a brave dragon and a knight.")
+        term.wait_for(r"\n\w+ \w+", ANSWER_S, after=at)  # the answer has started streaming
+        term.press("C-c")
+        stopped = term.wait_for(r"\[(\d+) tokens[^\n]*\] \[stopped\]", 30, after=at)
+        assert int(stopped.group(1)) < 48
+        term.wait_for(r"you>\s*$", 10, after=stopped.end())
+
+        ask(term, "/quit")
+        assert term.wait_exit(60) == 0
+        assert "bye" in term.screen()
+        term.wait_no_processes(timeout=20)
+
+
+def test_a_peer_lost_mid_answer_is_reported(smollm2_dir):
+    with Terminal(chat(), width=110, height=50) as term:
+        term.wait_for(r"you>", START_S)
+        at = ask(term, "Tell me a long story about a brave dragon and a knight.")
+        term.wait_for(r"\n\w+ \w+", ANSWER_S, after=at)
+        peer = next(p for p in term.leftover_processes() if "join" in p.cmdline() and "local-2" in p.cmdline())
+        peer.send_signal(signal.SIGKILL)
+        lost = term.wait_for(r"error:.*\n?.*lost mid-answer", 60, after=at)
+        assert "local-2" in term.screen()[lost.start():]
+        term.wait_for(r"you>\s*$", 10, after=lost.end())
+
+        ask(term, "/quit")
+        assert term.wait_exit(60) == 0
+        term.wait_no_processes(timeout=20)
