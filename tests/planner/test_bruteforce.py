@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
 from swarm.planner import InfeasibleError, Problem, plan
 from swarm.planner import paper
