@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     r = result
     print(f"single process      {r.single_process_ms_per_token:8.2f} ms/token")
-    print(f"3 peers, sequential {r.sequential_ms_per_token:8.2f} ms/token  ({r.sequential_over_single:.3f}x, target <= 1.10x)")
-    print(f"overhead per hop    {r.hop_overhead_ms:8.3f} ms  ({r.hops} hops; probe: {r.probe_hop_ms:.3f} ms; target <= 0.5 ms)")
+    print(f"3 peers, sequential {r.sequential_ms_per_token:8.2f} ms/token  "
+          f"({r.sequential_over_single:.3f}x, target <= 1.10x)")
+    print(f"overhead per hop    {r.hop_overhead_ms:8.3f} ms  "
+          f"({r.hops} hops; probe: {r.probe_hop_ms:.3f} ms; target <= 0.5 ms)")
     print(f"2 stages, cut at unit {r.two_stage_cut}: stage steps {', '.join(f'{t:.2f}' for t in r.stage_step_ms)} ms, "
           f"hop {r.hop_ms:.2f} ms, m=1 {r.two_stage_m1_ms_per_token:.2f} ms/token")
     for p in r.pipeline:

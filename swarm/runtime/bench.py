@@ -159,7 +159,8 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
                 prompts = bench_prompts(m, config.prompt_tokens, layout.vocab_size)
                 await pipe.stage_stats()
                 runs.setdefault((m, mode), []).append(await _time_pipeline(pipe, prompts, new))
-                step_times.setdefault((m, mode), []).append([s.busy_share / s.steps_per_s for s in await pipe.stage_stats()])
+                stats = await pipe.stage_stats()
+                step_times.setdefault((m, mode), []).append([s.busy_share / s.steps_per_s for s in stats])
                 log.info("m=%d %s: %.1f tok/s", m, mode.value, 1 / runs[(m, mode)][-1])
 
     def median_stages(key) -> list[float]:

@@ -167,13 +167,13 @@ class PeerClient:
         }, timeout=timeout)
         return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"])
 
-    async def unload(self) -> None:
-        await self.request(Kind.UNLOAD)
+    async def unload(self, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        await self.request(Kind.UNLOAD, timeout=timeout)
 
     async def open_slots(self, slots: list[int], temperature: float = 0.0, top_k: int = 0,
-                         top_p: float = 1.0, seed: int | None = None) -> None:
+                         top_p: float = 1.0, seed: int | None = None, timeout: float = REQUEST_TIMEOUT_S) -> None:
         await self.request(Kind.OPEN, {"slots": slots, "temperature": temperature, "top_k": top_k,
-                                       "top_p": top_p, "seed": seed})
+                                       "top_p": top_p, "seed": seed}, timeout=timeout)
 
-    async def close_slots(self, slots: list[int]) -> None:
-        await self.request(Kind.CLOSE, {"slots": slots})
+    async def close_slots(self, slots: list[int], timeout: float = REQUEST_TIMEOUT_S) -> None:
+        await self.request(Kind.CLOSE, {"slots": slots}, timeout=timeout)

@@ -69,7 +69,8 @@ class Deployment:
     """A loaded plan. ``async with`` loads every stage; exit unloads the peers (idempotent)."""
 
     def __init__(self, model_dir: Path, plan: Sequence[Stage], *, slots: int, max_len: int,
-                 dtype: str = "float32", on_message: Callable[[Message], None] | None = None) -> None:
+                 dtype: str = "float32", on_message: Callable[[Message], None] | None = None,
+                 control_timeout_s: float = 10.0) -> None:
         self.model_dir = Path(model_dir)
         self.plan = tuple(plan)
         self.slots, self.max_len, self.dtype = slots, max_len, dtype
@@ -78,6 +79,7 @@ class Deployment:
         self.ready: list[Ready] = []
         self.shard: Shard | None = None
         self._on_message = on_message
+        self.control_timeout_s = control_timeout_s  # OPEN / CLOSE / UNLOAD replies
         self._ctx = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -120,11 +122,12 @@ class Deployment:
         mine = Ready(time.perf_counter() - began, self.shard.weight_bytes, self.shard.kv_cache_bytes,
                      psutil.Process(os.getpid()).memory_info().rss)
         self.ready = [mine, *peer_ready]
-        log.info("deployment %d ready: %s", self.dep_id,
-                 ", ".join(f"[{s.start},{s.end})@{s.address or 'source'} {r.load_s:.2f}s" for s, r in zip(self.plan, self.ready)))
+        stages = (f"[{s.start},{s.end})@{s.address or 'source'} {r.load_s:.2f}s" for s, r in zip(self.plan, self.ready))
+        log.info("deployment %d ready: %s", self.dep_id, ", ".join(stages))
 
     async def _unload_peers(self) -> None:
-        results = await asyncio.gather(*(p.unload() for p in self.peers), return_exceptions=True)
+        results = await asyncio.gather(*(p.unload(self.control_timeout_s) for p in self.peers),
+                                       return_exceptions=True)
         for peer, result in zip(self.peers, results):
             if isinstance(result, Exception):
                 log.warning("unload on %s failed: %s", peer.address, result)
@@ -146,14 +149,14 @@ class Deployment:
         shard = self.shard
         await asyncio.gather(
             self.on_worker(lambda: [shard.open_slot(s, sampling) for s in slots]),
-            *(p.open_slots(slots, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
-              for p in self.peers),
+            *(p.open_slots(slots, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
+                           self.control_timeout_s) for p in self.peers),
         )
 
     async def close_slots(self, slots: list[int]) -> None:
         shard = self.shard
         await asyncio.gather(self.on_worker(lambda: [shard.free_slot(s) for s in slots]),
-                             *(p.close_slots(slots) for p in self.peers))
+                             *(p.close_slots(slots, self.control_timeout_s) for p in self.peers))
 
     async def run_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
                               lengths: list[int] | None) -> torch.Tensor | None:

@@ -47,6 +47,10 @@ class PipelineConfig:
     mode: Mode = Mode.NO_BUBBLES
     max_len: int = 512  # KV cache positions per slot (prompt + every turn + generated)
     dtype: str = "float32"
+    # A turn whose next token takes longer than this fails with PeerError (a stage died or
+    # hangs); its micro-batch is written off so the rest carry on, and redeploy() can replace the plan.
+    token_timeout_s: float = 60.0
+    control_timeout_s: float = 10.0  # OPEN / CLOSE / UNLOAD replies
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,11 @@ class Session:
         self._pipeline._start_turn(turn)
         try:
             while True:
-                item = await turn.queue.get()
+                try:
+                    item = await asyncio.wait_for(turn.queue.get(), self._pipeline.config.token_timeout_s)
+                except TimeoutError:
+                    self._pipeline._expire(turn)
+                    continue  # _expire queued the error
                 if item is _END:
                     return
                 if isinstance(item, Exception):
@@ -204,7 +212,8 @@ class Pipeline:
     async def _deploy(self, plan: tuple[Stage, ...]) -> Deployment:
         check_plan(plan, ModelLayout.read(self.config.model_dir).num_units)
         dep = Deployment(self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
-                         dtype=self.config.dtype, on_message=self._on_peer_message)
+                         dtype=self.config.dtype, on_message=self._on_peer_message,
+                         control_timeout_s=self.config.control_timeout_s)
         await dep.__aenter__()
         local = {**self._local, "queued": 0}
         self._last_stats = (time.perf_counter(), [local, *await dep.peer_status()])
@@ -377,6 +386,14 @@ class Pipeline:
             else:
                 turn.pending = [token]
         self._after_flight()
+
+    def _expire(self, turn: _Turn) -> None:
+        error = PeerError(f"no token within {self.config.token_timeout_s} s: a stage is down or stuck")
+        group = self.layout.group_of(turn.session.slot)
+        if turn.in_flight and group in self._flights:
+            self._fail_flight(group, error)
+        elif not turn.done:
+            self._finish_turn(turn, error)
 
     def _fail_flight(self, group: int, error: Exception, step: int | None = None) -> None:
         flight = self._flights.get(group)

@@ -276,7 +276,8 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
     for i, ((dtype, shape, nbytes), frame) in enumerate(zip(specs, frames[1:])):
         buffer = _frame_buffer(frame)
         if buffer.nbytes != nbytes:
-            raise WireError(f"tensor {i}: shape {shape} {DTYPE_NAMES[dtype]} needs {nbytes} bytes, frame has {buffer.nbytes}")
+            raise WireError(f"tensor {i}: shape {shape} {DTYPE_NAMES[dtype]} needs {nbytes} bytes, "
+                            f"frame has {buffer.nbytes}")
         tensors.append(_tensor_from(buffer, dtype, shape))
     return Message(kind, fields, tuple(tensors), msg_id, re)
 

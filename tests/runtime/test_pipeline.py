@@ -66,14 +66,13 @@ async def test_pipelined_batches_of_different_lengths(tiny_model_dir, peers, tin
 
 async def test_requests_of_different_lengths_join_and_leave_between_steps(tiny_model_dir, peers, tiny_reference):
     async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m=2, b=2)) as pipe:
-        async def late(prompt, delay_tokens, n):
-            await asyncio.sleep(0)
+        async def late(prompt, n):
             return [t async for t in pipe.generate(prompt, n)]
 
         short = pipe.generate(PROMPTS[1], 3)
         long = pipe.generate(PROMPTS[0], 20)
-        first = await anext(long)
-        joined = asyncio.gather(late(PROMPTS[2], 0, 8), late(PROMPTS[3], 0, 5))
+        first = await anext(long)  # the long request is decoding when two more join
+        joined = asyncio.gather(late(PROMPTS[2], 8), late(PROMPTS[3], 5))
         outs = [t async for t in short], [first] + [t async for t in long], *await joined
     want = [tiny_reference([p], n)[0] for p, n in [(PROMPTS[1], 3), (PROMPTS[0], 20), (PROMPTS[2], 8), (PROMPTS[3], 5)]]
     assert list(outs) == want
@@ -148,6 +147,30 @@ def test_bad_plans_are_refused(tiny_model_dir, peers):
     from swarm.runtime.deploy import check_plan
 
     for plan in [(), (Stage(peers[0], 0, 6),), (Stage(None, 0, 3), Stage(peers[0], 4, 6)),
-                 (Stage(None, 0, 3), Stage(peers[0], 3, 5)), (Stage(None, 0, 2), Stage(peers[0], 2, 4), Stage(peers[0], 4, 6))]:
+                 (Stage(None, 0, 3), Stage(peers[0], 3, 5)),
+                 (Stage(None, 0, 2), Stage(peers[0], 2, 4), Stage(peers[0], 4, 6))]:
         with pytest.raises(ValueError):
             check_plan(plan, TINY_UNITS)
+
+
+async def test_a_dead_stage_fails_the_turn_and_redeploy_recovers(tiny_model_dir, peers, tiny_reference):
+    from swarm.runtime.client import PeerError
+    from swarm.runtime.server import ServerConfig, ShardServer
+
+    async with ShardServer(ServerConfig()) as doomed:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(doomed.serve_forever())
+            plan = (Stage(None, 0, 3), Stage(doomed.address, 3, 6))
+            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 1), max_len=128, token_timeout_s=1.0,
+                                 control_timeout_s=1.0)
+            async with Pipeline(cfg) as pipe:
+                got = []
+                with pytest.raises(PeerError, match="no token within"):
+                    async for token in pipe.generate(PROMPTS[0], 100):
+                        got.append(token)
+                        if len(got) == 3:
+                            doomed.close()  # the stage stops answering mid-generation
+                assert got == tiny_reference([PROMPTS[0]], 3)[0]
+                await pipe.redeploy((Stage(None, 0, 3), Stage(peers[0], 3, 6)))
+                after = await asyncio.wait_for(pipe.generate_all([PROMPTS[1]], NEW), TIMEOUT_S)
+    assert after == tiny_reference([PROMPTS[1]], NEW)

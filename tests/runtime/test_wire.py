@@ -31,7 +31,8 @@ def test_round_trip_every_dtype(dtype):
 
 def test_scalar_and_empty_tensors_round_trip():
     for x in (torch.tensor(5, dtype=torch.int64), torch.zeros(0, 4)):
-        (got,) = decode(encode(Message(Kind.TOKENS, {k: STEP_FIELDS[k] for k in ("dep", "mb", "step", "slots")}, (x,)))).tensors
+        ids = {k: STEP_FIELDS[k] for k in ("dep", "mb", "step", "slots")}
+        (got,) = decode(encode(Message(Kind.TOKENS, ids, (x,)))).tensors
         assert got.shape == x.shape and torch.equal(got, x)
 
 

@@ -1,0 +1,25 @@
+"""`swarm bench --json` runs end to end (tiny model, few tokens) and prints the agreed keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_json_has_the_agreed_keys(tiny_model_dir):
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_pipeline.py", "--model", str(tiny_model_dir), "--json",
+         "--prompt-tokens", "8", "--new-tokens", "8", "--repeats", "1", "--micro-batches", "2"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["single_process_ms_per_token"] > 0 and result["sequential_ms_per_token"] > 0
+    assert isinstance(result["hop_overhead_ms"], float)
+    (row,) = result["pipeline"]
+    assert row["m"] == 2
+    assert all(row[k] > 0 for k in ("no_bubbles_tok_s", "bubbles_tok_s", "simulated_tok_s"))
