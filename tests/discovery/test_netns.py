@@ -4,6 +4,7 @@ bandwidths match the shaping and the plan follows a slowed link as the planner s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import shutil
@@ -21,6 +22,7 @@ from swarm.planner.problem import Problem
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 MBIT = 1e6 / 8  # bytes per second
 TOLERANCE = 0.15
@@ -41,53 +43,26 @@ def _can_netns() -> str | None:
     return None if probe.returncode == 0 else "ip netns is not available here"
 
 
-def _sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
+TESTBED = REPO / "bootstrap" / "netns" / "testbed.sh"
 
 
-def _tbf(ns: str, dev: str, mbit: float, change: bool = False) -> None:
-    # burst well above one MTU (below it full packets are dropped); a deep queue so TCP never stalls
-    _sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace" if change else "add", "dev", dev, "root", "tbf",
-        "rate", f"{mbit}mbit", "burst", "32kb", "latency", "400ms")
+def _testbed(*args: str) -> str:
+    return subprocess.run([str(TESTBED), *args], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="module")
 def testbed():
-    """Namespaces <tag>-hub (a bridge), <tag>-src/-a/-b with 10.77.0.x; removed afterwards."""
+    """Namespaces <tag>-hub (a bridge) and <tag>-src/-a/-b on 10.77.0.x; removed afterwards."""
     reason = _can_netns()
     if reason:
         pytest.skip(reason)
     tag = f"swt{os.getpid() % 100000}"
-    hub = f"{tag}-hub"
-    spaces = {name: f"{tag}-{name}" for name in UPLOAD_MBIT}
-    ips = {name: f"10.77.0.{k + 1}" for k, name in enumerate(UPLOAD_MBIT)}
-    created = []
     try:
-        for ns in [hub, *spaces.values()]:
-            _sh("ip", "netns", "add", ns)
-            created.append(ns)
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        _sh("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
-        _sh("ip", "-n", hub, "link", "set", "br0", "up")
-        for k, (name, ns) in enumerate(spaces.items()):
-            inner, outer = f"v{k}", f"v{k}h"
-            _sh("ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns", hub)
-            _sh("ip", "-n", ns, "addr", "add", f"{ips[name]}/24", "dev", inner)
-            _sh("ip", "-n", ns, "link", "set", inner, "up")
-            _sh("ip", "-n", hub, "link", "set", outer, "master", "br0")
-            _sh("ip", "-n", hub, "link", "set", outer, "up")
-            _tbf(ns, inner, UPLOAD_MBIT[name])
-        yield {"hub": hub, "spaces": spaces, "ips": ips}
+        lines = _testbed("up", tag, *(f"{name}:{mbit}" for name, mbit in UPLOAD_MBIT.items())).split("\n")
+        rows = [line.split() for line in lines if line.strip()]
+        yield {"tag": tag, "spaces": {name: ns for name, ns, _ in rows}, "ips": {name: ip for name, _, ip in rows}}
     finally:
-        for ns in created:
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        _testbed("down", tag)
 
 
 def _profiles() -> dict[str, dict]:
@@ -162,6 +137,7 @@ def _plan_until(source, ids, slowed: bool) -> tuple[dict, dict, list[str]]:
         source.stdin.flush()
         out = _line(source)
         names = [ids[pid] for pid in out["problem"]["peer_ids"]]
+        log.info("measured Mbit/s %s: %s", names, [[round(b * 8 / 1e6, 1) for b in row] for row in out["problem"]["bandwidth"]])
         if _within(out["problem"]["bandwidth"], _expected(names, slowed)) or time.monotonic() > deadline:
             return out["problem"], out["plan"], names
         time.sleep(0.5)  # between polls of a probe that refreshes every PROBE_INTERVAL_S
@@ -185,10 +161,11 @@ def test_measured_bandwidth_matches_tbf_and_plan_follows_a_slowed_link(testbed, 
     assert [s[0] for s in before] == ["src", "a"]  # the fast peer, reached over a fast link
 
     # Slow what reaches A (its download, on the hub side) to SLOW_MBIT.
-    _tbf(testbed["hub"], f"v{list(UPLOAD_MBIT).index('a')}h", SLOW_MBIT)
+    _testbed("shape", testbed["tag"], "a", str(SLOW_MBIT), "down")
     problem2, plan2, names2 = _plan_until(source, ids, slowed=True)
     assert _within(problem2["bandwidth"], _expected(names2, slowed=True)), problem2["bandwidth"]
     after = _stage_names(plan2, names2)
+    log.info("plan before %s, after slowing A: %s", before, after)
     # What the planner says for the shaped figures themselves, not only for what was measured:
     shaped = dict(problem2, bandwidth=_expected(names2, slowed=True))
     assert after == _stage_names(plan_problem(Problem.from_json(shaped)).to_json(), names2)
