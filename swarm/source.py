@@ -124,7 +124,8 @@ class SwarmSource:
             interfaces=self.config.interfaces, seeds=self.config.seeds, mdns=self.config.mdns, fingerprint=fingerprint,
             liveness=self.config.liveness), own_id=self.peer_id))
         # Peers do not probe a source (it serves nothing), so it measures both directions itself.
-        self.prober = LinkProber(self.directory, activation_bytes(self.profile), self.config.probe, both_ways=True)
+        self.prober = LinkProber(self.directory, activation_bytes(self.profile), self.config.probe, both_ways=True,
+                                 busy=self._generating)
         tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._tasks = [tg.create_task(self.directory.run()), tg.create_task(self.prober.run())]
         self._started = time.monotonic()
@@ -142,6 +143,9 @@ class SwarmSource:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
+
+    def _generating(self) -> bool:
+        return self._pipeline is not None and self._pipeline.micro_batches_in_flight > 0
 
     # ------------------------------------------------------------ gathering
 

@@ -22,6 +22,7 @@ PROBE_ROUNDS = 3  # rounds of (small, large); round 0 is discarded
 PING_ROUNDS = 5
 PROBE_TIMEOUT_S = 10.0
 PROBE_HISTORY = 3  # measurements per link kept; the link's figure is the best of them
+PROBE_MAX_DEFER = 3  # intervals a refresh may wait while a generation is running
 PROBE_JITTER = 0.25  # intervals vary by +-25% so peers' probes into one peer rarely coincide
 
 
@@ -35,6 +36,7 @@ class ProbeConfig:
     timeout_s: float = PROBE_TIMEOUT_S
     history: int = PROBE_HISTORY
     jitter: float = PROBE_JITTER
+    max_defer: int = PROBE_MAX_DEFER
 
 
 def probe_sizes(activation_bytes: int, config: ProbeConfig) -> tuple[int, int]:

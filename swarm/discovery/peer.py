@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -70,7 +69,9 @@ class SwarmPeer:
         self.directory = Directory(DirectoryConfig(
             interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
             fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)
-        self.prober = LinkProber(self.directory, activation_bytes(profile), config.probe, self.republish)
+        self._steps_seen = 0
+        self.prober = LinkProber(self.directory, activation_bytes(profile), config.probe, self.republish,
+                                 busy=self._served_steps_since_last_asked)
 
     @property
     def port(self) -> int:
@@ -119,6 +120,12 @@ class SwarmPeer:
         self.info["announcement"] = encode(self.announcement())
         self.info["peers"] = [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement)}
                               for pid, r in sorted(self.directory.live.items())]
+
+    def _served_steps_since_last_asked(self) -> bool:
+        """Whether this peer computed pipeline steps since the prober last asked."""
+        steps = self.server.status()["steps"]
+        busy, self._steps_seen = steps != self._steps_seen, steps
+        return busy
 
     async def _follow_directory(self) -> None:
         version = self.directory.version

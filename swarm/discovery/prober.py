@@ -1,6 +1,8 @@
 """Link measurement to live peers over ZeroMQ PROBE requests, refreshed periodically
-and whenever the live set changes. One link at a time, a few hundred kilobytes per
-link per interval, so a running generation does not notice."""
+and whenever the live set changes. One link at a time, under a megabyte per link per
+interval; while this process is serving a generation, refreshes of links already
+measured wait (up to ProbeConfig.max_defer intervals), so probes do not compete
+with activations. A new peer is always measured at once."""
 
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ class LinkProber:
     (a source nobody else probes) also links_back[peer id], from that peer to us."""
 
     def __init__(self, directory: Directory, activation_bytes: int, config: ProbeConfig,
-                 on_update: Callable[[], Awaitable[None]] | None = None, both_ways: bool = False) -> None:
+                 on_update: Callable[[], Awaitable[None]] | None = None, both_ways: bool = False,
+                 busy: Callable[[], bool] | None = None) -> None:
         self.directory = directory
         self.activation_bytes = activation_bytes
         self.config = config
@@ -45,6 +48,9 @@ class LinkProber:
         self.both_ways = both_ways
         self._history: dict[tuple[str, bool], deque[Link]] = {}  # (peer id, down) -> recent measurements
         self._due_at: dict[str, float] = {}
+        self._deferred: dict[str, int] = {}
+        self._busy = busy or (lambda: False)
+        self.measurements = 0  # completed link measurements (one per peer per refresh)
         self._on_update = on_update
         self._random = random.Random()
 
@@ -57,11 +63,26 @@ class LinkProber:
         while True:
             changed = self._forget_gone()
             for pid in self.due(time.monotonic()):
+                if self._defer(pid):
+                    continue
                 changed |= await self._measure(pid)
             if changed and self._on_update is not None:
                 await self._on_update()
             soonest = min(self._due_at.values(), default=time.monotonic() + self.config.interval_s)
             version = await self.directory.wait_change(version, max(0.05, soonest - time.monotonic()))
+
+    def _defer(self, pid: str) -> bool:
+        """Postpone refreshing a measured link while a generation runs, a bounded number of times."""
+        if pid not in self.links or self._deferred.get(pid, 0) >= self.config.max_defer or not self._busy():
+            self._deferred[pid] = 0
+            return False
+        self._deferred[pid] = self._deferred.get(pid, 0) + 1
+        self._schedule(pid)
+        return True
+
+    def _schedule(self, pid: str) -> None:
+        spread = 1 + self.config.jitter * (2 * self._random.random() - 1)
+        self._due_at[pid] = time.monotonic() + self.config.interval_s * spread
 
     def _forget_gone(self) -> bool:
         gone = set(self._due_at) - set(self.directory.live)
@@ -69,6 +90,7 @@ class LinkProber:
             self.links.pop(pid, None)
             self.links_back.pop(pid, None)
             self._due_at.pop(pid)
+            self._deferred.pop(pid, None)
             self._history.pop((pid, False), None)
             self._history.pop((pid, True), None)
         return bool(gone)
@@ -77,8 +99,7 @@ class LinkProber:
         rec = self.directory.live.get(pid)
         if rec is None:
             return False
-        spread = 1 + self.config.jitter * (2 * self._random.random() - 1)
-        self._due_at[pid] = time.monotonic() + self.config.interval_s * spread
+        self._schedule(pid)
         try:
             client = await self.directory.client(rec.host, rec.port)
             for down in (False, True) if self.both_ways else (False,):
@@ -92,4 +113,5 @@ class LinkProber:
         except PeerError as e:
             log.info("probe to %s failed: %s", pid, e)
             return False
+        self.measurements += 1
         return True

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from swarm.discovery.directory import Directory, DirectoryConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import PeerConfig, SwarmPeer
+from swarm.discovery.prober import LinkProber
 from tests.discovery.discovery_fixtures import fixture_profile
 
 FAST = LivenessConfig(interval_s=0.2, timeout_s=0.5, misses=3)
@@ -65,3 +67,20 @@ async def test_diagnostic_says_what_was_tried_heard_and_ignored():
     assert f"other-model-{other_model.peer_id}._swarm._tcp.local." in text
     assert "model cdcdcdcdcdcdcdcd, not ours" in text
     assert "seed 127.0.0.1:9:" in text
+
+
+async def test_refreshes_wait_while_generating_but_a_new_peer_is_measured_at_once():
+    probe = ProbeConfig(interval_s=0.2, max_defer=3, min_bytes=4096, rounds=2, ping_rounds=2)
+    target = _peer("target")
+    watcher = Directory(DirectoryConfig(interfaces=["127.0.0.1"], liveness=FAST))
+    prober = LinkProber(watcher, 0, probe, busy=lambda: True)  # a generation runs all along
+    async with target, watcher, _running(target, watcher, prober):
+        async def measured(n):
+            while prober.measurements < n:
+                await asyncio.sleep(0.02)  # polled under the timeout below
+        await asyncio.wait_for(measured(1), TIMEOUT_S)  # busy, but never measured: at once
+        first = time.monotonic()
+        await asyncio.wait_for(measured(2), TIMEOUT_S)  # deferred, but at most max_defer times
+        waited = time.monotonic() - first
+    assert waited >= (probe.max_defer + 1) * probe.interval_s * (1 - probe.jitter)
+    assert target.peer_id in prober.links
