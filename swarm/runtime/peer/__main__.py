@@ -1,0 +1,46 @@
+"""``python -m swarm.runtime.peer``: argv, the address on stdout, exit when stdin closes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import threading
+
+from swarm.runtime.peer import serve
+from swarm.runtime.server import ServerConfig, ShardServer
+
+
+def announce(server: ShardServer, exit_on_eof: bool) -> None:
+    sys.stdout.write(server.address + "\n")
+    sys.stdout.flush()
+    if exit_on_eof:
+        loop = asyncio.get_running_loop()
+        # A daemon thread blocks on stdin; EOF means the parent is gone.
+        threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(server.close)),
+                         daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swarm.runtime.peer", description="serve one shard server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for this peer")
+    parser.add_argument("--info", default="{}", help="JSON object returned by INFO (e.g. a device profile)")
+    parser.add_argument("--exit-on-eof", action="store_true", help="exit when stdin closes")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    # Import the model code now, while the other peers start too, so the first LOAD is quick.
+    import swarm.model.shard  # noqa: F401
+
+    config = ServerConfig(bind_host=args.host, port=args.port, threads=args.threads, info=json.loads(args.info))
+    asyncio.run(serve(config, lambda server: announce(server, args.exit_on_eof)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
