@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 def test_type_wait_and_exit_leave_nothing_behind():
     with Terminal([sys.executable, "-c", ECHO_PROGRAM], width=80, height=20) as term:
-        term.wait_for(r"> ")
+        term.wait_for(r"(?m)^>")
         term.type("hello tmux")
         term.press("Enter")
         term.wait_for(r"HELLO TMUX")
@@ -52,7 +52,7 @@ def test_type_wait_and_exit_leave_nothing_behind():
 
 def test_a_process_left_behind_is_reported_even_when_orphaned():
     with Terminal([sys.executable, "-c", ECHO_PROGRAM, "--leak"], width=80, height=20) as term:
-        term.wait_for(r"> ")
+        term.wait_for(r"(?m)^>")
         term.type("spawn")
         term.press("Enter")
         term.wait_for(r"spawned \d+")
@@ -65,6 +65,6 @@ def test_a_process_left_behind_is_reported_even_when_orphaned():
 
 def test_wait_for_times_out_with_the_screen_in_the_message():
     with Terminal([sys.executable, "-c", ECHO_PROGRAM], width=80, height=20) as term:
-        term.wait_for(r"> ")
-        with pytest.raises(AssertionError, match=r"not on screen within 0.3 s; screen:\n> "):
+        term.wait_for(r"(?m)^>")
+        with pytest.raises(AssertionError, match=r"not on screen within 0.3 s; screen:\n>"):
             term.wait_for(r"never printed", timeout=0.3)

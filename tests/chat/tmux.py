@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import subprocess
+import tempfile
 import time
 import uuid
 
@@ -30,8 +31,12 @@ class Terminal:
         self.server = f"swarm-test-{self.tag[:12]}"
         full_env = {**(env or {}), TAG_VARIABLE: self.tag}
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in full_env.items())
-        # `exec` so the pane's process IS the program; its exit status is kept for exit_status().
-        shell_line = f"cd {shlex.quote(cwd or os.getcwd())} && exec env {exports} {shlex.join(command)}"
+        # The shell writes the program's exit status to a file: tmux was seen to leave an
+        # exited pane process unreaped (pane never "dead"), so its own status is not relied on.
+        self._status_dir = tempfile.TemporaryDirectory(prefix="swarm-tmux-")
+        self._status_file = os.path.join(self._status_dir.name, "status")
+        shell_line = (f"cd {shlex.quote(cwd or os.getcwd())} && env {exports} {shlex.join(command)}; "
+                      f"echo $? > {shlex.quote(self._status_file)}")
         self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height), shell_line)
         self._tmux("set-option", "-t", "t", "remain-on-exit", "on")
         self._tmux("set-option", "-t", "t", "history-limit", "10000")
@@ -73,8 +78,12 @@ class Terminal:
 
     def exit_status(self) -> int | None:
         """The program's exit status once it has exited, else None."""
-        fields = self._tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").split()
-        return int(fields[1]) if fields[:1] == ["1"] and len(fields) > 1 else None
+        try:
+            with open(self._status_file) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None  # empty: the shell is still writing it
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
@@ -107,6 +116,7 @@ class Terminal:
     def close(self) -> None:
         """Kill the tmux server and anything still tagged; safe to call twice."""
         subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True, timeout=10)
+        self._status_dir.cleanup()
         for proc in self.leftover_processes():
             try:
                 proc.kill()
