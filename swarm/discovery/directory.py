@@ -145,11 +145,15 @@ class Directory:
                     self._liveness.answered(pid)
                     if self.live.get(pid) != rec:
                         self.live[pid], changed = rec, True
-                elif self._liveness.missed(pid) and pid in self.live:
-                    log.info("peer %s (%s) missed %d heartbeats: dropped", rec.announcement.name, pid,
-                             self.config.liveness.misses)
-                    del self.live[pid]
-                    changed = True
+                elif self._liveness.missed(pid):
+                    if pid in self.live:
+                        log.info("peer %s (%s) missed %d heartbeats: dropped", rec.announcement.name, pid,
+                                 self.config.liveness.misses)
+                        del self.live[pid]
+                        changed = True
+                    # A dead peer's socket queues every unanswered ping (up to the high-water
+                    # mark, where sends block): start from a fresh socket next time.
+                    await self._close_client(rec.host, rec.port)
             for pid in set(self.live) - set(candidates):  # mDNS goodbye
                 rec = self.live.pop(pid)
                 self._liveness.forget(pid)
@@ -165,11 +169,13 @@ class Directory:
                 pass
 
     async def _ping(self, rec: PeerRecord) -> bool:
+        timeout = self.config.liveness.timeout_s
         try:
             client = await self.client(rec.host, rec.port)
-            await client.ping(timeout=self.config.liveness.timeout_s)
+            # the outer bound also covers a send that waits on a full queue
+            await asyncio.wait_for(client.ping(timeout=timeout), 2 * timeout)
             return True
-        except PeerError:
+        except (PeerError, TimeoutError):
             return False
 
     async def _seed_loop(self) -> None:
