@@ -309,6 +309,10 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
     stack.push_async_callback(engine.aclose)
     with console.status("looking for peers, measuring links, planning and loading shards"):
         await engine.start()
+    if not engine.source.directory.live:
+        console.print(f"[yellow]no peers found:[/] {engine.source.directory.diagnostic()}\n"
+                      "The whole model runs on this device. Run `swarm join` on another device to add it, "
+                      "or `swarm chat --local 2` to start peers here.", markup=True)
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     view = SourceView(engine, model_dir.name)
     tasks = await stack.enter_async_context(asyncio.TaskGroup())

@@ -85,6 +85,12 @@ def test_a_peer_lost_mid_answer_is_reported(smollm2_dir):
         assert "local-2" in term.screen()[lost.start():]
         term.wait_for(r"you>\s*$", 10, after=lost.end())
 
+        # Asking again re-plans without the lost peer; one local peer cannot hold the model.
+        at = ask(term, "Are you there?")
+        short = term.wait_for(r"not enough memory in the swarm: [^\n]*\n?[^\n]*missing", 120, after=at)
+        assert re.search(r"[\d.]+ [MG]iB missing", term.screen()[short.start():])
+        term.wait_for(r"you>\s*$", 10, after=short.end())
+
         ask(term, "/quit")
         assert term.wait_exit(60) == 0
         term.wait_no_processes(timeout=20)
