@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import msgpack
 import psutil
 import torch
 import zmq
@@ -44,6 +45,12 @@ class ServerConfig:
     info: Mapping[str, Any] = field(default_factory=dict)  # returned verbatim by INFO
     device: str = "cpu"
     limits: WireLimits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        try:  # INFO replies carry it as is: refuse at start-up what msgpack cannot send
+            msgpack.packb(dict(self.info), use_bin_type=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"ServerConfig.info must be plain JSON-like data: {exc}") from None
 
 
 @dataclass
@@ -85,7 +92,10 @@ class ShardServer:
     async def __aenter__(self) -> "ShardServer":
         torch.set_num_threads(self.config.threads)
         self._ctx = sockets.new_context()
-        self._sock, self.address = sockets.bind_router(self._ctx, self.config.bind_host, self.config.port)
+        limits = self.config.limits
+        self._sock, self.address = sockets.bind_router(
+            self._ctx, self.config.bind_host, self.config.port,
+            max_frame_bytes=max(limits.max_tensor_bytes, limits.max_header_bytes))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard")
         log.info("shard server listening on %s", self.address)
         return self

@@ -35,10 +35,16 @@ def _common(sock: zmq.asyncio.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
-def bind_router(ctx: zmq.asyncio.Context, host: str, port: int) -> tuple[zmq.asyncio.Socket, str]:
-    """A ROUTER bound to host:port (0 = a free port); returns it and its tcp:// address."""
+def bind_router(ctx: zmq.asyncio.Context, host: str, port: int,
+                max_frame_bytes: int = -1) -> tuple[zmq.asyncio.Socket, str]:
+    """A ROUTER bound to host:port (0 = a free port); returns it and its tcp:// address.
+
+    A peer sending a frame over max_frame_bytes is disconnected by zmq before the
+    frame is ever allocated here (-1: no limit).
+    """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     # Raise instead of silently dropping a message to a peer that is not connected.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:

@@ -174,3 +174,10 @@ async def test_a_dead_stage_fails_the_turn_and_redeploy_recovers(tiny_model_dir,
                 await pipe.redeploy((Stage(None, 0, 3), Stage(peers[0], 3, 6)))
                 after = await asyncio.wait_for(pipe.generate_all([PROMPTS[1]], NEW), TIMEOUT_S)
     assert after == tiny_reference([PROMPTS[1]], NEW)
+
+
+async def test_a_request_too_long_for_the_cache_is_refused_and_frees_its_slot(tiny_model_dir, peers, tiny_reference):
+    async with Pipeline(config(tiny_model_dir, plan_for(peers, 1), max_len=16)) as pipe:
+        with pytest.raises(ValueError, match="cache positions"):
+            await pipe.generate_all([list(range(1, 12))], 8)
+        assert await asyncio.wait_for(pipe.generate_all([PROMPTS[0]], 8), TIMEOUT_S) == tiny_reference([PROMPTS[0]], 8)

@@ -93,3 +93,21 @@ async def test_close_is_idempotent_and_wakes_serve_forever():
             srv.close()
             srv.close()
     await srv.aclose()  # again, after __aexit__
+
+
+def test_info_must_be_sendable():
+    with pytest.raises(ValueError, match="plain JSON-like"):
+        ServerConfig(info={"when": object()})
+
+
+async def test_an_oversized_frame_is_never_accepted(tiny_model_dir):
+    from swarm.runtime.wire import WireLimits
+
+    async with ShardServer(ServerConfig(limits=WireLimits(max_tensor_bytes=1 << 16))) as srv:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(srv.serve_forever())
+            async with PeerClient(srv.address) as big, PeerClient(srv.address) as small:
+                with pytest.raises(PeerError, match="no reply"):
+                    await big.request(Kind.PROBE, {}, (torch.zeros(1 << 20, dtype=torch.uint8),), timeout=0.5)
+                assert (await small.ping())["errors"] == 0  # the server carried on
+            srv.close()
