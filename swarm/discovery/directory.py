@@ -48,6 +48,7 @@ class Directory:
         self.version = 0
         self.mdns = Mdns(config.interfaces)
         self._seeded: dict[str, PeerRecord] = {}  # peer id -> record learned over INFO
+        self._seeded_at: dict[str, float] = {}
         self._liveness = Liveness(config.liveness)
         self._clients: dict[str, PeerClient] = {}
         self._ctx = None
@@ -120,19 +121,21 @@ class Directory:
         old.set()
 
     def candidates(self) -> dict[str, PeerRecord]:
-        """Every peer heard of (mDNS or seeds) serving our model; the freshest record wins."""
-        out: dict[str, PeerRecord] = {}
-        for rec in [*self._seeded.values(), *self.mdns.records.values()]:
+        """Every peer heard of (mDNS or seeds) serving our model, one per peer id (its
+        latest announcement) and one per address (the most recently heard: a peer
+        restarted on the same port has a new id, and the old record must not live on)."""
+        heard: list[tuple[PeerRecord, float]] = [(r, self._seeded_at.get(pid, 0.0)) for pid, r in self._seeded.items()]
+        heard += [(r, self.mdns.heard_at.get(name, 0.0)) for name, r in self.mdns.records.items()]
+        usable = []
+        for rec, at in heard:
             a = rec.announcement
             if a.peer_id == self.own_id:
                 continue
             if self.config.fingerprint and a.fingerprint != self.config.fingerprint:
                 self.mdns.heard.rejected[rec.service_name or a.peer_id] = f"model {a.fingerprint}, not ours"
                 continue
-            old = out.get(a.peer_id)
-            if old is None or a.seq >= old.announcement.seq:
-                out[a.peer_id] = rec
-        return out
+            usable.append((rec, at))
+        return freshest(usable)
 
     async def _heartbeats(self) -> None:
         interval = self.config.liveness.interval_s
@@ -195,9 +198,14 @@ class Directory:
             a = decode(info["announcement"])
         except (PeerError, TxtError, KeyError, TypeError) as e:
             self.seed_errors[key] = str(e)
+            await self._close_client(host, port)  # no queue of unanswered requests builds up
             return
         self.seed_errors.pop(key, None)
+        for pid, rec in list(self._seeded.items()):  # whoever served here before is gone
+            if (rec.host, rec.port) == (host, port) and pid != a.peer_id:
+                del self._seeded[pid], self._seeded_at[pid]
         self._seeded[a.peer_id] = PeerRecord(a, host, port, "")
+        self._seeded_at[a.peer_id] = time.monotonic()
         for other in info.get("peers", []):  # gossip one hop: the seed's live peers
             try:
                 oid, ohost, oport = other["id"], str(other["host"]), int(other["port"])
@@ -232,3 +240,19 @@ class Directory:
 def _split(hostport: str) -> tuple[str, int]:
     host, _, port = hostport.rpartition(":")
     return host, int(port)
+
+
+def freshest(heard: list[tuple[PeerRecord, float]]) -> dict[str, PeerRecord]:
+    """peer id -> record: per id the highest seq (then the latest heard), then per
+    address only the most recently heard id."""
+    by_id: dict[str, tuple[PeerRecord, float]] = {}
+    for rec, at in heard:
+        old = by_id.get(rec.announcement.peer_id)
+        if old is None or (rec.announcement.seq, at) >= (old[0].announcement.seq, old[1]):
+            by_id[rec.announcement.peer_id] = (rec, at)
+    by_address: dict[tuple[str, int], tuple[PeerRecord, float]] = {}
+    for rec, at in by_id.values():
+        old = by_address.get((rec.host, rec.port))
+        if old is None or at > old[1]:
+            by_address[(rec.host, rec.port)] = (rec, at)
+    return {rec.announcement.peer_id: rec for rec, _ in by_address.values()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 
 import psutil
@@ -63,6 +64,7 @@ class Mdns:
     def __init__(self, interfaces: list[str] | InterfaceChoice) -> None:
         self.interfaces = interfaces
         self.records: dict[str, PeerRecord] = {}
+        self.heard_at: dict[str, float] = {}  # service name -> when its record last resolved
         self.heard = Heard()
         self.changed = asyncio.Event()
         self._queue: asyncio.Queue[tuple[str, ServiceStateChange]] = asyncio.Queue()
@@ -122,10 +124,13 @@ class Mdns:
             if name == self._own_name:
                 continue
             if change is ServiceStateChange.Removed:
+                self.heard_at.pop(name, None)
                 if self.records.pop(name, None) is not None:
                     self.changed.set()
                 continue
             record = await self._resolve(name)
+            if record is not None:
+                self.heard_at[name] = time.monotonic()
             if record is not None and self.records.get(name) != record:
                 self.records[name] = record
                 self.changed.set()

@@ -46,3 +46,17 @@ def test_liveness_drops_after_consecutive_misses_only():
     assert not live.missed("p") and not live.missed("p")
     live.answered("p")
     assert not live.missed("p") and not live.missed("p") and live.missed("p")
+
+
+def test_a_peer_restarted_on_the_same_port_replaces_its_old_record():
+    from swarm.discovery.directory import freshest
+    from swarm.discovery.mdns import PeerRecord
+
+    def rec(pid, port, seq=0):
+        return PeerRecord(from_profile(fixture_profile(), pid, pid, seq=seq), "127.0.0.1", port)
+
+    heard = [(rec("old", 5000), 1.0), (rec("new", 5000), 2.0),  # same port, restarted: new id heard later
+             (rec("b", 5001, seq=1), 1.5), (rec("b", 5001, seq=2), 1.2)]  # one peer, two announcements
+    out = freshest(heard)
+    assert set(out) == {"new", "b"}
+    assert out["b"].announcement.seq == 2
