@@ -25,22 +25,26 @@ PROMPTS = [[1, 17, 42, 99, 7], [1, 5]]
 NEW_TOKENS = 10
 
 
+def _join(model_dir, name: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", name,
+         "--model", str(model_dir), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _joined(proc: subprocess.Popen) -> dict:
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    assert ready, "swarm join did not start"
+    return json.loads(proc.stdout.readline())
+
+
 @pytest.fixture(scope="module")
 def tiny_peers(tiny_model_dir):
+    """Two peers now; the test may start more (procs is shared so all are stopped)."""
     procs = []
     try:
-        for k in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", f"g{k}",
-                 "--model", str(tiny_model_dir), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"}))
-        joined = []
-        for proc in procs:
-            ready, _, _ = select.select([proc.stdout], [], [], 120)
-            assert ready, "swarm join did not start"
-            joined.append((proc, json.loads(proc.stdout.readline())))
-        yield joined
+        procs += [_join(tiny_model_dir, f"g{k}") for k in range(2)]
+        yield [(proc, _joined(proc)) for proc in procs], procs
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -53,14 +57,15 @@ def tiny_peers(tiny_model_dir):
                 proc.wait()
 
 
-async def test_source_plans_deploys_generates_and_replans_when_a_peer_dies(tiny_model_dir, tiny_peers):
+async def test_source_plans_deploys_generates_and_replans_when_peers_leave_or_join(tiny_model_dir, tiny_peers):
+    joined, procs = tiny_peers
     chain = LocalChain.load(tiny_model_dir, [(0, 6)], max_slots=4, max_len=64)
     expected = generate(chain, PROMPTS, NEW_TOKENS)
     # This device may hold only the embedding: the blocks and head must go to a peer.
     embed_bytes = ModelLayout.read(tiny_model_dir).unit_weight_bytes("float32")[0]
     config = SourceConfig(interfaces=["127.0.0.1"], model=tiny_model_dir, mem_bytes=embed_bytes, min_peers=2,
                           max_len=64, liveness=LivenessConfig(interval_s=HEARTBEAT_S), probe=ProbeConfig(interval_s=60))
-    addresses = {j["address"]: (proc, j["joined"]) for proc, j in tiny_peers}
+    addresses = {j["address"]: (proc, j["joined"]) for proc, j in joined}
     async with SwarmSource(config) as source:
         got = [[t async for t in source.generate(p, NEW_TOKENS)] for p in PROMPTS]
         assert got == expected
@@ -78,3 +83,11 @@ async def test_source_plans_deploys_generates_and_replans_when_a_peer_dies(tiny_
         assert got == expected
         second = source.current.stages
         assert second[1].address in addresses and second[1].address != first[1].address
+
+        # A peer joins: the next request is planned over it too.
+        procs.append(_join(tiny_model_dir, "g2"))
+        newcomer = _joined(procs[-1])["joined"]
+        assert await source.directory.wait_for(lambda live: newcomer in live, 30)
+        assert source.needs_replan()
+        assert await source.generate_all(PROMPTS, NEW_TOKENS) == expected
+        assert newcomer in source.current.peer_ids and not source.needs_replan()
