@@ -176,7 +176,7 @@ async def _answer_display(state: ChatState, console: Console, pieces: list[str])
         return
 
     def render(snapshot: SwarmSnapshot):
-        return Group(Text("".join(pieces)), topology(snapshot))
+        return Group(Text("".join(pieces)), topology(snapshot, compact=True))
 
     with Live(console=console, auto_refresh=False, transient=True, vertical_overflow="crop") as live:
         async with asyncio.TaskGroup() as tasks:

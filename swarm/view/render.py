@@ -152,17 +152,24 @@ def plan_view(plan: PlanState | None) -> RenderableType:
     return Group(layer_map(plan), stages_table(plan))
 
 
-def topology(snapshot: SwarmSnapshot, title: str = "swarm") -> Panel:
-    """The whole topology view: peers, links, the layer map and per-stage load."""
-    parts: list[RenderableType] = [peers_table(snapshot)]
-    if snapshot.links:
-        parts.append(links_table(snapshot))
+def topology(snapshot: SwarmSnapshot, title: str = "swarm", compact: bool = False) -> Panel:
+    """The whole topology view: peers, links, the layer map and per-stage load.
+
+    ``compact`` leaves out the peers and links tables (the panel under a streaming
+    answer, which must fit small terminals).
+    """
+    parts: list[RenderableType] = []
+    if not compact:
+        parts.append(peers_table(snapshot))
+        if snapshot.links:
+            parts.append(links_table(snapshot))
     parts.append(plan_view(snapshot.plan))
     summary = []
     if snapshot.tokens_per_s is not None:
         summary.append(f"{snapshot.tokens_per_s:.1f} tok/s")
     if snapshot.micro_batches is not None:
-        summary.append(f"{snapshot.micro_batches} micro-batches in flight")
+        plural = "" if snapshot.micro_batches == 1 else "es"
+        summary.append(f"{snapshot.micro_batches} micro-batch{plural} in flight")
     if summary:
         parts.append(Text("pipeline: " + ", ".join(summary), style="bold"))
     parts.extend(Text(note, style="bold red") for note in snapshot.notes)

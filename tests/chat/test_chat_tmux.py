@@ -61,8 +61,11 @@ def test_chat_with_a_local_swarm(smollm2_dir):
         assert len("".join(plan.groups())) == 32  # SmolLM2: embedding, 30 blocks, head
         term.wait_for(r"32 units in 3 stages", 5, after=at)
 
+        at = ask(term, "/view")
+        term.wait_for(r"topology panel on", 10, after=at)
         at = ask(term, "Tell me a long story about a brave dragon and a knight.")
-        term.wait_for(r"\n\w+ \w+", ANSWER_S, after=at)  # the answer has started streaming
+        # The live panel under the streaming answer: the pipeline's rate and per-stage load.
+        term.wait_for(r"pipeline: [\d.]+ tok/s, \d micro-batch", ANSWER_S, after=at)
         term.press("C-c")
         stopped = term.wait_for(r"\[(\d+) tokens[^\n]*\] \[stopped\]", 30, after=at)
         assert int(stopped.group(1)) < 48

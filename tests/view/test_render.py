@@ -100,6 +100,12 @@ def test_unserved_units_and_missing_plan_are_visible():
     assert "No plan yet: waiting for peers." in empty and "No peers found on 127.0.0.1." in empty
 
 
+def test_compact_view_keeps_only_the_pipeline():
+    text = render_text(topology(SNAPSHOT, compact=True))
+    assert "layers 111111111111" in text and "pipeline: 19.4 tok/s" in text
+    assert "Peers" not in text and "Links" not in text and "desktop ↔ phone" not in text
+
+
 def test_deep_models_fit_the_width():
     plan = PlanState("big", 200, (StageState("a", 0, 100), StageState("b", 100, 200)))
     text = render_text(topology(SwarmSnapshot(plan=plan)), width=140)
