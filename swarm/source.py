@@ -165,7 +165,7 @@ class SwarmSource:
     def links_complete(self) -> bool:
         """Every live pair measured in at least one direction, and the source to every peer."""
         live = self.directory.live
-        if set(live) - set(self.prober.links):
+        if set(live) - set(self.prober.links) or set(live) - set(self.prober.links_back):
             return False
         links = links_from_announcements([r.announcement for r in live.values()])
         return all((u, v) in links or (v, u) in links for u in live for v in live if u < v)

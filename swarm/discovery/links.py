@@ -22,6 +22,7 @@ PROBE_ROUNDS = 3  # rounds of (small, large); round 0 is discarded
 PING_ROUNDS = 5
 PROBE_TIMEOUT_S = 10.0
 PROBE_HISTORY = 3  # measurements per link kept; the link's figure is the best of them
+PROBE_SETTLE_S = 3.0  # a new link's second measurement comes this soon (peers that meet probe all at once)
 PROBE_MAX_DEFER = 3  # intervals a refresh may wait while a generation is running
 PROBE_JITTER = 0.25  # intervals vary by +-25% so peers' probes into one peer rarely coincide
 
@@ -37,6 +38,7 @@ class ProbeConfig:
     history: int = PROBE_HISTORY
     jitter: float = PROBE_JITTER
     max_defer: int = PROBE_MAX_DEFER
+    settle_s: float = PROBE_SETTLE_S
 
 
 def probe_sizes(activation_bytes: int, config: ProbeConfig) -> tuple[int, int]:
@@ -53,10 +55,10 @@ def link_from_timings(rtts: list[float], small: tuple[int, list[float]],
     rtt = min(rtts)
     (s1, t1s), (s2, t2s) = small, large
     t1, t2 = min(_steady(t1s)), min(_steady(t2s))
-    if t2 > t1 and s2 > s1:
-        bandwidth = (s2 - s1) / (t2 - t1)
-    else:  # timings below the clock's resolution: fall back to the large payload alone
-        bandwidth = s2 / max(t2 - rtt, 1e-9)
+    # The large payload alone bounds the slope from above: other traffic delaying only
+    # the small probes would otherwise shrink t2 - t1 and inflate the figure.
+    alone = s2 / max(t2 - rtt, 1e-9)
+    bandwidth = min((s2 - s1) / (t2 - t1), alone) if t2 > t1 and s2 > s1 else alone
     return Link(bandwidth=bandwidth, rtt=rtt)
 
 

@@ -81,8 +81,12 @@ class LinkProber:
         return True
 
     def _schedule(self, pid: str) -> None:
+        # Peers that meet probe each other all at once, so a link's first figure may be
+        # low: measure it again soon; best_of keeps the better one.
+        settling = not self._history.get((pid, False))  # scheduling the one after the first
+        interval = min(self.config.settle_s, self.config.interval_s) if settling else self.config.interval_s
         spread = 1 + self.config.jitter * (2 * self._random.random() - 1)
-        self._due_at[pid] = time.monotonic() + self.config.interval_s * spread
+        self._due_at[pid] = time.monotonic() + interval * spread
 
     def _forget_gone(self) -> bool:
         gone = set(self._due_at) - set(self.directory.live)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 
 import torch
@@ -27,4 +28,5 @@ async def main(interface: str, profile_path: str, min_peers: int, probe_interval
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # stderr, for debugging
     asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))

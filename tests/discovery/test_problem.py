@@ -39,6 +39,10 @@ def test_bandwidth_slope_cancels_round_trip_and_burst():
         return [rtt + (size - burst) / rate] + [rtt + size / rate] * 3
     link = link_from_timings([rtt, rtt * 1.5], (small, times(small)), (large, times(large)))
     assert abs(link.bandwidth - rate) / rate < 1e-9 and link.rtt == rtt
+    # other traffic delaying every small probe must not inflate the slope
+    delayed = [t + 0.02 for t in times(small)]
+    link = link_from_timings([rtt], (small, delayed), (large, times(large)))
+    assert abs(link.bandwidth - rate) / rate < 1e-9
 
 
 def test_liveness_drops_after_consecutive_misses_only():
