@@ -44,3 +44,25 @@ def test_foreign_or_broken_records_are_rejected_with_a_reason():
         decode({**props, "pf": "1,2"})
     with pytest.raises(TxtError, match="malformed"):
         decode({k: v for k, v in props.items() if k != "mem"})
+
+
+from hypothesis import given, settings, strategies as st
+
+_seconds = st.floats(min_value=0, max_value=100, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=st.integers(1, 120), decode_s=_seconds, n_links=st.integers(0, 40),
+       name=st.text(min_size=0, max_size=80), mem=st.integers(0, 2**50), seq=st.integers(0, 2**31))
+def test_any_announcement_fits_dns_and_decodes_to_what_was_announced(blocks, decode_s, n_links, name, mem, seq):
+    a = from_profile(fixture_profile(num_blocks=blocks, block_decode_s=decode_s), "0123456789ab", name, mem,
+                     links=_links(n_links), seq=seq)
+    props = encode(a)
+    assert record_bytes(props) <= MAX_RECORD_BYTES
+    assert all(len(f"{k}={v}".encode()) <= MAX_STRING_BYTES for k, v in props.items())
+    b = decode({k.encode(): v.encode() for k, v in props.items()})
+    assert (b.peer_id, b.mem_bytes, b.seq, b.num_units, b.fingerprint) == (a.peer_id, mem, seq, blocks + 2, a.fingerprint)
+    assert b.name == name[:63]
+    if not b.summarised:
+        assert (b.prefill_us, b.decode_us) == (a.prefill_us, a.decode_us)
+    assert b.links in (a.links, {})  # every link, or none when even the summary left no room
