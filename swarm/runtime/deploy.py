@@ -26,12 +26,13 @@ from typing import Callable, Sequence
 
 import psutil
 import torch
+import zmq
 
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.model.shard import Shard
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, Ready
-from swarm.runtime.wire import Kind, Message
+from swarm.runtime.wire import Kind, Message, encode
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Deployment:
         self._ctx = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._data_sock = None  # blocking DEALER to stage 1, used only on the torch thread
         self.peers: list[PeerClient] = []
 
     @property
@@ -102,6 +104,12 @@ class Deployment:
         await self.aclose()
 
     async def _load(self) -> None:
+        # Exit order (reverse of this): torch thread stopped, then its data socket closed.
+        if len(self.plan) > 1:
+            data_ctx = sockets.new_sync_context()
+            self._stack.callback(data_ctx.term)
+            self._data_sock = sockets.connect_dealer(data_ctx, self.plan[1].address)
+            self._stack.callback(self._data_sock.close)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-shard")
         self._stack.callback(self._executor.shutdown, wait=True)
         self._ctx = sockets.new_context()
@@ -161,12 +169,15 @@ class Deployment:
     async def run_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
                               lengths: list[int] | None) -> torch.Tensor | None:
         """Run the local stage; send its hidden states on, or return the tokens if it is the last."""
-        out = await self.on_worker(self.shard.step, slots, tokens, lengths)
-        if self.is_local_only:
+        header = {"dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "src": self.identity}
+        return await self.on_worker(self._compute, header, tokens)
+
+    def _compute(self, header: dict, tokens: torch.Tensor) -> torch.Tensor | None:
+        # On the torch thread: the hidden states leave from here, without waking the event loop.
+        out = self.shard.step(header["slots"], tokens, header["lengths"])
+        if self._data_sock is None:
             return out
-        await self.peers[0].send(Message(Kind.STEP, {
-            "dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "src": self.identity,
-        }, (out,)))
+        self._data_sock.send_multipart(encode(Message(Kind.STEP, header, (out,))), copy=False, flags=zmq.NOBLOCK)
         return None
 
     async def peer_status(self) -> list[dict]:

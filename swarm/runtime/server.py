@@ -60,7 +60,7 @@ class _Stage:
     dep: int
     shard: Any  # swarm.model.shard.Shard
     next_address: str | None
-    next_sock: Any  # DEALER to the next stage, or None on the last stage
+    next_sock: Any  # blocking DEALER to the next stage, used only on the torch thread; None on the last stage
 
 
 @dataclass
@@ -79,6 +79,7 @@ class ShardServer:
         self.config = config
         self.address = ""
         self._ctx = None
+        self._data_ctx = None  # plain zmq context for the torch thread's forwarding socket
         self._sock = None
         self._executor: ThreadPoolExecutor | None = None
         self._jobs: asyncio.Queue[tuple[bytes, Message]] = asyncio.Queue()
@@ -92,6 +93,7 @@ class ShardServer:
     async def __aenter__(self) -> "ShardServer":
         torch.set_num_threads(self.config.threads)
         self._ctx = sockets.new_context()
+        self._data_ctx = sockets.new_sync_context()
         limits = self.config.limits
         self._sock, self.address = sockets.bind_router(
             self._ctx, self.config.bind_host, self.config.port,
@@ -110,16 +112,17 @@ class ShardServer:
     async def aclose(self) -> None:
         self.close()
         await self._idle.wait()
+        if self._executor is not None:  # first: a step may still be running on it
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self._drop_stage()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        for ctx in (self._ctx, self._data_ctx):
+            if ctx is not None:
+                ctx.term()
+        self._ctx = self._data_ctx = None
 
     async def serve_forever(self) -> None:
         if self._sock is None:
@@ -264,7 +267,7 @@ class ShardServer:
         )
         load_s = time.perf_counter() - began
         nxt = message.get("next")
-        next_sock = sockets.connect_dealer(self._ctx, nxt) if nxt else None
+        next_sock = sockets.connect_dealer(self._data_ctx, nxt) if nxt else None
         self._stage = _Stage(message["dep"], shard, nxt, next_sock)
         log.info("loaded units [%d, %d) in %.2f s, next=%s", start, end, load_s, nxt)
         return Message(Kind.READY, {
@@ -296,18 +299,25 @@ class ShardServer:
         return shard, slots, x, lengths
 
     async def _step(self, message: Message) -> None:
-        shard, slots, x, lengths = self._check_step(message)
+        _, slots, x, lengths = self._check_step(message)
         began = time.perf_counter()
-        out = await self._on_worker(shard.step, slots, x, lengths)
+        ids = {k: message[k] for k in ("dep", "mb", "step", "slots")}
+        out = await self._on_worker(self._compute, self._stage, message, ids, x, lengths)
         c = self._counters
         c.busy_s += time.perf_counter() - began
         c.steps += 1
         c.rows += len(slots)
         c.tokens += sum(lengths) if lengths is not None else x.shape[0] * x.shape[1]
-        ids = {k: message[k] for k in ("dep", "mb", "step", "slots")}
-        stage = self._stage
-        if stage is not None and stage.next_sock is not None:
-            forward = Message(Kind.STEP, {**ids, "lengths": lengths, "src": message["src"]}, (out,))
-            await stage.next_sock.send_multipart(encode(forward), copy=False)
-        else:
+        if out is not None:  # the last stage: token ids home to the source
             await self._send(message["src"], Message(Kind.TOKENS, ids, (out,)))
+
+    @staticmethod
+    def _compute(stage: _Stage, message: Message, ids: dict, x: torch.Tensor, lengths: list[int] | None):
+        """On the torch thread: run the step and forward its hidden states straight on."""
+        out = stage.shard.step(ids["slots"], x, lengths)
+        if stage.next_sock is None:
+            return out
+        forward = Message(Kind.STEP, {**ids, "lengths": lengths, "src": message["src"]}, (out,))
+        # NOBLOCK: a next stage that stopped reading must fail this step, not hang the thread.
+        stage.next_sock.send_multipart(encode(forward), copy=False, flags=zmq.NOBLOCK)
+        return None

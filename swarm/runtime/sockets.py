@@ -24,6 +24,11 @@ def new_context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context()
 
 
+def new_sync_context() -> zmq.Context:
+    """For data sockets driven by a torch worker thread (blocking, never awaited)."""
+    return zmq.Context()
+
+
 def new_identity(prefix: str = "src") -> bytes:
     return f"{prefix}-{secrets.token_hex(6)}".encode()
 
@@ -56,8 +61,13 @@ def bind_router(ctx: zmq.asyncio.Context, host: str, port: int,
     return sock, address
 
 
-def connect_dealer(ctx: zmq.asyncio.Context, address: str, identity: bytes | None = None) -> zmq.asyncio.Socket:
-    """A DEALER connected to a peer's ROUTER at ``address`` (tcp://host:port)."""
+def connect_dealer(ctx: zmq.Context, address: str, identity: bytes | None = None) -> zmq.Socket:
+    """A DEALER connected to a peer's ROUTER at ``address`` (tcp://host:port).
+
+    With an asyncio context it is awaited from the event loop; with a plain context it
+    is a data socket that the torch thread sends on directly, so a step's output leaves
+    without waking the event loop first.
+    """
     sock = ctx.socket(zmq.DEALER)
     _common(sock)
     sock.setsockopt(zmq.IDENTITY, identity or new_identity("peer"))
