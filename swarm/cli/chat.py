@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     except BackendError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return 1
+    except asyncio.CancelledError:  # a second Ctrl-C during an answer; everything was stopped
+        console.print("interrupted")
+        return 130
 
 
 @dataclass
@@ -468,7 +471,7 @@ class SwarmEngine:
         try:
             async with contextlib.aclosing(session.generate(new_ids, max_new_tokens, stop_ids)) as tokens:
                 while True:
-                    token = await self._next_or_loss(tokens)
+                    token = await self._next_or_loss(tokens, session, stop)
                     if token is None:
                         break
                     last = token
@@ -485,8 +488,12 @@ class SwarmEngine:
             if last is not None and (session.history + session.unfed)[-1:] != [last]:
                 session.unfed = [last]  # keep the engine contract: every yielded token is in the sequence
 
-    async def _next_or_loss(self, tokens):
-        """The next token, or None at the end; raises BackendError if a planned peer is lost."""
+    async def _next_or_loss(self, tokens, session, stop: asyncio.Event):
+        """The next token, or None at the end; raises BackendError if a planned peer is lost.
+
+        A stop asked for while waiting cancels the turn at once (the step in flight
+        lands and is dropped), so a slow stage does not delay it.
+        """
         from swarm.runtime.client import PeerError
 
         step = asyncio.ensure_future(anext(tokens, None))
@@ -495,6 +502,8 @@ class SwarmEngine:
                 done, _ = await asyncio.wait({step}, timeout=LOSS_CHECK_S)
                 if done:
                     return step.result()
+                if stop.is_set():
+                    session.cancel()
                 if lost := self.lost_peers():
                     self.broken = True
                     raise BackendError(

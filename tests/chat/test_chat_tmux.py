@@ -97,3 +97,18 @@ def test_a_peer_lost_mid_answer_is_reported(smollm2_dir):
         ask(term, "/quit")
         assert term.wait_exit(60) == 0
         term.wait_no_processes(timeout=20)
+
+
+def test_a_second_ctrl_c_leaves_at_once_when_a_peer_hangs(smollm2_dir):
+    with Terminal(chat(), width=110, height=50) as term:
+        term.wait_for(r"you>", START_S)
+        at = ask(term, "Tell me a long story about a brave dragon and a knight.")
+        term.wait_for(r"\n\w+ \w+", ANSWER_S, after=at)
+        peer = next(p for p in term.leftover_processes() if "join" in p.cmdline() and "local-2" in p.cmdline())
+        peer.suspend()  # frozen, not dead: the step in flight never lands
+        term.press("C-c")
+        term.wait_for(r"\^C", 5, after=at)
+        term.press("C-c")
+        assert term.wait_exit(60) == 130
+        assert "Traceback" not in term.screen()
+        term.wait_no_processes(timeout=20)  # the frozen peer too
