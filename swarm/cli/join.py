@@ -11,6 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
+LONELY_S = 10.0  # after this long alone, say what discovery tried and heard
+
 DEFAULT_INTERFACES_HELP = ("IPv4 address of an interface to announce on (repeatable). Default: every "
                            "interface (a home network). On shared machines pass 127.0.0.1.")
 
@@ -85,7 +87,12 @@ def run(args) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):  # leave with an mDNS goodbye
                 loop.add_signal_handler(sig, task.cancel)
             try:
-                await peer.run()
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(peer.run())
+                    await asyncio.sleep(LONELY_S)
+                    if not peer.directory.live:  # normal for the first peer; a hint for the others
+                        print(f"no other peers yet after {LONELY_S:.0f} s (still listening):\n"
+                              f"{peer.directory.diagnostic()}", file=sys.stderr, flush=True)
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)

@@ -120,9 +120,9 @@ class Mdns:
         """Resolve every service the browser hears; keep records current. Runs until cancelled."""
         while True:
             name, change = await self._queue.get()
-            self.heard.names.add(name)
             if name == self._own_name:
                 continue
+            self.heard.names.add(name)
             if change is ServiceStateChange.Removed:
                 self.heard_at.pop(name, None)
                 if self.records.pop(name, None) is not None:
