@@ -26,6 +26,7 @@ import psutil
 
 from swarm.model.local import LocalChain
 from swarm.model.sampling import GREEDY, SamplingParams
+from swarm.view.conversation import ContextFull
 from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,12 @@ class ChainEngine:
                        stop: asyncio.Event) -> AsyncIterator[int]:
         """See swarm.view.conversation.TokenEngine: the prompt step always runs, so the
         cache holds ``new_ids`` even if ``stop`` was already set."""
-        ids, self._unfed = self._unfed + list(new_ids), []
+        ids = self._unfed + list(new_ids)
+        room = self.chain.shards[0].max_len - len(self.fed)
+        if len(ids) + max_new_tokens - 1 > room:
+            raise ContextFull(f"this turn needs {len(ids) + max_new_tokens - 1} cache positions, "
+                              f"{room} are left")
+        self._unfed = []
         for i in range(max_new_tokens):
             token = await asyncio.to_thread(self._step, ids)
             if i == 0:

@@ -24,7 +24,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from swarm.view.conversation import DEFAULT_MAX_NEW_TOKENS, Conversation
+from swarm.view.conversation import DEFAULT_MAX_NEW_TOKENS, ContextFull, Conversation
 from swarm.view.live import refresh_forever
 from swarm.view.render import links_table, peers_table, plan_view, topology
 from swarm.view.snapshot import SwarmSnapshot
@@ -153,6 +153,10 @@ async def _answer(text: str, conversation: Conversation, state: ChatState, conso
                     console.file.flush()
     except BackendError as exc:
         console.print(f"\n[bold red]error:[/] {exc}")
+        return
+    except ContextFull as exc:
+        console.print(f"\n[bold red]error:[/] the conversation is too long for the cache ({exc}); "
+                      "/reset starts a new one, --max-len makes the cache longer")
         return
     finally:
         loop.remove_signal_handler(signal.SIGINT)
@@ -482,8 +486,8 @@ class SwarmEngine:
                         async for _ in tokens:
                             pass
                         break
-        except ValueError as exc:  # the conversation no longer fits the KV cache
-            raise BackendError(f"{exc}; /reset starts a new conversation") from None
+        except ValueError as exc:  # raised by Session.generate before computing
+            raise ContextFull(str(exc)) from None
         finally:
             if last is not None and (session.history + session.unfed)[-1:] != [last]:
                 session.unfed = [last]  # keep the engine contract: every yielded token is in the sequence

@@ -24,6 +24,10 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
+class ContextFull(RuntimeError):
+    """The conversation no longer fits the engine's KV cache (start a new one)."""
+
+
 class TokenEngine(Protocol):
     """One sequence in a model, continued step by step.
 
@@ -31,6 +35,7 @@ class TokenEngine(Protocol):
     tokens are yielded one by one until a stop id, ``max_new_tokens`` or ``stop`` is
     set. Every yielded token belongs to the sequence afterwards: the engine feeds the
     last one at the start of the next call (so a turn costs only its new tokens).
+    A turn that would overflow the KV cache raises ContextFull before computing.
     """
 
     prefilled_tokens: int  # tokens fed as prompts (the first step of each generate call)

@@ -9,7 +9,7 @@ from swarm.localswarm import ChainEngine
 from swarm.model import hf
 from swarm.model.local import LocalChain
 from swarm.model.shard import Shard
-from swarm.view.conversation import Conversation
+from swarm.view.conversation import ContextFull, Conversation
 
 pytestmark = pytest.mark.slow  # the real default model
 
@@ -80,3 +80,20 @@ async def test_stopping_an_answer_keeps_what_was_said(smollm):
     assert conversation.messages == [] and engine.fed == []
     await collect(conversation, "Hi")
     assert conversation.last_turn.prefilled == len(hf.chat_token_ids(tokenizer, conversation.messages[:1]))
+
+
+async def test_a_conversation_too_long_for_the_cache_is_refused_before_computing(smollm2_dir):
+    chain = LocalChain([Shard.load(smollm2_dir, 0, 32, max_len=64)])
+    tokenizer = hf.load_tokenizer(smollm2_dir)
+    engine = ChainEngine(chain)
+    conversation = Conversation(engine, tokenizer, max_new_tokens=8)
+    await conversation.reset()
+    await collect(conversation, "Hi")
+    used = len(engine.fed)
+    with pytest.raises(ContextFull):
+        await collect(conversation, "Tell me everything about the history of Rome. " * 3)
+    assert len(engine.fed) == used  # nothing was computed
+    assert conversation.messages[-1]["role"] == "assistant"  # the refused question was not kept
+    await conversation.reset()
+    assert "Hi" not in [m["content"] for m in conversation.messages]
+    assert await collect(conversation, "Hi")
