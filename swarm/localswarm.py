@@ -217,12 +217,29 @@ class LocalSwarm:
     chat; the peers stop when the block exits (or when this process dies).
     """
 
-    def __init__(self, config: LocalSwarmConfig, on_ready: Callable[[int, int, str], None] | None = None) -> None:
+    def __init__(self, config: LocalSwarmConfig, on_ready: Callable[[int, int, str], None] | None = None,
+                 source_mem: int | None = None) -> None:
         self.config = config
+        self.source_mem = source_mem  # what the source may hold (see local_budgets), if known
         self.peers: list[LocalPeer] = []
         self.ports = free_ports(config.peers, config.interface) if config.isolated else [0] * config.peers
         self._procs: list[asyncio.subprocess.Process] = []
         self._on_ready = on_ready or (lambda done, total, name: None)
+
+    @classmethod
+    def for_model(cls, model_dir: Path, peers: int, *, slots: int = 1, max_len: int = 512, threads: int = 1,
+                  log_dir: Path | None = None, extra_args: Sequence[str] = (),
+                  on_ready: Callable[[int, int, str], None] | None = None) -> "LocalSwarm":
+        """N peers whose budgets force a split of this model (``slots`` x ``max_len`` KV per unit)."""
+        budgets = local_budgets(unit_memory(model_dir, slots, max_len), peers)
+        config = LocalSwarmConfig(peers, budgets.peer, model_dir, threads, log_dir=log_dir, extra_args=tuple(extra_args))
+        return cls(config, on_ready, source_mem=budgets.source)
+
+    def source_settings(self) -> dict:
+        """SourceConfig fields for a source that plans over exactly these peers:
+        ``SourceConfig(model=..., max_len=..., **local.source_settings())``."""
+        return {"interfaces": [self.config.interface], "seeds": self.seeds, "mdns": not self.config.isolated,
+                "mem_bytes": self.source_mem, "min_peers": self.config.peers}
 
     def command(self, index: int) -> list[str]:
         c = self.config

@@ -275,34 +275,33 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
     (progress bars), and return the SourceConfig for a SwarmSource."""
     import socket
 
-    from swarm.localswarm import LocalSwarm, LocalSwarmConfig, LocalSwarmError, local_budgets, unit_memory
+    from swarm.localswarm import LocalSwarm, LocalSwarmError
     from swarm.model.profile import profile_device
     from swarm.model.store import cache_root
     from swarm.source import SourceConfig
 
-    source_mem, seeds = None, tuple(args.peer)
+    local_settings: dict = {}
     if args.local:
-        budgets = local_budgets(unit_memory(model_dir, 1, args.max_len), args.local)
-        source_mem = budgets.source
         with _progress(console) as progress:
             task = progress.add_task(f"starting {args.local} local peers", total=args.local, what="")
+            local = LocalSwarm.for_model(
+                model_dir, args.local, max_len=args.max_len, threads=args.threads, log_dir=cache_root() / "local-peers",
+                extra_args=args.local_peer_args or (),
+                on_ready=lambda done, total, name: progress.update(task, completed=done, what=name))
             try:
-                local = await stack.enter_async_context(LocalSwarm(
-                    LocalSwarmConfig(args.local, budgets.peer, model_dir, args.threads,
-                                     log_dir=cache_root() / "local-peers", extra_args=tuple(args.local_peer_args or ())),
-                    on_ready=lambda done, total, name: progress.update(task, completed=done, what=name)))
+                await stack.enter_async_context(local)
             except LocalSwarmError as exc:
                 raise BackendError(str(exc)) from None
-        seeds += local.seeds
+        local_settings = local.source_settings()
+        local_settings["seeds"] += tuple(args.peer)
     with _progress(console) as progress:
         task = progress.add_task("profiling this device", total=None, what="")
         profile = (await asyncio.to_thread(
             profile_device, model_dir, threads=args.threads,
             on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
-    return SourceConfig(
-        interfaces=["127.0.0.1"] if args.local else _interfaces(args), model=model_dir, seeds=seeds, mdns=not args.local,
-        name=socket.gethostname(), threads=args.threads, mem_bytes=source_mem, profile=profile,
-        max_len=args.max_len, min_peers=args.local or 0)
+    settings = {"interfaces": _interfaces(args), "seeds": tuple(args.peer), **local_settings}
+    return SourceConfig(model=model_dir, name=socket.gethostname(), threads=args.threads, profile=profile,
+                        max_len=args.max_len, **settings)
 
 
 async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,

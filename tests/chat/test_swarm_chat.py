@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from swarm.cli.chat import SourceView, SwarmEngine
-from swarm.localswarm import ChainEngine, LocalSwarm, LocalSwarmConfig, local_budgets, unit_memory
+from swarm.localswarm import ChainEngine, LocalSwarm, local_budgets, unit_memory
 from swarm.model import hf
 from swarm.model.local import LocalChain
 from swarm.model.profile import profile_device
@@ -35,12 +35,14 @@ async def test_swarm_conversation_matches_one_process_and_reuses_the_cache(smoll
     local_conversation, expected = await converse(
         ChainEngine(LocalChain([Shard.load(smollm2_dir, 0, 32, max_len=MAX_LEN)])), tokenizer)
 
-    budgets = local_budgets(unit_memory(smollm2_dir, 1, MAX_LEN), 2)
-    peers = LocalSwarmConfig(2, budgets.peer, smollm2_dir, log_dir=tmp_path, extra_args=("--heartbeat", "0.3"))
-    async with LocalSwarm(peers) as local:
+    local = LocalSwarm.for_model(smollm2_dir, 2, max_len=MAX_LEN, log_dir=tmp_path, extra_args=("--heartbeat", "0.3"))
+    async with local:
+        assert local.source_settings() == {"interfaces": ["127.0.0.1"], "seeds": local.seeds, "mdns": False,
+                                           "mem_bytes": local_budgets(unit_memory(smollm2_dir, 1, MAX_LEN), 2).source,
+                                           "min_peers": 2}
         profile = profile_device(smollm2_dir, threads=1).to_json()
-        config = SourceConfig(interfaces=["127.0.0.1"], model=smollm2_dir, seeds=local.seeds, mdns=False,
-                              name="me", mem_bytes=budgets.source, profile=profile, max_len=MAX_LEN, min_peers=2)
+        config = SourceConfig(model=smollm2_dir, name="me", profile=profile, max_len=MAX_LEN,
+                              **local.source_settings())
         engine = SwarmEngine(config, GREEDY)
         try:
             await engine.start()
