@@ -101,6 +101,7 @@ class SwarmSource:
         self.current: SourcePlan | None = None
         self._pipeline = None
         self._stack: contextlib.AsyncExitStack | None = None
+        self._tasks: list[asyncio.Task] = []  # discovery and probes, owned by the TaskGroup in _stack
         self._started = 0.0
 
     async def __aenter__(self) -> SwarmSource:
@@ -138,7 +139,7 @@ class SwarmSource:
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
             await pipeline.aclose()
-        for task in getattr(self, "_tasks", []):
+        for task in self._tasks:
             task.cancel()
         stack, self._stack = self._stack, None
         if stack is not None:
