@@ -16,7 +16,7 @@ from swarm.view.snapshot import PlanState, StageState, SwarmSnapshot, unit_name
 # One colour per pipeline stage, cycled; chosen to stay readable on dark and light terminals.
 STAGE_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 STAGE_KEYS = "123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-SHARE_BAR_WIDTH = 10
+SHARE_BAR_WIDTH = 6
 LAYER_BAR_MAX_WIDTH = 96
 
 
@@ -69,11 +69,11 @@ def share_bar(share: float | None) -> Text:
 def peers_table(snapshot: SwarmSnapshot) -> Table:
     """Every peer: memory used/usable, measured compute, liveness, and the stage it serves."""
     stage_of = _stage_index_by_peer(snapshot.plan)
-    table = Table(title="Peers", expand=True, title_justify="left")
+    table = Table(title="Peers", title_justify="left")
     table.add_column("peer")
-    table.add_column("stage", justify="center")
-    table.add_column("memory used / usable", justify="right")
-    table.add_column("compute", justify="right")
+    table.add_column("#", justify="center")
+    table.add_column("memory used / usable", justify="right", no_wrap=True)
+    table.add_column("compute", justify="right", no_wrap=True)
     table.add_column("status")
     for peer in sorted(snapshot.peers, key=lambda p: (stage_of.get(p.name, len(stage_of)), p.name)):
         index = stage_of.get(peer.name)
@@ -88,13 +88,13 @@ def peers_table(snapshot: SwarmSnapshot) -> Table:
 
 
 def _liveness(alive: bool, last_seen_s: float | None) -> Text:
-    seen = "" if last_seen_s is None else f" ({last_seen_s:.1f} s ago)"
+    seen = "" if last_seen_s is None else f" {last_seen_s:.1f}s ago"
     return Text("alive" + seen, style="green") if alive else Text("LOST" + seen, style="bold red")
 
 
 def links_table(snapshot: SwarmSnapshot) -> Table:
     """Every measured link with its bandwidth and round-trip time."""
-    table = Table(title="Links", expand=True, title_justify="left")
+    table = Table(title="Links", title_justify="left")
     table.add_column("link")
     table.add_column("bandwidth", justify="right")
     table.add_column("round trip", justify="right")
@@ -118,21 +118,25 @@ def layer_map(plan: PlanState) -> Group:
     return Group(Text("layers ", style="bold") + bar, Text("       ") + axis)
 
 
-def stages_table(plan: PlanState) -> Table:
-    """The pipeline in order: which units each peer runs and how busy it is."""
+def plan_title(plan: PlanState) -> str:
     title = f"Plan: {plan.model}, {plan.num_units} units in {len(plan.stages)} stages"
     if plan.objective:
         title += f", {plan.objective}"
     if plan.predicted_ms_per_token is not None:
         title += f", predicted {plan.predicted_ms_per_token:.1f} ms/token"
-    table = Table(title=title, expand=True, title_justify="left")
-    table.add_column("stage", justify="center")
+    return title
+
+
+def stages_table(plan: PlanState) -> Table:
+    """The pipeline in order: which units each peer runs and how busy it is."""
+    table = Table()
+    table.add_column("#", justify="center")
     table.add_column("peer")
-    table.add_column("units")
-    table.add_column("busy")
+    table.add_column("units", no_wrap=True)
+    table.add_column("busy", no_wrap=True)
     table.add_column("tok/s", justify="right")
-    table.add_column("step", justify="right")
-    table.add_column("in flight", justify="right")
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("queue", justify="right")  # micro-batches waiting at this stage
     for index, stage in enumerate(plan.stages):
         table.add_row(
             Text(stage_key(index), style=f"bold {stage_colour(index)}"),
@@ -149,7 +153,7 @@ def stages_table(plan: PlanState) -> Table:
 def plan_view(plan: PlanState | None) -> RenderableType:
     if plan is None:
         return Text("No plan yet: waiting for peers.", style="yellow")
-    return Group(layer_map(plan), stages_table(plan))
+    return Group(layer_map(plan), Text(plan_title(plan), style="italic"), stages_table(plan))
 
 
 def topology(snapshot: SwarmSnapshot, title: str = "swarm", compact: bool = False) -> Panel:

@@ -60,7 +60,7 @@ def test_peers_show_memory_compute_and_liveness():
     desktop = lines["desktop"]
     assert "300.0 MiB / 2.0 GiB" in desktop and "21.0 ms/token (4 thr)" in desktop
     phone = lines["phone"]
-    assert "LOST (12.3 s ago)" in phone and "0 B / 128.0 MiB" in phone
+    assert "LOST 12.3s ago" in phone and "0 B / 128.0 MiB" in phone
 
 
 def test_links_show_bandwidth_and_round_trip():
