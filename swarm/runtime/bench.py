@@ -42,7 +42,7 @@ class BenchConfig:
     model_dir: Path
     prompt_tokens: int = 32
     new_tokens: int = 96
-    repeats: int = 3
+    repeats: int = 5
     sequential_peers: int = 3
     micro_batches: tuple[int, ...] = (2, 4)
     dtype: str = "float32"
@@ -71,6 +71,7 @@ class BenchResult:
     sequential_over_single: float
     hops: int
     hop_overhead_ms: float  # (sequential - single) / hops: everything a hop adds per token
+    transport_ms_per_hop: float  # (sequential wall - stages' busy time) / hops: wire + scheduling only
     probe_hop_ms: float  # half a PROBE round trip carrying one token's hidden state
     pipeline: list[PipelineFigures]
     two_stage_cut: int
@@ -129,16 +130,21 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
     chain = LocalChain.load(config.model_dir, [(0, n)], max_slots=1, max_len=max_len, dtype=config.dtype)
     cuts = [(0, 1)] + [(1 + a, 1 + b) for a, b in even_cuts(n - 1, config.sequential_peers)]
     plan = tuple(Stage(addr, a, b) for addr, (a, b) in zip([None, *peers], cuts))
-    single, seq = [], []
+    single, seq, busy = [], [], []
     async with Pipeline(PipelineConfig(config.model_dir, plan, max_len=max_len, dtype=config.dtype)) as pipe:
         await _time_pipeline(pipe, [prompt], 4)  # warm-up both paths
         _time_local(chain, prompt, 4)
         for _ in range(config.repeats):
             single.append(_time_local(chain, prompt, new))
+            await pipe.stage_stats()
             seq.append(await _time_pipeline(pipe, [prompt], new))
-            log.info("single %.2f ms/token, sequential %.2f ms/token", single[-1] * 1e3, seq[-1] * 1e3)
+            # Time the stages spent computing per token (handing the step to the torch thread included).
+            busy.append(sum(s.busy_share / s.steps_per_s for s in await pipe.stage_stats()))
+            log.info("single %.2f ms/token, sequential %.2f ms/token (stages busy %.2f ms)",
+                     single[-1] * 1e3, seq[-1] * 1e3, busy[-1] * 1e3)
     del chain
     single_s, seq_s = statistics.median(single), statistics.median(seq)
+    transport_s = statistics.median(s - b for s, b in zip(seq, busy))
     hops = len(plan)
     probe_s = await _probe_hop_s(peers[0], layout.hidden_size * 4)
 
@@ -184,6 +190,7 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
     return BenchResult(
         single_process_ms_per_token=single_s * 1e3, sequential_ms_per_token=seq_s * 1e3,
         sequential_over_single=seq_s / single_s, hops=hops, hop_overhead_ms=(seq_s - single_s) / hops * 1e3,
+        transport_ms_per_hop=transport_s / hops * 1e3,
         probe_hop_ms=probe_s * 1e3, pipeline=figures, two_stage_cut=cut, two_stage_m1_ms_per_token=m1_s * 1e3,
         stage_step_ms=[s * 1e3 for s in stage_s], hop_ms=hop_s * 1e3,
         config={**asdict(config), "model_dir": str(config.model_dir), "threads_per_process": 1},
