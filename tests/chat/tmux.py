@@ -117,11 +117,13 @@ class Terminal:
         """Kill the tmux server and anything still tagged; safe to call twice."""
         subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True, timeout=10)
         self._status_dir.cleanup()
-        for proc in self.leftover_processes():
+        left = self.leftover_processes()
+        for proc in left:
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(left, timeout=5)
 
     def __enter__(self) -> "Terminal":
         return self
