@@ -112,3 +112,28 @@ def test_a_second_ctrl_c_leaves_at_once_when_a_peer_hangs(smollm2_dir):
         assert term.wait_exit(60) == 130
         assert "Traceback" not in term.screen()
         term.wait_no_processes(timeout=20)  # the frozen peer too
+
+
+def test_single_process_chat_commands_and_ctrl_d(smollm2_dir):
+    cmd = [sys.executable, "-m", "swarm", "chat", "--no-swarm", "--no-history-file", "--max-new-tokens", "12"]
+    with Terminal(cmd, width=110, height=50) as term:
+        term.wait_for(r"you>", START_S)
+        at = ask(term, "/help")
+        term.wait_for(r"/reset +forget the conversation", 10, after=at)
+        at = ask(term, "/frobnicate")
+        term.wait_for(r"unknown command /frobnicate; /help lists them", 10, after=at)
+        at = ask(term, "What is the capital of France?")
+        first = term.wait_for(r"Paris[^\n]*\n\[\d+ tokens[^\n]*prefilled (\d+)\]", ANSWER_S, after=at)
+        at = ask(term, "/plan")
+        term.wait_for(r"layers 1{32}\b", 10, after=at)
+        at = ask(term, "/reset")
+        term.wait_for(r"conversation cleared", 10, after=at)
+        at = ask(term, "What is the capital of France?")
+        again = term.wait_for(r"Paris[^\n]*\n\[\d+ tokens[^\n]*prefilled (\d+)\]", ANSWER_S, after=at)
+        assert again.group(1) == first.group(1)  # after /reset the question costs the same again
+        term.press("Up")  # input history: the last question comes back
+        term.wait_for(r"you> What is the capital of France\?\s*$", 10, after=again.end())
+        term.press("C-u", "C-d")
+        assert term.wait_exit(30) == 0
+        assert term.screen().rstrip().endswith("bye")
+        term.wait_no_processes(timeout=10)
