@@ -43,6 +43,7 @@ HELP = """\
 /quit    leave (Ctrl-D too); Ctrl-C stops an answer"""
 PROMPT = "you> "
 VIEW_REFRESH_S = 0.25
+STATUS_REFRESH_S = 0.2
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -313,8 +314,13 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
     config = await source_config(args, model_dir, console, stack)
     engine = SwarmEngine(config, SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     stack.push_async_callback(engine.aclose)
-    with console.status("looking for peers, measuring links, planning and loading shards"):
-        await engine.start()
+    with console.status("looking for peers") as status:
+        async with asyncio.TaskGroup() as tasks:
+            watcher = tasks.create_task(_report_start(engine, status))
+            try:
+                await engine.start()
+            finally:
+                watcher.cancel()
     if not engine.source.directory.live:
         console.print(f"[yellow]no peers found:[/] {engine.source.directory.diagnostic()}\n"
                       "The whole model runs on this device. Run `swarm join` on another device to add it, "
@@ -325,6 +331,17 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
     poller = tasks.create_task(view.poll_forever())
     stack.callback(poller.cancel)  # runs before the TaskGroup waits for it
     return Backend(engine, tokenizer, model_dir.name, view.snapshot)
+
+
+async def _report_start(engine: "SwarmEngine", status) -> None:
+    """Keep the spinner's text on what the source is doing while it gathers and deploys."""
+    while True:
+        source = engine.source
+        if source is not None and source.directory is not None and source.prober is not None:
+            live, links = len(source.directory.live), len(source.prober.links)
+            status.update(f"{live} peer(s) live, {links} link(s) from here measured; "
+                          "planning and loading shards when every link is measured")
+        await asyncio.sleep(STATUS_REFRESH_S)
 
 
 def _interfaces(args: argparse.Namespace):
