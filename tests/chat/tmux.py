@@ -8,6 +8,7 @@ were re-parented to init (a peer orphaned by a crashed chat still counts).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -38,6 +39,7 @@ class Terminal:
         shell_line = (f"cd {shlex.quote(cwd or os.getcwd())} && env {exports} {shlex.join(command)}; "
                       f"echo $? > {shlex.quote(self._status_file)}")
         self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height), shell_line)
+        self._socket = self._tmux("display-message", "-p", "#{socket_path}").strip()
         self._tmux("set-option", "-t", "t", "remain-on-exit", "on")
         self._tmux("set-option", "-t", "t", "history-limit", "10000")
 
@@ -116,6 +118,9 @@ class Terminal:
     def close(self) -> None:
         """Kill the tmux server and anything still tagged; safe to call twice."""
         subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True, timeout=10)
+        if self._socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._socket)  # tmux leaves the socket file of a killed server
         self._status_dir.cleanup()
         left = self.leftover_processes()
         for proc in left:
