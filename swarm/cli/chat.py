@@ -159,6 +159,10 @@ async def _answer(text: str, conversation: Conversation, state: ChatState, conso
         console.print(f"\n[bold red]error:[/] the conversation is too long for the cache ({exc}); "
                       "/reset starts a new one, --max-len makes the cache longer")
         return
+    except Exception as exc:  # the chat outlives a failed answer; the next question starts afresh
+        log.debug("answer failed", exc_info=True)
+        console.print(f"\n[bold red]error:[/] {type(exc).__name__}: {exc} (run with -vv for details)")
+        return
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     if state.view:
