@@ -71,7 +71,7 @@ class BenchResult:
     sequential_over_single: float
     hops: int
     hop_overhead_ms: float  # (sequential - single) / hops: everything a hop adds per token
-    transport_ms_per_hop: float  # (sequential wall - stages' busy time) / hops: wire + scheduling only
+    transport_ms_per_hop: float  # (sequential wall - shards' compute time) / hops: wire, threads, scheduling
     probe_hop_ms: float  # half a PROBE round trip carrying one token's hidden state
     pipeline: list[PipelineFigures]
     two_stage_cut: int
@@ -138,7 +138,7 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
             single.append(_time_local(chain, prompt, new))
             await pipe.stage_stats()
             seq.append(await _time_pipeline(pipe, [prompt], new))
-            # Time the stages spent computing per token (handing the step to the torch thread included).
+            # Time the shards spent computing per token; the rest of the wall time is wire and scheduling.
             busy.append(sum(s.busy_share / s.steps_per_s for s in await pipe.stage_stats()))
             log.info("single %.2f ms/token, sequential %.2f ms/token (stages busy %.2f ms)",
                      single[-1] * 1e3, seq[-1] * 1e3, busy[-1] * 1e3)

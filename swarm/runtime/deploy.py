@@ -167,18 +167,22 @@ class Deployment:
                              *(p.close_slots(slots, self.control_timeout_s) for p in self.peers))
 
     async def run_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
-                              lengths: list[int] | None) -> torch.Tensor | None:
-        """Run the local stage; send its hidden states on, or return the tokens if it is the last."""
+                              lengths: list[int] | None) -> tuple[torch.Tensor | None, float]:
+        """Run the local stage; send its hidden states on, or return the tokens if it is the last.
+
+        Returns (token ids or None, seconds the shard computed)."""
         header = {"dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "src": self.identity}
         return await self.on_worker(self._compute, header, tokens)
 
-    def _compute(self, header: dict, tokens: torch.Tensor) -> torch.Tensor | None:
+    def _compute(self, header: dict, tokens: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         # On the torch thread: the hidden states leave from here, without waking the event loop.
+        began = time.perf_counter()
         out = self.shard.step(header["slots"], tokens, header["lengths"])
+        compute_s = time.perf_counter() - began
         if self._data_sock is None:
-            return out
+            return out, compute_s
         self._data_sock.send_multipart(encode(Message(Kind.STEP, header, (out,))), copy=False, flags=zmq.NOBLOCK)
-        return None
+        return None, compute_s
 
     async def peer_status(self) -> list[dict]:
         """Every peer's PING status, in plan order."""

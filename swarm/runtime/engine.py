@@ -60,7 +60,7 @@ class StageStats:
     address: str | None  # None: the source process
     start: int
     end: int
-    busy_share: float  # fraction of the interval spent computing
+    busy_share: float  # fraction of the interval the shard computed (torch time only)
     tokens_per_s: float  # token positions computed per second
     steps_per_s: float
     queued: int  # steps waiting at this stage (micro-batches queued there)
@@ -344,13 +344,12 @@ class Pipeline:
     async def _first_stage_loop(self) -> None:
         while (job := await self._jobs.get()) is not None:
             group, step, slots, tokens, lengths = job
-            began = time.perf_counter()
             try:
-                out = await self.deployment.run_first_stage(group, step, slots, tokens, lengths)
+                out, compute_s = await self.deployment.run_first_stage(group, step, slots, tokens, lengths)
             except Exception as exc:  # e.g. a peer socket gone; fail this micro-batch only
                 self._fail_flight(group, exc)
                 continue
-            self._local["busy_s"] += time.perf_counter() - began
+            self._local["busy_s"] += compute_s
             self._local["steps"] += 1
             self._local["tokens"] += sum(lengths) if lengths else tokens.numel()
             if out is not None:  # the source holds the whole model

@@ -300,11 +300,10 @@ class ShardServer:
 
     async def _step(self, message: Message) -> None:
         _, slots, x, lengths = self._check_step(message)
-        began = time.perf_counter()
         ids = {k: message[k] for k in ("dep", "mb", "step", "slots")}
-        out = await self._on_worker(self._compute, self._stage, message, ids, x, lengths)
+        out, compute_s = await self._on_worker(self._compute, self._stage, message, ids, x, lengths)
         c = self._counters
-        c.busy_s += time.perf_counter() - began
+        c.busy_s += compute_s
         c.steps += 1
         c.rows += len(slots)
         c.tokens += sum(lengths) if lengths is not None else x.shape[0] * x.shape[1]
@@ -313,11 +312,16 @@ class ShardServer:
 
     @staticmethod
     def _compute(stage: _Stage, message: Message, ids: dict, x: torch.Tensor, lengths: list[int] | None):
-        """On the torch thread: run the step and forward its hidden states straight on."""
+        """On the torch thread: run the step and forward its hidden states straight on.
+
+        Returns (token ids or None when forwarded, seconds spent computing).
+        """
+        began = time.perf_counter()
         out = stage.shard.step(ids["slots"], x, lengths)
+        compute_s = time.perf_counter() - began
         if stage.next_sock is None:
-            return out
+            return out, compute_s
         forward = Message(Kind.STEP, {**ids, "lengths": lengths, "src": message["src"]}, (out,))
         # NOBLOCK: a next stage that stopped reading must fail this step, not hang the thread.
         stage.next_sock.send_multipart(encode(forward), copy=False, flags=zmq.NOBLOCK)
-        return None
+        return None, compute_s
