@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.live import Live
 
-from swarm.cli.chat import BackendError, add_backend_arguments, not_enough_memory, resolve_model_dir, source_config
+from swarm.chat.engines import BackendError, not_enough_memory
+from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
 from swarm.view.from_source import SourceState, snapshot_from_source
 from swarm.view.live import refresh_forever
 from swarm.view.render import topology

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from swarm.localswarm import ChainEngine
+from swarm.chat.engines import ChainEngine
 from swarm.model import hf
 from swarm.model.local import LocalChain
 from swarm.model.shard import Shard
-from swarm.view.conversation import ContextFull, Conversation
+from swarm.chat.conversation import ContextFull, Conversation
 
 pytestmark = pytest.mark.slow  # the real default model
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.cli.chat import SourceView, SwarmEngine
-from swarm.localswarm import ChainEngine, LocalSwarm, local_budgets, unit_memory
+from swarm.chat.engines import ChainEngine, SourceView, SwarmEngine
+from swarm.localswarm import LocalSwarm, local_budgets, unit_memory
 from swarm.model import hf
 from swarm.model.local import LocalChain
 from swarm.model.profile import profile_device
 from swarm.model.sampling import GREEDY
 from swarm.model.shard import Shard
 from swarm.source import SourceConfig
-from swarm.view.conversation import Conversation
+from swarm.chat.conversation import Conversation
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,1 @@
+"""swarm/chat: a conversation over a token engine (this process or the swarm)."""
