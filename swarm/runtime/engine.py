@@ -103,6 +103,7 @@ class Session:
         self._one_shot = one_shot
         self._turn: _Turn | None = None
         self._closed = False
+        self._released = False
 
     async def __aenter__(self) -> "Session":
         return self
@@ -265,10 +266,16 @@ class Pipeline:
 
     async def _release(self, session: Session) -> None:
         # The slot is reused only after every stage freed it, so a later OPEN never races the CLOSE.
+        if session._released:
+            return
+        session._released = True
         try:
             turn = self._turns.get(session.slot)
-            if turn is not None:  # a cancelled step still in flight: let it land first
-                await turn.finished.wait()
+            if turn is not None:  # a cancelled step still in flight: let it land first (or time out)
+                try:
+                    await asyncio.wait_for(turn.finished.wait(), self.config.token_timeout_s)
+                except TimeoutError:
+                    self._expire(turn)
             async with self._control:
                 if self.deployment is not None:
                     await self.deployment.close_slots([session.slot])

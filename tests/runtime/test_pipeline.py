@@ -181,3 +181,22 @@ async def test_a_request_too_long_for_the_cache_is_refused_and_frees_its_slot(ti
         with pytest.raises(ValueError, match="cache positions"):
             await pipe.generate_all([list(range(1, 12))], 8)
         assert await asyncio.wait_for(pipe.generate_all([PROMPTS[0]], 8), TIMEOUT_S) == tiny_reference([PROMPTS[0]], 8)
+
+
+async def test_closing_a_session_whose_stage_died_does_not_hang(tiny_model_dir):
+    from swarm.runtime.server import ServerConfig, ShardServer
+
+    async with ShardServer(ServerConfig()) as doomed:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(doomed.serve_forever())
+            plan = (Stage(None, 0, 3), Stage(doomed.address, 3, 6))
+            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 1), max_len=128, token_timeout_s=0.5,
+                                 control_timeout_s=0.5)
+            async with Pipeline(cfg) as pipe:
+                chat = await pipe.open_session()
+                stream = chat.generate(PROMPTS[0], 100)
+                await anext(stream)
+                doomed.close()  # the next step is lost with the stage
+                await stream.aclose()  # cancelled while its step is in flight
+                await asyncio.wait_for(chat.aclose(), 5)
+                assert pipe.micro_batches_in_flight == 0
