@@ -94,9 +94,13 @@ def _progress(console: Console):
 
 
 async def source_config(args: argparse.Namespace, model_dir: Path, console: Console,
-                        stack: contextlib.AsyncExitStack):
+                        stack: contextlib.AsyncExitStack, *, objective: str = "latency",
+                        micro_batches: int = 1, batch_size: int = 1):
     """Start local peers if asked (stopped when ``stack`` closes), profile this device
-    (progress bars), and return the SourceConfig for a SwarmSource."""
+    (progress bars), and return the SourceConfig for a SwarmSource.
+
+    The workload (``micro_batches`` x ``batch_size`` sequences of ``args.max_len``
+    tokens) sizes the KV caches the plan must fit, and local peers' budgets."""
     import socket
 
     from swarm.localswarm import LocalSwarm, LocalSwarmError
@@ -109,7 +113,8 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
         with _progress(console) as progress:
             task = progress.add_task(f"starting {args.local} local peers", total=args.local, what="")
             local = LocalSwarm.for_model(
-                model_dir, args.local, max_len=args.max_len, threads=args.threads, log_dir=cache_root() / "local-peers",
+                model_dir, args.local, slots=micro_batches * batch_size, max_len=args.max_len, threads=args.threads,
+                log_dir=cache_root() / "local-peers",
                 extra_args=args.local_peer_args or (),
                 on_ready=lambda done, total, name: progress.update(task, completed=done, what=name))
             try:
@@ -125,7 +130,8 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
             on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
     settings = {"interfaces": _interfaces(args), "seeds": tuple(args.peer), **local_settings}
     return SourceConfig(model=model_dir, name=socket.gethostname(), threads=args.threads, profile=profile,
-                        max_len=args.max_len, **settings)
+                        max_len=args.max_len, objective=objective, micro_batches=micro_batches,
+                        batch_size=batch_size, **settings)
 
 
 async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,

@@ -2,24 +2,33 @@
 
 Without swarm options the whole model runs in this process through the same
 shard code the peers run. With ``--local N`` it starts N peers on this machine;
-with ``--interface``/``--peer`` it plans over the peers announced on the network.
-Several ``--prompt`` run as one batch. The prompt is used as given unless
+with ``--interface`` and/or ``--peer`` it plans over the peers it finds there
+(this device keeps the first unit: the prompt's tokens never leave it).
+Several ``--prompt`` run as one batch (through the pipeline, several micro-batches
+in flight, planned for the cycle objective). The prompt is used as given unless
 ``--chat`` wraps it in the model's chat template.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from swarm.cli.common import add_model_arguments, check_device, default_dtype, resolve_model_with_status
+from swarm.chat.engines import BackendError
+from swarm.cli.backend import add_backend_arguments, source_config
+from swarm.cli.common import check_device, default_dtype, resolve_model_with_status
 
 DEFAULT_MAX_NEW_TOKENS = 64
+MAX_MICRO_BATCHES = 4
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,14 +37,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", action="append", default=None,
                         help="a prompt (repeat for a batch; default: read one from standard input)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (prompt i uses seed + i)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    add_model_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: token ids, text, the plan and timings")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="in this process: float32 on CPU (default), float16 on CUDA/MPS")
+    parser.add_argument("--device", default="cpu", help="in this process: cpu, cuda, cuda:N or mps")
+    add_backend_arguments(parser)
+    # The KV cache is sized from the prompts unless --max-len asks for more.
+    parser.set_defaults(func=run, max_len=None)
 
 
 @dataclass
@@ -47,6 +57,7 @@ class Outcome:
     total_s: float
     plan: list[dict] = field(default_factory=list)
     mode: str = "single-process"
+    predicted: dict = field(default_factory=dict)  # the planner's figures for the plan
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -84,11 +95,23 @@ def run(args: argparse.Namespace) -> int:
         prompts = [tokenizer(t)["input_ids"] for t in texts]
     stop_ids = sorted(stop_token_ids(tokenizer, model_dir))
     stream = None if args.json or len(prompts) > 1 else TextStream(tokenizer)
-    outcome = generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, console)
+    args.max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
+    if uses_swarm(args):
+        try:
+            outcome = asyncio.run(generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stream, console))
+        except BackendError as err:
+            raise SystemExit(f"error: {err}") from None
+    else:
+        outcome = generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, console)
     if stream:
         stream.finish()
     report(args, tokenizer, prompts, outcome)
     return 0
+
+
+def uses_swarm(args: argparse.Namespace) -> bool:
+    """A one-shot command runs in this process unless told where a swarm is."""
+    return not args.no_swarm and bool(args.local or args.interface or args.peer)
 
 
 def stop_token_ids(tokenizer, model_dir) -> set[int]:
@@ -143,6 +166,52 @@ def generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, co
     return Outcome(out, first or 0.0, total, plan)
 
 
+def workload(prompts: int) -> tuple[str, int, int]:
+    """(objective, micro-batches, sequences per micro-batch) for a batch of prompts.
+
+    One prompt is interactive: the latency plan. A batch keeps up to
+    MAX_MICRO_BATCHES micro-batches in flight so no stage waits (No-Bubbles) and
+    is planned for the cycle objective, max(R/m, P)."""
+    if prompts == 1:
+        return "latency", 1, 1
+    micro_batches = min(prompts, MAX_MICRO_BATCHES)
+    return "cycle", micro_batches, math.ceil(prompts / micro_batches)
+
+
+async def generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stream, console) -> Outcome:
+    from swarm.source import SwarmSource
+
+    objective, micro_batches, batch_size = workload(len(prompts))
+    async with contextlib.AsyncExitStack() as stack:
+        config = await source_config(args, model_dir, console, stack, objective=objective,
+                                     micro_batches=micro_batches, batch_size=batch_size)
+        source = await stack.enter_async_context(SwarmSource(config))
+        with console.status("finding peers, measuring links, planning and loading shards..."):
+            planned = await source.deploy()
+        names = [d["name"] for d in planned.problem["devices"]]
+        plan = [{"device": names[s.device], "start": s.start, "end": s.end} for s in planned.plan.stages]
+        console.print("plan: " + ", ".join(f"{p['device']} [{p['start']}, {p['end']})" for p in plan), style="dim")
+        out: list[list[int]] = [[] for _ in prompts]
+        began = time.perf_counter()
+        first: list[float] = []
+
+        async def one(row: int, prompt: list[int]) -> None:
+            seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + row)
+            async for token in source.generate(prompt, args.max_new_tokens, seeded, stop_ids):
+                first.append(first[0] if first else time.perf_counter() - began)
+                out[row].append(token)
+                if stream:
+                    stream.push(token)
+
+        async with asyncio.TaskGroup() as tasks:
+            for row, prompt in enumerate(prompts):
+                tasks.create_task(one(row, prompt))
+        total = time.perf_counter() - began
+        predicted = {"latency_s": planned.plan.latency_s, "bottleneck_s": planned.plan.bottleneck_s}
+        mode = f"swarm ({objective}, {micro_batches} x {batch_size} in flight)"
+        return Outcome(out, first[0] if first else 0.0, total, plan, mode, predicted)
+
+
 def report(args, tokenizer, prompts, outcome: Outcome) -> None:
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outcome.token_ids]
     decode_tokens = sum(max(len(ids) - 1, 0) for ids in outcome.token_ids)
@@ -157,7 +226,8 @@ def report(args, tokenizer, prompts, outcome: Outcome) -> None:
     if args.json:
         results = [{"token_ids": ids, "text": text, "prompt_tokens": len(p)}
                    for ids, text, p in zip(outcome.token_ids, texts, prompts)]
-        body = {**results[0], "results": results, "mode": outcome.mode, "plan": outcome.plan, "timings": timings}
+        body = {**results[0], "results": results, "mode": outcome.mode, "plan": outcome.plan,
+                "predicted": outcome.predicted, "timings": timings}
         print(json.dumps(body))
         return
     if len(prompts) > 1:
