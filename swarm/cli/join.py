@@ -54,13 +54,12 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
 
 
-def load_profile(args) -> dict:
+def load_profile(args, model_dir) -> dict:
     if args.profile:
         return json.loads(args.profile.read_text())
     from swarm.discovery.peer import measure_profile
-    from swarm.model.store import resolve_model
 
-    return measure_profile(resolve_model(args.model), args.threads, args.mem)
+    return measure_profile(model_dir, args.threads, args.mem)
 
 
 def run(args) -> int:
@@ -71,12 +70,16 @@ def run(args) -> int:
     from swarm.discovery.liveness import LivenessConfig
     from swarm.discovery.peer import PeerConfig, SwarmPeer
 
-    profile = load_profile(args)
+    from swarm.model.store import resolve_model
+
+    model_dir = resolve_model(args.model)
+    profile = load_profile(args, model_dir)
     mem = profile["device"]["mem_bytes"] if args.mem is None else min(args.mem, profile["device"]["mem_bytes"])
     liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)
     probe = ProbeConfig() if args.probe_interval is None else ProbeConfig(interval_s=args.probe_interval)
     config = PeerConfig(name=args.name, interfaces=interfaces_from(args), port=args.port, seeds=tuple(args.peer),
-                        mdns=args.mdns, threads=args.threads, mem_bytes=mem, liveness=liveness, probe=probe)
+                        mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
+                        liveness=liveness, probe=probe)
 
     async def main() -> None:
         async with SwarmPeer(config, profile) as peer:

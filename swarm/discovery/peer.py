@@ -28,6 +28,7 @@ class PeerConfig:
     mdns: bool = True  # False: reachable through seeds only
     threads: int = 1
     mem_bytes: int | None = None  # usable memory to announce; None = the profile's
+    model_dir: str | None = None  # this peer's own copy of the profiled model, loaded on LOAD
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -64,8 +65,9 @@ class SwarmPeer:
         self.seq = 0
         # Served verbatim by INFO (the server reads this dict on every request, so updates show).
         self.info: dict = {"profile": profile}
+        models = {profile["model"]["fingerprint"]: config.model_dir} if config.model_dir else {}
         self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
-                                               threads=config.threads, info=self.info))
+                                               threads=config.threads, info=self.info, models=models))
         self.directory = Directory(DirectoryConfig(
             interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
             fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)

@@ -160,10 +160,12 @@ class PeerClient:
 
     async def load(self, model_dir: Path | str, start: int, end: int, *, slots: int, max_len: int,
                    dtype: str = "float32", next_address: str | None = None, dep: int = 0,
-                   timeout: float = LOAD_TIMEOUT_S) -> Ready:
+                   fingerprint: str | None = None, timeout: float = LOAD_TIMEOUT_S) -> Ready:
+        """Load units [start, end). A peer that holds a model with ``fingerprint`` loads its
+        own copy; otherwise ``model_dir`` must be a folder on the peer (same machine, shared disk)."""
         reply = await self.request(Kind.LOAD, {
             "dep": dep, "model": str(model_dir), "start": start, "end": end, "slots": slots,
-            "max_len": max_len, "dtype": dtype, "next": next_address,
+            "max_len": max_len, "dtype": dtype, "next": next_address, "fp": fingerprint,
         }, timeout=timeout)
         return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"])
 

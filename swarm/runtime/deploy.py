@@ -30,6 +30,7 @@ import zmq
 
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.model.shard import Shard
+from swarm.model.store import model_fingerprint
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, Ready
 from swarm.runtime.wire import Kind, Message, encode
@@ -122,8 +123,9 @@ class Deployment:
         local = asyncio.get_running_loop().run_in_executor(self._executor, lambda: Shard.load(
             self.model_dir, first.start, first.end, max_slots=self.slots, max_len=self.max_len, dtype=self.dtype))
         nexts = [s.address for s in self.plan[2:]] + [None]
+        fingerprint = await asyncio.to_thread(model_fingerprint, Path(self.model_dir))
         remote = [peer.load(self.model_dir, s.start, s.end, slots=self.slots, max_len=self.max_len,
-                            dtype=self.dtype, next_address=nxt, dep=self.dep_id)
+                            dtype=self.dtype, next_address=nxt, dep=self.dep_id, fingerprint=fingerprint)
                   for peer, s, nxt in zip(self.peers, self.plan[1:], nexts)]
         self.shard, *peer_ready = await asyncio.gather(local, *remote)
         self._stack.push_async_callback(self._unload_peers)

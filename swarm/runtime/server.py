@@ -43,6 +43,8 @@ class ServerConfig:
     port: int = 0  # 0: any free port
     threads: int = 1  # torch intra-op threads for this process
     info: Mapping[str, Any] = field(default_factory=dict)  # returned verbatim by INFO
+    # Models this peer holds, by fingerprint: a LOAD naming one loads this peer's own copy.
+    models: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
     limits: WireLimits = DEFAULT_LIMITS
 
@@ -246,6 +248,16 @@ class ShardServer:
             self._stage.next_sock.close()
         self._stage = None
 
+    def _model_folder(self, path: str, fingerprint: str | None) -> Path:
+        """This peer's own copy of the model when it holds one with that fingerprint, else the path as sent."""
+        if fingerprint and fingerprint in self.config.models:
+            return Path(self.config.models[fingerprint])
+        if fingerprint and self.config.models:
+            raise WireError(f"this peer holds model(s) {sorted(self.config.models)}, not {fingerprint!r}")
+        if not Path(path).is_dir():
+            raise WireError(f"model folder {path!r} not found on this peer")
+        return Path(path)
+
     async def _load(self, message: Message) -> Message:
         start, end, dtype = message["start"], message["end"], message["dtype"]
         if not start < end:
@@ -254,9 +266,7 @@ class ShardServer:
             raise WireError(f"dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
         if not (message["slots"] >= 1 and message["max_len"] >= 1):
             raise WireError("slots and max_len must be at least 1")
-        model_dir = Path(message["model"])
-        if not model_dir.is_dir():
-            raise WireError(f"model folder {str(model_dir)!r} not found on this peer")
+        model_dir = self._model_folder(message["model"], message.get("fp"))
         from swarm.model.shard import Shard
 
         self._drop_stage()

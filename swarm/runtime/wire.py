@@ -151,6 +151,7 @@ SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
         "max_len": (_int, True),
         "dtype": (_str, True),
         "next": (_optional(_str), False),
+        "fp": (_optional(_str), False),  # model fingerprint: the peer loads its own copy
     },
     Kind.READY: {"load_s": (_float, True), "weight_bytes": (_int, True), "kv_bytes": (_int, True),
                  "rss_bytes": (_int, True)},

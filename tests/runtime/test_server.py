@@ -111,3 +111,19 @@ async def test_an_oversized_frame_is_never_accepted(tiny_model_dir):
                     await big.request(Kind.PROBE, {}, (torch.zeros(1 << 20, dtype=torch.uint8),), timeout=0.5)
                 assert (await small.ping())["errors"] == 0  # the server carried on
             srv.close()
+
+
+async def test_a_peer_loads_its_own_copy_of_the_model_named_by_fingerprint(tiny_model_dir):
+    """The source's folder path means nothing on another machine: the fingerprint picks the peer's copy."""
+    from swarm.model.store import model_fingerprint
+
+    fingerprint = model_fingerprint(tiny_model_dir)
+    config = ServerConfig(port=0, threads=1, models={fingerprint: str(tiny_model_dir)})
+    async with ShardServer(config) as srv, asyncio.TaskGroup() as tg:
+        tg.create_task(srv.serve_forever())
+        async with PeerClient(srv.address) as peer:
+            ready = await peer.load("/path/on/the/source", 2, 6, slots=1, max_len=8, fingerprint=fingerprint)
+            assert ready.weight_bytes > 0
+            with pytest.raises(PeerError, match="not 'other-weights'"):
+                await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, fingerprint="other-weights")
+        srv.close()
