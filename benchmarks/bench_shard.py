@@ -1,10 +1,10 @@
 """Decode ms/token: the shard path (whole model in one shard, one process) against transformers' generate.
 
 SmolLM2-135M-Instruct, float32, one torch thread, a 32-token prompt and 96 new
-tokens, greedy. Runs alternate between the two paths so that noise from other
-programs lands on both; medians are reported.
+tokens, greedy. Runs alternate between the two paths in ABBA order so that noise and drift
+land on both; medians are reported.
 
-    python benchmarks/bench_shard.py [--runs 5] [--json]
+    python benchmarks/bench_shard.py [--runs 8] [--json]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def time_shards(chain: LocalChain, prompt: list[int]) -> tuple[float, list[int]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -78,11 +78,16 @@ def main() -> None:
                             max_slots=1, max_len=PROMPT_TOKENS + NEW_TOKENS)
     time_transformers(reference, prompt), time_shards(chain, prompt)  # warm-up
     hf_ms, shard_ms = [], []
-    for _ in range(args.runs):
-        ms, hf_tokens = time_transformers(reference, prompt)
-        hf_ms.append(ms)
-        ms, shard_tokens = time_shards(chain, prompt)
-        shard_ms.append(ms)
+    for run in range(args.runs):
+        # ABBA order: a machine that drifts slower (or faster) over time favours neither path.
+        order = ("hf", "shard") if run % 2 == 0 else ("shard", "hf")
+        for path in order:
+            if path == "hf":
+                ms, hf_tokens = time_transformers(reference, prompt)
+                hf_ms.append(ms)
+            else:
+                ms, shard_tokens = time_shards(chain, prompt)
+                shard_ms.append(ms)
     result = {
         "model": model_dir.name, "dtype": "float32", "threads": args.threads,
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "runs": args.runs,
