@@ -182,7 +182,7 @@ def _interfaces(args: argparse.Namespace):
 async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console) -> Backend:
     from rich.progress import Progress
 
-    from swarm.localswarm import ChainEngine
+    from swarm.chat.engines import ChainEngine
     from swarm.model import hf
     from swarm.model.local import LocalChain
     from swarm.model.sampling import SamplingParams
