@@ -132,8 +132,11 @@ class PeerClient:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
         try:
-            await self.send(Message(kind, fields or {}, tensors, id=msg_id))
-            reply = await asyncio.wait_for(future, timeout)
+            # The send is inside the deadline too: to a peer that stopped reading, a full
+            # queue would otherwise block it for ever.
+            async with asyncio.timeout(timeout):
+                await self.send(Message(kind, fields or {}, tensors, id=msg_id))
+                reply = await future
         except TimeoutError:
             raise PeerError(f"{kind.value} to {self.address}: no reply in {timeout} s") from None
         finally:
