@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from swarm.chat.engines import BackendError, SourceView, SwarmEngine
+from swarm.cli.profile import parse_bytes
 from swarm.view.snapshot import SwarmSnapshot
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     # Extra `swarm join` options for --local peers (tests shorten heartbeats with it).
+    parser.add_argument("--mem", type=parse_bytes, default=None, metavar="LIMIT",
+                        help="memory this device offers to the plan (e.g. 200M): less makes the swarm take more")
     parser.add_argument("--local-peer-arg", dest="local_peer_args", action="append", help=argparse.SUPPRESS)
 
 
@@ -129,6 +132,8 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
             profile_device, model_dir, threads=args.threads,
             on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
     settings = {"interfaces": _interfaces(args), "seeds": tuple(args.peer), **local_settings}
+    if args.mem is not None:
+        settings["mem_bytes"] = args.mem
     return SourceConfig(model=model_dir, name=socket.gethostname(), threads=args.threads, profile=profile,
                         max_len=args.max_len, objective=objective, micro_batches=micro_batches,
                         batch_size=batch_size, **settings)
