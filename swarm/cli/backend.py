@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from swarm.chat.engines import BackendError, SourceView, SwarmEngine
+from swarm.cli.common import resolve_model_with_status
 from swarm.cli.profile import parse_bytes
 from swarm.view.snapshot import SwarmSnapshot
 
@@ -66,13 +67,12 @@ def history_path() -> Path:
 
 
 def resolve_model_dir(args: argparse.Namespace, console: Console) -> Path:
-    from swarm.model.store import ModelNotFoundError, resolve_model
+    from swarm.model.store import ModelNotFoundError
 
-    with console.status("finding the model") as status:
-        try:
-            return resolve_model(args.model, lambda stage: status.update(f"default model: {stage}"))
-        except ModelNotFoundError as exc:
-            raise BackendError(str(exc)) from None
+    try:
+        return resolve_model_with_status(args.model, console)
+    except ModelNotFoundError as exc:
+        raise BackendError(str(exc)) from None
 
 
 @contextlib.asynccontextmanager

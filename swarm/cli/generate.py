@@ -25,7 +25,7 @@ from rich.console import Console
 
 from swarm.chat.engines import BackendError
 from swarm.cli.backend import add_backend_arguments, source_config
-from swarm.cli.common import check_device, default_dtype, resolve_model_with_status
+from swarm.cli.common import check_device, default_dtype, resolve_model_or_exit
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_MICRO_BATCHES = 4
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     console = Console(stderr=True, highlight=False)
     texts = read_prompts(args)
-    model_dir = resolve_model_with_status(args.model, console)
+    model_dir = resolve_model_or_exit(args.model, console)
     tokenizer = hf.load_tokenizer(model_dir)
     if args.chat:
         prompts = [hf.chat_token_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]

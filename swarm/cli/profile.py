@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from swarm.cli.common import add_model_arguments, check_device, default_dtype, resolve_model_with_status, unit_progress
+from swarm.cli.common import add_model_arguments, check_device, default_dtype, resolve_model_or_exit, unit_progress
 
 
 def parse_bytes(text: str) -> int:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     console = Console(highlight=False)
     err_console = Console(stderr=True)
-    model_dir = resolve_model_with_status(args.model, err_console)
+    model_dir = resolve_model_or_exit(args.model, err_console)
     dtype = args.dtype or default_dtype(args.device)
     with unit_progress(err_console, "profiling") as on_unit:
         profile = profile_device(model_dir, threads=args.threads, dtype=dtype, device=args.device,
