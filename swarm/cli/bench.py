@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -22,12 +21,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from swarm.model.store import resolve_model
+    from rich.console import Console
+
+    from swarm.cli.common import resolve_model_or_exit
     from swarm.runtime.bench import BenchConfig, run_bench
 
-    model_dir = resolve_model(args.model, on_stage=lambda stage: print(stage, file=sys.stderr))
-    result = run_bench(BenchConfig(Path(model_dir), args.prompt_tokens, args.new_tokens, args.repeats,
-                                   micro_batches=tuple(args.micro_batches)))
+    err = Console(stderr=True)
+    model_dir = resolve_model_or_exit(args.model, err)
+    config = BenchConfig(Path(model_dir), args.prompt_tokens, args.new_tokens, args.repeats,
+                         micro_batches=tuple(args.micro_batches))
+    with err.status("starting 3 local peers...") as status:
+        def report(line: str) -> None:
+            err.print(line, style="dim", highlight=False)
+            status.update("measuring (keep the machine otherwise idle)...")
+
+        result = run_bench(config, report)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -38,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"overhead per hop    {r.hop_overhead_ms:8.3f} ms  "
           f"({r.hops} hops; wire and scheduling alone {r.transport_ms_per_hop:.3f} ms; "
           f"probe {r.probe_hop_ms:.3f} ms; target <= 0.5 ms)")
+    if r.one_core is not None:
+        c = r.one_core
+        print(f"  every process on one core: single {c.single_process_ms_per_token:.2f} ms/token, sequential "
+              f"{c.sequential_ms_per_token:.2f} ms/token ({c.sequential_over_single:.3f}x), per hop "
+              f"{c.hop_overhead_ms:.3f} ms (wire and scheduling {c.transport_ms_per_hop:.3f} ms)")
     print(f"2 stages, cut at unit {r.two_stage_cut}: stage steps {', '.join(f'{t:.2f}' for t in r.stage_step_ms)} ms, "
           f"hop {r.hop_ms:.2f} ms, m=1 {r.two_stage_m1_ms_per_token:.2f} ms/token")
     for p in r.pipeline:

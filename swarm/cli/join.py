@@ -25,7 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mem", type=parse_bytes, help="usable memory limit, e.g. 2G or 512M")
     p.add_argument("--threads", type=int, default=1, help="torch threads for this peer (default 1)")
     add_network_args(p)
-    p.add_argument("--port", type=int, default=0, help="shard server port (default: any free port)")
+    p.add_argument("--port", type=int, default=0, help="shard server (control) port (default: any free port)")
+    p.add_argument("--data-port", type=int,
+                   help="port pipeline steps arrive on (default: --port + 1 when --port is given, else any free port)")
     p.add_argument("--profile", type=Path, help="use this measured profile JSON instead of profiling")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
     p.add_argument("--probe-interval", type=float, help="seconds between link measurements (default 30)")
@@ -70,20 +72,25 @@ def run(args) -> int:
     from swarm.discovery.liveness import LivenessConfig
     from swarm.discovery.peer import PeerConfig, SwarmPeer
 
-    from swarm.model.store import resolve_model
+    from rich.console import Console
 
-    model_dir = resolve_model(args.model)
+    from swarm.cli.common import resolve_model_or_exit
+
+    model_dir = resolve_model_or_exit(args.model, Console(stderr=True))
     profile = load_profile(args, model_dir)
     mem = profile["device"]["mem_bytes"] if args.mem is None else min(args.mem, profile["device"]["mem_bytes"])
     liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)
     probe = ProbeConfig() if args.probe_interval is None else ProbeConfig(interval_s=args.probe_interval)
-    config = PeerConfig(name=args.name, interfaces=interfaces_from(args), port=args.port, seeds=tuple(args.peer),
+    config = PeerConfig(name=args.name, interfaces=interfaces_from(args), port=args.port,
+                        data_port=args.data_port if args.data_port is not None else (args.port + 1 if args.port else 0),
+                        seeds=tuple(args.peer),
                         mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
                         liveness=liveness, probe=probe)
 
     async def main() -> None:
         async with SwarmPeer(config, profile) as peer:
             print(json.dumps({"joined": peer.peer_id, "name": config.name, "address": peer.server.address,
+                              "data_port": peer.server.data_port,
                               "mem_bytes": mem, "fingerprint": profile["model"]["fingerprint"]}), flush=True)
             task = asyncio.current_task()
             loop = asyncio.get_running_loop()

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 class PeerConfig:
     name: str
     interfaces: list[str] | InterfaceChoice  # explicit, always
-    port: int = 0  # shard server port; 0 = any free port
+    port: int = 0  # shard server control port; 0 = any free port
+    data_port: int = 0  # the port pipeline steps arrive on; 0 = any free port
     seeds: tuple[str, ...] = ()
     mdns: bool = True  # False: reachable through seeds only
     threads: int = 1
@@ -67,7 +68,7 @@ class SwarmPeer:
         self.info: dict = {"profile": profile}
         models = {profile["model"]["fingerprint"]: config.model_dir} if config.model_dir else {}
         self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
-                                               threads=config.threads, info=self.info, models=models))
+                                               data_port=config.data_port, threads=config.threads, info=self.info, models=models))
         self.directory = Directory(DirectoryConfig(
             interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
             fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)

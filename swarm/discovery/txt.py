@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: steps travel on a separate data socket
 SERVICE_TYPE = "_swarm._tcp.local."
 MAX_STRING_BYTES = 255
 # One mDNS packet is 1500 bytes on Ethernet; leave room for the PTR/SRV/A records.

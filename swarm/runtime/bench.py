@@ -4,7 +4,11 @@ Measured side by side in one run, one torch thread per process (the paper's
 setting: prompt 32 tokens, 96 generated, float32):
 
 - single-process shard path vs sequential inference over 3 local peers (ms/token),
-  and the transport overhead per hop derived from the two;
+  and the transport overhead per hop derived from the two; once as the OS places
+  the processes, and once with every process of the benchmark pinned to one core
+  (on a machine with fewer free cores than processes the OS moves each stage to
+  whichever core is idle, and a shard computes slower on a core that was idle:
+  the one-core figures show what the split itself costs, without that);
 - a 2-stage pipeline with m micro-batches: No-Bubbles vs Bubbles (tok/s), and the
   planner's simulator fed with the stage and hop times measured at m = 1.
 
@@ -15,12 +19,16 @@ background load on a shared machine hits both sides alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import psutil
 import torch
 
 from swarm.model.local import LocalChain, even_cuts, generate
@@ -49,6 +57,17 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class SequentialFigures:
+    """The single process against source + peers, sequential, under one placement of the processes."""
+
+    single_process_ms_per_token: float
+    sequential_ms_per_token: float
+    sequential_over_single: float  # median over back-to-back pairs
+    hop_overhead_ms: float  # median over pairs of (sequential - single) / hops: everything a hop adds per token
+    transport_ms_per_hop: float  # (sequential wall - shards' compute time) / hops: wire, threads, scheduling
+
+
+@dataclass(frozen=True)
 class PipelineFigures:
     m: int
     no_bubbles_tok_s: float
@@ -73,6 +92,7 @@ class BenchResult:
     hop_overhead_ms: float  # (sequential - single) / hops: everything a hop adds per token
     transport_ms_per_hop: float  # (sequential wall - shards' compute time) / hops: wire, threads, scheduling
     probe_hop_ms: float  # half a PROBE round trip carrying one token's hidden state
+    one_core: SequentialFigures | None  # the same, every process pinned to one core (None: cannot pin here)
     pipeline: list[PipelineFigures]
     two_stage_cut: int
     two_stage_m1_ms_per_token: float
@@ -121,31 +141,51 @@ async def _probe_hop_s(address: str, payload: int) -> float:
     return statistics.median(rtts) / 2
 
 
-async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
+async def _bench(config: BenchConfig, peers: list[str], report: Callable[[str], None]) -> BenchResult:
     layout = ModelLayout.read(config.model_dir)
     n, new, max_len = layout.num_units, config.new_tokens, config.prompt_tokens + config.new_tokens
     prompt = bench_prompts(1, config.prompt_tokens, layout.vocab_size)[0]
 
-    # --- sequential: single process vs source (embedding) + 3 peers
+    # --- sequential: single process vs source (embedding) + 3 peers, under each placement, interleaved
     chain = LocalChain.load(config.model_dir, [(0, n)], max_slots=1, max_len=max_len, dtype=config.dtype)
     cuts = [(0, 1)] + [(1 + a, 1 + b) for a, b in even_cuts(n - 1, config.sequential_peers)]
     plan = tuple(Stage(addr, a, b) for addr, (a, b) in zip([None, *peers], cuts))
-    single, seq, busy = [], [], []
+    hops = len(plan)
+    all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    placements: dict[str, set[int]] = {"os": all_cpus}
+    if len(all_cpus) > 1:
+        placements["one_core"] = {min(all_cpus)}
+    single, seq, busy = ({name: [] for name in placements} for _ in range(3))
     async with Pipeline(PipelineConfig(config.model_dir, plan, max_len=max_len, dtype=config.dtype)) as pipe:
         await _time_pipeline(pipe, [prompt], 4)  # warm-up both paths
         _time_local(chain, prompt, 4)
-        for _ in range(config.repeats):
-            single.append(_time_local(chain, prompt, new))
-            await pipe.stage_stats()
-            seq.append(await _time_pipeline(pipe, [prompt], new))
-            # Time the shards spent computing per token; the rest of the wall time is wire and scheduling.
-            busy.append(sum(s.busy_share / s.steps_per_s for s in await pipe.stage_stats()))
-            log.info("single %.2f ms/token, sequential %.2f ms/token (stages busy %.2f ms)",
-                     single[-1] * 1e3, seq[-1] * 1e3, busy[-1] * 1e3)
+        try:
+            for _ in range(config.repeats):
+                for name, cpus in placements.items():
+                    _pin_everything(cpus)
+                    single[name].append(_time_local(chain, prompt, new))
+                    await pipe.stage_stats()
+                    seq[name].append(await _time_pipeline(pipe, [prompt], new))
+                    # Time the shards spent computing per token; the rest of the wall time is wire and scheduling.
+                    busy[name].append(sum(s.busy_share / s.steps_per_s for s in await pipe.stage_stats()))
+                    report(f"sequential, {name} placement: single {single[name][-1] * 1e3:.1f} ms/token, "
+                           f"3 peers {seq[name][-1] * 1e3:.1f} ms/token (stages busy {busy[name][-1] * 1e3:.1f} ms)")
+        finally:
+            _pin_everything(all_cpus)
     del chain
-    single_s, seq_s = statistics.median(single), statistics.median(seq)
-    transport_s = statistics.median(s - b for s, b in zip(seq, busy))
-    hops = len(plan)
+
+    def figures(name: str) -> SequentialFigures:
+        # The ratio and the overhead are medians over back-to-back pairs (single, then
+        # sequential, a few seconds apart): this machine's speed drifts by more than the
+        # effect between repeats, so a ratio of two separate medians would mostly measure the drift.
+        pairs = list(zip(single[name], seq[name], busy[name]))
+        return SequentialFigures(
+            statistics.median(single[name]) * 1e3, statistics.median(seq[name]) * 1e3,
+            statistics.median(q / s for s, q, _ in pairs),
+            statistics.median(q - s for s, q, _ in pairs) / hops * 1e3,
+            statistics.median(q - b for _, q, b in pairs) / hops * 1e3)
+
+    as_placed = figures("os")
     probe_s = await _probe_hop_s(peers[0], layout.hidden_size * 4)
 
     # --- 2-stage pipeline: source [0, cut) + one peer [cut, n); one deployment for every m and mode,
@@ -167,7 +207,7 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
                 runs.setdefault((m, mode), []).append(await _time_pipeline(pipe, prompts, new))
                 stats = await pipe.stage_stats()
                 step_times.setdefault((m, mode), []).append([s.busy_share / s.steps_per_s for s in stats])
-                log.info("m=%d %s: %.1f tok/s", m, mode.value, 1 / runs[(m, mode)][-1])
+                report(f"2 stages, m={m} {mode.value}: {1 / runs[(m, mode)][-1]:.1f} tok/s")
 
     def median_stages(key) -> list[float]:
         return [statistics.median(col) for col in zip(*step_times[key])]
@@ -176,7 +216,7 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
     stage_s = median_stages((1, Mode.NO_BUBBLES))
     hop_s = max(0.0, m1_s - sum(stage_s)) / len(stage_s)  # the rest of a round trip, shared by its 2 hops
     hops_s = [hop_s] * len(stage_s)
-    figures = []
+    rows = []
     for m in ms:
         nb = 1 / statistics.median(runs[(m, Mode.NO_BUBBLES)])
         bb = 1 / statistics.median(runs[(m, Mode.BUBBLES)])
@@ -184,21 +224,33 @@ async def _bench(config: BenchConfig, peers: list[str]) -> BenchResult:
         sim_bubbles = simulate_pipeline(stage_s, hops_s, m=m, b=1, barrier=True).tokens_per_s
         in_run = median_stages((m, Mode.NO_BUBBLES))
         sim_in_run = simulate_pipeline(in_run, hops_s, m=m, b=1).tokens_per_s
-        figures.append(PipelineFigures(m, nb, bb, sim, sim_bubbles, nb / bb, nb / sim,
+        rows.append(PipelineFigures(m, nb, bb, sim, sim_bubbles, nb / bb, nb / sim,
                                        [t * 1e3 for t in in_run], sim_in_run, nb / sim_in_run))
 
     return BenchResult(
-        single_process_ms_per_token=single_s * 1e3, sequential_ms_per_token=seq_s * 1e3,
-        sequential_over_single=seq_s / single_s, hops=hops, hop_overhead_ms=(seq_s - single_s) / hops * 1e3,
-        transport_ms_per_hop=transport_s / hops * 1e3,
-        probe_hop_ms=probe_s * 1e3, pipeline=figures, two_stage_cut=cut, two_stage_m1_ms_per_token=m1_s * 1e3,
+        **asdict(as_placed), hops=hops, probe_hop_ms=probe_s * 1e3,
+        one_core=figures("one_core") if "one_core" in placements else None, pipeline=rows, two_stage_cut=cut, two_stage_m1_ms_per_token=m1_s * 1e3,
         stage_step_ms=[s * 1e3 for s in stage_s], hop_ms=hop_s * 1e3,
         config={**asdict(config), "model_dir": str(config.model_dir), "threads_per_process": 1},
     )
 
 
-def run_bench(config: BenchConfig) -> BenchResult:
-    """Start the local peers (one torch thread each), run every measurement, stop the peers."""
+def _pin_everything(cpus: set[int]) -> None:
+    """Every thread of this process and of the peers it started onto ``cpus`` (Linux)."""
+    if not cpus:
+        return
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            for thread in process.threads():
+                with contextlib.suppress(OSError):  # a thread that just ended
+                    os.sched_setaffinity(thread.id, cpus)
+
+
+def run_bench(config: BenchConfig, report: Callable[[str], None] = log.info) -> BenchResult:
+    """Start the local peers (one torch thread each), run every measurement, stop the peers.
+
+    ``report`` gets a line after each measured run (progress: a full run takes minutes)."""
     torch.set_num_threads(1)
     with local_peers(config.sequential_peers, threads=1) as peers:
-        return asyncio.run(_bench(config, peers))
+        return asyncio.run(_bench(config, peers, report))

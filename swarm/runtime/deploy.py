@@ -4,11 +4,13 @@
     async with Deployment(model_dir, plan, slots=8, max_len=256, on_message=handler) as dep:
         dep.ready          # per stage: load time, weight/KV/process memory
         await dep.open_slots([3], GREEDY)
-        await dep.run_first_stage(mb, step, slots, tokens, lengths)   # -> hidden sent on to stage 1
+        out, compute_s = await dep.submit_first_stage(mb, step, slots, tokens, lengths)   # hidden sent on to stage 1
 
 Each peer loads its own unit range from its own copy of the model and is told
-where to forward its results (the next stage's address). The source holds unit 0,
-so raw token ids never leave this process; only hidden states do.
+where to forward its results (the next stage's data socket). The source holds unit
+0, so raw token ids never leave this process; only hidden states do. Its torch
+thread sends them to stage 1's data socket; token ids (and any step's error) come
+home over the source's connection to each peer's data socket.
 """
 
 from __future__ import annotations
@@ -85,8 +87,12 @@ class Deployment:
         self._ctx = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._data_sock = None  # blocking DEALER to stage 1, used only on the torch thread
-        self.peers: list[PeerClient] = []
+        self._data_sock = None  # blocking DEALER to stage 1, used only where the first stage runs
+        # A source stage that is the embedding alone runs on the event loop: a table lookup
+        # costs less than waking the torch thread for it (about 0.4 ms a token on a 2-vCPU VM).
+        self._inline = self.plan[0].end == 1
+        self.peers: list[PeerClient] = []  # control: LOAD, OPEN, CLOSE, PING
+        self._returns: list[PeerClient] = []  # each peer's data socket: tokens and step errors come home here
 
     @property
     def is_local_only(self) -> bool:
@@ -105,24 +111,32 @@ class Deployment:
         await self.aclose()
 
     async def _load(self) -> None:
-        # Exit order (reverse of this): torch thread stopped, then its data socket closed.
-        if len(self.plan) > 1:
-            data_ctx = sockets.new_sync_context()
-            self._stack.callback(data_ctx.term)
-            self._data_sock = sockets.connect_dealer(data_ctx, self.plan[1].address)
-            self._stack.callback(self._data_sock.close)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-shard")
-        self._stack.callback(self._executor.shutdown, wait=True)
         self._ctx = sockets.new_context()
         self._stack.callback(self._ctx.term)
         for stage in self.plan[1:]:
-            peer = PeerClient(stage.address, self.identity, on_message=self._on_message, ctx=self._ctx)
+            peer = PeerClient(stage.address, self.identity, ctx=self._ctx)
             self.peers.append(await self._stack.enter_async_context(peer))
+        statuses = await asyncio.gather(*(p.ping(self.control_timeout_s) for p in self.peers))
+        data = [sockets.data_address(p.address, s["data_port"]) for p, s in zip(self.peers, statuses)]
+        for address in data:
+            back = PeerClient(address, self.identity, on_message=self._on_message, ctx=self._ctx)
+            self._returns.append(await self._stack.enter_async_context(back))
+        # A ROUTER can route to this identity only once it has heard from it: one round
+        # trip each, so the first token (or error) never finds the way home unknown.
+        await asyncio.gather(*(r.ping(self.control_timeout_s) for r in self._returns))
+        # Exit order (reverse of this): torch thread stopped, then its data socket closed.
+        if data:
+            data_ctx = sockets.new_sync_context()
+            self._stack.callback(data_ctx.term)
+            self._data_sock = sockets.connect_dealer(data_ctx, data[0])
+            self._stack.callback(self._data_sock.close)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-shard")
+        self._stack.callback(self._executor.shutdown, wait=True)
         first = self.plan[0]
         began = time.perf_counter()
         local = asyncio.get_running_loop().run_in_executor(self._executor, lambda: Shard.load(
             self.model_dir, first.start, first.end, max_slots=self.slots, max_len=self.max_len, dtype=self.dtype))
-        nexts = [s.address for s in self.plan[2:]] + [None]
+        nexts = data[1:] + [None]
         fingerprint = await asyncio.to_thread(model_fingerprint, Path(self.model_dir))
         remote = [peer.load(self.model_dir, s.start, s.end, slots=self.slots, max_len=self.max_len,
                             dtype=self.dtype, next_address=nxt, dep=self.dep_id, fingerprint=fingerprint)
@@ -146,13 +160,15 @@ class Deployment:
         if self._stack is not None:
             stack, self._stack = self._stack, None
             await stack.aclose()
-        self.peers = []
+        self.peers, self._returns = [], []
         self.shard = None
 
     # ------------------------------------------------------------ slots and steps
 
     async def on_worker(self, fn, *args):
-        """Run fn on the source's torch thread (serialised with its steps)."""
+        """Run fn where the source's shard runs: its torch thread, serialised with its steps (or inline)."""
+        if self._inline:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def open_slots(self, slots: list[int], sampling: SamplingParams = GREEDY) -> None:
@@ -168,16 +184,24 @@ class Deployment:
         await asyncio.gather(self.on_worker(lambda: [shard.free_slot(s) for s in slots]),
                              *(p.close_slots(slots, self.control_timeout_s) for p in self.peers))
 
-    async def run_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
-                              lengths: list[int] | None) -> tuple[torch.Tensor | None, float]:
-        """Run the local stage; send its hidden states on, or return the tokens if it is the last.
+    def submit_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
+                           lengths: list[int] | None) -> asyncio.Future:
+        """Queue the local stage's step on the torch thread at once; it sends its hidden states on.
 
-        Returns (token ids or None, seconds the shard computed)."""
+        Resolves to (token ids, or None when sent on; seconds the shard computed). Steps
+        run in the order submitted (one torch thread; an embedding-only stage at once, inline)."""
         header = {"dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "src": self.identity}
-        return await self.on_worker(self._compute, header, tokens)
+        if not self._inline:
+            return asyncio.wrap_future(self._executor.submit(self._compute, header, tokens))
+        done = asyncio.get_running_loop().create_future()
+        try:
+            done.set_result(self._compute(header, tokens))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
     def _compute(self, header: dict, tokens: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        # On the torch thread: the hidden states leave from here, without waking the event loop.
+        # On the torch thread (or inline): the hidden states leave from here at once.
         began = time.perf_counter()
         out = self.shard.step(header["slots"], tokens, header["lengths"])
         compute_s = time.perf_counter() - began

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -166,7 +167,7 @@ class Pipeline:
         self.deployment: Deployment | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._jobs: asyncio.Queue = asyncio.Queue()
+        self._first_stage_queued = 0  # steps submitted to this process's torch thread, not yet done
         self._turns: dict[int, _Turn] = {}  # slot -> running turn
         self._sessions: dict[int, Session] = {}  # slot -> open session
         self._flights: dict[int, _Flight] = {}  # micro-batch -> step in flight
@@ -187,7 +188,6 @@ class Pipeline:
         try:
             self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
             self.deployment = await self._deploy(self.config.plan)
-            self._tg.create_task(self._first_stage_loop())
         except BaseException:
             await self.aclose()
             raise
@@ -202,7 +202,6 @@ class Pipeline:
         stack, self._stack = self._stack, None
         for turn in list(self._turns.values()):
             self._finish_turn(turn, RuntimeError("pipeline closed"))
-        self._jobs.put_nowait(None)  # wakes and ends the first-stage loop
         try:
             await stack.aclose()
         finally:
@@ -345,22 +344,28 @@ class Pipeline:
             self._flights[group] = _Flight(self._next_step, step.slots)
             self._drained.clear()
             lengths = None if step.uniform else list(step.lengths)
-            self._jobs.put_nowait((group, self._next_step, list(step.slots), torch.tensor(step.tokens), lengths))
+            tokens = torch.tensor(step.tokens)
+            # Straight to the torch thread: the step starts while this loop goes on.
+            done = self.deployment.submit_first_stage(group, self._next_step, list(step.slots), tokens, lengths)
+            self._first_stage_queued += 1
+            done.add_done_callback(functools.partial(self._first_stage_done, self.deployment, group, self._next_step,
+                                                     sum(lengths) if lengths else tokens.numel()))
             self._next_step += 1
 
-    async def _first_stage_loop(self) -> None:
-        while (job := await self._jobs.get()) is not None:
-            group, step, slots, tokens, lengths = job
-            try:
-                out, compute_s = await self.deployment.run_first_stage(group, step, slots, tokens, lengths)
-            except Exception as exc:  # e.g. a peer socket gone; fail this micro-batch only
-                self._fail_flight(group, exc)
-                continue
-            self._local["busy_s"] += compute_s
-            self._local["steps"] += 1
-            self._local["tokens"] += sum(lengths) if lengths else tokens.numel()
-            if out is not None:  # the source holds the whole model
-                self._on_tokens(group, step, out)
+    def _first_stage_done(self, deployment: Deployment, group: int, step: int, tokens: int,
+                          done: asyncio.Future) -> None:
+        self._first_stage_queued -= 1
+        if deployment is not self.deployment or done.cancelled():  # closed or replaced meanwhile
+            return
+        if done.exception() is not None:  # e.g. a peer socket gone; fail this micro-batch only
+            self._fail_flight(group, done.exception(), step)
+            return
+        out, compute_s = done.result()
+        self._local["busy_s"] += compute_s
+        self._local["steps"] += 1
+        self._local["tokens"] += tokens
+        if out is not None:  # the source holds the whole model
+            self._on_tokens(group, step, out)
 
     def _on_peer_message(self, message: Message) -> None:
         dep = self.deployment
@@ -377,21 +382,30 @@ class Pipeline:
             log.warning("dropping tokens for micro-batch %d step %d: not in flight", group, step)
             return
         del self._flights[group]
+        delivered, ended = [], []
         for slot, token in zip(flight.slots, tokens.tolist()):
             turn = self._turns[slot]
             turn.in_flight = False
             if turn.cancelled:
-                self._finish_turn(turn)
+                ended.append(turn)
                 continue
             turn.generated += 1
             self.tokens_generated += 1
-            turn.queue.put_nowait(token)
+            delivered.append((turn, token))
             if turn_finished(turn.generated, turn.max_new_tokens, token, turn.stop_ids):
                 turn.session.unfed = [token]
-                self._finish_turn(turn)
+                ended.append(turn)
             else:
                 turn.pending = [token]
+        # The next step first (No-Bubbles: it starts the moment its token is back), then the
+        # bookkeeping and the consumers, which run while the step computes.
+        for turn in ended:
+            self._turns.pop(turn.session.slot, None)
         self._after_flight()
+        for turn, token in delivered:
+            turn.queue.put_nowait(token)
+        for turn in ended:
+            self._finish_turn(turn)
 
     def _expire(self, turn: _Turn) -> None:
         error = PeerError(f"no token within {self.config.token_timeout_s} s: a stage is down or stuck")
@@ -425,7 +439,7 @@ class Pipeline:
     async def stage_stats(self) -> list[StageStats]:
         """Per-stage busy share, tokens/s and queue since the previous call (or deployment)."""
         now = time.perf_counter()
-        statuses = [{**self._local, "queued": self._jobs.qsize()}, *await self.deployment.peer_status()]
+        statuses = [{**self._local, "queued": max(0, self._first_stage_queued - 1)}, *await self.deployment.peer_status()]
         prev_t, prev = self._last_stats or (now, [{"busy_s": 0.0, "steps": 0, "tokens": 0}] * len(statuses))
         self._last_stats = (now, statuses)
         span = max(now - prev_t, 1e-9)

@@ -4,9 +4,12 @@ Keeping this in one module is what lets CURVE authentication and encryption be
 added later (a join secret -> keypairs, set on these sockets) without touching
 the server, the client or the scheduler.
 
-Topology: each peer binds one ROUTER. Whoever talks to a peer connects a DEALER
-with an explicit identity; the source uses one identity for all its DEALERs, so
-the last stage can send tokens home through its own ROUTER.
+Topology: each peer binds two ROUTERs. The control socket (its advertised
+address) belongs to the event loop: heartbeats, probes, LOAD/OPEN/CLOSE. The data
+socket belongs to the torch thread: pipeline steps only. Whoever talks to a peer
+connects a DEALER with an explicit identity. The source connects to every peer's
+data socket with one identity, so any stage can send tokens or a step's error
+home through its own data socket; the source binds nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ def bind_router(ctx: zmq.asyncio.Context, host: str, port: int,
         raise
     address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     return sock, address
+
+
+def port_of(address: str) -> int:
+    """5555 for tcp://host:5555 (IPv6 hosts included: tcp://[::1]:5555)."""
+    return int(address.rsplit(":", 1)[1])
+
+
+def data_address(control_address: str, data_port: int) -> str:
+    """A peer's data socket: the host its control socket was reached at, with the data port.
+
+    (The data socket is bound on the same interfaces as the control socket; the host a
+    peer sees itself bound to, such as 0.0.0.0, means nothing to others.)
+    """
+    return f"{control_address.rsplit(':', 1)[0]}:{data_port}"
 
 
 def connect_dealer(ctx: zmq.Context, address: str, identity: bytes | None = None) -> zmq.Socket:

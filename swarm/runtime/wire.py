@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: steps travel on a separate data socket
 
 
 class Kind(str, enum.Enum):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import Layout
+from swarm.runtime.sockets import data_address
 from swarm.runtime.wire import PROTOCOL_VERSION
 
 from .test_pipeline import PROMPTS, plan_for
@@ -73,14 +74,19 @@ async def test_running_peers_refuse_garbage_and_keep_generating(tiny_model_dir, 
     plan = plan_for(peers, 2)
     want = tiny_reference(PROMPTS, 12)
     async with Pipeline(PipelineConfig(tiny_model_dir, plan, layout=Layout(2, 2))) as pipe:
-        stop = threading.Event()
         rounds = 0
-        async with asyncio.TaskGroup() as tg:
-            fuzzing = tg.create_task(asyncio.to_thread(fuzz_peer, peers[0], pipe.deployment.dep_id, stop))
-            while not stop.is_set() or rounds == 0:
-                assert await asyncio.wait_for(pipe.generate_all(PROMPTS, 12), 60) == want
-                rounds += 1
+        async with PeerClient(peers[0]) as peer:
+            data = data_address(peers[0], (await peer.ping())["data_port"])
+        # Both of the peer's sockets: the event loop's control socket and the torch thread's data socket.
+        for address in (peers[0], data):
+            stop = threading.Event()
+            async with asyncio.TaskGroup() as tg:
+                fuzzing = tg.create_task(asyncio.to_thread(fuzz_peer, address, pipe.deployment.dep_id, stop))
+                while not stop.is_set() or rounds == 0:
+                    assert await asyncio.wait_for(pipe.generate_all(PROMPTS, 12), 60) == want
+                    rounds += 1
+            assert fuzzing.result() == 150
         async with PeerClient(peers[0]) as peer:
             status = await peer.ping()
-    assert fuzzing.result() == 150 and rounds >= 1
-    assert status["state"] == "loaded" and status["errors"] >= 150
+    assert rounds >= 2
+    assert status["state"] == "loaded" and status["errors"] >= 300

@@ -53,14 +53,17 @@ async def test_sequential_matches_single_process_and_transformers(tiny_model_dir
 
 @pytest.mark.parametrize("mode", [Mode.NO_BUBBLES, Mode.BUBBLES])
 @pytest.mark.parametrize("m, b", [(2, 2), (4, 1)])
+@pytest.mark.parametrize("source_end", [2, 1])  # 1: the source's embedding-only stage runs on its event loop
 async def test_pipelined_batches_of_different_lengths(tiny_model_dir, peers, tiny_reference, transformers_reference,
-                                                      mode, m, b):
+                                                      mode, m, b, source_end):
+    cuts = [(0, source_end), (source_end, 4), (4, 6)]
+    plan = tuple(Stage(addr, start, end) for addr, (start, end) in zip([None, *peers[:2]], cuts))
     # 6 prompts for 4 slots: two requests join when earlier ones leave.
-    async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m, b, mode)) as pipe:
+    async with Pipeline(config(tiny_model_dir, plan, m, b, mode)) as pipe:
         got = await asyncio.wait_for(pipe.generate_all(PROMPTS, NEW), TIMEOUT_S)
         stats = await pipe.stage_stats()
     assert got == tiny_reference(PROMPTS, NEW) == transformers_reference
-    assert [(s.start, s.end) for s in stats] == [(0, 2), (2, 4), (4, 6)]
+    assert [(s.start, s.end) for s in stats] == cuts
     assert all(0 < s.busy_share <= 1 and s.tokens_per_s > 0 for s in stats)
 
 

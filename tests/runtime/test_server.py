@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 import torch
+import zmq
 
 from swarm.runtime.client import PeerClient, PeerError
 from swarm.runtime.server import ServerConfig, ShardServer
-from swarm.runtime.wire import Kind, Message
+from swarm.runtime.sockets import data_address
+from swarm.runtime.wire import Kind, Message, decode, encode
 
 LAG_PROBE_S = 0.002  # the loop-lag monitor's sleep
+LOOP_BLOCKED_S = 20.0  # how long the loop is held while steps must still flow
 
 
 @pytest.fixture
@@ -54,17 +58,77 @@ async def test_errors_name_the_problem_and_the_server_carries_on(server, tiny_mo
         assert (await peer.ping())["state"] == "idle"
 
 
+async def test_steps_travel_on_the_data_socket_and_jobs_on_the_control_socket(server, tiny_model_dir):
+    data = data_address(server.address, server.data_port)
+    step = Message(Kind.STEP, {"dep": 3, "mb": 0, "step": 1, "slots": [0], "src": b"nobody"},
+                   (torch.zeros(1, 1, 7),))
+    async with PeerClient(server.address) as peer, PeerClient(data) as source:
+        with pytest.raises(PeerError, match=f"send steps to the data socket \\(port {server.data_port}\\)"):
+            await peer.request(Kind.STEP, step.fields, step.tensors)
+        with pytest.raises(PeerError, match="the data socket takes 'step' and 'ping', not 'load'"):
+            await source.load(tiny_model_dir, 2, 6, slots=1, max_len=8)
+        assert (await source.ping()) == {"queued": 0}
+        await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, dep=3)
+        await peer.open_slots([0])
+        # A step whose hidden size does not fit: the error goes home to the step's source identity.
+        wrong = Message(Kind.STEP, {**step.fields, "src": source.identity}, step.tensors, id=5)
+        with pytest.raises(PeerError, match="step failed: hidden size 7, the shard expects"):
+            await source.request(Kind.STEP, wrong.fields, wrong.tensors)
+        assert (await peer.ping())["errors"] == 3
+
+
+async def test_steps_flow_while_the_event_loop_is_blocked(server, tiny_model_dir, tiny_reference):
+    """The torch thread receives, computes and answers steps by itself: the loop is off the data path."""
+    prompt, new = [5, 9, 2, 7], 6
+    async with PeerClient(server.address) as peer:
+        await peer.load(tiny_model_dir, 0, 6, slots=1, max_len=32, dep=4)  # the whole model: tokens come back
+        await peer.open_slots([0])
+    data = data_address(server.address, server.data_port)
+    got: list[int] = []
+    finished = threading.Event()
+
+    def source() -> None:  # a blocking DEALER on its own thread, as a source's torch thread would be
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"src-blocking")
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(data)
+        try:
+            sock.send_multipart(encode(Message(Kind.PING, id=1)))
+            assert decode(sock.recv_multipart()).kind is Kind.PONG
+            x = torch.tensor([prompt])
+            for step in range(new):
+                sock.send_multipart(encode(Message(Kind.STEP, {"dep": 4, "mb": 0, "step": step, "slots": [0],
+                                                               "src": b"src-blocking"}, (x,))))
+                reply = decode(sock.recv_multipart())
+                got.append(int(reply.tensors[0][0]))
+                x = reply.tensors[0].clone().view(1, 1)
+            finished.set()
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    thread = threading.Thread(target=source)
+    thread.start()
+    finished.wait(LOOP_BLOCKED_S)  # blocks this event loop, which is also the server's
+    blocked_throughout = finished.is_set()
+    await asyncio.to_thread(thread.join)
+    assert blocked_throughout and got == tiny_reference([prompt], new)[0]
+
+
 async def test_event_loop_is_not_blocked_while_a_shard_computes(server, tiny_model_dir):
     """Big prefill steps run on the torch thread; the loop's lag stays far below a step's time."""
     slots, width, steps = 16, 480, 4
     tokens: asyncio.Queue[Message] = asyncio.Queue()
-    async with PeerClient(server.address, on_message=tokens.put_nowait) as peer:
+    data = data_address(server.address, server.data_port)
+    async with PeerClient(server.address) as peer, PeerClient(data, on_message=tokens.put_nowait) as source:
         await peer.load(tiny_model_dir, 0, 6, slots=slots, max_len=width * steps, dep=1)
         await peer.open_slots(list(range(slots)))
+        await source.ping()  # the data socket knows the way home before the first token
         x = torch.randint(0, 256, (slots, width))
         for step in range(steps):
-            await peer.send(Message(Kind.STEP, {"dep": 1, "mb": 0, "step": step, "slots": list(range(slots)),
-                                                "src": peer.identity}, (x,)))
+            await source.send(Message(Kind.STEP, {"dep": 1, "mb": 0, "step": step, "slots": list(range(slots)),
+                                                  "src": source.identity}, (x,)))
         lags, pings, done = [], [], 0
         while done < steps:
             began = time.perf_counter()

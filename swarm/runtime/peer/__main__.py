@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swarm.runtime.peer", description="serve one shard server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--data-port", type=int, default=0, help="port pipeline steps arrive on (0: any free)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for this peer")
     parser.add_argument("--info", default="{}", help="JSON object returned by INFO (e.g. a device profile)")
     parser.add_argument("--exit-on-eof", action="store_true", help="exit when stdin closes")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # Import the model code now, while the other peers start too, so the first LOAD is quick.
     import swarm.model.shard  # noqa: F401
 
-    config = ServerConfig(bind_host=args.host, port=args.port, threads=args.threads, info=json.loads(args.info))
+    config = ServerConfig(bind_host=args.host, port=args.port, data_port=args.data_port, threads=args.threads, info=json.loads(args.info))
     asyncio.run(serve(config, lambda server: announce(server, args.exit_on_eof)))
     return 0
 

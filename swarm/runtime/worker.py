@@ -1,0 +1,274 @@
+"""A peer's torch thread: it owns the data socket, the hosted stage and the shard's compute.
+
+    worker = TorchWorker(ctx, threads=1, limits=DEFAULT_LIMITS)
+    worker.start("127.0.0.1", port=0)        # binds the data socket; worker.port
+    await worker.call(worker.install, dep, shard, next_address)   # between steps, in order
+    worker.stop()                            # no step after the one in hand
+    worker.join()                            # blocks until the thread has ended
+
+Pipeline steps arrive on the data socket (a ROUTER that the previous stage and the
+source connect to) and are received, computed and sent on by this one thread. A hop
+therefore costs the wire and one thread wake-up: the event loop never touches a
+step. (On a 2-vCPU machine every extra wake-up on the critical path cost about a
+third of a millisecond per hop.) The event loop keeps the control socket, so
+heartbeats are answered while a step computes, and hands its shard jobs (LOAD, OPEN,
+CLOSE, UNLOAD) to this thread through ``call()``; they run between steps, in the
+order they were called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import zmq
+
+from swarm.runtime import sockets
+from swarm.runtime.wire import Kind, Message, WireError, WireLimits, decode, encode, error_reply
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+_WAKE_ENDPOINTS = itertools.count()
+
+
+@dataclass
+class Stage:
+    """The shard this peer hosts for one deployment, and where its outputs go."""
+
+    dep: int
+    shard: Any  # swarm.model.shard.Shard
+    next_address: str | None
+    next_sock: zmq.Socket | None  # DEALER to the next stage's data socket; None on the last stage
+
+
+@dataclass
+class Counters:
+    """Written by the torch thread only; read (racily, which is fine for status) by the loop."""
+
+    busy_s: float = 0.0
+    steps: int = 0
+    tokens: int = 0  # real (unpadded) token positions computed
+    rows: int = 0
+    errors: int = 0
+
+
+class TorchWorker:
+    """The thread that computes. Everything it owns is touched by it alone, except through call()."""
+
+    def __init__(self, ctx: zmq.Context, threads: int, limits: WireLimits) -> None:
+        self._ctx = ctx  # a plain (blocking) context: nothing here is awaited
+        self._threads = threads
+        self._limits = limits
+        self.port = 0
+        self.stage: Stage | None = None
+        self.counters = Counters()
+        self.queued = 0  # steps received and not yet computed
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._data: zmq.Socket | None = None
+        self._wake_rx: zmq.Socket | None = None
+        self._wake_tx: zmq.Socket | None = None  # the event loop's end
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self, bind_host: str, port: int) -> None:
+        """Bind the data socket here (so a taken port fails at once) and start the thread."""
+        self._data, address = sockets.bind_router(
+            self._ctx, bind_host, port, max_frame_bytes=max(self._limits.max_tensor_bytes, self._limits.max_header_bytes))
+        self.port = sockets.port_of(address)
+        endpoint = f"inproc://torch-worker-{next(_WAKE_ENDPOINTS)}"
+        self._wake_rx = self._ctx.socket(zmq.PULL)
+        self._wake_rx.bind(endpoint)
+        self._wake_tx = self._ctx.socket(zmq.PUSH)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, name="shard-torch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end after the step in hand (from the event loop; idempotent)."""
+        if self._thread is not None and not self._stopping:
+            self._stopping = True
+            self._calls.put(_STOP)
+            self._wake()
+
+    def join(self) -> None:
+        """Stop and wait for the thread to end (blocks for at most the step in hand)."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self._wake_tx.close()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the torch thread between steps; its result or exception comes back here."""
+        if self._thread is None or self._stopping:
+            raise RuntimeError("the torch worker is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((fn, args, loop, future))
+        self._wake()
+        return await future
+
+    def _wake(self) -> None:
+        # One byte per call; the thread drains them all each time round.
+        self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    # ------------------------------------------------------------ jobs the loop sends here
+
+    def install(self, dep: int, shard: Any, next_address: str | None) -> None:
+        self.uninstall()
+        next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
+        self.stage = Stage(dep, shard, next_address, next_sock)
+
+    def uninstall(self) -> None:
+        if self.stage is not None and self.stage.next_sock is not None:
+            self.stage.next_sock.close()
+        self.stage = None
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        poller = zmq.Poller()
+        poller.register(self._data, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        waiting: deque = deque()
+        try:
+            while True:
+                poller.poll(0 if waiting else None)
+                self._drain_wake()
+                # Jobs first: none depends on a step still queued (the source waits for
+                # OPEN's reply before it sends that slot's first step).
+                while True:
+                    try:
+                        job = self._calls.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is _STOP:
+                        return
+                    self._run_job(*job)
+                # Take in every step that has arrived, so `queued` counts them for the live view.
+                while True:
+                    try:
+                        waiting.append(self._data.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+                if waiting:
+                    frames = waiting.popleft()
+                    self.queued = len(waiting)
+                    try:
+                        self._handle(frames)
+                    except Exception:  # a bug must not end the thread: every later step would hang
+                        self.counters.errors += 1
+                        log.exception("unexpected failure handling a message on the data socket")
+        finally:
+            self.uninstall()
+            self._data.close()
+            self._wake_rx.close()
+
+    def _drain_wake(self) -> None:
+        while True:
+            try:
+                self._wake_rx.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    @staticmethod
+    def _run_job(fn: Callable[..., Any], args: tuple, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        try:
+            result, error = fn(*args), None
+        except Exception as exc:
+            result, error = None, exc
+
+        def settle() -> None:
+            if future.done():  # the caller gave up waiting (a timeout)
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
+
+    def _reply(self, identity: bytes, message: Message) -> None:
+        try:
+            self._data.send_multipart([identity, *encode(message)], copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer went away; EAGAIN: it stopped reading
+            log.warning("cannot send %s to %r: %s", message.kind.value, identity, exc)
+
+    def _handle(self, frames: list) -> None:
+        identity = frames[0].bytes
+        try:
+            message = decode(frames[1:], self._limits)
+        except WireError as exc:
+            self.counters.errors += 1
+            self._reply(identity, error_reply(str(exc)))
+            return
+        if message.kind is Kind.PING:  # the source checks that its connection is up
+            self._reply(identity, Message(Kind.PONG, {"status": {"queued": self.queued}}, re=message.id))
+            return
+        if message.kind is not Kind.STEP:
+            self.counters.errors += 1
+            self._reply(identity, error_reply(
+                f"the data socket takes 'step' and 'ping', not {message.kind.value!r}: "
+                "send it to the peer's control socket", message))
+            return
+        try:
+            self._step(message)
+        except Exception as exc:  # answered to the source, which is waiting for this step's tokens
+            self.counters.errors += 1
+            log.warning("step failed: %s", exc)
+            self._reply(message["src"], error_reply(f"step failed: {exc}", message))
+
+    def _check_step(self, message: Message) -> tuple[Stage, list[int], torch.Tensor, list[int] | None]:
+        stage = self.stage
+        if stage is None:
+            raise WireError("no shard loaded (send LOAD first)")
+        if message["dep"] != stage.dep:
+            raise WireError(f"step for deployment {message['dep']}, this peer serves {stage.dep}")
+        shard, slots, lengths = stage.shard, message["slots"], message.get("lengths")
+        (x,) = message.tensors
+        if not slots or len(set(slots)) != len(slots) or max(slots) >= shard.max_slots:
+            raise WireError(f"slots {slots[:8]} must be distinct and below {shard.max_slots}")
+        if shard.is_first:
+            want_dtype, want_ndim = torch.int64, 2
+        else:
+            want_dtype, want_ndim = shard.dtype, 3
+        if x.dtype != want_dtype or x.dim() != want_ndim or x.shape[0] != len(slots) or x.shape[1] == 0:
+            raise WireError(f"input {x.dtype} {list(x.shape)} does not fit: expected {want_dtype} "
+                            f"with {want_ndim} dims and {len(slots)} rows")
+        if not shard.is_first and x.shape[2] != shard.hidden_size:
+            raise WireError(f"hidden size {x.shape[2]}, the shard expects {shard.hidden_size}")
+        if lengths is not None and (len(lengths) != len(slots) or not all(1 <= n <= x.shape[1] for n in lengths)):
+            raise WireError(f"lengths must be {len(slots)} values in [1, {x.shape[1]}]")
+        return stage, slots, x, lengths
+
+    def _step(self, message: Message) -> None:
+        """Compute one step and send it straight on: to the next stage, or as token ids to the source."""
+        stage, slots, x, lengths = self._check_step(message)
+        ids = {k: message[k] for k in ("dep", "mb", "step", "slots")}
+        began = time.perf_counter()
+        out = stage.shard.step(slots, x, lengths)
+        c = self.counters
+        c.busy_s += time.perf_counter() - began
+        c.steps += 1
+        c.rows += len(slots)
+        c.tokens += sum(lengths) if lengths is not None else x.shape[0] * x.shape[1]
+        if stage.next_sock is None:
+            self._reply(message["src"], Message(Kind.TOKENS, ids, (out,)))
+            return
+        forward = Message(Kind.STEP, {**ids, "lengths": lengths, "src": message["src"]}, (out,))
+        # NOBLOCK: a next stage that stopped reading must fail this step, not hang the thread.
+        stage.next_sock.send_multipart(encode(forward), copy=False, flags=zmq.NOBLOCK)
