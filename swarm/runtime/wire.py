@@ -24,6 +24,11 @@ import torch
 
 PROTOCOL_VERSION = 2  # 2: steps travel on a separate data socket
 
+# Received tensors are read-only views of zmq's frames (no copy), which torch warns
+# about once per call site; nothing downstream writes to a step's input. One narrow
+# filter at import, not a catch_warnings block per tensor on the hot path.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
 
 class Kind(str, enum.Enum):
     """Message kinds. Requests carry an ``id``; their replies carry ``re`` = that id."""
@@ -205,10 +210,7 @@ def _frame_buffer(frame: Any) -> memoryview:
 def _tensor_from(buffer: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if buffer.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # Read-only buffers (bytes in tests) warn; nothing here writes to them.
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(buffer, dtype=torch.uint8)
+    raw = torch.frombuffer(buffer, dtype=torch.uint8)
     return raw.view(dtype).reshape(shape)
 
 

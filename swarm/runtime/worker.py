@@ -142,26 +142,23 @@ class TorchWorker:
         poller.register(self._data, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         waiting: deque = deque()
+        # Each pass does only what poll reported: right after a wake-up this thread runs
+        # on a cold core, where every needless call (an exception from an empty socket,
+        # say) costs ten times what it costs warm.
         try:
             while True:
-                poller.poll(0 if waiting else None)
-                self._drain_wake()
-                # Jobs first: none depends on a step still queued (the source waits for
-                # OPEN's reply before it sends that slot's first step).
-                while True:
-                    try:
+                ready = dict(poller.poll(0 if waiting else None))
+                if self._wake_rx in ready:
+                    self._drain(self._wake_rx)
+                    # Jobs first: none depends on a step still queued (the source waits for
+                    # OPEN's reply before it sends that slot's first step).
+                    while not self._calls.empty():
                         job = self._calls.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is _STOP:
-                        return
-                    self._run_job(*job)
-                # Take in every step that has arrived, so `queued` counts them for the live view.
-                while True:
-                    try:
-                        waiting.append(self._data.recv_multipart(zmq.NOBLOCK, copy=False))
-                    except zmq.Again:
-                        break
+                        if job is _STOP:
+                            return
+                        self._run_job(*job)
+                if self._data in ready:  # take in every step that has arrived: `queued` counts them
+                    waiting.extend(self._drain(self._data))
                 if waiting:
                     frames = waiting.popleft()
                     self.queued = len(waiting)
@@ -175,12 +172,13 @@ class TorchWorker:
             self._data.close()
             self._wake_rx.close()
 
-    def _drain_wake(self) -> None:
-        while True:
-            try:
-                self._wake_rx.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+    @staticmethod
+    def _drain(sock: zmq.Socket) -> list:
+        """Every message waiting on sock, without blocking."""
+        messages = []
+        while sock.get(zmq.EVENTS) & zmq.POLLIN:
+            messages.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+        return messages
 
     @staticmethod
     def _run_job(fn: Callable[..., Any], args: tuple, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
