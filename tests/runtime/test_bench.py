@@ -25,3 +25,15 @@ def test_bench_json_has_the_agreed_keys(tiny_model_dir):
     (row,) = result["pipeline"]
     assert row["m"] == 2
     assert all(row[k] > 0 for k in ("no_bubbles_tok_s", "bubbles_tok_s", "simulated_tok_s"))
+
+
+def test_zmq_ring_floor_runs_and_reports_per_hop_figures():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/zmq_ring.py", "--json", "--processes", "3", "--compute-ms", "2",
+         "--stream-mb", "8", "--rounds", "20", "--repeats", "2"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["processes"] == 3 and len(result["hop_ms"]) == 2
+    # Each round is 3 x 2 ms of work plus 3 hops: a hop costs something, and far less than the work.
+    assert 0 < result["hop_ms_median"] < 50
