@@ -14,6 +14,7 @@ from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import encode, from_profile, short_fingerprint
+from swarm.runtime import sockets
 from swarm.runtime.server import ServerConfig, ShardServer
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class SwarmPeer:
 
     @property
     def port(self) -> int:
-        return int(self.server.address.rsplit(":", 1)[1])
+        return sockets.port_of(self.server.address)
 
     def announcement(self):
         return from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes,

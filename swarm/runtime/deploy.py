@@ -165,23 +165,29 @@ class Deployment:
 
     # ------------------------------------------------------------ slots and steps
 
-    async def on_worker(self, fn, *args):
-        """Run fn where the source's shard runs: its torch thread, serialised with its steps (or inline)."""
-        if self._inline:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _run_shard_job(self, fn, *args) -> asyncio.Future:
+        """fn(*args) where the source's shard runs: queued on its torch thread (steps and slot
+        jobs in submission order), or done at once, inline, for an embedding-only stage."""
+        if not self._inline:
+            return asyncio.wrap_future(self._executor.submit(fn, *args))
+        done = asyncio.get_running_loop().create_future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
     async def open_slots(self, slots: list[int], sampling: SamplingParams = GREEDY) -> None:
         shard = self.shard
         await asyncio.gather(
-            self.on_worker(lambda: [shard.open_slot(s, sampling) for s in slots]),
+            self._run_shard_job(lambda: [shard.open_slot(s, sampling) for s in slots]),
             *(p.open_slots(slots, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
                            self.control_timeout_s) for p in self.peers),
         )
 
     async def close_slots(self, slots: list[int]) -> None:
         shard = self.shard
-        await asyncio.gather(self.on_worker(lambda: [shard.free_slot(s) for s in slots]),
+        await asyncio.gather(self._run_shard_job(lambda: [shard.free_slot(s) for s in slots]),
                              *(p.close_slots(slots, self.control_timeout_s) for p in self.peers))
 
     def submit_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
@@ -191,14 +197,7 @@ class Deployment:
         Resolves to (token ids, or None when sent on; seconds the shard computed). Steps
         run in the order submitted (one torch thread; an embedding-only stage at once, inline)."""
         header = {"dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "src": self.identity}
-        if not self._inline:
-            return asyncio.wrap_future(self._executor.submit(self._compute, header, tokens))
-        done = asyncio.get_running_loop().create_future()
-        try:
-            done.set_result(self._compute(header, tokens))
-        except Exception as exc:
-            done.set_exception(exc)
-        return done
+        return self._run_shard_job(self._compute, header, tokens)
 
     def _compute(self, header: dict, tokens: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         # On the torch thread (or inline): the hidden states leave from here at once.

@@ -82,7 +82,7 @@ class ShardServer:
         try:
             self._sock, self.address = sockets.bind_router(
                 self._ctx, self.config.bind_host, self.config.port,
-                max_frame_bytes=max(limits.max_tensor_bytes, limits.max_header_bytes))
+                max_frame_bytes=limits.max_frame_bytes)
             self._worker = TorchWorker(self._data_ctx, self.config.threads, limits)
             self._worker.start(self.config.bind_host, self.config.data_port)
         except BaseException:

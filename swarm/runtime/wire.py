@@ -70,6 +70,11 @@ class WireLimits:
     max_list_len: int = 4096
     max_str_len: int = 4096
 
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame a socket should accept at all (zmq drops the sender above it)."""
+        return max(self.max_tensor_bytes, self.max_header_bytes)
+
 
 DEFAULT_LIMITS = WireLimits()
 

@@ -19,6 +19,7 @@ order they were called.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -46,7 +47,6 @@ class Stage:
 
     dep: int
     shard: Any  # swarm.model.shard.Shard
-    next_address: str | None
     next_sock: zmq.Socket | None  # DEALER to the next stage's data socket; None on the last stage
 
 
@@ -82,7 +82,7 @@ class TorchWorker:
     def start(self, bind_host: str, port: int) -> None:
         """Bind the data socket here (so a taken port fails at once) and start the thread."""
         self._data, address = sockets.bind_router(
-            self._ctx, bind_host, port, max_frame_bytes=max(self._limits.max_tensor_bytes, self._limits.max_header_bytes))
+            self._ctx, bind_host, port, max_frame_bytes=self._limits.max_frame_bytes)
         self.port = sockets.port_of(address)
         endpoint = f"inproc://torch-worker-{next(_WAKE_ENDPOINTS)}"
         self._wake_rx = self._ctx.socket(zmq.PULL)
@@ -112,11 +112,10 @@ class TorchWorker:
         """Run fn(*args) on the torch thread between steps; its result or exception comes back here."""
         if self._thread is None or self._stopping:
             raise RuntimeError("the torch worker is not running")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._calls.put((fn, args, loop, future))
+        job = concurrent.futures.Future()
+        self._calls.put((fn, args, job))
         self._wake()
-        return await future
+        return await asyncio.wrap_future(job)  # settles here via the loop, even if the caller gave up
 
     def _wake(self) -> None:
         # One byte per call; the thread drains them all each time round.
@@ -127,7 +126,7 @@ class TorchWorker:
     def install(self, dep: int, shard: Any, next_address: str | None) -> None:
         self.uninstall()
         next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
-        self.stage = Stage(dep, shard, next_address, next_sock)
+        self.stage = Stage(dep, shard, next_sock)
 
     def uninstall(self) -> None:
         if self.stage is not None and self.stage.next_sock is not None:
@@ -181,24 +180,13 @@ class TorchWorker:
         return messages
 
     @staticmethod
-    def _run_job(fn: Callable[..., Any], args: tuple, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    def _run_job(fn: Callable[..., Any], args: tuple, job: concurrent.futures.Future) -> None:
+        if not job.set_running_or_notify_cancel():  # the caller gave up waiting
+            return
         try:
-            result, error = fn(*args), None
+            job.set_result(fn(*args))
         except Exception as exc:
-            result, error = None, exc
-
-        def settle() -> None:
-            if future.done():  # the caller gave up waiting (a timeout)
-                return
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-
-        try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # that loop is closed: nobody is waiting any more
-            pass
+            job.set_exception(exc)
 
     def _reply(self, identity: bytes, message: Message) -> None:
         try:
