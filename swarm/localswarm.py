@@ -219,7 +219,8 @@ class LocalSwarm:
                     proc.terminate()
         for proc in procs:
             try:
-                await asyncio.wait_for(proc.wait(), self.config.stop_timeout_s)
+                async with asyncio.timeout(self.config.stop_timeout_s):
+                    await proc.wait()
             except TimeoutError:
                 log.warning("local peer %d did not stop in %.0f s; killing it", proc.pid, self.config.stop_timeout_s)
                 with contextlib.suppress(ProcessLookupError):

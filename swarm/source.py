@@ -176,8 +176,10 @@ class SwarmSource:
         await self.wait_for_peers()
         deadline = time.monotonic() + self.config.links_timeout_s
         version = self.directory.version
-        while not self.links_complete() and time.monotonic() < deadline:
+        while not self.links_complete() and time.monotonic() < deadline and not self.directory.closed:
             version = await self.directory.wait_change(version, 0.1)
+        if self.directory.closed:
+            raise RuntimeError("the source closed while gathering peers")
         if not self.links_complete():
             log.warning("planning with links still unmeasured (treated as absent)")
         live = dict(self.directory.live)
@@ -193,7 +195,7 @@ class SwarmSource:
         if not rec.announcement.summarised:
             return device_from_announcement(rec.announcement)
         # The TXT record only had room for a summary: fetch the full profile over INFO.
-        client = await self.directory.client(rec.host, rec.port)
+        client = self.directory.client(rec.host, rec.port)
         info = (await client.request(Kind.INFO)).get("info") or {}
         return device_from_profile(info["profile"], rec.announcement.peer_id, rec.announcement.name,
                                    rec.announcement.mem_bytes)

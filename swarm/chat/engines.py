@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from swarm.aio import cancel_and_wait
 from swarm.chat.conversation import ContextFull
 from swarm.model.local import LocalChain
 from swarm.model.sampling import GREEDY, SamplingParams
@@ -267,7 +268,10 @@ class SwarmEngine:
         """
         from swarm.runtime.client import PeerError
 
-        step = asyncio.ensure_future(anext(tokens, None))
+        async def next_token():
+            return await anext(tokens, None)
+
+        step = asyncio.create_task(next_token())  # owned here: ended in `finally` below
         try:
             while True:
                 done, _ = await asyncio.wait({step}, timeout=LOSS_CHECK_S)
@@ -284,12 +288,9 @@ class SwarmEngine:
             self.broken = True
             raise BackendError(f"a peer failed mid-answer: {exc}. Ask again: the swarm re-plans.") from None
         finally:
-            if not step.done():
-                # Cancelling the pending anext() ends the runtime's generator (and its turn),
-                # so it is not still running when closed.
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await step
+            # Cancelling the pending anext() ends the runtime's generator (and its turn),
+            # so it is not still running when closed.
+            await cancel_and_wait(step)
 
 
 STATS_POLL_S = 0.5

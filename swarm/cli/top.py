@@ -113,7 +113,7 @@ class Observer:
                 self.planned, self.notes = None, (not_enough_memory(exc, self.source),)
         for pid, record in list(live.items()):
             try:
-                client = await self.source.directory.client(record.host, record.port)
+                client = self.source.directory.client(record.host, record.port)
                 status = await client.ping(timeout=PING_TIMEOUT_S)
             except PeerError:
                 continue

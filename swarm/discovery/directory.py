@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from zeroconf import InterfaceChoice
 
+from swarm.aio import wait_event
 from swarm.discovery.liveness import Liveness, LivenessConfig
 from swarm.discovery.mdns import Mdns, PeerRecord
 from swarm.discovery.txt import SERVICE_TYPE as SERVICE, TxtError, decode
@@ -54,6 +55,7 @@ class Directory:
         self._ctx = None
         self._changed = asyncio.Event()
         self.seed_errors: dict[str, str] = {}
+        self.closed = False
 
     async def __aenter__(self) -> Directory:
         self._ctx = sockets.new_context()
@@ -65,6 +67,9 @@ class Directory:
         await self.close()
 
     async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._bump()  # whoever waits for a change hears that none will come
         await self.mdns.close()
         clients, self._clients = self._clients, {}
         for client in clients.values():
@@ -73,11 +78,13 @@ class Directory:
             self._ctx.term()
             self._ctx = None
 
-    async def client(self, host: str, port: int) -> PeerClient:
+    def client(self, host: str, port: int) -> PeerClient:
         """A connected client for a peer's shard server, shared by heartbeats and probes."""
+        if self._ctx is None:
+            raise PeerError("the directory is closed")
         address = f"tcp://{host}:{port}"
         if address not in self._clients:
-            self._clients[address] = await PeerClient(address, ctx=self._ctx).__aenter__()
+            self._clients[address] = PeerClient(address, ctx=self._ctx).start()
         return self._clients[address]
 
     async def _close_client(self, host: str, port: int) -> None:
@@ -95,21 +102,19 @@ class Directory:
                 tg.create_task(self._seed_loop())
 
     async def wait_change(self, version: int, timeout: float) -> int:
-        """Wait until the live set or an announcement in it changes past `version`, or timeout."""
-        if self.version == version:
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except TimeoutError:
-                pass
+        """Wait until the live set or an announcement in it changes past `version`, the
+        directory closes, or timeout."""
+        if self.version == version and not self.closed:
+            await wait_event(self._changed, timeout)
         return self.version
 
     async def wait_for(self, predicate, timeout: float) -> bool:
-        """Wait until predicate(live) holds; False on timeout."""
+        """Wait until predicate(live) holds; False on timeout or when the directory closes."""
         deadline = time.monotonic() + timeout
         version = self.version
         while not predicate(self.live):
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self.closed:
                 return False
             version = await self.wait_change(version, left)
         return True
@@ -166,17 +171,13 @@ class Directory:
                 self._bump()
             # A new or changed record is pinged at once; otherwise once per interval.
             self.mdns.changed.clear()
-            try:
-                await asyncio.wait_for(self.mdns.changed.wait(), interval)
-            except TimeoutError:
-                pass
+            await wait_event(self.mdns.changed, interval)
 
     async def _ping(self, rec: PeerRecord) -> bool:
         timeout = self.config.liveness.timeout_s
         try:
-            client = await self.client(rec.host, rec.port)
-            # the outer bound also covers a send that waits on a full queue
-            await asyncio.wait_for(client.ping(timeout=timeout), 2 * timeout)
+            client = self.client(rec.host, rec.port)
+            await client.ping(timeout=timeout)  # the bound covers the send too
             return True
         except (PeerError, TimeoutError):
             return False
@@ -193,7 +194,7 @@ class Directory:
     async def _ask_seed(self, host: str, port: int) -> None:
         key = f"{host}:{port}"
         try:
-            client = await self.client(host, port)
+            client = self.client(host, port)
             info = (await client.request(Kind.INFO, timeout=INFO_TIMEOUT_S)).get("info") or {}
             a = decode(info["announcement"])
         except (PeerError, TxtError, KeyError, TypeError) as e:

@@ -105,7 +105,7 @@ class LinkProber:
             return False
         self._schedule(pid)
         try:
-            client = await self.directory.client(rec.host, rec.port)
+            client = self.directory.client(rec.host, rec.port)
             for down in (False, True) if self.both_ways else (False,):
                 link = await measure_link(client, self.activation_bytes, self.config, down=down)
                 history = self._history.setdefault((pid, down), deque(maxlen=self.config.history))

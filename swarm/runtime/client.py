@@ -13,7 +13,6 @@ about a pipeline step) go to ``on_message``; the pipeline engine uses that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from swarm.aio import cancel_and_wait
 from swarm.runtime import sockets
 from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode
 
@@ -47,7 +47,8 @@ class Ready:
 
 
 class PeerClient:
-    """Requests to one peer. ``async with`` connects and starts the reader; close() is idempotent."""
+    """Requests to one peer. ``async with`` (or ``start()``) connects and starts the reader;
+    ``aclose()`` is idempotent and fails every request still waiting, at once."""
 
     def __init__(
         self,
@@ -66,29 +67,28 @@ class PeerClient:
         self._sock = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
-        self._stack: contextlib.AsyncExitStack | None = None
         self._reader: asyncio.Task | None = None
+        self._broken: PeerError | None = None  # why requests fail at once (closed, or the socket failed)
 
-    async def __aenter__(self) -> "PeerClient":
+    def start(self) -> "PeerClient":
+        """Connect and start the reader task, which this client owns (``aclose`` ends it)."""
         if self._ctx is None:
             self._ctx = sockets.new_context()
         self._sock = sockets.connect_dealer(self._ctx, self.address, self.identity)
-        self._stack = contextlib.AsyncExitStack()
-        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._reader = tg.create_task(self._read_loop())
+        self._reader = asyncio.create_task(self._read_loop(), name=f"reader for {self.address}")
         return self
+
+    async def __aenter__(self) -> "PeerClient":
+        return self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            await stack.aclose()
-        self._fail_pending(PeerError(f"connection to {self.address} closed"))
+        reader, self._reader = self._reader, None
+        self._broken = self._broken or PeerError(f"connection to {self.address} closed")
+        self._fail_pending(self._broken)
+        await cancel_and_wait(reader)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -103,21 +103,29 @@ class PeerClient:
         self._pending.clear()
 
     async def _read_loop(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                message = decode(frames, self._limits)
-            except WireError as exc:
-                log.warning("bad message from %s: %s", self.address, exc)
-                continue
-            future = self._pending.pop(message.re, None) if message.re else None
-            if future is not None:
-                if not future.done():
-                    future.set_result(message)
-            elif self._on_message is not None:
-                self._on_message(message)
-            else:
-                log.debug("unsolicited %s from %s", message.kind.value, self.address)
+        try:
+            while True:
+                frames = await self._sock.recv_multipart(copy=False)
+                try:
+                    message = decode(frames, self._limits)
+                except WireError as exc:
+                    log.warning("bad message from %s: %s", self.address, exc)
+                    continue
+                future = self._pending.pop(message.re, None) if message.re else None
+                if future is not None:
+                    if not future.done():
+                        future.set_result(message)
+                elif self._on_message is not None:
+                    try:
+                        self._on_message(message)
+                    except Exception:  # the consumer's bug: log it, keep the connection
+                        log.exception("handling %s from %s failed", message.kind.value, self.address)
+                else:
+                    log.debug("unsolicited %s from %s", message.kind.value, self.address)
+        except Exception as exc:  # the socket failed: every waiter hears it now, not at its timeout
+            log.warning("connection to %s failed: %s", self.address, exc)
+            self._broken = PeerError(f"connection to {self.address} failed: {exc}")
+            self._fail_pending(self._broken)
 
     async def send(self, message: Message) -> None:
         """Send without waiting for an answer (pipeline steps)."""
@@ -126,6 +134,8 @@ class PeerClient:
     async def request(self, kind: Kind, fields: dict[str, Any] | None = None,
                       tensors: tuple[torch.Tensor, ...] = (), timeout: float = REQUEST_TIMEOUT_S) -> Message:
         """Send a request and wait for its reply; an ERROR reply raises PeerError."""
+        if self._broken is not None:
+            raise self._broken
         if self._sock is None:
             raise PeerError(f"client for {self.address} is not open")
         msg_id = next(self._ids)

@@ -28,6 +28,7 @@ from typing import AsyncIterator, Sequence
 
 import torch
 
+from swarm.aio import wait_event
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.model.units import ModelLayout
 from swarm.runtime.client import PeerError
@@ -131,7 +132,8 @@ class Session:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(turn.queue.get(), self._pipeline.config.token_timeout_s)
+                    async with asyncio.timeout(self._pipeline.config.token_timeout_s):
+                        item = await turn.queue.get()
                 except TimeoutError:
                     self._pipeline._expire(turn)
                     continue  # _expire queued the error
@@ -202,6 +204,8 @@ class Pipeline:
         stack, self._stack = self._stack, None
         for turn in list(self._turns.values()):
             self._finish_turn(turn, RuntimeError("pipeline closed"))
+        async with self._slot_freed:  # whoever waits for a slot hears that none will come
+            self._slot_freed.notify_all()
         try:
             await stack.aclose()
         finally:
@@ -228,7 +232,9 @@ class Pipeline:
         async with self._control:
             self._paused = True
             try:
-                await self._drained.wait()
+                if not await wait_event(self._drained, self.config.token_timeout_s):
+                    for group in list(self._flights):  # a stage is down: those steps never land
+                        self._fail_flight(group, PeerError("redeploying: a step of the old plan never came back"))
                 old, self.deployment = self.deployment, None
                 await old.aclose()
                 self.deployment = await self._deploy(tuple(plan))
@@ -249,8 +255,11 @@ class Pipeline:
     async def open_session(self, sampling: SamplingParams = GREEDY, one_shot: bool = False) -> Session:
         """A new sequence with its own KV slot; waits while every slot is taken."""
         async with self._slot_freed:
-            while (slot := choose_slot(self.layout, self._free_slots(), self._sessions)) is None:
-                await self._slot_freed.wait()
+            while (slot := choose_slot(self.layout, self._free_slots(), self._sessions)) is None \
+                    and self._stack is not None:
+                await self._slot_freed.wait()  # woken by a freed slot, or by aclose()
+            if self._stack is None:
+                raise RuntimeError("pipeline closed")
             session = self._sessions[slot] = Session(self, slot, sampling, one_shot)
         try:
             async with self._control:
@@ -271,14 +280,12 @@ class Pipeline:
         try:
             turn = self._turns.get(session.slot)
             if turn is not None:  # a cancelled step still in flight: let it land first (or time out)
-                try:
-                    await asyncio.wait_for(turn.finished.wait(), self.config.token_timeout_s)
-                except TimeoutError:
+                if not await wait_event(turn.finished, self.config.token_timeout_s):
                     self._expire(turn)
             async with self._control:
                 if self.deployment is not None:
                     await self.deployment.close_slots([session.slot])
-        except PeerError as exc:
+        except Exception as exc:  # cleanup: a failure here must not cancel whoever owns the TaskGroup
             log.warning("closing slot %d: %s", session.slot, exc)
         finally:
             await self._free(session.slot)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 
+from swarm.aio import bounded, cancel_and_wait
 from swarm.discovery.directory import Directory, DirectoryConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
@@ -15,6 +16,7 @@ from tests.discovery.discovery_fixtures import fixture_profile
 
 FAST = LivenessConfig(interval_s=0.2, timeout_s=0.5, misses=3)
 TIMEOUT_S = 20
+CLOSE_BOUND_S = 5
 
 
 def _peer(name: str, seeds=(), mdns=True, fingerprint="sha256:" + "ab" * 32) -> SwarmPeer:
@@ -25,14 +27,17 @@ def _peer(name: str, seeds=(), mdns=True, fingerprint="sha256:" + "ab" * 32) -> 
 
 @contextlib.asynccontextmanager
 async def _running(*things):
-    """Run each (already entered) peer or directory in one TaskGroup; cancel on exit."""
-    async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(t.run()) for t in things]
-        try:
-            yield
-        finally:
-            for task in tasks:
-                task.cancel()
+    """Run each (already entered) peer or directory; on exit cancel them, failing (not
+    hanging) if one outlives CLOSE_BOUND_S."""
+    tasks = [asyncio.create_task(t.run()) for t in things]
+    try:
+        yield
+    finally:
+        async with asyncio.timeout(CLOSE_BOUND_S):
+            await cancel_and_wait(*tasks)
+    for task in tasks:  # a run() that failed on its own fails the test
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()
 
 
 async def test_seeds_find_peers_without_multicast_one_hop_of_gossip():
@@ -59,7 +64,7 @@ async def test_diagnostic_says_what_was_tried_heard_and_ignored():
             while not (any("other-model" in n for n in watcher.mdns.heard.names) and watcher.seed_errors
                        and watcher.mdns.heard.rejected):
                 await asyncio.sleep(0.05)  # polled under the timeout below
-        await asyncio.wait_for(heard(), TIMEOUT_S)
+        await bounded(heard(), TIMEOUT_S)
         watcher.candidates()
         text = watcher.diagnostic()
     assert not watcher.live
@@ -78,9 +83,9 @@ async def test_refreshes_wait_while_generating_but_a_new_peer_is_measured_at_onc
         async def measured(n):
             while prober.measurements < n:
                 await asyncio.sleep(0.02)  # polled under the timeout below
-        await asyncio.wait_for(measured(1), TIMEOUT_S)  # busy, but never measured: at once
+        await bounded(measured(1), TIMEOUT_S)  # busy, but never measured: at once
         first = time.monotonic()
-        await asyncio.wait_for(measured(2), TIMEOUT_S)  # deferred, but at most max_defer times
+        await bounded(measured(2), TIMEOUT_S)  # deferred, but at most max_defer times
         waited = time.monotonic() - first
     assert waited >= (probe.max_defer + 1) * probe.interval_s * (1 - probe.jitter)
     assert target.peer_id in prober.links

@@ -10,6 +10,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from swarm.aio import bounded
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import Layout
@@ -83,7 +84,7 @@ async def test_running_peers_refuse_garbage_and_keep_generating(tiny_model_dir, 
             async with asyncio.TaskGroup() as tg:
                 fuzzing = tg.create_task(asyncio.to_thread(fuzz_peer, address, pipe.deployment.dep_id, stop))
                 while not stop.is_set() or rounds == 0:
-                    assert await asyncio.wait_for(pipe.generate_all(PROMPTS, 12), 60) == want
+                    assert await bounded(pipe.generate_all(PROMPTS, 12), 60) == want
                     rounds += 1
             assert fuzzing.result() == 150
         async with PeerClient(peers[0]) as peer:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from swarm.aio import bounded
 from swarm.model import hf
 from swarm.model.local import even_cuts
 from swarm.model.sampling import SamplingParams
@@ -47,7 +48,7 @@ async def test_sequential_matches_single_process_and_transformers(tiny_model_dir
         assert len(pipe.deployment.ready) == n_peers + 1
         assert all(r.load_s > 0 and r.weight_bytes > 0 and r.rss_bytes > 0 for r in pipe.deployment.ready)
         # One slot: the requests queue and run one after another.
-        got = await asyncio.wait_for(pipe.generate_all(PROMPTS[:3], NEW), TIMEOUT_S)
+        got = await bounded(pipe.generate_all(PROMPTS[:3], NEW), TIMEOUT_S)
     assert got == tiny_reference(PROMPTS[:3], NEW) == transformers_reference[:3]
 
 
@@ -60,7 +61,7 @@ async def test_pipelined_batches_of_different_lengths(tiny_model_dir, peers, tin
     plan = tuple(Stage(addr, start, end) for addr, (start, end) in zip([None, *peers[:2]], cuts))
     # 6 prompts for 4 slots: two requests join when earlier ones leave.
     async with Pipeline(config(tiny_model_dir, plan, m, b, mode)) as pipe:
-        got = await asyncio.wait_for(pipe.generate_all(PROMPTS, NEW), TIMEOUT_S)
+        got = await bounded(pipe.generate_all(PROMPTS, NEW), TIMEOUT_S)
         stats = await pipe.stage_stats()
     assert got == tiny_reference(PROMPTS, NEW) == transformers_reference
     assert [(s.start, s.end) for s in stats] == cuts
@@ -102,7 +103,7 @@ async def test_cancel_frees_the_slot_and_others_are_unaffected(tiny_model_dir, p
         got = [await anext(stream), await anext(stream)]
         await stream.aclose()  # the consumer walks away: the turn is cancelled
         # The only slot comes back, and the next request is exact.
-        after = await asyncio.wait_for(pipe.generate_all([PROMPTS[2]], NEW), TIMEOUT_S)
+        after = await bounded(pipe.generate_all([PROMPTS[2]], NEW), TIMEOUT_S)
     assert got == tiny_reference([PROMPTS[0]], 2)[0]
     assert after == tiny_reference([PROMPTS[2]], NEW)
 
@@ -122,7 +123,7 @@ async def test_seeded_sampling_matches_the_single_process_path(tiny_model_dir, p
     chain = LocalChain.load(tiny_model_dir, [(0, 3), (3, 6)], max_slots=1, max_len=64)
     want = generate(chain, [PROMPTS[0]], NEW, sampling)
     async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m=2, b=1)) as pipe:
-        got = await asyncio.wait_for(pipe.generate_all([PROMPTS[0]], NEW, sampling), TIMEOUT_S)
+        got = await bounded(pipe.generate_all([PROMPTS[0]], NEW, sampling), TIMEOUT_S)
     assert got == want
 
 
@@ -142,7 +143,7 @@ async def test_redeploy_with_a_new_plan_keeps_sessions_exact(tiny_model_dir, pee
 
 async def test_source_only_plan_runs_without_peers(tiny_model_dir, tiny_reference):
     async with Pipeline(config(tiny_model_dir, (Stage(None, 0, TINY_UNITS),), m=2, b=2)) as pipe:
-        got = await asyncio.wait_for(pipe.generate_all(PROMPTS, NEW), TIMEOUT_S)
+        got = await bounded(pipe.generate_all(PROMPTS, NEW), TIMEOUT_S)
     assert got == tiny_reference(PROMPTS, NEW)
 
 
@@ -175,7 +176,7 @@ async def test_a_dead_stage_fails_the_turn_and_redeploy_recovers(tiny_model_dir,
                             doomed.close()  # the stage stops answering mid-generation
                 assert got == tiny_reference([PROMPTS[0]], 3)[0]
                 await pipe.redeploy((Stage(None, 0, 3), Stage(peers[0], 3, 6)))
-                after = await asyncio.wait_for(pipe.generate_all([PROMPTS[1]], NEW), TIMEOUT_S)
+                after = await bounded(pipe.generate_all([PROMPTS[1]], NEW), TIMEOUT_S)
     assert after == tiny_reference([PROMPTS[1]], NEW)
 
 
@@ -183,7 +184,7 @@ async def test_a_request_too_long_for_the_cache_is_refused_and_frees_its_slot(ti
     async with Pipeline(config(tiny_model_dir, plan_for(peers, 1), max_len=16)) as pipe:
         with pytest.raises(ValueError, match="cache positions"):
             await pipe.generate_all([list(range(1, 12))], 8)
-        assert await asyncio.wait_for(pipe.generate_all([PROMPTS[0]], 8), TIMEOUT_S) == tiny_reference([PROMPTS[0]], 8)
+        assert await bounded(pipe.generate_all([PROMPTS[0]], 8), TIMEOUT_S) == tiny_reference([PROMPTS[0]], 8)
 
 
 async def test_closing_a_session_whose_stage_died_does_not_hang(tiny_model_dir):
@@ -201,5 +202,17 @@ async def test_closing_a_session_whose_stage_died_does_not_hang(tiny_model_dir):
                 await anext(stream)
                 doomed.close()  # the next step is lost with the stage
                 await stream.aclose()  # cancelled while its step is in flight
-                await asyncio.wait_for(chat.aclose(), 5)
+                await bounded(chat.aclose(), 5)
                 assert pipe.micro_batches_in_flight == 0
+
+
+async def test_closing_the_pipeline_wakes_a_request_waiting_for_a_slot(tiny_model_dir):
+    async with Pipeline(config(tiny_model_dir, plan_for([], 0))) as pipe:  # the source alone, one slot
+        holder = await pipe.open_session()
+        waiting = asyncio.create_task(pipe.open_session())  # no slot until the holder closes
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+    async with asyncio.timeout(5):
+        with pytest.raises(RuntimeError, match="closed"):
+            await waiting
+    await holder.aclose()

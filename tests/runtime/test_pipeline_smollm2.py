@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
 
+from swarm.aio import bounded
 from swarm.model import hf
 from swarm.model.local import LocalChain, generate
 from swarm.runtime.engine import Pipeline, PipelineConfig
@@ -41,5 +41,5 @@ async def test_smollm2_three_peers_token_identical(smollm2_dir, peers, smol_case
     assert [row[: len(r)] for row, r in zip(local, ref)] == ref
     config = PipelineConfig(smollm2_dir, plan_for(peers, 3, num_units=32), layout=Layout(m, b), mode=mode, max_len=64)
     async with Pipeline(config) as pipe:
-        got = await asyncio.wait_for(pipe.generate_all(prompts, NEW), 300)
+        got = await bounded(pipe.generate_all(prompts, NEW), 300)
     assert got == local

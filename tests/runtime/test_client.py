@@ -1,0 +1,47 @@
+"""PeerClient against real sockets: replies matched to requests, and closing fails what still waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from swarm.runtime.client import PeerClient, PeerError
+from swarm.runtime.wire import Kind, decode
+
+CLOSE_BOUND_S = 2.0
+
+
+async def test_requests_get_their_own_replies(peers):
+    async with PeerClient(peers[0]) as client:
+        pings = [client.ping(timeout=10) for _ in range(5)]
+        probe = client.probe(send_bytes=4096, reply_bytes=1024, timeout=10)
+        *statuses, rtt = await asyncio.gather(*pings, probe)
+    assert all("uptime_s" in s for s in statuses) and rtt > 0
+
+
+async def test_closing_fails_a_request_to_a_frozen_peer_at_once():
+    ctx = zmq.asyncio.Context()
+    frozen = ctx.socket(zmq.ROUTER)  # takes requests, never answers
+    frozen.setsockopt(zmq.LINGER, 0)
+    port = frozen.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        client = PeerClient(f"tcp://127.0.0.1:{port}").start()
+        request = asyncio.create_task(client.request(Kind.INFO, timeout=600))
+        frames = await frozen.recv_multipart()  # the request is on the wire, its reply will never come
+        assert decode(frames[1:]).kind is Kind.INFO
+        began = time.monotonic()
+        async with asyncio.timeout(CLOSE_BOUND_S):
+            await client.aclose()
+            with pytest.raises(PeerError, match="closed"):
+                await request
+        assert time.monotonic() - began < CLOSE_BOUND_S
+        with pytest.raises(PeerError, match="closed"):  # and later requests fail at once
+            await client.ping(timeout=600)
+        await client.aclose()  # idempotent
+    finally:
+        frozen.close()
+        ctx.term()
