@@ -15,6 +15,7 @@ from swarm.discovery.prober import LinkProber
 from tests.discovery.discovery_fixtures import fixture_profile
 
 FAST = LivenessConfig(interval_s=0.2, timeout_s=0.5, misses=3)
+PATIENT = LivenessConfig(interval_s=0.2, timeout_s=5.0, misses=3)
 TIMEOUT_S = 20
 CLOSE_BOUND_S = 5
 
@@ -77,7 +78,9 @@ async def test_diagnostic_says_what_was_tried_heard_and_ignored():
 async def test_refreshes_wait_while_generating_but_a_new_peer_is_measured_at_once():
     probe = ProbeConfig(interval_s=0.2, max_defer=3, min_bytes=4096, rounds=2, ping_rounds=2)
     target = _peer("target")
-    watcher = Directory(DirectoryConfig(interfaces=["127.0.0.1"], liveness=FAST))
+    # Dropping the target would rightly measure it again at once, so a loaded machine
+    # (heartbeats late by over FAST's half second) must not drop it here.
+    watcher = Directory(DirectoryConfig(interfaces=["127.0.0.1"], liveness=PATIENT))
     prober = LinkProber(watcher, 0, probe, busy=lambda: True)  # a generation runs all along
     async with target, watcher, _running(target, watcher, prober):
         async def measured(n):

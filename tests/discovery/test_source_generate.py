@@ -38,27 +38,32 @@ def _joined(proc: subprocess.Popen) -> dict:
     return json.loads(proc.stdout.readline())
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_peers(tiny_model_dir):
-    """Two peers now; the test may start more (procs is shared so all are stopped)."""
+    """Two peers, stopped after the module's tests (a test stops what it starts itself)."""
     procs = []
     try:
         procs += [_join(tiny_model_dir, f"g{k}") for k in range(2)]
-        yield [(proc, _joined(proc)) for proc in procs], procs
+        yield [(proc, _joined(proc)) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(procs)
 
 
 async def test_source_plans_deploys_generates_and_replans_when_peers_leave_or_join(tiny_model_dir, tiny_peers):
-    joined, procs = tiny_peers
+    joined = tiny_peers
     chain = LocalChain.load(tiny_model_dir, [(0, 6)], max_slots=4, max_len=64)
     expected = generate(chain, PROMPTS, NEW_TOKENS)
     # This device may hold only the embedding: the blocks and head must go to a peer.
@@ -85,9 +90,12 @@ async def test_source_plans_deploys_generates_and_replans_when_peers_leave_or_jo
         assert second[1].address in addresses and second[1].address != first[1].address
 
         # A peer joins: the next request is planned over it too.
-        procs.append(_join(tiny_model_dir, "g2"))
-        newcomer = _joined(procs[-1])["joined"]
-        assert await source.directory.wait_for(lambda live: newcomer in live, 30)
-        assert source.needs_replan()
-        assert await source.generate_all(PROMPTS, NEW_TOKENS) == expected
-        assert newcomer in source.current.peer_ids and not source.needs_replan()
+        late = _join(tiny_model_dir, "g2")
+        try:
+            newcomer = _joined(late)["joined"]
+            assert await source.directory.wait_for(lambda live: newcomer in live, 30)
+            assert source.needs_replan()
+            assert await source.generate_all(PROMPTS, NEW_TOKENS) == expected
+            assert newcomer in source.current.peer_ids and not source.needs_replan()
+        finally:
+            _stop([late])
