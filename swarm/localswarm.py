@@ -148,7 +148,9 @@ class LocalSwarm:
         if c.model is not None:
             cmd += ["--model", str(c.model)]
         if c.isolated:
-            cmd += ["--no-mdns", "--port", str(self.ports[index])]
+            # The data port is any free one (the source learns it by PING): the default,
+            # --port + 1, may be taken, and two peers' ports may even be adjacent.
+            cmd += ["--no-mdns", "--port", str(self.ports[index]), "--data-port", "0"]
             for other, port in enumerate(self.ports):
                 if other != index:
                     cmd += ["--peer", f"{c.interface}:{port}"]
