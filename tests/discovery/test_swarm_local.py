@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -30,41 +31,59 @@ BOUND_S = LivenessConfig(interval_s=HEARTBEAT_S).drop_bound_s
 START_TIMEOUT_S = 60
 
 
-def _profiles():
-    return [fixture_profile(block_decode_s=0.001 * (k + 2), mem_bytes=(k + 2) << 30, name=f"p{k}") for k in range(3)]
+# This run's model: peers another suite on the machine announces over loopback mDNS are
+# heard and ignored (another fingerprint), never counted among these.
+FINGERPRINT = "sha256:" + secrets.token_hex(32)
+
+
+def _profile(k: int) -> dict:
+    return fixture_profile(block_decode_s=0.001 * (k + 2), mem_bytes=(k + 2) << 30, name=f"p{k}",
+                           fingerprint=FINGERPRINT)
+
+
+def _spawn(folder, k: int) -> tuple[subprocess.Popen, dict]:
+    """`swarm join` as peer p<k> with its own profile; returns it with the profile."""
+    profile = _profile(k)
+    path = folder / f"p{k}.json"
+    path.write_text(json.dumps(profile))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", f"p{k}",
+         "--profile", str(path), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc, profile
+
+
+def _joined(proc: subprocess.Popen) -> dict:
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+    assert ready, "swarm join did not start"
+    return json.loads(proc.stdout.readline())
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
     """Three peers, each with its own profile; yields [(process, joined line, profile)]."""
-    tmp = tmp_path_factory.mktemp("peers")
+    folder = tmp_path_factory.mktemp("peers")
     procs = []
     try:
-        for k, profile in enumerate(_profiles()):
-            path = tmp / f"p{k}.json"
-            path.write_text(json.dumps(profile))
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", f"p{k}",
-                 "--profile", str(path), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"})
-            procs.append((proc, profile))
-        out = []
-        for proc, profile in procs:
-            ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-            assert ready, "swarm join did not start"
-            out.append((proc, json.loads(proc.stdout.readline()), profile))
-        yield out
+        for k in range(3):
+            procs.append(_spawn(folder, k))
+        yield [(proc, _joined(proc), profile) for proc, profile in procs]
     finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop([proc for proc, _ in procs])
 
 
 async def _info(address: str) -> dict:
@@ -109,7 +128,7 @@ async def test_each_peer_sees_the_other_two_with_their_figures_and_links(peers):
 
 
 async def test_problem_built_from_announcements_equals_the_peers_profiles(peers):
-    source_profile = fixture_profile(block_decode_s=0.0005, mem_bytes=1 << 30, name="src")
+    source_profile = fixture_profile(block_decode_s=0.0005, mem_bytes=1 << 30, name="src", fingerprint=FINGERPRINT)
     config = SourceConfig(interfaces=["127.0.0.1"], profile=source_profile, min_peers=3,
                           liveness=LivenessConfig(interval_s=HEARTBEAT_S), probe=ProbeConfig(interval_s=60))
     async with SwarmSource(config) as source:
@@ -130,24 +149,28 @@ async def test_problem_built_from_announcements_equals_the_peers_profiles(peers)
     assert [(s.start, s.end) for s in planned.plan.stages] == [(0, len(source_profile["units"]))]
 
 
-async def test_a_killed_peer_is_dropped_within_the_heartbeat_bound(peers):
-    (victim, vjoined, _), *rest = peers
-    vid = vjoined["joined"]
+async def test_a_killed_peer_is_dropped_within_the_heartbeat_bound(peers, tmp_path):
+    # The victim is a fourth peer of this test's own: the module's three stay for the others.
+    victim, _ = _spawn(tmp_path, 3)
+    try:
+        vid = _joined(victim)["joined"]
 
-    async def seen_by():
-        infos = [await _info(j["address"]) for _, j, _ in rest]
-        return [vid in {p["id"] for p in info["peers"]} for info in infos]
+        async def seen_by():
+            infos = [await _info(j["address"]) for _, j, _ in peers]
+            return [vid in {p["id"] for p in info["peers"]} for info in infos]
 
-    async def everyone_sees_it():
-        return all(await seen_by())
+        async def everyone_sees_it():
+            return all(await seen_by())
 
-    assert await _until(everyone_sees_it, 30)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed = time.monotonic()
+        assert await _until(everyone_sees_it, 30)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed = time.monotonic()
 
-    async def nobody_sees_it():
-        return not any(await seen_by())
+        async def nobody_sees_it():
+            return not any(await seen_by())
 
-    assert await _until(nobody_sees_it, BOUND_S + 2, step=0.05)
-    assert time.monotonic() - killed <= BOUND_S + 0.5
+        assert await _until(nobody_sees_it, BOUND_S + 2, step=0.05)
+        assert time.monotonic() - killed <= BOUND_S + 0.5
+    finally:
+        _stop([victim])
