@@ -1,7 +1,28 @@
-"""Device profiles in the documented JSON format (docs/architecture.md), for tests
-that do not need a real model measured."""
+"""Shared by the discovery tests: device profiles in the documented JSON format
+(docs/architecture.md) for tests that need no real model measured, and stopping the
+`swarm join` processes a test started."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
+
+STOP_TIMEOUT_S = 10.0  # SIGTERM (an mDNS goodbye), then SIGKILL
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process still running, wait, SIGKILL what outlives STOP_TIMEOUT_S."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def fixture_profile(num_blocks: int = 4, block_decode_s: float = 0.001, mem_bytes: int = 8 << 30,

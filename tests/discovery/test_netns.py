@@ -8,7 +8,6 @@ import logging
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.discovery.discovery_fixtures import fixture_profile
+from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.problem import Problem
 
@@ -106,15 +105,7 @@ def swarm_in_namespaces(testbed, tmp_path_factory):
         ids[_line(source)["ready"]] = "src"
         yield source, ids
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs)
 
 
 def _expected(names: list[str], slowed: bool) -> list[list[float]]:

@@ -17,6 +17,7 @@ from swarm.discovery.links import ProbeConfig
 from swarm.model.local import LocalChain, generate
 from swarm.model.units import ModelLayout
 from swarm.source import SourceConfig, SwarmSource
+from tests.discovery.discovery_fixtures import stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -38,19 +39,6 @@ def _joined(proc: subprocess.Popen) -> dict:
     return json.loads(proc.stdout.readline())
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def tiny_peers(tiny_model_dir):
     """Two peers, stopped after the module's tests (a test stops what it starts itself)."""
@@ -59,7 +47,7 @@ def tiny_peers(tiny_model_dir):
         procs += [_join(tiny_model_dir, f"g{k}") for k in range(2)]
         yield [(proc, _joined(proc)) for proc in procs]
     finally:
-        _stop(procs)
+        stop_processes(procs)
 
 
 async def test_source_plans_deploys_generates_and_replans_when_peers_leave_or_join(tiny_model_dir, tiny_peers):
@@ -98,4 +86,4 @@ async def test_source_plans_deploys_generates_and_replans_when_peers_leave_or_jo
             assert await source.generate_all(PROMPTS, NEW_TOKENS) == expected
             assert newcomer in source.current.peer_ids and not source.needs_replan()
         finally:
-            _stop([late])
+            stop_processes([late])

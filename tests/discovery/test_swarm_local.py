@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from tests.discovery.discovery_fixtures import fixture_profile
+from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.txt import decode, from_profile
@@ -60,19 +60,6 @@ def _joined(proc: subprocess.Popen) -> dict:
     return json.loads(proc.stdout.readline())
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
     """Three peers, each with its own profile; yields [(process, joined line, profile)]."""
@@ -83,7 +70,7 @@ def peers(tmp_path_factory):
             procs.append(_spawn(folder, k))
         yield [(proc, _joined(proc), profile) for proc, profile in procs]
     finally:
-        _stop([proc for proc, _ in procs])
+        stop_processes([proc for proc, _ in procs])
 
 
 async def _info(address: str) -> dict:
@@ -173,4 +160,4 @@ async def test_a_killed_peer_is_dropped_within_the_heartbeat_bound(peers, tmp_pa
         assert await _until(nobody_sees_it, BOUND_S + 2, step=0.05)
         assert time.monotonic() - killed <= BOUND_S + 0.5
     finally:
-        _stop([victim])
+        stop_processes([victim])
