@@ -1,8 +1,10 @@
 """Choosing the next token on the stage that holds the head.
 
-Only token ids leave that stage, never logits: 8 bytes instead of vocab x 4. Each
-sequence has its own seeded generator, so a sampled answer does not depend on
-which other sequences shared its batch.
+Only token ids leave that stage, never logits: 8 bytes instead of vocab x 4. The
+randomness belongs to the sequence: each draw uses a generator seeded from
+(seed, position), so a sampled answer depends neither on which other sequences
+shared its batch nor on how its cache was built (a replay after a lost stage
+prefills the whole history at once and still draws the same tokens).
 """
 
 from __future__ import annotations
@@ -34,15 +36,29 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+    def generator_at(self, position: int, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The generator of the draw that follows ``position`` tokens of the sequence
+        (None when greedy; an unseeded sequence draws from fresh entropy)."""
         if self.greedy:
             return None
         generator = torch.Generator(device=device)
         if self.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(self.seed)
+            generator.manual_seed(draw_seed(self.seed, position))
         return generator
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """A 64-bit seed per (sequence seed, position): splitmix64 of their combination, so
+    neighbouring positions and neighbouring seeds give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+_MASK64 = (1 << 64) - 1
 
 
 GREEDY = SamplingParams()

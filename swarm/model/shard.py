@@ -142,7 +142,6 @@ class Shard:
         self.cache = cache
         self.load_seconds = load_seconds
         self._sampling: list[SamplingParams] = [GREEDY] * cache.max_slots
-        self._generators: list[torch.Generator | None] = [None] * cache.max_slots
         self.prefilled_tokens = 0  # new tokens this shard has run, for tests and stats
 
     # ----------------------------------------------------------------- loading
@@ -208,12 +207,11 @@ class Shard:
         self._check_slot(slot)
         self.cache.lengths[slot] = 0
         self._sampling[slot] = sampling
-        self._generators[slot] = sampling.make_generator(self.device) if self.is_last else None
 
     def free_slot(self, slot: int) -> None:
         self._check_slot(slot)
         self.cache.lengths[slot] = 0
-        self._sampling[slot], self._generators[slot] = GREEDY, None
+        self._sampling[slot] = GREEDY
 
     def slot_length(self, slot: int) -> int:
         return self.cache.lengths[slot]
@@ -266,7 +264,10 @@ class Shard:
             return hidden
         last = hidden[torch.arange(batch, device=self.device), plan.last_index]  # [B, H]
         logits = self.head(self.norm(last)).float()
-        return sample_next(logits, [self._sampling[s] for s in slots], [self._generators[s] for s in slots])
+        # Each draw is seeded by its position (the slot's length now): a replayed history draws the same.
+        params = [self._sampling[s] for s in slots]
+        generators = [p.generator_at(self.cache.lengths[s], self.device) for p, s in zip(params, slots)]
+        return sample_next(logits, params, generators)
 
 
 def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtype, device: torch.device) -> None:

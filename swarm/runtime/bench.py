@@ -35,7 +35,7 @@ from swarm.model.local import LocalChain, even_cuts, generate
 from swarm.model.units import ModelLayout
 from swarm.planner.simulate import simulate_pipeline
 from swarm.runtime.client import PeerClient
-from swarm.runtime.deploy import Stage
+from swarm.runtime.deploy import StagePlacement
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.peer import local_peers
 from swarm.runtime.schedule import Layout, Mode
@@ -149,7 +149,7 @@ async def _bench(config: BenchConfig, peers: list[str], report: Callable[[str], 
     # --- sequential: single process vs source (embedding) + 3 peers, under each placement, interleaved
     chain = LocalChain.load(config.model_dir, [(0, n)], max_slots=1, max_len=max_len, dtype=config.dtype)
     cuts = [(0, 1)] + [(1 + a, 1 + b) for a, b in even_cuts(n - 1, config.sequential_peers)]
-    plan = tuple(Stage(addr, a, b) for addr, (a, b) in zip([None, *peers], cuts))
+    plan = tuple(StagePlacement(addr, a, b) for addr, (a, b) in zip([None, *peers], cuts))
     hops = len(plan)
     all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     placements: dict[str, set[int]] = {"os": all_cpus}
@@ -191,7 +191,7 @@ async def _bench(config: BenchConfig, peers: list[str], report: Callable[[str], 
     # --- 2-stage pipeline: source [0, cut) + one peer [cut, n); one deployment for every m and mode,
     # runs interleaved per repeat so that drifting background load hits every configuration alike.
     cut = balanced_cut(layout)
-    two = (Stage(None, 0, cut), Stage(peers[0], cut, n))
+    two = (StagePlacement(None, 0, cut), StagePlacement(peers[0], cut, n))
     ms = sorted(set(config.micro_batches))
     slots = max(ms)
     runs: dict[tuple[int, Mode], list[float]] = {}

@@ -1,6 +1,7 @@
 """A deployment: a plan's stages loaded, the first in this process, the rest on peers.
 
-    plan = (Stage(None, 0, 11), Stage("tcp://10.0.0.2:5555", 11, 22), Stage("tcp://10.0.0.3:5555", 22, 32))
+    plan = (StagePlacement(None, 0, 11), StagePlacement("tcp://10.0.0.2:5555", 11, 22),
+            StagePlacement("tcp://10.0.0.3:5555", 22, 32))
     async with Deployment(model_dir, plan, slots=8, max_len=256, on_message=handler) as dep:
         dep.ready          # per stage: load time, weight/KV/process memory
         await dep.open_slots([3], GREEDY)
@@ -41,15 +42,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Stage:
-    """Units [start, end) on the peer at ``address`` (None: this source process)."""
+class StagePlacement:
+    """Where one stage of a plan runs: units [start, end) on the peer at ``address``
+    (None: this source process)."""
 
     address: str | None
     start: int
     end: int
 
 
-def check_plan(plan: Sequence[Stage], num_units: int) -> None:
+def check_plan(plan: Sequence[StagePlacement], num_units: int) -> None:
     """Raise ValueError unless the plan covers [0, num_units) in order, source first, peers distinct."""
     if not plan:
         raise ValueError("a plan needs at least one stage")
@@ -72,7 +74,7 @@ def check_plan(plan: Sequence[Stage], num_units: int) -> None:
 class Deployment:
     """A loaded plan. ``async with`` loads every stage; exit unloads the peers (idempotent)."""
 
-    def __init__(self, model_dir: Path, plan: Sequence[Stage], *, slots: int, max_len: int,
+    def __init__(self, model_dir: Path, plan: Sequence[StagePlacement], *, slots: int, max_len: int,
                  dtype: str = "float32", on_message: Callable[[Message], None] | None = None,
                  control_timeout_s: float = 10.0) -> None:
         self.model_dir = Path(model_dir)
@@ -93,10 +95,7 @@ class Deployment:
         self._inline = self.plan[0].end == 1
         self.peers: list[PeerClient] = []  # control: LOAD, OPEN, CLOSE, PING
         self._returns: list[PeerClient] = []  # each peer's data socket: tokens and step errors come home here
-
-    @property
-    def is_local_only(self) -> bool:
-        return len(self.plan) == 1
+        self.lost: frozenset[str] = frozenset()  # addresses of peers given up: not unloaded on exit
 
     async def __aenter__(self) -> "Deployment":
         self._stack = contextlib.AsyncExitStack()
@@ -150,13 +149,17 @@ class Deployment:
         log.info("deployment %d ready: %s", self.dep_id, ", ".join(stages))
 
     async def _unload_peers(self) -> None:
-        results = await asyncio.gather(*(p.unload(self.control_timeout_s) for p in self.peers),
-                                       return_exceptions=True)
-        for peer, result in zip(self.peers, results):
+        # A lost peer is not asked (it would hold the teardown for a whole timeout); if it
+        # comes back, its next LOAD replaces the old shard, and its old steps carry an old dep id.
+        peers = [p for p in self.peers if p.address not in self.lost]
+        results = await asyncio.gather(*(p.unload(self.control_timeout_s) for p in peers), return_exceptions=True)
+        for peer, result in zip(peers, results):
             if isinstance(result, Exception):
                 log.warning("unload on %s failed: %s", peer.address, result)
 
-    async def aclose(self) -> None:
+    async def aclose(self, lost: frozenset[str] = frozenset()) -> None:
+        """Unload every peer but the ``lost`` ones, stop the local shard; safe to call twice."""
+        self.lost = self.lost | lost
         if self._stack is not None:
             stack, self._stack = self._stack, None
             await stack.aclose()

@@ -90,5 +90,19 @@ def choose_slot(layout: Layout, free: Iterable[int], busy: Iterable[int]) -> int
 
 
 def turn_finished(generated: int, max_new_tokens: int, token: int, stop_ids: Collection[int]) -> bool:
-    """A turn ends after max_new_tokens tokens, or on a stop token (which is still emitted)."""
+    """The one stop rule: a turn ends after max_new_tokens tokens, or on a stop token
+    (which is still emitted, and is the turn's last token)."""
     return generated >= max_new_tokens or token in stop_ids
+
+
+class ContextFull(ValueError):
+    """A turn would overflow its sequence's KV slot (start a new sequence, or a longer cache)."""
+
+
+def check_turn_fits(tokens: int, max_new_tokens: int, max_len: int) -> None:
+    """Raise ContextFull unless ``tokens`` (the sequence after the turn's new tokens) plus
+    ``max_new_tokens`` sampled ones fit ``max_len`` cache positions (the last sampled
+    token is never fed, so it takes none)."""
+    need = tokens + max_new_tokens - 1
+    if need > max_len:
+        raise ContextFull(f"this turn needs {need} cache positions; the slot holds {max_len}")

@@ -11,9 +11,9 @@ from swarm.aio import bounded
 from swarm.model import hf
 from swarm.model.local import even_cuts
 from swarm.model.sampling import SamplingParams
-from swarm.runtime.deploy import Stage
+from swarm.runtime.deploy import StagePlacement as Stage
 from swarm.runtime.engine import Pipeline, PipelineConfig
-from swarm.runtime.schedule import Layout, Mode
+from swarm.runtime.schedule import ContextFull, Layout, Mode
 
 TINY_UNITS = 6  # embedding + 4 blocks + norm/head
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20], [30, 31, 32], [40, 41, 42, 43]]
@@ -87,12 +87,13 @@ async def test_multi_turn_session_reuses_the_kv_cache(tiny_model_dir, peers, tin
     async with Pipeline(config(tiny_model_dir, plan_for(peers, 2), m=1, b=2)) as pipe:
         async with await pipe.open_session() as chat:
             out1 = [t async for t in chat.generate(turn1, 6)]
-            after1 = chat.prefilled_tokens
+            after1 = chat.fed_tokens
             out2 = [t async for t in chat.generate(turn2, 7)]
             history = turn1 + out1 + turn2 + out2
+            assert chat.history == tuple(history)
             # Turn 2 computed only its new tokens (plus turn 1's last sampled token).
             assert after1 == len(turn1) + 6 - 1
-            assert chat.prefilled_tokens == len(history) - 1
+            assert chat.fed_tokens == len(history) - 1
     assert out1 == tiny_reference([turn1], 6)[0]
     assert out2 == tiny_reference([turn1 + out1 + turn2], 7)[0]
 
@@ -157,32 +158,65 @@ def test_bad_plans_are_refused(tiny_model_dir, peers):
             check_plan(plan, TINY_UNITS)
 
 
-async def test_a_dead_stage_fails_the_turn_and_redeploy_recovers(tiny_model_dir, peers, tiny_reference):
-    from swarm.runtime.client import PeerError
+async def test_a_dead_stage_without_a_replanner_fails_the_turn_at_once(tiny_model_dir, tiny_reference):
+    from swarm.runtime.engine import StageLost
     from swarm.runtime.server import ServerConfig, ShardServer
 
     async with ShardServer(ServerConfig()) as doomed:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(doomed.serve_forever())
             plan = (Stage(None, 0, 3), Stage(doomed.address, 3, 6))
-            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 1), max_len=128, token_timeout_s=1.0,
+            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 1), max_len=128, step_timeout_s=1.0,
                                  control_timeout_s=1.0)
             async with Pipeline(cfg) as pipe:
                 got = []
-                with pytest.raises(PeerError, match="no token within"):
+                with pytest.raises(StageLost, match="not back within"):
                     async for token in pipe.generate(PROMPTS[0], 100):
                         got.append(token)
                         if len(got) == 3:
                             doomed.close()  # the stage stops answering mid-generation
                 assert got == tiny_reference([PROMPTS[0]], 3)[0]
-                await pipe.redeploy((Stage(None, 0, 3), Stage(peers[0], 3, 6)))
-                after = await bounded(pipe.generate_all([PROMPTS[1]], NEW), TIMEOUT_S)
-    assert after == tiny_reference([PROMPTS[1]], NEW)
+                with pytest.raises(StageLost):  # nothing runs on a pipeline that could not recover
+                    await pipe.open_session()
+
+
+async def test_a_dead_stage_is_replaced_and_the_streams_go_on_exactly(tiny_model_dir, peers, tiny_reference):
+    """The replanner moves the lost stage to a live peer; every stream continues, token-identical."""
+    from swarm.runtime.engine import Replanned
+    from swarm.runtime.server import ServerConfig, ShardServer
+
+    events, asked = [], []
+
+    async def replan(suspects):
+        asked.append(suspects)
+        return Replanned((Stage(None, 0, 3), Stage(peers[1], 3, 6)), ("doomed",))
+
+    async with ShardServer(ServerConfig()) as doomed:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(doomed.serve_forever())
+            plan = (Stage(None, 0, 3), Stage(doomed.address, 3, 6))
+            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(2, 1), max_len=128, step_timeout_s=1.0,
+                                 control_timeout_s=1.0)
+            async with Pipeline(cfg, replan, events.append) as pipe:
+                async def run(prompt):
+                    got = []
+                    async for token in pipe.generate(prompt, NEW):
+                        got.append(token)
+                        if len(got) == 4 and prompt is PROMPTS[0]:
+                            doomed.close()  # the stage stops answering mid-generation
+                    return got
+
+                outs = await bounded(asyncio.gather(run(PROMPTS[0]), run(PROMPTS[2])), TIMEOUT_S)
+                assert [s.address for s in pipe.deployment.plan] == [None, peers[1]]
+    assert list(outs) == tiny_reference([PROMPTS[0], PROMPTS[2]], NEW)
+    assert len(events) == 1 and events[0].error is None and events[0].lost == ("doomed",)
+    assert events[0].peers == 1 and events[0].sequences == 2
+    assert "peer doomed lost; re-planned over 1 peer in" in events[0].describe()
 
 
 async def test_a_request_too_long_for_the_cache_is_refused_and_frees_its_slot(tiny_model_dir, peers, tiny_reference):
     async with Pipeline(config(tiny_model_dir, plan_for(peers, 1), max_len=16)) as pipe:
-        with pytest.raises(ValueError, match="cache positions"):
+        with pytest.raises(ContextFull, match="cache positions"):
             await pipe.generate_all([list(range(1, 12))], 8)
         assert await bounded(pipe.generate_all([PROMPTS[0]], 8), TIMEOUT_S) == tiny_reference([PROMPTS[0]], 8)
 
@@ -194,7 +228,7 @@ async def test_closing_a_session_whose_stage_died_does_not_hang(tiny_model_dir):
         async with asyncio.TaskGroup() as tg:
             tg.create_task(doomed.serve_forever())
             plan = (Stage(None, 0, 3), Stage(doomed.address, 3, 6))
-            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 1), max_len=128, token_timeout_s=0.5,
+            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 1), max_len=128, step_timeout_s=0.5,
                                  control_timeout_s=0.5)
             async with Pipeline(cfg) as pipe:
                 chat = await pipe.open_session()
