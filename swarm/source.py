@@ -6,16 +6,22 @@
         async for token in s.generate(prompt_ids, max_new_tokens=64):
             ...
         outs = await s.generate_all([ids1, ids2], max_new_tokens=64)
+        async with await s.open_session(sampling) as chat:     # a multi-turn sequence
+            async for token in chat.generate(turn_ids, 200, stop_ids):
+                ...
+        s.state()                                # one immutable snapshot for views
 
 The source's own device is device 0 of the problem and always holds unit 0, so raw
-tokens never leave it. Before each request the live peer set is compared with the
-one the deployment was planned for; if a peer joined or left, the source re-plans
-and redeploys (between requests, never in the middle of one).
+tokens never leave it. A deployed peer that the directory drops (missed heartbeats,
+an mDNS goodbye) is a lost stage: the pipeline re-plans through ``_replan`` over the
+peers still alive and replays every live sequence, mid-answer. A peer that joins is
+planned in before the next request or session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -35,14 +41,34 @@ from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.plan import Plan
-from swarm.planner.problem import Problem
+from swarm.planner.problem import InfeasibleError, Problem
 from swarm.runtime.wire import Kind
+from swarm.view.from_source import SourceState
 
 log = logging.getLogger(__name__)
 
 DISCOVERY_S = 3.0  # mDNS answers come within about 1.2 s, then a heartbeat round
 LINKS_TIMEOUT_S = 15.0  # longest wait for every live link to be measured before planning anyway
 OBJECTIVES = {"latency": "latency", "interactive": "latency", "cycle": "cycle", "batch": "cycle"}
+STATS_INTERVAL_S = 0.5  # between polls of the deployed stages' counters (for views)
+RECOVERIES_KEPT = 20
+
+
+def not_enough_memory(exc: InfeasibleError, live: int, diagnostic: str) -> str:
+    """What a person reads when no plan fits: how much memory is missing, and what to do."""
+    from swarm.view.render import format_bytes
+
+    if exc.needed_bytes > exc.available_bytes:
+        missing = exc.needed_bytes - exc.available_bytes
+        text = (f"not enough memory in the swarm: the model needs {format_bytes(exc.needed_bytes)}, "
+                f"this device and {live} peer(s) offer {format_bytes(exc.available_bytes)}: "
+                f"{format_bytes(missing)} missing. Start more peers (`swarm join` on another device), "
+                f"give them more memory (--mem), or shorten the context (--max-len).")
+    else:
+        text = f"no plan fits the swarm: {exc}"
+    if live == 0:
+        text += "\n" + diagnostic + "\nOr try `swarm chat --local 2` to start peers on this machine."
+    return text
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,8 @@ class SourceConfig:
     links_timeout_s: float = LINKS_TIMEOUT_S
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    step_timeout_s: float = 30.0  # a step not back within this counts as a lost stage (see PipelineConfig)
+    stats_interval_s: float = STATS_INTERVAL_S
 
     @property
     def workload(self) -> Workload:
@@ -78,12 +106,21 @@ class SourcePlan:
 
     problem: dict
     plan: Plan
-    stages: tuple  # tuple[swarm.runtime.deploy.Stage, ...]
+    stages: tuple  # tuple[swarm.runtime.deploy.StagePlacement, ...]
     peer_ids: frozenset[str]  # the live peers the problem was built from
 
     def describe(self) -> list[str]:
         names = [d["name"] for d in self.problem["devices"]]
         return [f"{names[s.device]}: units [{s.start}, {s.end})" for s in self.plan.stages]
+
+    def names_by_address(self) -> dict[str, str]:
+        """Peer name of every remote stage's address."""
+        names = [d["name"] for d in self.problem["devices"]]
+        return {stage.address: names[s.device] for stage, s in zip(self.stages, self.plan.stages) if stage.address}
+
+    def peer_ids_by_address(self) -> dict[str, str]:
+        ids = self.problem["peer_ids"]
+        return {stage.address: ids[s.device] for stage, s in zip(self.stages, self.plan.stages) if stage.address}
 
 
 class SwarmSource:
@@ -99,10 +136,13 @@ class SwarmSource:
         self.directory: Directory | None = None
         self.prober: LinkProber | None = None
         self.current: SourcePlan | None = None
-        self._pipeline = None
+        self._pipeline = None  # swarm.runtime.engine.Pipeline, its lifetime an entry of _stack
         self._stack: contextlib.AsyncExitStack | None = None
-        self._tasks: list[asyncio.Task] = []  # discovery and probes, owned by the TaskGroup in _stack
+        self._tasks: list[asyncio.Task] = []  # discovery, probes, watchers: owned by the TaskGroup in _stack
         self._started = 0.0
+        self._deploying = asyncio.Lock()
+        self._stats: tuple = ()  # the pipeline's StageStats at the last poll
+        self._recoveries: collections.deque = collections.deque(maxlen=RECOVERIES_KEPT)
 
     async def __aenter__(self) -> SwarmSource:
         self._stack = contextlib.AsyncExitStack()
@@ -128,7 +168,9 @@ class SwarmSource:
         self.prober = LinkProber(self.directory, activation_bytes(self.profile), self.config.probe, both_ways=True,
                                  busy=self._generating)
         tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._tasks = [tg.create_task(self.directory.run()), tg.create_task(self.prober.run())]
+        self._tasks = [tg.create_task(self.directory.run()), tg.create_task(self.prober.run()),
+                       tg.create_task(self._watch_stages()), tg.create_task(self._poll_stats())]
+        self._stack.callback(lambda: [t.cancel() for t in self._tasks])  # before the TaskGroup waits for them
         self._started = time.monotonic()
 
     async def __aexit__(self, *exc) -> None:
@@ -136,23 +178,15 @@ class SwarmSource:
 
     async def aclose(self) -> None:
         """Tear down the pipeline, stop discovery; safe to call twice."""
-        pipeline, self._pipeline = self._pipeline, None
-        if pipeline is not None:
-            await pipeline.aclose()
-        for task in self._tasks:
-            task.cancel()
         stack, self._stack = self._stack, None
         if stack is not None:
-            await stack.aclose()
+            await stack.aclose()  # the pipeline first (entered last), then the tasks, then discovery
+        self._pipeline = None
 
     def _generating(self) -> bool:
         return self._pipeline is not None and self._pipeline.micro_batches_in_flight > 0
 
     # ------------------------------------------------------------ gathering
-
-    def diagnostic(self) -> str:
-        """What discovery tried and heard: for the error when too few peers were found."""
-        return self.directory.diagnostic() if self.directory is not None else "discovery not started"
 
     async def wait_for_peers(self) -> None:
         """Discovery window: until min_peers are live, or discovery_s has passed."""
@@ -171,9 +205,11 @@ class SwarmSource:
         links = links_from_announcements([r.announcement for r in live.values()])
         return all((u, v) in links or (v, u) in links for u in live for v in live if u < v)
 
-    async def problem(self) -> dict:
-        """The planner problem over this device and the live peers (the JSON `swarm plan` reads)."""
-        await self.wait_for_peers()
+    async def problem(self, gather: bool = True) -> dict:
+        """The planner problem over this device and the live peers (the JSON `swarm plan` reads).
+        ``gather=False``: the peers live now, without waiting for discovery (re-planning after a loss)."""
+        if gather:
+            await self.wait_for_peers()
         deadline = time.monotonic() + self.config.links_timeout_s
         version = self.directory.version
         while not self.links_complete() and time.monotonic() < deadline and not self.directory.closed:
@@ -200,16 +236,16 @@ class SwarmSource:
         return device_from_profile(info["profile"], rec.announcement.peer_id, rec.announcement.name,
                                    rec.announcement.mem_bytes)
 
-    async def plan(self) -> SourcePlan:
+    async def plan(self, gather: bool = True) -> SourcePlan:
         """Gather, build the problem and plan (raises InfeasibleError when nothing fits)."""
-        from swarm.runtime.deploy import Stage
+        from swarm.runtime.deploy import StagePlacement
 
-        data = await self.problem()
+        data = await self.problem(gather)
         plan = plan_problem(Problem.from_json(data), objective=OBJECTIVES[self.config.objective],
                             inflight=self.config.micro_batches)
         ids = data["peer_ids"]
         live = self.directory.live
-        stages = tuple(Stage(None if s.device == 0 else f"tcp://{live[ids[s.device]].host}:{live[ids[s.device]].port}",
+        stages = tuple(StagePlacement(None if s.device == 0 else f"tcp://{live[ids[s.device]].host}:{live[ids[s.device]].port}",
                              s.start, s.end) for s in plan.stages)
         result = SourcePlan(data, plan, stages, frozenset(ids[1:]))
         log.info("plan (%s, %.2f ms/token predicted): %s", plan.objective, plan.latency_s * 1e3,
@@ -223,42 +259,141 @@ class SwarmSource:
         return self.current is None or self.current.peer_ids != frozenset(self.directory.live)
 
     async def deploy(self) -> SourcePlan:
-        """Plan over the live swarm and (re)deploy if the stages changed."""
+        """Plan over the live swarm and (re)deploy if the stages changed; open sequences
+        continue on the new stages (their histories are replayed)."""
         from swarm.runtime.engine import Pipeline, PipelineConfig
         from swarm.runtime.schedule import Layout, Mode
 
-        planned = await self.plan()
-        if self._pipeline is None:
-            if self.model_dir is None:
-                raise RuntimeError("deploying needs a model folder (SourceConfig.model)")
-            self._pipeline = Pipeline(PipelineConfig(
-                self.model_dir, planned.stages, layout=Layout(self.config.micro_batches, self.config.batch_size),
-                mode=Mode.NO_BUBBLES, max_len=self.config.max_len, dtype=self.config.dtype))
-            await self._pipeline.__aenter__()
-        elif self.current is None or planned.stages != self.current.stages:
-            await self._pipeline.redeploy(planned.stages)
-        self.current = planned
-        return planned
+        async with self._deploying:
+            planned = await self.plan()
+            if self._pipeline is None:
+                if self.model_dir is None:
+                    raise RuntimeError("deploying needs a model folder (SourceConfig.model)")
+                config = PipelineConfig(
+                    self.model_dir, planned.stages, layout=Layout(self.config.micro_batches, self.config.batch_size),
+                    mode=Mode.NO_BUBBLES, max_len=self.config.max_len, dtype=self.config.dtype,
+                    step_timeout_s=self.config.step_timeout_s)
+                self.current = planned  # the replanner reads it as soon as the pipeline runs
+                self._pipeline = await self._stack.enter_async_context(
+                    Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append))
+            elif self.current is None or planned.stages != self.current.stages:
+                self.current = planned
+                await self._pipeline.redeploy(planned.stages)
+            self.current = planned
+            return planned
 
-    async def pipeline(self):
-        """The deployed pipeline, re-planned first if the live peer set changed."""
-        if self._pipeline is None or self.needs_replan():
+    async def _deployed(self):
+        """The pipeline, deployed (and re-planned first if a peer joined or left)."""
+        if self._pipeline is None or (self.needs_replan() and not self._pipeline.recovering):
             await self.deploy()
         return self._pipeline
+
+    async def _replan(self, suspects: frozenset[str]):
+        """The pipeline lost a stage: a plan over the peers still alive (the Pipeline's ``replan``).
+
+        A step that failed or came back late names no peer: wait, within the heartbeat
+        bound, for the directory to drop a planned one, then plan over whoever is live."""
+        from swarm.runtime.engine import Replanned, StageLost
+
+        old = self.current
+        by_address = old.peer_ids_by_address()
+        names = old.names_by_address()
+        suspect_ids = {by_address[a] for a in suspects if a in by_address}
+
+        def settled(live) -> bool:
+            gone = set(old.peer_ids) - set(live)
+            return suspect_ids <= gone if suspect_ids else bool(gone)
+
+        await self.directory.wait_for(settled, self.config.liveness.drop_bound_s)
+        live = set(self.directory.live)
+        lost = tuple(sorted(names[a] for a, pid in by_address.items() if pid not in live or pid in suspect_ids))
+        try:
+            planned = await self.plan(gather=False)
+        except InfeasibleError as exc:
+            raise StageLost(not_enough_memory(exc, len(live), self.directory.diagnostic())) from None
+        self.current = planned
+        return Replanned(planned.stages, lost)
+
+    async def _watch_stages(self) -> None:
+        """Tell the pipeline at once when the directory drops a peer that holds a stage."""
+        version = self.directory.version
+        while not self.directory.closed:
+            version = await self.directory.wait_change(version, 3600.0)
+            pipeline, current = self._pipeline, self.current
+            if pipeline is None or current is None:
+                continue
+            live = self.directory.live
+            gone = [a for a, pid in current.peer_ids_by_address().items() if pid not in live]
+            if gone:
+                names = current.names_by_address()
+                pipeline.stage_lost(gone, f"peer {', '.join(names[a] for a in gone)} left the swarm")
+
+    async def _poll_stats(self) -> None:
+        from swarm.runtime.client import PeerError
+
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            if self._pipeline is not None and not self._pipeline.recovering:
+                try:
+                    self._stats = tuple(await self._pipeline.stage_stats())
+                except (PeerError, TimeoutError):
+                    self._stats = ()
+
+    async def open_session(self, sampling=None):
+        """A new sequence (swarm.runtime.engine.Session) on the deployed pipeline; ``async with`` closes it."""
+        from swarm.model.sampling import GREEDY
+
+        return await (await self._deployed()).open_session(sampling or GREEDY)
 
     async def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling=None,
                        stop_ids: Sequence[int] = ()) -> AsyncIterator[int]:
         """Stream one request's token ids through the swarm."""
         from swarm.model.sampling import GREEDY
 
-        pipe = await self.pipeline()
+        pipe = await self._deployed()
         async for token in pipe.generate(prompt, max_new_tokens, sampling or GREEDY, stop_ids):
             yield token
 
     async def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling=None,
                            stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Every prompt's tokens, admitted at once (a seeded ``sampling`` gives prompt i seed + i)."""
         from swarm.model.sampling import GREEDY
 
-        pipe = await self.pipeline()
+        pipe = await self._deployed()
         return await pipe.generate_all(prompts, max_new_tokens, sampling or GREEDY, stop_ids)
 
+    # ------------------------------------------------------------ what views read
+
+    async def peer_counters(self, timeout: float) -> dict[str, dict]:
+        """Every live peer's own counters (its PING status) by peer id; silent peers left out."""
+        from swarm.runtime.client import PeerError
+
+        async def one(rec) -> dict | None:
+            try:
+                return await self.directory.client(rec.host, rec.port).ping(timeout=timeout)
+            except (PeerError, TimeoutError):
+                return None
+
+        live = dict(self.directory.live)
+        answers = await asyncio.gather(*(one(rec) for rec in live.values()))
+        return {pid: status for pid, status in zip(live, answers) if status is not None}
+
+    def state(self) -> SourceState:
+        """One immutable snapshot: live peers, measured links, the deployed plan, the stages'
+        counters at the last poll, and the recoveries so far."""
+        current, pipeline = self.current, self._pipeline
+        live = dict(self.directory.live) if self.directory is not None else {}
+        profile = self.profile or {}
+        return SourceState(
+            source_id=self.peer_id, source_name=self.config.name, source_profile=profile,
+            source_mem=self.config.mem_bytes or profile.get("device", {}).get("mem_bytes", 0),
+            announcements={pid: rec.announcement for pid, rec in live.items()},
+            source_links=dict(self.prober.links) if self.prober is not None else {},
+            problem=current.problem if current else None, plan=current.plan if current else None,
+            stats=self._stats if pipeline is not None else (),
+            micro_batches=pipeline.micro_batches_in_flight if pipeline is not None else None,
+            model=self.model_dir.name if self.model_dir else "", recoveries=tuple(self._recoveries),
+            deployed=pipeline is not None, recovering=pipeline is not None and pipeline.recovering,
+            diagnostic=self.directory.diagnostic() if self.directory is not None else "discovery not started",
+            links_measured=len(self.prober.links) if self.prober is not None else 0,
+            peer_ids=frozenset(current.peer_ids) if current else frozenset())

@@ -1,60 +1,63 @@
-"""A chat conversation over a token engine, reusing the KV cache of earlier turns.
+"""A chat conversation over one sequence of the pipeline, reusing the KV cache of earlier turns.
 
 The conversation is what a chat shows and remembers: messages rendered with the
 model's chat template. Each turn only the text the template adds after what the
-engine already holds (the end of the last answer, the new user message, the
-assistant header) is tokenized and prefilled; earlier turns stay in the cache.
+sequence already holds (the end of the last answer, the new user message, the
+assistant header) is tokenized and fed; earlier turns stay in the cache.
 
-No torch here: the engine runs the model (a local chain or a swarm pipeline), the
-tokenizer is any object with ``apply_chat_template``, ``encode`` and ``decode``.
+No torch here: the sequence is a ``swarm.runtime.engine.Session`` (or anything with
+its shape) opened by ``open_session``; the tokenizer is any object with
+``apply_chat_template``, ``encode`` and ``decode``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from swarm.runtime.schedule import ContextFull
+
 log = logging.getLogger(__name__)
+
+__all__ = ["ContextFull", "Conversation", "SessionLike", "Turn", "stop_token_ids"]
 
 # End-of-turn tokens of common chat templates; the answer stops at any that exist.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-class ContextFull(RuntimeError):
-    """The conversation no longer fits the engine's KV cache (start a new one)."""
+class SessionLike(Protocol):
+    """What a conversation needs of a sequence (swarm.runtime.engine.Session).
 
+    ``generate`` feeds ``new_tokens`` and yields sampled tokens until a stop id (yielded
+    last) or ``max_new_tokens``; every yielded token belongs to the sequence afterwards.
+    A turn that would overflow the KV cache raises ContextFull before computing."""
 
-class TokenEngine(Protocol):
-    """One sequence in a model, continued step by step.
+    @property
+    def history(self) -> tuple[int, ...]: ...
 
-    Contract of ``generate``: ``new_ids`` are appended to the sequence, then sampled
-    tokens are yielded one by one until a stop id, ``max_new_tokens`` or ``stop`` is
-    set. Every yielded token belongs to the sequence afterwards: the engine feeds the
-    last one at the start of the next call (so a turn costs only its new tokens).
-    A turn that would overflow the KV cache raises ContextFull before computing.
-    """
+    @property
+    def fed_tokens(self) -> int: ...
 
-    prefilled_tokens: int  # tokens fed as prompts (the first step of each generate call)
+    def generate(self, new_tokens: list[int], max_new_tokens: int,
+                 stop_ids: Collection[int] = ()) -> AsyncIterator[int]: ...
 
-    async def reset(self) -> None: ...
+    def cancel(self) -> None: ...
 
-    def generate(self, new_ids: list[int], max_new_tokens: int, stop_ids: frozenset[int],
-                 stop: asyncio.Event) -> AsyncIterator[int]: ...
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class Turn:
-    """What one answer cost: tokens prefilled for it and tokens generated."""
+    """What one answer cost: tokens fed for it (beyond one per generated token) and tokens generated."""
 
     prefilled: int
     generated: int
     stopped: bool  # the person interrupted it
     reused_cache: bool  # earlier turns were not recomputed
-    recomputed: bool = False  # earlier turns had to be computed again (e.g. after a peer was lost)
+    recomputed: bool = False  # earlier turns had to be computed again (the template did not extend them, or after an error)
 
 
 def stop_token_ids(tokenizer: Any) -> frozenset[int]:
@@ -69,76 +72,85 @@ def stop_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 class Conversation:
-    """Messages, and the text of every token the engine's sequence holds."""
+    """Messages, and the text of every token its session's sequence holds."""
 
-    def __init__(self, engine: TokenEngine, tokenizer: Any, *, system: str | None = None,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
-        self.engine, self.tokenizer = engine, tokenizer
+    def __init__(self, open_session: Callable[[], Awaitable[SessionLike]], tokenizer: Any, *,
+                 system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+        self._open_session, self.tokenizer = open_session, tokenizer
         self.system, self.max_new_tokens = system, max_new_tokens
         self.stop_ids = stop_token_ids(tokenizer)
         self.messages: list[dict[str, str]] = []
-        self._held_text = ""  # the text of every token in the engine's sequence
+        self.session: SessionLike | None = None
+        self._held_text = ""  # the text of every token in the session's sequence
         self.last_turn: Turn | None = None
-        self._fresh = True  # the engine holds nothing yet
+        self._stopped = False
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return self.tokenizer.apply_chat_template(head + messages, tokenize=False, add_generation_prompt=True)
 
+    async def _drop_session(self) -> None:
+        session, self.session, self._held_text = self.session, None, ""
+        if session is not None:
+            await session.aclose()
+
     async def reset(self) -> None:
-        """Forget the conversation and start a new sequence in the engine."""
-        await self.engine.reset()
+        """Forget the conversation (and free its sequence)."""
+        await self._drop_session()
         self.messages.clear()
-        self._held_text, self._fresh = "", True
 
-    async def ask(self, text: str, stop: asyncio.Event | None = None) -> AsyncIterator[str]:
-        """Answer one user message, yielding the answer's text as it is generated.
+    async def aclose(self) -> None:
+        await self._drop_session()
 
-        Setting ``stop`` ends the answer after the current token; what was said so
-        far stays in the conversation (and in the cache).
-        """
-        stop = stop or asyncio.Event()
+    def stop(self) -> None:
+        """End the answer being generated now; what was said so far stays."""
+        self._stopped = True
+        if self.session is not None:
+            self.session.cancel()
+
+    async def ask(self, text: str) -> AsyncIterator[str]:
+        """Answer one user message, yielding the answer's text as it is generated."""
+        self._stopped = False
         target = self._render(self.messages + [{"role": "user", "content": text}])
-        reused = not self._fresh and target.startswith(self._held_text)
+        reused = self.session is not None and target.startswith(self._held_text)
         recomputed = not reused and bool(self.messages)
         if not reused:
-            if not self._fresh:
+            if self.session is not None:
                 log.info("chat template does not extend the cached text; recomputing the conversation")
-            await self.engine.reset()
-            self._held_text = ""
+            await self._drop_session()
+            self.session = await self._open_session()
+        session = self.session
         new_ids = self.tokenizer.encode(target[len(self._held_text):], add_special_tokens=False)
-        self._fresh = False
         self.messages.append({"role": "user", "content": text})
-        before = self.engine.prefilled_tokens
+        fed_before = session.fed_tokens
 
         answer_ids: list[int] = []
         shown = ""
-        self._held_text = target
         try:
-            async for token in self.engine.generate(new_ids, self.max_new_tokens, self.stop_ids, stop):
+            async for token in session.generate(new_ids, self.max_new_tokens, self.stop_ids):
                 answer_ids.append(token)
-                if token in self.stop_ids:
-                    break
                 # Decode the whole answer each time: a character can span several tokens.
                 decoded = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
                 if not decoded.endswith("\ufffd") and len(decoded) > len(shown):
                     yield decoded[len(shown):]
                     shown = decoded
         except BaseException:
-            # The engine's state is unknown (a peer lost, the program leaving): forget
-            # this question and recompute the conversation on the next one.
+            # Forget this question; the sequence is given up and the next question recomputes
+            # the conversation (a turn refused as too long changed nothing, but is rare enough).
             self.messages.pop()
-            self._fresh = True
+            await self._drop_session()
             raise
+        self._held_text = target + self.tokenizer.decode(answer_ids, skip_special_tokens=False)
         answer = self.tokenizer.decode([t for t in answer_ids if t not in self.stop_ids], skip_special_tokens=True)
         if len(answer) > len(shown):
             yield answer[len(shown):]
-        self._held_text += self.tokenizer.decode(answer_ids, skip_special_tokens=False)
         self.messages.append({"role": "assistant", "content": answer})
         self.last_turn = Turn(
-            prefilled=self.engine.prefilled_tokens - before,
+            # Each generated token but the last was fed once: the rest was the turn's prefill
+            # (plus a replay of the whole sequence if a stage was lost meanwhile).
+            prefilled=session.fed_tokens - fed_before - max(len(answer_ids) - 1, 0),
             generated=len(answer_ids),
-            stopped=stop.is_set(),
+            stopped=self._stopped,
             reused_cache=reused,
             recomputed=recomputed,
         )

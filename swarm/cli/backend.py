@@ -10,30 +10,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from swarm.chat.engines import BackendError, SourceView, SwarmEngine
+from swarm.chat.engines import BackendError, TokenRate
 from swarm.cli.common import resolve_model_with_status
 from swarm.cli.profile import parse_bytes
-from swarm.view.snapshot import SwarmSnapshot
+from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
 if TYPE_CHECKING:
-    from swarm.chat.conversation import TokenEngine
+    from swarm.runtime.engine import RecoveryEvent, Session
 
 STATUS_REFRESH_S = 0.2
+STATS_POLL_S = 0.5
 
 
 @dataclass
 class Backend:
-    engine: "TokenEngine"
+    """Where the model runs: sequences to open, and what the view shows of it."""
+
+    open_session: Callable[[], Awaitable["Session"]]
     tokenizer: Any
     model_name: str
     snapshot: Callable[[], SwarmSnapshot]
+    recoveries: Callable[[], tuple["RecoveryEvent", ...]]
+    rate: TokenRate
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,11 +88,11 @@ async def open_backend(args: argparse.Namespace, console: Console):
 
     torch.set_num_threads(args.threads)
     model_dir = await asyncio.to_thread(resolve_model_dir, args, console)
-    if args.no_swarm:
-        yield await _single_process(args, model_dir, console)
-        return
     async with contextlib.AsyncExitStack() as stack:
-        yield await _swarm(args, model_dir, console, stack)
+        if args.no_swarm:
+            yield await _single_process(args, model_dir, console, stack)
+        else:
+            yield await _swarm(args, model_dir, console, stack)
 
 
 def _progress(console: Console):
@@ -141,40 +147,44 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
 
 async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
                  stack: contextlib.AsyncExitStack) -> Backend:
-    """Plan and deploy over the swarm; the chat's engine is a pipeline session."""
+    """Plan and deploy over the swarm; each conversation is a pipeline session."""
     from swarm.model import hf
     from swarm.model.sampling import SamplingParams
+    from swarm.planner.problem import InfeasibleError
+    from swarm.source import SwarmSource, not_enough_memory
+    from swarm.view.from_source import snapshot_from_source
 
     config = await source_config(args, model_dir, console, stack)
-    engine = SwarmEngine(config, SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
-    stack.push_async_callback(engine.aclose)
+    source = await stack.enter_async_context(SwarmSource(config))
     with console.status("looking for peers") as status:
         async with asyncio.TaskGroup() as tasks:
-            watcher = tasks.create_task(_report_start(engine, status))
+            watcher = tasks.create_task(_report_start(source, status))
             try:
-                await engine.start()
+                await source.deploy()
+            except InfeasibleError as exc:
+                state = source.state()
+                raise BackendError(not_enough_memory(exc, len(state.announcements), state.diagnostic)) from None
             finally:
                 watcher.cancel()
-    if not engine.source.directory.live:
-        console.print(f"[yellow]no peers found:[/] {engine.source.directory.diagnostic()}\n"
+    state = source.state()
+    if not state.announcements:
+        console.print(f"[yellow]no peers found:[/] {state.diagnostic}\n"
                       "The whole model runs on this device. Run `swarm join` on another device to add it, "
                       "or `swarm chat --local 2` to start peers here.", markup=True)
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
-    view = SourceView(engine, model_dir.name)
-    tasks = await stack.enter_async_context(asyncio.TaskGroup())
-    poller = tasks.create_task(view.poll_forever())
-    stack.callback(poller.cancel)  # runs before the TaskGroup waits for it
-    return Backend(engine, tokenizer, model_dir.name, view.snapshot)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    rate = TokenRate()
+    return Backend(lambda: source.open_session(sampling), tokenizer, model_dir.name,
+                   lambda: snapshot_from_source(dataclasses.replace(source.state(), tokens_per_s=rate.value())),
+                   lambda: source.state().recoveries, rate)
 
 
-async def _report_start(engine: "SwarmEngine", status) -> None:
+async def _report_start(source, status) -> None:
     """Keep the spinner's text on what the source is doing while it gathers and deploys."""
     while True:
-        source = engine.source
-        if source is not None and source.directory is not None and source.prober is not None:
-            live, links = len(source.directory.live), len(source.prober.links)
-            status.update(f"{live} peer(s) live, {links} link(s) from here measured; "
-                          "planning and loading shards when every link is measured")
+        state = source.state()
+        status.update(f"{len(state.announcements)} peer(s) live, {state.links_measured} link(s) from here measured; "
+                      "planning and loading shards when every link is measured")
         await asyncio.sleep(STATUS_REFRESH_S)
 
 
@@ -184,23 +194,51 @@ def _interfaces(args: argparse.Namespace):
     return list(args.interface) if args.interface else HOME_INTERFACES
 
 
-async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console) -> Backend:
-    from rich.progress import Progress
-
-    from swarm.chat.engines import ChainEngine
+async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console,
+                          stack: contextlib.AsyncExitStack) -> Backend:
+    """A source-only pipeline: this process holds every unit (no discovery, no peers)."""
     from swarm.model import hf
-    from swarm.model.local import LocalChain
     from swarm.model.sampling import SamplingParams
-    from swarm.model.shard import Shard
     from swarm.model.units import ModelLayout
+    from swarm.runtime.deploy import StagePlacement
+    from swarm.runtime.engine import Pipeline, PipelineConfig
 
-    layout = ModelLayout.read(model_dir)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("loading the model", total=1)
-        shard = await asyncio.to_thread(Shard.load, model_dir, 0, layout.num_units, max_len=args.max_len)
-        progress.advance(task)
+    units = ModelLayout.read(model_dir).num_units
+    with console.status("loading the model"):
+        pipeline = await stack.enter_async_context(Pipeline(PipelineConfig(
+            model_dir, (StagePlacement(None, 0, units),), max_len=args.max_len)))
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    engine = ChainEngine(LocalChain([shard]), sampling)
-    name = model_dir.name
-    return Backend(engine, tokenizer, name, lambda: engine.snapshot(name))
+    rate = TokenRate()
+    stats: list = []
+
+    async def poll_stats() -> None:
+        while True:
+            await asyncio.sleep(STATS_POLL_S)
+            stats[:] = await pipeline.stage_stats()
+
+    tasks = await stack.enter_async_context(asyncio.TaskGroup())
+    poller = tasks.create_task(poll_stats())
+    stack.callback(poller.cancel)  # runs before the TaskGroup waits for it
+
+    def snapshot() -> SwarmSnapshot:
+        return single_process_snapshot(model_dir.name, units, pipeline, stats, rate.value())
+
+    return Backend(lambda: pipeline.open_session(sampling), tokenizer, model_dir.name, snapshot, lambda: (), rate)
+
+
+def single_process_snapshot(model: str, units: int, pipeline, stats, tokens_per_s: float | None) -> SwarmSnapshot:
+    """This process as the only peer and its one stage."""
+    import psutil
+    import torch
+
+    dep = pipeline.deployment
+    used = sum(r.weight_bytes + r.kv_bytes for r in dep.ready) if dep is not None else 0
+    stat = stats[0] if stats else None
+    stage = StageState("this process", 0, units, busy_share=stat.busy_share if stat else None,
+                       tokens_per_s=tokens_per_s, in_flight=None,
+                       step_ms=1e3 * stat.busy_share / stat.steps_per_s if stat and stat.steps_per_s else None)
+    peer = PeerState("this process", mem_used=used, mem_usable=used + psutil.virtual_memory().available,
+                     threads=torch.get_num_threads(), last_seen_s=0.0)
+    return SwarmSnapshot(peers=(peer,), source="this process", tokens_per_s=tokens_per_s,
+                         plan=PlanState(model, units, (stage,), objective="single process"))

@@ -23,9 +23,11 @@ from rich.live import Live
 from rich.text import Text
 
 from swarm.chat.conversation import DEFAULT_MAX_NEW_TOKENS, ContextFull, Conversation
+from swarm.chat.engines import TokenRate
 from swarm.cli.backend import BackendError, add_backend_arguments, history_path, open_backend
 from swarm.view.live import refresh_forever
 from swarm.view.render import links_table, peers_table, plan_view, topology
+from swarm.runtime.client import PeerError
 from swarm.view.snapshot import SwarmSnapshot
 
 
@@ -68,14 +70,17 @@ def run(args: argparse.Namespace) -> int:
 class ChatState:
     view: bool
     snapshot: Callable[[], SwarmSnapshot]
+    recoveries: Callable[[], tuple]  # the backend's RecoveryEvents so far
+    rate: TokenRate
+    recoveries_shown: int = 0
 
 
 async def _chat(args: argparse.Namespace, console: Console) -> int:
-    async with open_backend(args, console) as backend:
-        conversation = Conversation(backend.engine, backend.tokenizer, system=args.system,
-                                    max_new_tokens=args.max_new_tokens)
-        await conversation.reset()
-        state = ChatState(view=args.view, snapshot=backend.snapshot)
+    async with open_backend(args, console) as backend, _closing(Conversation(
+            backend.open_session, backend.tokenizer, system=args.system,
+            max_new_tokens=args.max_new_tokens)) as conversation:
+        state = ChatState(view=args.view, snapshot=backend.snapshot, recoveries=backend.recoveries,
+                          rate=backend.rate)
         history = InMemoryHistory() if args.no_history_file else FileHistory(str(history_path()))
         prompt = PromptSession(history=history)
         console.print(f"[bold]swarm chat[/] with {backend.model_name} — /help for commands, Ctrl-D to leave")
@@ -95,6 +100,22 @@ async def _chat(args: argparse.Namespace, console: Console) -> int:
             await _answer(line, conversation, state, console)
     console.print("bye")
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _closing(conversation: Conversation):
+    try:
+        yield conversation
+    finally:
+        await conversation.aclose()
+
+
+def _recovery_notices(state: ChatState, console: Console, mid_answer: bool) -> None:
+    """One line per recovery from a lost peer since the last notice."""
+    events = state.recoveries()
+    for event in events[state.recoveries_shown:]:
+        console.print(("\n" if mid_answer else "") + f"[{event.describe()}]", style="yellow", markup=False)
+    state.recoveries_shown = len(events)
 
 
 async def _command(line: str, conversation: Conversation, state: ChatState, console: Console) -> bool:
@@ -127,13 +148,15 @@ async def _command(line: str, conversation: Conversation, state: ChatState, cons
 async def _answer(text: str, conversation: Conversation, state: ChatState, console: Console) -> None:
     """Stream one answer; the first Ctrl-C stops it, a second one leaves at once."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     me = asyncio.current_task()
+    stopped = False
 
     def on_sigint() -> None:
-        if stop.is_set():
+        nonlocal stopped
+        if stopped:
             me.cancel()  # second Ctrl-C: unwind now; `async with` still stops the local swarm
-        stop.set()
+        stopped = True
+        conversation.stop()
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     began = time.perf_counter()
@@ -141,14 +164,18 @@ async def _answer(text: str, conversation: Conversation, state: ChatState, conso
     pieces: list[str] = []
     try:
         async with _answer_display(state, console, pieces):
-            async for piece in conversation.ask(text, stop):
+            async for piece in conversation.ask(text):
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - began
                 pieces.append(piece)
+                state.rate.tick()
+                if len(state.recoveries()) > state.recoveries_shown and not state.view:
+                    _recovery_notices(state, console, mid_answer=True)
                 if not state.view:
                     console.print(piece, end="", markup=False, soft_wrap=True)
                     console.file.flush()
-    except BackendError as exc:
+    except (BackendError, PeerError) as exc:  # PeerError: a lost peer the swarm could not recover from
+        _recovery_notices(state, console, mid_answer=True)
         console.print(f"\n[bold red]error:[/] {exc}")
         return
     except ContextFull as exc:
@@ -164,6 +191,7 @@ async def _answer(text: str, conversation: Conversation, state: ChatState, conso
     if state.view:
         console.print("".join(pieces), markup=False, soft_wrap=True, end="")
     console.print()
+    _recovery_notices(state, console, mid_answer=False)
     turn = conversation.last_turn
     if turn is not None:
         elapsed = time.perf_counter() - began

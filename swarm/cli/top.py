@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.live import Live
 
-from swarm.chat.engines import BackendError, not_enough_memory
+import dataclasses
+
+from swarm.chat.engines import BackendError
 from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
-from swarm.view.from_source import SourceState, snapshot_from_source
+from swarm.view.from_source import snapshot_from_source
 from swarm.view.live import refresh_forever
 from swarm.view.render import topology
 from swarm.view.snapshot import SwarmSnapshot
@@ -103,20 +105,16 @@ class Observer:
 
     async def poll(self) -> None:
         from swarm.planner.problem import InfeasibleError
-        from swarm.runtime.client import PeerError
+        from swarm.source import not_enough_memory
 
-        live = self.source.directory.live
-        if self.planned is None or self.planned.peer_ids != frozenset(live):
+        state = self.source.state()
+        if self.planned is None or self.planned.peer_ids != frozenset(state.announcements):
             try:
                 self.planned, self.notes = await self.source.plan(), ()
             except InfeasibleError as exc:
-                self.planned, self.notes = None, (not_enough_memory(exc, self.source),)
-        for pid, record in list(live.items()):
-            try:
-                client = self.source.directory.client(record.host, record.port)
-                status = await client.ping(timeout=PING_TIMEOUT_S)
-            except PeerError:
-                continue
+                self.planned = None
+                self.notes = (not_enough_memory(exc, len(state.announcements), state.diagnostic),)
+        for pid, status in (await self.source.peer_counters(PING_TIMEOUT_S)).items():
             now = time.monotonic()
             if pid in self._last:
                 then, before = self._last[pid]
@@ -124,15 +122,13 @@ class Observer:
             self._last[pid] = (now, status)
 
     def snapshot(self) -> SwarmSnapshot:
-        s, planned = self.source, self.planned
+        planned = self.planned
         stats = ()
         if planned is not None:
             ids = planned.problem["peer_ids"]
             stats = tuple(self.loads.get(ids[stage.device]) for stage in planned.plan.stages)
-        state = SourceState(
-            source_id=s.peer_id, source_name=s.config.name, source_profile=s.profile or {},
-            source_mem=s.config.mem_bytes or (s.profile or {}).get("device", {}).get("mem_bytes", 0),
-            announcements={pid: rec.announcement for pid, rec in s.directory.live.items()},
-            source_links=dict(s.prober.links), problem=planned.problem if planned else None,
-            plan=planned.plan if planned else None, stats=stats, model=self.model, notes=self.notes)
+        # The plan shown is this observer's own (top deploys nothing), with the peers' own counters.
+        state = dataclasses.replace(self.source.state(), problem=planned.problem if planned else None,
+                                    plan=planned.plan if planned else None, stats=stats, model=self.model,
+                                    notes=self.notes)
         return snapshot_from_source(state)

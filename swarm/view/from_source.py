@@ -35,6 +35,12 @@ class SourceState:
     tokens_per_s: float | None = None
     model: str = ""
     notes: tuple[str, ...] = ()
+    recoveries: tuple[Any, ...] = ()  # swarm.runtime.engine.RecoveryEvent, oldest first
+    deployed: bool = False
+    recovering: bool = False
+    diagnostic: str = ""  # what discovery tried and heard (for "no peers found")
+    links_measured: int = 0  # links from the source measured so far
+    peer_ids: frozenset[str] = frozenset()  # the peers the current plan was made over
 
 
 def decode_ms(decode_us: Sequence[int], num_units: int, summarised: bool) -> float | None:
@@ -94,5 +100,5 @@ def snapshot_from_source(state: SourceState) -> SwarmSnapshot:
     return SwarmSnapshot(
         peers=tuple(peers), links=tuple(links.values()), plan=plan_state, source=state.source_name,
         tokens_per_s=state.tokens_per_s, micro_batches=state.micro_batches,
-        notes=state.notes + tuple(f"peer {names[pid]} was lost; the next question re-plans without it"
+        notes=state.notes + tuple(f"peer {names[pid]} was lost; re-planning without it"
                                   for pid in planned_but_gone))
