@@ -31,7 +31,7 @@ from typing import AsyncIterator, Sequence
 
 from zeroconf import InterfaceChoice
 
-from swarm.discovery.directory import Directory, DirectoryConfig
+from swarm.discovery.directory import SEED_REFRESH_S, Directory, DirectoryConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import activation_bytes, measure_profile, new_peer_id
@@ -92,6 +92,7 @@ class SourceConfig:
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     step_timeout_s: float = 30.0  # a step not back within this counts as a lost stage (see PipelineConfig)
+    seed_refresh_s: float = SEED_REFRESH_S  # between INFO requests to seeds (a restarted seed is found this late)
     stats_interval_s: float = STATS_INTERVAL_S
 
     @property
@@ -163,7 +164,7 @@ class SwarmSource:
         fingerprint = short_fingerprint(self.profile["model"]["fingerprint"])
         self.directory = await self._stack.enter_async_context(Directory(DirectoryConfig(
             interfaces=self.config.interfaces, seeds=self.config.seeds, mdns=self.config.mdns, fingerprint=fingerprint,
-            liveness=self.config.liveness), own_id=self.peer_id))
+            liveness=self.config.liveness, seed_refresh_s=self.config.seed_refresh_s), own_id=self.peer_id))
         # Peers do not probe a source (it serves nothing), so it measures both directions itself.
         self.prober = LinkProber(self.directory, activation_bytes(self.profile), self.config.probe, both_ways=True,
                                  busy=self._generating)
