@@ -47,7 +47,9 @@ def local_budgets(unit_mem: Sequence[int], peers: int) -> Budgets:
 
     The source gets room for the embedding only (raw tokens never leave it); each
     peer gets an even share of the rest plus one block of slack, so that with two or
-    more peers none can hold everything and the plan must cut the model.
+    more peers none can hold everything and the plan must cut the model. With three
+    or more, the share is of one peer fewer: any N - 1 of them still hold the model,
+    so losing one mid-answer is recovered from (the swarm re-plans without it).
     ``unit_mem``: bytes each unit needs (weights + KV cache), in unit order.
     """
     if peers < 1:
@@ -55,7 +57,8 @@ def local_budgets(unit_mem: Sequence[int], peers: int) -> Budgets:
     rest = list(unit_mem[1:])
     slack = max(rest[:-1] or rest)  # one decoder block
     source = math.ceil(unit_mem[0] * 1.01) + 1
-    peer = max(max(rest), math.ceil(sum(rest) / peers)) + slack
+    spare = 1 if peers >= 3 else 0
+    peer = max(max(rest), math.ceil(sum(rest) / (peers - spare))) + slack
     return Budgets(source, peer)
 
 
@@ -188,6 +191,22 @@ class LocalSwarm:
             async with asyncio.TaskGroup() as tasks:
                 waits = [tasks.create_task(self._joined(i, proc)) for i, proc in enumerate(self._procs)]
         self.peers = [w.result() for w in waits]
+
+    async def restart(self, index: int) -> LocalPeer:
+        """Start peer ``index`` again (on its port) after it died or was killed; a new member
+        of the swarm (a new peer id)."""
+        old = self._procs[index]
+        if old.returncode is None:
+            await old.wait()
+        path = self.log_path(index)
+        with open(path, "ab") if path else contextlib.nullcontext(asyncio.subprocess.DEVNULL) as err:
+            self._procs[index] = await asyncio.create_subprocess_exec(
+                *self.command(index), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+                start_new_session=True, preexec_fn=_die_with_parent)
+        async with asyncio.timeout(self.config.start_timeout_s):
+            peer = await self._joined(index, self._procs[index])
+        self.peers = [p for p in self.peers if p.name != peer.name or p is peer]
+        return peer
 
     async def _joined(self, index: int, proc: asyncio.subprocess.Process) -> LocalPeer:
         """The peer's `joined` line, printed once it serves and announces."""

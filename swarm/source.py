@@ -211,10 +211,10 @@ class SwarmSource:
         ``gather=False``: the peers live now, without waiting for discovery (re-planning after a loss)."""
         if gather:
             await self.wait_for_peers()
-        deadline = time.monotonic() + self.config.links_timeout_s
-        version = self.directory.version
-        while not self.links_complete() and time.monotonic() < deadline and not self.directory.closed:
-            version = await self.directory.wait_change(version, 0.1)
+            deadline = time.monotonic() + self.config.links_timeout_s
+            version = self.directory.version
+            while not self.links_complete() and time.monotonic() < deadline and not self.directory.closed:
+                version = await self.directory.wait_change(version, 0.1)
         if self.directory.closed:
             raise RuntimeError("the source closed while gathering peers")
         if not self.links_complete():

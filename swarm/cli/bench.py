@@ -1,4 +1,6 @@
-"""`swarm bench`: the pipeline against the single-process shard path, measured side by side."""
+"""`swarm bench`: the pipeline against the single-process shard path, measured side by side;
+and recovery from a peer killed mid-answer (kill to next token, split into detection,
+re-plan + deploy and replay)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="runs per configuration (medians are reported)")
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--no-recovery", action="store_true", help="skip the recovery measurement")
+    which.add_argument("--only-recovery", action="store_true", help="measure recovery only")
+    parser.add_argument("--heartbeat", type=float, default=None,
+                        help="heartbeat interval of the recovery runs (default: the swarm's, 1.0 s)")
     parser.set_defaults(func=run)
     return parser
 
@@ -30,14 +37,35 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_or_exit(args.model, err)
     config = BenchConfig(Path(model_dir), args.prompt_tokens, args.new_tokens, args.repeats,
                          micro_batches=tuple(args.micro_batches))
+    result = recovery = None
     with err.status("starting 3 local peers...") as status:
         def report(line: str) -> None:
             err.print(line, style="dim", highlight=False)
             status.update("measuring (keep the machine otherwise idle)...")
 
-        result = run_bench(config, report)
+        if not args.only_recovery:
+            result = run_bench(config, report)
+        if not args.no_recovery:
+            from swarm.discovery.liveness import LivenessConfig
+            from swarm.recovery_bench import run_recovery_bench
+
+            status.update("measuring recovery from a killed peer...")
+            liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)
+            recovery = run_recovery_bench(Path(model_dir), args.repeats, args.prompt_tokens, args.new_tokens,
+                                          liveness, report)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        body = result.to_json() if result is not None else {}
+        if recovery is not None:
+            body["recovery"] = recovery.to_json()
+        print(json.dumps(body, indent=2))
+        return 0
+    if recovery is not None:
+        v = recovery
+        print(f"recovery            {v.kill_to_next_token_s:8.2f} s kill to next token (median of {len(v.runs)}): "
+              f"detection {v.detection_s:.2f} s (bound {v.heartbeat_bound_s:.2f} s), re-plan + deploy "
+              f"{v.replan_deploy_s:.2f} s, replay {v.replay_s:.2f} s; detection to next token "
+              f"{v.detection_to_next_token_s:.2f} s (target <= 2 s)")
+    if result is None:
         return 0
     r = result
     print(f"single process      {r.single_process_ms_per_token:8.2f} ms/token")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import logging
@@ -109,6 +110,7 @@ class RecoveryEvent:
     replay_s: float  # from the new deployment to the first token after it (the replayed prefill)
     sequences: int  # live sequences replayed
     error: str | None = None  # set when recovery failed (every running turn failed with it)
+    detected_at: float = 0.0  # time.monotonic() of the detection (benchmarks measure from a kill)
 
     def describe(self) -> str:
         who = ", ".join(self.lost) or "a stage"
@@ -614,23 +616,24 @@ class Pipeline:
                     except (PeerError, TimeoutError, OSError) as exc:
                         log.warning("recovery attempt %d failed: %s", attempt, exc)
                         continue
-                    self._suspects -= suspects
-                    if not self._suspects & {s.address for s in replanned.stages}:
-                        break
+                    # The new plan is over peers live now; a suspect reported meanwhile is either
+                    # out of it or, if it comes back under the same address, a new member.
+                    self._suspects.clear()
+                    break
                 else:
                     raise StageLost(f"{reason}; no deployment held after {self.config.recovery_attempts} tries")
             except Exception as exc:
                 self._broken = exc if isinstance(exc, StageLost) else StageLost(f"{reason}: {exc}")
                 self._fail_all(self._broken)
                 self._on_recovery(RecoveryEvent(lost, 0, detected - oldest, time.monotonic() - detected, 0.0,
-                                                len(self._seqs), error=str(self._broken)))
+                                                len(self._seqs), error=str(self._broken), detected_at=detected))
                 return
             finally:
                 self._paused = False
             deployed = time.monotonic()
             peers = len(self.deployment.plan) - 1
             event = RecoveryEvent(lost, peers, max(0.0, detected - oldest), deployed - detected, 0.0,
-                                  sum(1 for s in self._seqs.values() if s.tokens))
+                                  sum(1 for s in self._seqs.values() if s.tokens), detected_at=detected)
             self._replaying = (deployed, event)
             self._launch()
             if not self._flights:  # nothing to replay now: the sequences replay on their next turn
@@ -639,9 +642,7 @@ class Pipeline:
     def _recovered(self) -> None:
         deployed, event = self._replaying
         self._replaying = None
-        event = RecoveryEvent(event.lost, event.peers, event.detection_s, event.redeploy_s,
-                              time.monotonic() - deployed if self._flights or event.sequences else 0.0,
-                              event.sequences)
+        event = dataclasses.replace(event, replay_s=time.monotonic() - deployed if event.sequences else 0.0)
         log.warning("%s (detected in %.2f s, redeployed in %.2f s, replayed in %.2f s)", event.describe(),
                     event.detection_s, event.redeploy_s, event.replay_s)
         self._on_recovery(event)

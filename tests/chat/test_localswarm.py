@@ -45,6 +45,14 @@ def test_budgets_make_the_plan_split_the_model(tiny_model_dir, peers):
     assert len(plan.stages) >= min(peers, 2) + 1
 
 
+def test_three_or_more_peers_can_lose_one(tiny_model_dir):
+    unit_mem = unit_memory(tiny_model_dir, slots=1, max_len=512)
+    budgets = local_budgets(unit_mem, 3)
+    assert plan_problem(problem_for(unit_mem, budgets, 2), objective="latency")
+    with pytest.raises(InfeasibleError):
+        plan_problem(problem_for(unit_mem, budgets, 1), objective="latency")
+
+
 def test_one_peer_fewer_does_not_fit(tiny_model_dir):
     unit_mem = unit_memory(tiny_model_dir, slots=1, max_len=512)
     budgets = local_budgets(unit_mem, 2)

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [[1, 17, 42, 99, 7, 3, 12], [1, 5], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40], [1, 9, 8, 7]]
 NEW = 64
-LIVENESS = LivenessConfig(interval_s=0.2, timeout_s=0.2, misses=2)  # drop bound 1.2 s
+# Short, but not so short that a loaded 2-vCPU machine drops a healthy peer: drop bound 2.25 s.
+LIVENESS = LivenessConfig(interval_s=0.25, timeout_s=0.5, misses=2)
 PEERS = 3
 ROUNDS = {signal.SIGKILL: int(os.environ.get("SWARM_CHAOS_ROUNDS", 10)), signal.SIGSTOP: 5, signal.SIGTERM: 5}
 START_TIMEOUT_S = 120
@@ -182,8 +183,8 @@ async def test_answers_survive_a_lost_peer_token_for_token(tiny_model_dir, tmp_p
             outs, victim = await disturbed_round(source, peers, rng, sig)
             assert outs == expected, f"round {round_}: peer {victim} got {signal.Signals(sig).name}"
             events = source.state().recoveries[before:]
-            assert events and all(e.error is None for e in events), events
-            assert events[0].lost == (f"local-{victim + 1}",) and events[0].peers >= 1
+            assert events and all(e.error is None and e.peers >= 1 for e in events), events
+            assert any(f"local-{victim + 1}" in e.lost for e in events), events
             await bring_back(source, peers, victim, sig)
 
 
