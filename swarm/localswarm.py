@@ -192,6 +192,10 @@ class LocalSwarm:
                 waits = [tasks.create_task(self._joined(i, proc)) for i, proc in enumerate(self._procs)]
         self.peers = [w.result() for w in waits]
 
+    def kill(self, index: int) -> None:
+        """SIGKILL peer ``index`` (a device that vanishes without a word: benchmarks of recovery)."""
+        self._procs[index].kill()
+
     async def restart(self, index: int) -> LocalPeer:
         """Start peer ``index`` again (on its port) after it died or was killed; a new member
         of the swarm (a new peer id)."""
@@ -203,9 +207,11 @@ class LocalSwarm:
             self._procs[index] = await asyncio.create_subprocess_exec(
                 *self.command(index), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
                 start_new_session=True, preexec_fn=_die_with_parent)
+        peers = list(self.peers)
         async with asyncio.timeout(self.config.start_timeout_s):
             peer = await self._joined(index, self._procs[index])
-        self.peers = [p for p in self.peers if p.name != peer.name or p is peer]
+        peers[index] = peer  # in index order, as after the start
+        self.peers = peers
         return peer
 
     async def _joined(self, index: int, proc: asyncio.subprocess.Process) -> LocalPeer:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -86,7 +84,7 @@ async def _bench(model_dir: Path, repeats: int, prompt_tokens: int, new_tokens: 
                 killed_at = next_at = None
                 async for count, token in _counted(source.generate(prompt, new_tokens)):
                     if count == KILL_AT_TOKEN:
-                        os.kill(local.peers[victim].pid, signal.SIGKILL)
+                        local.kill(victim)
                         killed_at = time.monotonic()
                     elif killed_at is not None and next_at is None:
                         next_at = time.monotonic()
