@@ -145,17 +145,19 @@ async def disturbed_round(source: SwarmSource, peers: ChaosPeers, rng: random.Ra
     """One batch; at a random token of the first stream a stage's peer gets ``sig``. Returns
     the answers and the index of the peer disturbed."""
     await source.deploy()  # plan over all three before the round (a peer that came back included)
-    stages = [s.address for s in source.current.stages[1:]]
-    victim = peers.index_of(rng.choice(stages))
     at = rng.randrange(1, NEW - 4)
     outs: list[list[int]] = [[] for _ in PROMPTS]
+    victim = -1
 
     async def stream(row: int) -> None:
+        nonlocal victim
         own = sampling if sampling is None or sampling.seed is None else SamplingParams(
             sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + row)
         async for token in source.generate(PROMPTS[row], NEW, own):
             outs[row].append(token)
             if row == 0 and len(outs[0]) == at:
+                # A peer of the plan running now (the one deploy() made may have been re-planned since).
+                victim = peers.index_of(rng.choice([s.address for s in source.current.stages[1:]]))
                 peers.signal(victim, sig)
 
     async with asyncio.timeout(120):
