@@ -3,6 +3,7 @@ deploys, answers with the single-process tokens, and re-plans when its peer dies
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -70,8 +71,14 @@ async def test_source_plans_deploys_generates_and_replans_when_peers_leave_or_jo
         proc, pid = addresses[first[1].address]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert await source.directory.wait_for(lambda live: pid not in live, config.liveness.drop_bound_s + 1)
-        assert source.needs_replan()
+        # Between requests too, the source re-plans as soon as the directory drops the stage's peer.
+        async with asyncio.timeout(config.liveness.drop_bound_s + 10):
+            while not source.state().recoveries:
+                await asyncio.sleep(0.05)
+        event = source.state().recoveries[-1]
+        names = {j["address"]: j["name"] for _, j in joined}
+        assert event.error is None and event.lost == (names[first[1].address],) and event.sequences == 0
+        assert pid not in source.state().peer_ids and not source.needs_replan()
         got = await source.generate_all(PROMPTS, NEW_TOKENS)
         assert got == expected
         second = source.current.stages
