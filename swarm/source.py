@@ -284,7 +284,11 @@ class SwarmSource:
             return planned
 
     async def _deployed(self):
-        """The pipeline, deployed (and re-planned first if a peer joined or left)."""
+        """The pipeline, deployed (and re-planned first if a peer joined or left); after a
+        loss it could not recover from, a new one over whoever is live now."""
+        if self._pipeline is not None and self._pipeline.broken:
+            broken, self._pipeline, self.current = self._pipeline, None, None
+            await broken.aclose()  # early; the exit stack's own aclose() of it is then a no-op
         if self._pipeline is None or (self.needs_replan() and not self._pipeline.recovering):
             await self.deploy()
         return self._pipeline

@@ -174,7 +174,15 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     rate = TokenRate()
-    return Backend(lambda: source.open_session(sampling), tokenizer, model_dir.name,
+
+    async def open_session():
+        try:
+            return await source.open_session(sampling)
+        except InfeasibleError as exc:  # after a loss the swarm could not recover from
+            state = source.state()
+            raise BackendError(not_enough_memory(exc, len(state.announcements), state.diagnostic)) from None
+
+    return Backend(open_session, tokenizer, model_dir.name,
                    lambda: snapshot_from_source(dataclasses.replace(source.state(), tokens_per_s=rate.value())),
                    lambda: source.state().recoveries, rate)
 

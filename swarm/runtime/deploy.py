@@ -97,14 +97,25 @@ class Deployment:
         self._returns: list[PeerClient] = []  # each peer's data socket: tokens and step errors come home here
         self.lost: frozenset[str] = frozenset()  # addresses of peers given up: not unloaded on exit
 
+    @classmethod
+    async def load(cls, model_dir: Path, plan: Sequence[StagePlacement], **kwargs) -> "Deployment":
+        """A loaded deployment, for an owner that replaces it in place (the Pipeline after a
+        lost stage) and so cannot hold it in one ``async with``; close it with ``aclose()``."""
+        deployment = cls(model_dir, plan, **kwargs)
+        await deployment._open()
+        return deployment
+
     async def __aenter__(self) -> "Deployment":
+        await self._open()
+        return self
+
+    async def _open(self) -> None:
         self._stack = contextlib.AsyncExitStack()
         try:
             await self._load()
         except BaseException:
             await self.aclose()
             raise
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

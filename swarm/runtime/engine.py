@@ -285,10 +285,9 @@ class Pipeline:
 
     async def _deploy(self, plan: tuple[StagePlacement, ...]) -> Deployment:
         check_plan(plan, ModelLayout.read(self.config.model_dir).num_units)
-        dep = Deployment(self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
-                         dtype=self.config.dtype, on_message=self._on_peer_message,
-                         control_timeout_s=self.config.control_timeout_s)
-        await dep.__aenter__()  # Deployment's own lifetime is the pipeline's `self.deployment` slot
+        dep = await Deployment.load(self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
+                                    dtype=self.config.dtype, on_message=self._on_peer_message,
+                                    control_timeout_s=self.config.control_timeout_s)
         local = {**self._local, "queued": 0}
         self._last_stats = (time.perf_counter(), [local, *await dep.peer_status()])
         return dep
@@ -652,6 +651,11 @@ class Pipeline:
     @property
     def micro_batches_in_flight(self) -> int:
         return len(self._flights)
+
+    @property
+    def broken(self) -> bool:
+        """A loss could not be recovered from: nothing runs here any more."""
+        return self._broken is not None
 
     @property
     def recovering(self) -> bool:
