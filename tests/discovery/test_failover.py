@@ -104,6 +104,9 @@ class ChaosPeers:
                 self.resume(index)
             if proc.poll() is None:
                 proc.terminate()
+        for proc in self.procs:
+            if proc is None:
+                continue
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
