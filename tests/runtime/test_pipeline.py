@@ -250,3 +250,35 @@ async def test_closing_the_pipeline_wakes_a_request_waiting_for_a_slot(tiny_mode
         with pytest.raises(RuntimeError, match="closed"):
             await waiting
     await holder.aclose()
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=5)],
+                         ids=["greedy", "seeded"])
+async def test_a_replay_mid_stream_continues_token_for_token(tiny_model_dir, sampling):
+    """A loss mid-stream: every sequence's history is replayed as one prefill on the new
+    deployment and the streams go on exactly as an undisturbed run (sampled ones too:
+    each draw is seeded by the sequence's seed and position)."""
+    from swarm.runtime.engine import Replanned
+
+    plan = (Stage(None, 0, TINY_UNITS),)
+    async with Pipeline(config(tiny_model_dir, plan, m=2, b=2)) as pipe:
+        want = await bounded(pipe.generate_all(PROMPTS[:4], NEW, sampling), TIMEOUT_S)
+
+    events = []
+
+    async def replan(suspects):
+        return Replanned(plan, ("nobody",))
+
+    async with Pipeline(config(tiny_model_dir, plan, m=2, b=2), replan, events.append) as pipe:
+        async def run(i: int) -> list[int]:
+            own = sampling if sampling.seed is None else SamplingParams(0.9, 20, 0.95, sampling.seed + i)
+            got = []
+            async for token in pipe.generate(PROMPTS[i], NEW, own):
+                got.append(token)
+                if i == 0 and len(got) == 5:
+                    pipe.stage_lost((), "a test's word")
+            return got
+
+        outs = await bounded(asyncio.gather(*(run(i) for i in range(4))), TIMEOUT_S)
+    assert list(outs) == want
+    assert len(events) == 1 and events[0].error is None and events[0].sequences == 4
