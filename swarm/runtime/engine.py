@@ -307,11 +307,16 @@ class Pipeline:
                 self._launch()
 
     async def _switch(self, plan: tuple[StagePlacement, ...], lost: frozenset[str]) -> None:
+        began = time.perf_counter()
         old, self.deployment = self.deployment, None
         if old is not None:
             await old.aclose(lost)
+        closed = time.perf_counter()
         self.deployment = await self._deploy(plan)
+        deployed = time.perf_counter()
         await asyncio.gather(*(self.deployment.open_slots([seq.slot], seq.sampling) for seq in self._seqs.values()))
+        log.info("switched deployments: old closed in %.2f s, new loaded in %.2f s, %d slots opened in %.2f s",
+                 closed - began, deployed - closed, len(self._seqs), time.perf_counter() - deployed)
         for seq in self._seqs.values():
             seq.cached = 0  # the new stages hold nothing: the next step replays the whole sequence
 
@@ -608,7 +613,9 @@ class Pipeline:
                     suspects = frozenset(self._suspects)
                     if self._replan is None:
                         raise StageLost(f"{reason}; this pipeline has no one to re-plan it")
+                    asked = time.perf_counter()
                     replanned = await self._replan(suspects)
+                    log.info("re-planned in %.2f s", time.perf_counter() - asked)
                     lost = replanned.lost or lost or tuple(sorted(suspects))
                     try:
                         await self._switch(replanned.stages, suspects)

@@ -193,6 +193,17 @@ class ShardServer:
     # ------------------------------------------------------------ shard jobs (run on the torch thread)
 
     async def _job_loop(self) -> None:
+        # First job: the library's model classes (seconds to import and build the first time),
+        # so that a LOAD, the one a source waits for while it recovers from a lost peer, costs
+        # only its disk time. A LOAD that arrives meanwhile queues behind it.
+        from swarm.model.shard import warm_up
+
+        for folder in sorted(set(self.config.models.values())):
+            try:
+                # Off the torch thread: it must keep answering on the data socket meanwhile.
+                await asyncio.to_thread(warm_up, Path(folder))
+            except Exception as exc:  # a warm-up is an optimisation: the first LOAD pays instead
+                log.warning("warming up %s failed: %s", folder, exc)
         while True:
             identity, message = await self._jobs.get()
             try:
