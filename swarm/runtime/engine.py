@@ -622,10 +622,12 @@ class Pipeline:
                     except (PeerError, TimeoutError, OSError) as exc:
                         log.warning("recovery attempt %d failed: %s", attempt, exc)
                         continue
-                    # The new plan is over peers live now; a suspect reported meanwhile is either
-                    # out of it or, if it comes back under the same address, a new member.
-                    self._suspects.clear()
-                    break
+                    # The new plan is over the peers live when it was made; one of them reported
+                    # lost since means another round.
+                    late = (self._suspects - suspects) & {s.address for s in replanned.stages}
+                    self._suspects = set(late)
+                    if not late:
+                        break
                 else:
                     raise StageLost(f"{reason}; no deployment held after {self.config.recovery_attempts} tries")
             except Exception as exc:
