@@ -203,15 +203,15 @@ class Session:
         """Feed ``new_tokens`` and stream up to ``max_new_tokens`` sampled tokens; the stop
         token, if hit, is the last one yielded. Raises ContextFull before computing when the
         turn cannot fit the slot. Leaving the iteration early cancels the turn."""
-        return self._pipeline.run_turn(self._seq, list(new_tokens), max_new_tokens, frozenset(stop_ids))
+        return self._pipeline._run_turn(self._seq, list(new_tokens), max_new_tokens, frozenset(stop_ids))
 
     def cancel(self) -> None:
         """End the running turn now; a token still in flight is dropped when it lands."""
-        self._pipeline.cancel(self._seq)
+        self._pipeline._cancel(self._seq)
 
     async def aclose(self) -> None:
         """Free the slot on every stage; safe to call twice."""
-        await self._pipeline.close_sequence(self._seq)
+        await self._pipeline._close_sequence(self._seq)
 
 
 class Pipeline:
@@ -354,9 +354,9 @@ class Pipeline:
     def _free_slots(self) -> list[int]:
         return [s for s in range(self.layout.slots) if s not in self._seqs]
 
-    async def run_turn(self, seq: _Sequence, new_tokens: list[int], max_new_tokens: int,
+    async def _run_turn(self, seq: _Sequence, new_tokens: list[int], max_new_tokens: int,
                        stop_ids: frozenset[int]) -> AsyncIterator[int]:
-        """Session.generate: one turn of ``seq`` as a stream of tokens."""
+        """Session.generate (Session is this pipeline's handle, in this module): one turn of ``seq`` as a stream of tokens."""
         if seq.state is TurnState.CANCELLING:  # the last turn's cancelled step has not landed yet
             await wait_event(seq.idle, self.config.step_timeout_s)
         if seq.state is TurnState.CLOSED:
@@ -380,9 +380,9 @@ class Pipeline:
             if seq.turn is turn:  # the consumer left early: nothing more is computed for it
                 self._end_turn(seq)
             if seq.one_shot:
-                await self.close_sequence(seq)
+                await self._close_sequence(seq)
 
-    def cancel(self, seq: _Sequence) -> None:
+    def _cancel(self, seq: _Sequence) -> None:
         self._end_turn(seq)
 
     def _end_turn(self, seq: _Sequence, error: BaseException | None = None) -> None:
@@ -401,7 +401,7 @@ class Pipeline:
         for seq in self._seqs.values():
             self._end_turn(seq, error)
 
-    async def close_sequence(self, seq: _Sequence) -> None:
+    async def _close_sequence(self, seq: _Sequence) -> None:
         if seq.state is TurnState.CLOSED:
             return
         self._end_turn(seq)
