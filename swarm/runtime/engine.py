@@ -570,7 +570,7 @@ class Pipeline:
             return
         self._suspects |= set(addresses)
         if self._recovery is None or self._recovery.done():
-            log.warning("stage lost (%s): recovering", reason)
+            log.info("stage lost (%s): recovering", reason)  # the normal path: the owner shows the event
             self._recovery = self._tg.create_task(self._recover(reason, time.monotonic()))
 
     def _overdue(self, group: int, step: int) -> None:
@@ -651,7 +651,7 @@ class Pipeline:
         deployed, event = self._replaying
         self._replaying = None
         event = dataclasses.replace(event, replay_s=time.monotonic() - deployed if event.sequences else 0.0)
-        log.warning("%s (detected in %.2f s, redeployed in %.2f s, replayed in %.2f s)", event.describe(),
+        log.info("%s (detected in %.2f s, redeployed in %.2f s, replayed in %.2f s)", event.describe(),
                     event.detection_s, event.redeploy_s, event.replay_s)
         self._on_recovery(event)
 

@@ -2,7 +2,8 @@
 
 A person's session: a question and its streamed answer, a follow-up that reuses
 the cache, /peers, /plan, Ctrl-C during an answer, /quit; then nothing may be left
-running (the chat, and the two peers it started, carry the terminal's tag).
+running (the chat, and the peers it started, carry the terminal's tag). A peer
+killed mid-answer: the answer completes as if nothing happened, with one notice.
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ def test_a_peer_lost_mid_answer_is_recovered_and_the_answer_completes(smollm2_di
         undisturbed = term.screen()[at + len(question):done.start()].strip()
 
         at = ask(term, "/plan")
-        term.wait_for(r"units in \d stages", 10, after=at)
-        stage_peers = sorted(set(re.findall(r"local-\d", term.screen()[at:])))
+        title = term.wait_for(r"units in \d stages", 10, after=at)
+        term.wait_for(r"you>\s*$", 10, after=title.end())  # the stages table is printed whole
+        stage_peers = sorted(set(re.findall(r"local-\d", term.screen()[title.end():])))
+        assert stage_peers, term.screen()[at:]
         at = ask(term, "/reset")
         term.wait_for(r"conversation cleared", 10, after=at)
 
@@ -118,19 +121,22 @@ def test_a_peer_lost_mid_answer_is_recovered_and_the_answer_completes(smollm2_di
         term.wait_no_processes(timeout=20)
 
 
-def test_a_second_ctrl_c_leaves_at_once_when_a_peer_hangs(smollm2_dir):
+def test_ctrl_c_ends_the_answer_at_once_when_a_peer_hangs(smollm2_dir):
+    """A frozen peer: the step in flight never lands, yet Ctrl-C ends the answer at once
+    (the session's turn is cancelled; the lost token is dropped whenever it comes)."""
     with Terminal(chat(), width=110, height=50) as term:
         term.wait_for(r"you>", START_S)
         at = ask(term, "Tell me a long story about a brave dragon and a knight.")
         term.wait_for(r"\n\w+ \w+", ANSWER_S, after=at)
         peer = next(p for p in term.leftover_processes() if "join" in p.cmdline() and "local-2" in p.cmdline())
-        peer.suspend()  # frozen, not dead: the step in flight never lands
+        peer.suspend()  # frozen, not dead
         term.press("C-c")
-        term.wait_for(r"\^C", 5, after=at)
-        term.press("C-c")
-        assert term.wait_exit(60) == 130
+        stopped = term.wait_for(r"\[(\d+) tokens[^\n]*\] \[stopped\]", 5, after=at)
+        term.wait_for(r"you>\s*$", 10, after=stopped.end())
+        ask(term, "/quit")
+        assert term.wait_exit(60) == 0
         assert "Traceback" not in term.screen()
-        term.wait_no_processes(timeout=20)  # the frozen peer too
+        term.wait_no_processes(timeout=30)  # the frozen peer too
 
 
 def test_single_process_chat_commands_and_ctrl_d(smollm2_dir):
