@@ -83,7 +83,7 @@ def test_a_peer_lost_mid_answer_is_recovered_and_the_answer_completes(smollm2_di
     """--local 3: any two peers hold the model. A stage's peer killed mid-answer: the answer
     goes on to the end, equal to the same answer undisturbed; one notice line; /peers lists two."""
     question = "Tell me a long story about a brave dragon and a knight."
-    with Terminal(chat(local=3), width=110, height=50) as term:
+    with Terminal(chat(local=3), width=160, height=50) as term:  # wide: the stages table shows whole names
         term.wait_for(r"you>", START_S)
         at = ask(term, question)
         done = term.wait_for(r"\n\[48 tokens[^\n]*\]", ANSWER_S, after=at)
