@@ -40,6 +40,8 @@ from swarm.runtime.wire import Kind, Message, encode
 
 log = logging.getLogger(__name__)
 
+LOST_UNLOAD_TIMEOUT_S = 0.25  # UNLOAD to a peer given up: a live one (leaving) answers well within it
+
 
 @dataclass(frozen=True)
 class StagePlacement:
@@ -95,7 +97,7 @@ class Deployment:
         self._inline = self.plan[0].end == 1
         self.peers: list[PeerClient] = []  # control: LOAD, OPEN, CLOSE, PING
         self._returns: list[PeerClient] = []  # each peer's data socket: tokens and step errors come home here
-        self.lost: frozenset[str] = frozenset()  # addresses of peers given up: not unloaded on exit
+        self.lost: frozenset[str] = frozenset()  # addresses of peers given up: unloaded with a short bound
 
     @classmethod
     async def load(cls, model_dir: Path, plan: Sequence[StagePlacement], **kwargs) -> "Deployment":
@@ -160,16 +162,18 @@ class Deployment:
         log.info("deployment %d ready: %s", self.dep_id, ", ".join(stages))
 
     async def _unload_peers(self) -> None:
-        # A lost peer is not asked (it would hold the teardown for a whole timeout); if it
-        # comes back, its next LOAD replaces the old shard, and its old steps carry an old dep id.
-        peers = [p for p in self.peers if p.address not in self.lost]
-        results = await asyncio.gather(*(p.unload(self.control_timeout_s) for p in peers), return_exceptions=True)
-        for peer, result in zip(peers, results):
-            if isinstance(result, Exception):
+        # A lost peer gets a short bound: one leaving gracefully answers at once (and may then
+        # go), a dead one must not hold a recovery for a whole control timeout. If it comes
+        # back, its next LOAD replaces the old shard, and its old steps carry an old dep id.
+        timeouts = [LOST_UNLOAD_TIMEOUT_S if p.address in self.lost else self.control_timeout_s for p in self.peers]
+        results = await asyncio.gather(*(p.unload(t) for p, t in zip(self.peers, timeouts)), return_exceptions=True)
+        for peer, result in zip(self.peers, results):
+            if isinstance(result, Exception) and peer.address not in self.lost:
                 log.warning("unload on %s failed: %s", peer.address, result)
 
     async def aclose(self, lost: frozenset[str] = frozenset()) -> None:
-        """Unload every peer but the ``lost`` ones, stop the local shard; safe to call twice."""
+        """Unload every peer (the ``lost`` ones within LOST_UNLOAD_TIMEOUT_S), stop the local shard;
+        safe to call twice."""
         self.lost = self.lost | lost
         if self._stack is not None:
             stack, self._stack = self._stack, None

@@ -83,16 +83,16 @@ def test_a_peer_lost_mid_answer_is_recovered_and_the_answer_completes(smollm2_di
     """--local 3: any two peers hold the model. A stage's peer killed mid-answer: the answer
     goes on to the end, equal to the same answer undisturbed; one notice line; /peers lists two."""
     question = "Tell me a long story about a brave dragon and a knight."
-    with Terminal(chat(local=3), width=160, height=50) as term:  # wide: the stages table shows whole names
+    with Terminal(chat(local=3), width=110, height=50) as term:
         term.wait_for(r"you>", START_S)
         at = ask(term, question)
         done = term.wait_for(r"\n\[48 tokens[^\n]*\]", ANSWER_S, after=at)
         undisturbed = term.screen()[at + len(question):done.start()].strip()
 
-        at = ask(term, "/plan")
-        title = term.wait_for(r"units in \d stages", 10, after=at)
-        term.wait_for(r"you>\s*$", 10, after=title.end())  # the stages table is printed whole
-        stage_peers = sorted(set(re.findall(r"local-\d", term.screen()[title.end():])))
+        at = ask(term, "/peers")  # its "#" column: the stage each peer serves ("-": none)
+        term.wait_for(r"local-3", 10, after=at)
+        term.wait_for(r"you>\s*$", 10, after=at + 1)
+        stage_peers = sorted(set(re.findall(r"(local-\d)\s*│\s*\d\s*│", term.screen()[at:])))
         assert stage_peers, term.screen()[at:]
         at = ask(term, "/reset")
         term.wait_for(r"conversation cleared", 10, after=at)
