@@ -5,26 +5,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import signal
 import socket
 import sys
 from pathlib import Path
 
-LONELY_S = 10.0  # after this long alone, say what discovery tried and heard
+from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_threads_option,
+                              interfaces_from)
 
-DEFAULT_INTERFACES_HELP = ("IPv4 address of an interface to announce on (repeatable). Default: every "
-                           "interface (a home network). On shared machines pass 127.0.0.1.")
+LONELY_S = 10.0  # after this long alone, say what discovery tried and heard
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("join", help="profile this device, serve shards and announce it",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model folder (default: the bundled SmolLM2-135M-Instruct)")
+    add_model_option(p)
     p.add_argument("--name", default=socket.gethostname(), help="name shown to other peers")
-    p.add_argument("--mem", type=parse_bytes, help="usable memory limit, e.g. 2G or 512M")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for this peer (default 1)")
-    add_network_args(p)
+    add_memory_option(p)
+    add_threads_option(p, who="this peer")
+    add_network_options(p)
     p.add_argument("--port", type=int, default=0, help="shard server (control) port (default: any free port)")
     p.add_argument("--data-port", type=int,
                    help="port pipeline steps arrive on (default: --port + 1 when --port is given, else any free port)")
@@ -33,27 +32,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--probe-interval", type=float, help="seconds between link measurements (default 30)")
     p.set_defaults(func=run)
     return p
-
-
-def add_network_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interface", action="append", metavar="IP", help=DEFAULT_INTERFACES_HELP)
-    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
-                   help="a peer's shard server to ask directly, for networks that block multicast (repeatable)")
-    p.add_argument("--no-mdns", dest="mdns", action="store_false",
-                   help="no multicast at all: find peers through --peer seeds only")
-
-
-def interfaces_from(args):
-    from swarm.discovery.mdns import HOME_INTERFACES
-
-    return list(args.interface) if args.interface else HOME_INTERFACES
-
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2G or 512M)")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
 
 
 def load_profile(args, model_dir) -> dict:

@@ -27,15 +27,15 @@ import psutil
 import torch
 import zmq
 
+from swarm.model.dtypes import FLOAT_DTYPES, torch_dtype
 from swarm.runtime import sockets
-from swarm.runtime.wire import DEFAULT_LIMITS, DTYPES, Kind, Message, WireError, WireLimits, decode, encode, error_reply
+from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode, error_reply
 from swarm.runtime.worker import TorchWorker
 
 log = logging.getLogger(__name__)
 
 CONTROL_KINDS = frozenset({Kind.PING, Kind.PROBE, Kind.INFO})
 JOB_KINDS = frozenset({Kind.LOAD, Kind.UNLOAD, Kind.OPEN, Kind.CLOSE})
-FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ class ShardServer:
         began = time.perf_counter()
         shard = await worker.call(
             lambda: Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
-                               dtype=DTYPES[dtype], device=self.config.device)
+                               dtype=torch_dtype(dtype), device=self.config.device)
         )
         load_s = time.perf_counter() - began
         await worker.call(worker.install, message["dep"], shard, nxt)
