@@ -105,6 +105,15 @@ class SwarmPeer:
         await self.directory.close()
         await self.server.aclose()
 
+    async def leave(self, timeout_s: float) -> bool:
+        """Leave gracefully: withdraw the announcement (an mDNS goodbye), answer every PING
+        with "leaving", and keep serving, at most ``timeout_s``, until the source has
+        moved this peer's stages away (unloaded them). True when it did in time."""
+        self.server.leaving = True  # before the goodbye: a ping racing it must not re-add us
+        if self.config.mdns:
+            await self.directory.mdns.withdraw()
+        return await self.server.leave(timeout_s)
+
     async def run(self) -> None:
         """Serve, listen, heartbeat and probe until cancelled."""
         async with asyncio.TaskGroup() as tg:
@@ -117,7 +126,7 @@ class SwarmPeer:
         """New link figures or a new live set: bump seq and re-announce."""
         self.seq += 1
         self._refresh_info()
-        if self.config.mdns:
+        if self.config.mdns and not self.server.leaving:  # a leaving peer's record is withdrawn
             await self.directory.mdns.update(self.announcement())
 
     def _refresh_info(self) -> None:

@@ -27,6 +27,7 @@ import psutil
 import torch
 import zmq
 
+from swarm.aio import wait_event
 from swarm.model.dtypes import FLOAT_DTYPES, torch_dtype
 from swarm.runtime import sockets
 from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode, error_reply
@@ -73,6 +74,9 @@ class ShardServer:
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when serve_forever is not running
         self._idle.set()
+        self.leaving = False  # announced in every PONG: sources move their stages away
+        self._unloaded = asyncio.Event()  # set while no shard is loaded
+        self._unloaded.set()
 
     async def __aenter__(self) -> "ShardServer":
         torch.set_num_threads(self.config.threads)
@@ -131,6 +135,14 @@ class ShardServer:
                 self._worker.stop()
             self._idle.set()
 
+    async def leave(self, timeout_s: float) -> bool:
+        """Tell every source (in PONGs) that this peer is leaving, refuse new LOADs, and
+        keep serving until the shard is unloaded or ``timeout_s`` has passed.
+
+        True when the stages were moved away in time (or none was loaded)."""
+        self.leaving = True
+        return await wait_event(self._unloaded, timeout_s)
+
     # ------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
@@ -139,6 +151,7 @@ class ShardServer:
         c = worker.counters if worker else None
         return {
             "state": "loaded" if stage else "idle",
+            "leaving": self.leaving,
             "dep": stage.dep if stage else None,
             "start": stage.shard.start if stage else None,
             "end": stage.shard.end if stage else None,
@@ -209,6 +222,7 @@ class ShardServer:
             return await self._load(message)
         if message.kind is Kind.UNLOAD:
             await worker.call(worker.uninstall)
+            self._unloaded.set()
             return Message(Kind.OK, re=message.id)
         if worker.stage is None:
             raise WireError("no shard loaded (send LOAD first)")
@@ -243,6 +257,8 @@ class ShardServer:
         start, end, dtype = message["start"], message["end"], message["dtype"]
         if not start < end:
             raise WireError(f"empty unit range [{start}, {end})")
+        if self.leaving:
+            raise WireError("this peer is leaving the swarm")
         if dtype not in FLOAT_DTYPES:
             raise WireError(f"dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
         if not (message["slots"] >= 1 and message["max_len"] >= 1):
@@ -252,6 +268,7 @@ class ShardServer:
 
         worker, nxt = self._worker, message.get("next")
         await worker.call(worker.uninstall)  # the old shard's memory goes before the new one loads
+        self._unloaded.set()
         began = time.perf_counter()
         shard = await worker.call(
             lambda: Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
@@ -259,6 +276,7 @@ class ShardServer:
         )
         load_s = time.perf_counter() - began
         await worker.call(worker.install, message["dep"], shard, nxt)
+        self._unloaded.clear()
         log.info("loaded units [%d, %d) in %.2f s, next=%s", start, end, load_s, nxt)
         return Message(Kind.READY, {
             "load_s": load_s, "weight_bytes": int(shard.weight_bytes), "kv_bytes": int(shard.kv_cache_bytes),

@@ -191,3 +191,21 @@ async def test_a_peer_loads_its_own_copy_of_the_model_named_by_fingerprint(tiny_
             with pytest.raises(PeerError, match="not 'other-weights'"):
                 await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, fingerprint="other-weights")
         srv.close()
+
+
+async def test_a_leaving_peer_says_so_refuses_loads_and_waits_until_unloaded(server, tiny_model_dir):
+    async with PeerClient(server.address) as peer:
+        assert await server.leave(0) is True  # nothing loaded: free to go at once
+        server.leaving = False
+        await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, dep=1)
+        assert (await peer.ping())["leaving"] is False
+        assert await server.leave(0.2) is False  # loaded, and nobody moved the stage away
+        assert (await peer.ping())["leaving"] is True
+        with pytest.raises(PeerError, match="this peer is leaving the swarm"):
+            await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, dep=2)
+        async with asyncio.TaskGroup() as tg:
+            left = tg.create_task(server.leave(30))
+            await asyncio.sleep(0.1)
+            assert not left.done()  # still serving: the answer in flight can finish
+            await peer.unload()  # what the source does once it moved the stage
+        assert left.result() is True
