@@ -152,11 +152,20 @@ async def test_event_loop_is_not_blocked_while_a_shard_computes(server, tiny_mod
 async def test_close_is_idempotent_and_wakes_serve_forever():
     async with ShardServer(ServerConfig()) as srv:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(srv.serve_forever())
-            await asyncio.sleep(0)
+            serving = tg.create_task(srv.serve_forever())
+            await asyncio.sleep(0.05)
+            assert not serving.done()
             srv.close()
             srv.close()
+            async with asyncio.timeout(5):  # close() wakes it: it returns, it is not cancelled
+                await asyncio.shield(serving)
+        assert serving.result() is None
+        address = srv.address
     await srv.aclose()  # again, after __aexit__
+    assert srv._sock is None and srv._worker is None
+    async with PeerClient(address) as peer:  # nothing answers there any more
+        with pytest.raises((PeerError, TimeoutError)):
+            await peer.ping(timeout=0.3)
 
 
 def test_info_must_be_sendable():
