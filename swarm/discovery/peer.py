@@ -65,11 +65,10 @@ class SwarmPeer:
         self.profile = profile
         self.peer_id = peer_id or new_peer_id()
         self.seq = 0
-        # Served verbatim by INFO (the server reads this dict on every request, so updates show).
-        self.info: dict = {"profile": profile}
         models = {profile["model"]["fingerprint"]: config.model_dir} if config.model_dir else {}
         self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
-                                               data_port=config.data_port, threads=config.threads, info=self.info, models=models))
+                                               data_port=config.data_port, threads=config.threads, info={"profile": profile},
+                                               models=models))
         self.directory = Directory(DirectoryConfig(
             interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
             fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)
@@ -130,9 +129,11 @@ class SwarmPeer:
             await self.directory.mdns.update(self.announcement())
 
     def _refresh_info(self) -> None:
-        self.info["announcement"] = encode(self.announcement())
-        self.info["peers"] = [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement)}
-                              for pid, r in sorted(self.directory.live.items())]
+        self.server.publish_info({
+            "profile": self.profile, "announcement": encode(self.announcement()),
+            "peers": [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement)}
+                      for pid, r in sorted(self.directory.live.items())],
+        })
 
     def _served_steps_since_last_asked(self) -> bool:
         """Whether this peer computed pipeline steps since the prober last asked."""

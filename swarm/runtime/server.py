@@ -39,13 +39,21 @@ CONTROL_KINDS = frozenset({Kind.PING, Kind.PROBE, Kind.INFO})
 JOB_KINDS = frozenset({Kind.LOAD, Kind.UNLOAD, Kind.OPEN, Kind.CLOSE})
 
 
+def _sendable(info: Mapping[str, Any]) -> None:
+    """Refuse, where it is made, an INFO that msgpack cannot send."""
+    try:
+        msgpack.packb(dict(info), use_bin_type=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     bind_host: str = "127.0.0.1"
     port: int = 0  # control socket; 0: any free port
     data_port: int = 0  # data socket (pipeline steps); 0: any free port
     threads: int = 1  # torch intra-op threads for this process
-    info: Mapping[str, Any] = field(default_factory=dict)  # returned verbatim by INFO
+    info: Mapping[str, Any] = field(default_factory=dict)  # returned verbatim by INFO (see publish_info)
     # Models this peer holds, by fingerprint: a LOAD naming one loads this peer's own copy.
     models: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
@@ -53,8 +61,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         try:  # INFO replies carry it as is: refuse at start-up what msgpack cannot send
-            msgpack.packb(dict(self.info), use_bin_type=True)
-        except (TypeError, ValueError) as exc:
+            _sendable(self.info)
+        except ValueError as exc:
             raise ValueError(f"ServerConfig.info must be plain JSON-like data: {exc}") from None
 
 
@@ -69,6 +77,7 @@ class ShardServer:
         self._sock = None
         self._worker: TorchWorker | None = None
         self._jobs: asyncio.Queue[tuple[bytes, Message]] = asyncio.Queue()
+        self._info: dict[str, Any] = dict(config.info)
         self._control_errors = 0  # the torch thread counts its own
         self._started = time.monotonic()
         self._stop = asyncio.Event()
@@ -135,6 +144,11 @@ class ShardServer:
                 self._worker.stop()
             self._idle.set()
 
+    def publish_info(self, info: Mapping[str, Any]) -> None:
+        """Answer INFO with ``info`` from now on (a swarm peer's announcement and live peers change)."""
+        _sendable(info)
+        self._info = dict(info)
+
     async def leave(self, timeout_s: float) -> bool:
         """Tell every source (in PONGs) that this peer is leaving, refuse new LOADs, and
         keep serving until the shard is unloaded or ``timeout_s`` has passed.
@@ -197,7 +211,7 @@ class ShardServer:
         if message.kind is Kind.PING:
             return Message(Kind.PONG, {"status": self.status()}, re=message.id)
         if message.kind is Kind.INFO:
-            return Message(Kind.INFO, {"info": dict(self.config.info)}, re=message.id)
+            return Message(Kind.INFO, {"info": self._info}, re=message.id)
         size = message.get("reply_bytes", 0)
         if size > self.config.limits.max_tensor_bytes:
             return error_reply(f"reply_bytes {size} over the limit of {self.config.limits.max_tensor_bytes}", message)

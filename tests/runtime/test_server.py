@@ -173,6 +173,17 @@ def test_info_must_be_sendable():
         ServerConfig(info={"when": object()})
 
 
+async def test_published_info_is_what_info_answers(server):
+    config_info = dict(server.config.info)
+    async with PeerClient(server.address) as peer:
+        server.publish_info({"announcement": "v2", "peers": [{"id": "x"}]})
+        assert await peer.info() == {"announcement": "v2", "peers": [{"id": "x"}]}
+        with pytest.raises(ValueError):
+            server.publish_info({"when": object()})
+        assert await peer.info() == {"announcement": "v2", "peers": [{"id": "x"}]}  # the last good one stays
+    assert server.config.info == config_info  # the frozen config is never mutated
+
+
 async def test_an_oversized_frame_is_never_accepted(tiny_model_dir):
     from swarm.runtime.wire import WireLimits
 
