@@ -313,11 +313,27 @@ class SwarmSource:
         live = set(self.directory.live)
         lost = tuple(sorted(names[a] for a, pid in by_address.items() if pid not in live or pid in suspect_ids))
         try:
-            planned = await self.plan(gather=False)
+            planned = await self._plan_now()
         except InfeasibleError as exc:
             raise StageLost(not_enough_memory(exc, len(live), self.directory.diagnostic())) from None
         self.current = planned
         return Replanned(planned.stages, lost)
+
+    async def _plan_now(self) -> SourcePlan:
+        """A plan over the peers live now. Enough memory but no chain of measured links (a
+        peer that joined lately, not yet probed) is worth the wait for the links; too
+        little memory fails at once."""
+        try:
+            return await self.plan(gather=False)
+        except InfeasibleError as exc:
+            if exc.needed_bytes > exc.available_bytes or self.links_complete():
+                raise
+        log.info("re-planning: waiting for links to be measured")
+        deadline = time.monotonic() + self.config.links_timeout_s
+        version = self.directory.version
+        while not self.links_complete() and time.monotonic() < deadline and not self.directory.closed:
+            version = await self.directory.wait_change(version, 0.1)
+        return await self.plan(gather=False)
 
     async def _watch_stages(self) -> None:
         """Tell the pipeline at once when the directory drops a peer that holds a stage."""
