@@ -337,9 +337,16 @@ class Pipeline:
             seq = self._seqs[slot] = _Sequence(slot, sampling, one_shot)
             seq.idle.set()
         try:
-            async with self._control:
+            try:
+                async with self._control:
+                    self._check_usable()
+                    await self.deployment.open_slots([slot], sampling)
+            except PeerError as exc:
+                # A stage lost under the OPEN: the recovery reopens every registered slot, this one too.
+                self.stage_lost((), f"opening slot {slot}: {exc}")
+                if self._recovery is not None:
+                    await asyncio.wait({self._recovery})  # not `await task`: leaving here must not cancel it
                 self._check_usable()
-                await self.deployment.open_slots([slot], sampling)
         except BaseException:
             await self._free(seq)
             raise
