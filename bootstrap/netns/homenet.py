@@ -23,7 +23,7 @@ which one is the source) and the link rates per direction. Here each device gets
 
 The source device runs no peer: whoever drives the scenario (benchmarks/testbed.py, the
 slow test) starts its own source process there with `Homenet.popen(SOURCE, ...)`.
-Teardown finds everything by the tag (namespaces `<tag>-*`, cgroups `swarm-homenet/<tag>-*`,
+Teardown finds everything by the tag (namespaces `<tag>-*`, cgroups `swarm-homenet-<tag>-*`,
 the state file), so `down` cleans up after a crash, a SIGKILL or a Ctrl-C of `up` too.
 Needs root, iproute2 (ip, tc) and a cpu cgroup controller. Standard library only.
 """
@@ -47,9 +47,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = REPO / "peers" / "scenarios"
 STATE_DIR = Path(os.environ.get("SWARM_HOMENET_STATE", "/run/swarm-homenet"))
+LOG_DIR = Path(os.environ.get("SWARM_HOMENET_LOGS", "/tmp/swarm-homenet-logs"))
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
 CGROUP_V2 = Path("/sys/fs/cgroup")
-CGROUP_PARENT = "swarm-homenet"
+CGROUP_PREFIX = "swarm-homenet-"  # flat at the root: each device weighs like one ordinary process
 SUBNET = "10.77.0"
 UNSHAPED = "10gbit"  # the default class: ARP, mDNS multicast and anything not to a known peer
 MTU = 1500
@@ -171,13 +172,21 @@ def cgroup_kind() -> str | None:
 
 
 def cgroup_root() -> Path:
-    return (CGROUP_V1 if cgroup_kind() == "v1" else CGROUP_V2) / CGROUP_PARENT
+    return CGROUP_V1 if cgroup_kind() == "v1" else CGROUP_V2
+
+
+def cgroup_path(tag: str, name: str) -> Path:
+    # Flat, not nested under one parent: a parent group would weigh as a single process
+    # against everything else on the machine, so all devices together would get one
+    # process's share of a busy CPU and the quotas would never be what limits them.
+    return cgroup_root() / f"{CGROUP_PREFIX}{tag}-{name}"
 
 
 def make_cgroup(path: Path, cpus: float, period_us: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     quota = max(1000, int(cpus * period_us))  # the kernel's least quota is 1 ms
     if cgroup_kind() == "v1":
+        (path / "cpu.shares").write_text("1024")  # the weight of one ordinary process
         (path / "cpu.cfs_period_us").write_text(str(period_us))
         (path / "cpu.cfs_quota_us").write_text(str(quota))
     else:
@@ -239,7 +248,7 @@ class Homenet:
         return f"{self.tag}-{name}"
 
     def cgroup(self, name: str) -> Path:
-        return cgroup_root() / f"{self.tag}-{name}"
+        return cgroup_path(self.tag, name)
 
     def ip(self, name: str) -> str:
         return ip_of(self.scenario.index(name))
@@ -248,7 +257,8 @@ class Homenet:
         return STATE_DIR / f"{self.tag}.json"
 
     def work_dir(self) -> Path:
-        return STATE_DIR / self.tag
+        """Logs of the peers and the source: kept after teardown, for the post-mortem."""
+        return LOG_DIR / self.tag
 
     # ------------------------------------------------------------ up
 
@@ -393,11 +403,59 @@ class Homenet:
         return removed
 
 
+class SourceAgent:
+    """bootstrap/netns/source_agent.py in the source's namespace and cgroup; JSON lines."""
+
+    def __init__(self, net: "Homenet", log_path: Path) -> None:
+        src = net.scenario.source
+        peers = len(net.scenario.devices) - 1
+        argv = [net.python, "bootstrap/netns/source_agent.py", net.ip(src.name), src.name, str(peers),
+                str(net.probe_interval_s)]
+        if src.mem:
+            argv.append(str(parse_bytes(src.mem)))
+        with open(log_path, "w") as err:
+            self.proc = net.popen(src.name, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise RuntimeError(f"the source agent exited:\n{log_path.read_text()[-3000:]}")
+        self.peer_id = json.loads(ready)["ready"]
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the source agent exited")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"source agent: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        """End of input: the agent leaves the swarm and exits (killed after 30 s)."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+def parse_bytes(text: str) -> int:
+    """'512M' -> bytes (as swarm join --mem reads it)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+
+
 def teardown(tag: str) -> list[str]:
     """Remove everything of `tag`: processes, namespaces (their veths and qdiscs go with them),
     cgroups, state. Idempotent; returns what it removed."""
     removed = []
-    groups = sorted(cgroup_root().glob(f"{tag}-*")) if cgroup_kind() else []
+    groups = sorted(cgroup_root().glob(f"{CGROUP_PREFIX}{tag}-*")) if cgroup_kind() else []
     spaces = namespaces(f"{tag}-")
     pids = {pid for g in groups for pid in cgroup_pids(g)}
     for ns in spaces:
@@ -418,7 +476,6 @@ def teardown(tag: str) -> list[str]:
     state = STATE_DIR / f"{tag}.json"
     if state.exists():
         state.unlink()
-    shutil.rmtree(STATE_DIR / tag, ignore_errors=True)
     return removed
 
 
@@ -457,7 +514,7 @@ def leftovers(tag: str) -> list[str]:
     """What of `tag` still exists (for tests): namespaces, cgroups, state."""
     found = [f"netns {ns}" for ns in namespaces(f"{tag}-")]
     if cgroup_kind():
-        found += [f"cgroup {g}" for g in cgroup_root().glob(f"{tag}-*")]
+        found += [f"cgroup {g}" for g in cgroup_root().glob(f"{CGROUP_PREFIX}{tag}-*")]
     if (STATE_DIR / f"{tag}.json").exists():
         found.append(f"state {STATE_DIR / f'{tag}.json'}")
     return found

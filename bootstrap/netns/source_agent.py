@@ -36,6 +36,14 @@ from swarm.model.units import ModelLayout
 from swarm.source import SourceConfig, SwarmSource
 
 
+# The emulated links go down to a fraction of a Mbit/s. A probe of the default size
+# (64 + 256 KiB, three rounds) takes many seconds there, and the heartbeats to that peer
+# wait behind it on the same connection: so smaller probes (the htb burst is one MTU,
+# far below them) and a liveness that tolerates a few seconds' wait.
+PROBE_BYTES = 16 * 1024
+LIVENESS = LivenessConfig(interval_s=1.0, timeout_s=4.0, misses=5)
+
+
 async def unit_times(source: SwarmSource, problem: dict) -> dict:
     """peer id -> per-unit prefill and decode seconds (the problem itself has only their mean)."""
     out = {source.peer_id: {"prefill_s": [u["prefill_s"] for u in source.profile["units"]],
@@ -85,8 +93,8 @@ async def run_stages(source: SwarmSource, req: dict) -> dict:
 
 
 async def main(interface: str, name: str, min_peers: int, probe_interval: float, mem: int | None) -> None:
-    config = SourceConfig(interfaces=[interface], name=name, min_peers=min_peers, mem_bytes=mem,
-                          liveness=LivenessConfig(interval_s=0.5), probe=ProbeConfig(interval_s=probe_interval))
+    config = SourceConfig(interfaces=[interface], name=name, min_peers=min_peers, mem_bytes=mem, liveness=LIVENESS,
+                          probe=ProbeConfig(interval_s=probe_interval, min_bytes=PROBE_BYTES, max_bytes=PROBE_BYTES))
     async with SwarmSource(config) as source:
         print(json.dumps({"ready": source.peer_id}), flush=True)
         loop = asyncio.get_running_loop()
