@@ -48,32 +48,7 @@ from swarm.planner.simulate import simulate_pipeline  # noqa: E402
 from swarm.planner.strategies import run_strategy  # noqa: E402
 
 MBIT = 1e6 / 8
-LINK_SETTLE_S = 120.0  # longest wait for the probes to measure a re-shaped link
-LINK_MATCH = 0.3  # measured within 30% of the shaping counts as measured
 TOLERANCE = 0.15
-
-
-# ---------------------------------------------------------------- links
-
-def measured_mbit(problem: dict, names: dict[str, str], a: str, b: str) -> float:
-    ids = problem["peer_ids"]
-    by_name = {names[pid]: i for i, pid in enumerate(ids)}
-    return problem["bandwidth"][by_name[a]][by_name[b]] / MBIT
-
-
-def wait_for_links(agent: SourceAgent, names: dict[str, str], expect: dict[tuple[str, str], float], say) -> dict:
-    """Ask for the problem until the probes measured the shaped links (or LINK_SETTLE_S passed)."""
-    began = time.monotonic()
-    while True:
-        answer = agent.ask(op="problem")
-        got = {pair: measured_mbit(answer["problem"], names, *pair) for pair in expect}
-        if all(abs(got[p] - mbit) <= LINK_MATCH * mbit for p, mbit in expect.items()):
-            return answer
-        if time.monotonic() - began > LINK_SETTLE_S:
-            say(f"  links still measure {({f'{a}->{b}': round(v, 2) for (a, b), v in got.items()})} Mbit/s "
-                f"(shaped {({f'{a}->{b}': v for (a, b), v in expect.items()})}); going on with the measurement")
-            return answer
-        time.sleep(2.0)
 
 
 # ---------------------------------------------------------------- cases and predictions (pure)
@@ -156,6 +131,7 @@ def predict(case: Case, problem: Problem, unit_times: list[dict], prompt_tokens:
                             input_tokens=prompt_tokens, generated_tokens=new_tokens,
                             prefill_stage_times_s=prefill_stage, prefill_hop_times_s=hop_times(prompt_tokens))
     return {"ms_per_token": sim.round_trip_s * 1e3, "tokens_per_s": sim.tokens_per_s,
+            "hops_ms_per_token": sum(hop_times(1)) * 1e3, "compute_ms_per_token": sum(decode_stage) * 1e3,
             "first_token_s": sum(prefill_stage) + sum(hop_times(prompt_tokens)),
             "busy_share": list(sim.busy_share), "planner_latency_ms": case.plan.latency_s * 1e3,
             "planner_cycle_ms": case.plan.cycle_s * 1e3}
@@ -214,18 +190,27 @@ def measure_setting(agent: SourceAgent, net: Homenet, mbit: float, repeats: int,
     for a, b in scenario.sweep_links:
         net.shape(a, b, mbit)
     names = {agent.peer_id: scenario.source.name, **{pid: n for n, pid in net.peer_ids.items()}}
-    expect = {pair: mbit for pair in scenario.sweep_links}  # the links just re-shaped
-    answer = wait_for_links(agent, names, expect, say)
+    answer = agent.ask(op="problem")
     data = answer["problem"]
     ids = data["peer_ids"]
     dev_names = [names[pid] for pid in ids]
     data["devices"] = [{**d, "name": n} for d, n in zip(data["devices"], dev_names)]
+    # Plan and predict with the rates the testbed enforces (a bulk transfer through the shaping
+    # measures them within 4%); what the source's probes measured is kept beside them: at a few
+    # Mbit/s under a CPU quota they scatter (docs/testbed.md), and the cost model is what is tested.
+    measured_mbit = [[b / MBIT for b in row] for row in data["bandwidth"]]
+    shaped = {**scenario.rates, **{pair: mbit for pair in scenario.sweep_links}}
+    data["bandwidth"] = [[0.0 if i == j else shaped[(u, v)] * MBIT for j, v in enumerate(dev_names)]
+                         for i, u in enumerate(dev_names)]
     problem = Problem.from_json(data)
     unit_times = [answer["unit_times"][pid] for pid in ids]
     cloud = "cloud" if "cloud" in dev_names else None
     sequences = int(workload.get("sequences", 4))
     cases = build_cases(problem, unit_times, sequences, cloud)
     prompt, new = int(workload.get("prompt_tokens", 32)), int(workload.get("new_tokens", 96))
+    # Throughput runs keep `sequences` in flight; on a shared 2-vCPU machine each of those
+    # tokens costs seconds, so the scenario may shorten them (the steady rate is the same).
+    new_for = {"latency": new, "throughput": int(workload.get("throughput_new_tokens", new))}
     distinct = list(dict.fromkeys(c.key() for c in cases))
     runs: dict[tuple, list[dict]] = {k: [] for k in distinct}
     total, done, began = repeats * len(distinct), 0, time.monotonic()
@@ -234,7 +219,7 @@ def measure_setting(agent: SourceAgent, net: Homenet, mbit: float, repeats: int,
         order = distinct[r % len(distinct):] + distinct[:r % len(distinct)]  # interleave: rotate per repeat
         for key in order:
             case = next(c for c in cases if c.key() == key)
-            run = run_case(agent, net, case, ids, prompt, new)
+            run = run_case(agent, net, case, ids, prompt, new_for[case.kind])
             runs[key].append(run)
             done += 1
             eta = (time.monotonic() - began) / done * (total - done)
@@ -244,7 +229,7 @@ def measure_setting(agent: SourceAgent, net: Homenet, mbit: float, repeats: int,
     rows = []
     for case in cases:
         measured = runs[case.key()]
-        pred = predict(case, problem, unit_times, prompt, new)
+        pred = predict(case, problem, unit_times, prompt, new_for[case.kind])
         med = {k: statistics.median(r[k] for r in measured) for k in ("ms_per_token", "tokens_per_s", "first_token_s")}
         busy = [statistics.median(r["busy_share"][k] for r in measured) for k in range(len(case.plan.stages))]
         throttled = {n: statistics.median(r["cgroups"][n]["throttled_share"] for r in measured)
@@ -253,10 +238,14 @@ def measure_setting(agent: SourceAgent, net: Homenet, mbit: float, repeats: int,
         rows.append({"strategy": case.strategy, "kind": case.kind, "mode": case.mode,
                      "micro_batches": case.micro_batches, "plan": describe(case.plan, dev_names),
                      "devices": [dev_names[s.device] for s in case.plan.stages],
-                     "predicted": pred, "measured": {**med, "busy_share": busy},
+                     "predicted": pred,
+                     # one sequence: the part of a token's time no stage was computing (hops, wake-ups)
+                     "measured": {**med, "busy_share": busy,
+                                  "not_computing_ms_per_token": med["ms_per_token"] * max(0.0, 1 - sum(busy))},
                      "load": statistics.median(r["load"][1] for r in measured), "throttled_share": throttled,
                      "cpu_share": cpu, "runs": measured})
-    return {"mbit": mbit, "problem": problem.to_json(), "rows": rows}
+    return {"mbit": mbit, "problem": problem.to_json(), "devices": dev_names, "probed_mbit": measured_mbit,
+            "rows": rows}
 
 
 def error(row: dict) -> float:
@@ -268,12 +257,12 @@ def report(results: dict) -> str:
     lines = [f"scenario {results['scenario']}: {results['about']}", ""]
     for setting in results["settings"]:
         lines.append(f"source-cloud {setting['mbit']:g} Mbit/s")
-        lines.append(f"  {'strategy':30s} {'plan':40s} {'predicted':>11s} {'measured':>11s} {'diff':>6s}  load")
+        lines.append(f"  {'strategy':30s} {'plan':48s} {'predicted':>11s} {'measured':>11s} {'diff':>6s}  load")
         for row in setting["rows"]:
             unit, key, fmt = (("ms/tok", "ms_per_token", "{:.0f}") if row["kind"] == "latency"
                               else ("tok/s", "tokens_per_s", "{:.2f}"))
             name = row["strategy"] + ("" if row["kind"] == "latency" else " [tput]")
-            lines.append(f"  {name:30s} {row['plan'][:40]:40s} {fmt.format(row['predicted'][key]):>7s} {unit:3s} "
+            lines.append(f"  {name:30s} {row['plan'][:48]:48s} {fmt.format(row['predicted'][key]):>7s} {unit:3s} "
                          f"{fmt.format(row['measured'][key]):>7s} {unit:3s} {error(row):+6.0%}  {row['load']:.1f}")
         lines.append("")
     return "\n".join(lines)
