@@ -298,16 +298,19 @@ def main() -> int:
                "settings": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results["about"] = json.loads(Path(REPO / "peers" / "scenarios" / f"{scenario.name}.json").read_text())["about"]
     say(f"bringing up {scenario.name} ({', '.join(f'{d.name} {d.cpus:g} cpu' for d in scenario.devices)}) ...")
-    agent = None
+    agent, finished = None, False
     try:
         net.up(reprofile=args.reprofile)
         agent = SourceAgent(net, net.work_dir() / "source.log")
         say(f"source {agent.peer_id} ready; load {os.getloadavg()[0]:.1f}")
         for mbit in args.mbit or scenario.sweep_mbit or [None]:
             results["settings"].append(measure_setting(agent, net, mbit, args.repeats, workload, say))
+            if args.out:  # after every setting: an interrupted run keeps what it measured
+                args.out.write_text(json.dumps(results, indent=1))
+        finished = True
     finally:
         if agent is not None:
-            agent.close()
+            agent.close(30.0 if finished else 3.0)
         removed = net.down()
         say(f"torn down: {len(removed)} namespaces and cgroups removed")
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -431,12 +431,13 @@ class SourceAgent:
             raise RuntimeError(f"source agent: {answer['error']}")
         return answer
 
-    def close(self) -> None:
-        """End of input: the agent leaves the swarm and exits (killed after 30 s)."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """End of input: the agent finishes what it runs, leaves the swarm and exits (killed
+        after timeout_s; pass a short one when interrupted)."""
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
