@@ -292,7 +292,11 @@ def main() -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def interrupted(signum, frame):  # `kill`: tear down as for Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)  # also when started in the background (SIGINT ignored there)
     net = Homenet(scenario, args.tag or f"tb-{scenario.name}", python=sys.executable, log=say)
     results = {"scenario": scenario.name, "about": "", "workload": workload, "repeats": args.repeats,
                "settings": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
