@@ -7,8 +7,8 @@ noisy) but "is another plan now clearly better". Two gates keep it cheap and sta
 1. some link's hop time for the model's activation moved by at least ``min_change``
    (relative), else nothing is planned at all;
 2. the best plan for the new links beats the deployed plan, costed on the same new
-   links, by at least ``min_gain`` (relative) in the objective, or the deployed plan
-   now uses a link that no longer exists.
+   links, by at least ``min_gain`` (relative) and ``min_gain_s`` (absolute) in the
+   objective, or the deployed plan now uses a link that no longer exists.
 
 Costing the deployed plan on the new links (rather than comparing with what was
 predicted when it was made) is what makes this a decision about plans, not figures.
@@ -26,6 +26,10 @@ from swarm.planner.problem import InfeasibleError, Problem
 
 MIN_LINK_CHANGE = 0.25  # relative change of a hop time before the plan is reconsidered
 MIN_GAIN = 0.05  # relative improvement a new plan must promise to be worth redeploying
+# ...and in absolute terms: a redeploy reloads shards (about a second), which a gain under
+# 2 ms per token does not pay back within a typical answer; it also keeps round-trip noise
+# on a fast network (tenths of a ms) from swapping between near-equal plans.
+MIN_GAIN_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ def hop_change(old: Problem, bandwidth: np.ndarray, latency: np.ndarray) -> floa
 
 
 def decide(problem: Problem, deployed: Sequence[Stage], bandwidth, latency, objective: str = "latency",
-           inflight: int = 1, min_change: float = MIN_LINK_CHANGE, min_gain: float = MIN_GAIN) -> ReplanDecision:
+           inflight: int = 1, min_change: float = MIN_LINK_CHANGE, min_gain: float = MIN_GAIN,
+           min_gain_s: float = MIN_GAIN_S) -> ReplanDecision:
     """Should the source re-plan, now that the links measure ``bandwidth`` [M][M] bytes/s and
     ``latency`` [M][M] s (same device order as ``problem``, the one the deployed plan was made for)?"""
     from swarm.planner.api import plan_ours
@@ -78,8 +83,9 @@ def decide(problem: Problem, deployed: Sequence[Stage], bandwidth, latency, obje
     value = objective_value(best, objective)
     if tuple(best.stages) == tuple(deployed):
         return ReplanDecision(False, "links moved, the deployed plan is still the best", current, value, best)
-    if value < current * (1 - min_gain):
+    if value < current * (1 - min_gain) and current - value >= min_gain_s:
         return ReplanDecision(True, f"links moved ({change:.0%}): a new plan is {current / value:.2f}x better "
                                     f"({current * 1e3:.1f} -> {value * 1e3:.1f} ms)", current, value, best)
-    return ReplanDecision(False, f"links moved ({change:.0%}), but the best plan gains under {min_gain:.0%}",
+    return ReplanDecision(False, f"links moved ({change:.0%}), but the best plan gains under {min_gain:.0%} "
+                                 f"or {min_gain_s * 1e3:g} ms",
                           current, value, best)

@@ -66,6 +66,15 @@ def test_a_moved_link_that_the_plan_does_not_depend_on_changes_nothing():
     assert not d.replan and d.best is not None and tuple(d.best.stages) == tuple(deployed)
 
 
+def test_a_gain_too_small_to_pay_for_a_redeploy_keeps_the_plan():
+    p = trio()
+    deployed = plan_ours(p, "latency").stages
+    slowed = trio(rate_src_a=1.0)
+    assert decide(p, deployed, slowed.bandwidth, slowed.latency).replan
+    d = decide(p, deployed, slowed.bandwidth, slowed.latency, min_gain_s=1.0)  # one second per token
+    assert not d.replan and names(slowed, d.best.stages) == ["src", "b"]
+
+
 def test_a_vanished_link_forces_a_new_plan():
     p = trio()
     deployed = plan_ours(p, "latency").stages
@@ -91,7 +100,7 @@ def test_decision_matches_brute_force_on_random_link_changes(objective):
         bw = p.bandwidth * rng.choice([0.1, 1.0, 10.0], size=p.bandwidth.shape)
         new = Problem(**{**p.__dict__, "bandwidth": bw})
         after = all_plans(new)
-        d = decide(p, deployed, bw, p.latency, objective, m, min_change=0.0, min_gain=0.05)
+        d = decide(p, deployed, bw, p.latency, objective, m, min_change=0.0, min_gain=0.05, min_gain_s=0.0)
         if not after:
             assert not d.replan
             continue
