@@ -102,9 +102,25 @@ def plot_all(results: dict, out: Path) -> list[Path]:
         axes[0][0].set_ylabel("busy share")
         axes[0][0].legend(fontsize=7)
         save(fig, "busy_share.png")
-    (out / "tables.md").write_text(tables(results))
+    (out / "tables.md").write_text(table_iv(results) + "\n" + tables(results))
     written.append(out / "tables.md")
     return written
+
+
+def table_iv(results: dict) -> str:
+    """Table IV's layout at the first setting: latency and throughput per strategy, predicted / measured."""
+    s = results["settings"][0]
+    pick = {(r["strategy"], r["kind"]): r for r in s["rows"]}
+    lines = [f"source-cloud {s['mbit']:g} Mbit/s; latency = decode ms/token of one sequence, "
+             f"throughput = tokens/s with {results['workload'].get('sequences', 4)} sequences in flight", "",
+             "| strategy | latency predicted | latency measured | throughput predicted | throughput measured |",
+             "|---|---|---|---|---|"]
+    for name, tput in (("Edge-Solo", "Edge-Solo"), ("Cloud-Edge-Even", "Cloud-Edge-Even"),
+                       ("Cloud-Edge-Opt", "Cloud-Edge-Opt"), ("EdgeShard", "EdgeShard No-Bubbles")):
+        lat, thr = pick.get((name, "latency")), pick.get((tput, "throughput"))
+        lines.append(f"| {name} | {lat['predicted']['ms_per_token']:.0f} | {lat['measured']['ms_per_token']:.0f} | "
+                     f"{thr['predicted']['tokens_per_s']:.2f} | {thr['measured']['tokens_per_s']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def tables(results: dict) -> str:
