@@ -556,7 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "up":
         net = Homenet(Scenario.load(args.scenario), args.tag, tie_to_parent=False)
         print(f"bringing up {net.scenario.name} as {net.tag} ...", file=sys.stderr)
-        net.up(reprofile=args.reprofile)
+        try:
+            net.up(reprofile=args.reprofile)
+        except KeyboardInterrupt:
+            print("interrupted: everything torn down", file=sys.stderr)
+            return 130
         for d in net.scenario.devices:
             role = "source (start yours here)" if d.source else f"peer {net.peer_ids[d.name]}"
             print(f"{d.name:6s} ns {net.ns(d.name):14s} {net.ip(d.name):12s} {d.cpus:.2f} cpu  {role}")
