@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bootstrap.netns.homenet import Homenet, Scenario, SourceAgent, cannot_run, cgroup_pids, cpu_stat  # noqa: E402
-from swarm.planner.api import plan_ours  # noqa: E402
+from swarm.planner.exact import plan_ours  # noqa: E402
 from swarm.planner.plan import Plan  # noqa: E402
 from swarm.planner.problem import InfeasibleError, Problem  # noqa: E402
 from swarm.planner.simulate import simulate_pipeline  # noqa: E402

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from swarm.planner.plan import Plan, Stage, evaluate
+from swarm.planner.plan import Plan, PlannedStage, evaluate
 from swarm.planner.problem import InfeasibleError, Problem
 
 MIN_LINK_CHANGE = 0.25  # relative change of a hop time before the plan is reconsidered
@@ -61,12 +61,12 @@ def hop_change(old: Problem, bandwidth: np.ndarray, latency: np.ndarray) -> floa
     return float(np.max(np.abs(a[both] - b[both]) / np.maximum(b[both], 1e-12)))
 
 
-def decide(problem: Problem, deployed: Sequence[Stage], bandwidth, latency, objective: str = "latency",
+def decide(problem: Problem, deployed: Sequence[PlannedStage], bandwidth, latency, objective: str = "latency",
            inflight: int = 1, min_change: float = MIN_LINK_CHANGE, min_gain: float = MIN_GAIN,
            min_gain_s: float = MIN_GAIN_S) -> ReplanDecision:
     """Should the source re-plan, now that the links measure ``bandwidth`` [M][M] bytes/s and
     ``latency`` [M][M] s (same device order as ``problem``, the one the deployed plan was made for)?"""
-    from swarm.planner.api import plan_ours
+    from swarm.planner.exact import plan_ours
 
     change = hop_change(problem, np.asarray(bandwidth, float), np.asarray(latency, float))
     if change < min_change:

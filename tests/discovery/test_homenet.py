@@ -15,8 +15,8 @@ import pytest
 
 from bootstrap.netns.homenet import Homenet, Scenario, SourceAgent, cannot_run, leftovers, namespaces
 from swarm.model import hf
-from swarm.planner.api import plan_ours
-from swarm.planner.plan import Stage
+from swarm.planner.exact import plan_ours
+from swarm.planner.plan import PlannedStage
 from swarm.planner.problem import Problem
 from swarm.planner.replan import decide
 from tests.model.reference import reference_generate
@@ -72,7 +72,7 @@ def test_trio_runs_exact_tokens_replans_on_a_slowed_link_and_leaves_nothing(smol
         # (swarm.planner.replan.decide) says a new plan is clearly better, and the source
         # must then deploy exactly the plan the planner gives for the links as measured.
         deployed_problem, order = _measured(agent, ids)
-        deployed = [Stage(order.index(n), a, b) for n, a, b in before]
+        deployed = [PlannedStage(order.index(n), a, b) for n, a, b in before]
         fast = deployed_problem["bandwidth"][order.index("src")][order.index(offloaded_to)] / MBIT
         net.shape("src", offloaded_to, SLOW_MBIT)
         decision, deadline = None, time.monotonic() + LINK_TIMEOUT_S

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from swarm.planner.api import plan_ours
-from swarm.planner.plan import Stage
+from swarm.planner.exact import plan_ours
 from swarm.planner.problem import Problem
 from swarm.planner.replan import decide
 
