@@ -256,8 +256,27 @@ class SwarmSource:
     # ------------------------------------------------------------ deploying and generating
 
     def needs_replan(self) -> bool:
-        """A peer joined or left since the deployed plan was made."""
-        return self.current is None or self.current.peer_ids != frozenset(self.directory.live)
+        """A peer joined or left since the deployed plan was made, or the links moved
+        enough that another plan is now clearly better (swarm.planner.replan)."""
+        if self.current is None or self.current.peer_ids != frozenset(self.directory.live):
+            return True
+        return self._links_changed_the_plan()
+
+    # -- issue 14: re-planning on link changes; kept in one place for the issue-11 merge --
+    def _links_changed_the_plan(self) -> bool:
+        """The deployed plan's problem with the links measured now: does the best plan change?"""
+        from swarm.discovery.problem import link_matrices
+        from swarm.planner.replan import decide
+
+        links = links_from_announcements([r.announcement for r in self.directory.live.values()])
+        links.update({(self.peer_id, pid): link for pid, link in self.prober.links.items()})
+        links.update({(pid, self.peer_id): link for pid, link in self.prober.links_back.items()})
+        bandwidth, latency = link_matrices(self.current.problem["peer_ids"], links)
+        decision = decide(Problem.from_json(self.current.problem), self.current.plan.stages, bandwidth, latency,
+                          OBJECTIVES[self.config.objective], self.config.micro_batches)
+        if decision.replan:
+            log.info("re-planning: %s", decision.reason)
+        return decision.replan
 
     async def deploy(self) -> SourcePlan:
         """Plan over the live swarm and (re)deploy if the stages changed; open sequences

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A namespaced local testbed: peers in their own network namespaces on one bridge,
+# A namespaced local testbed (the scenario-driven one, with CPU quotas and per-pair
+# shaping, is homenet.py next to this): peers in their own network namespaces on one bridge,
 # each upload (and optionally download) shaped with tc tbf. Needs root and iproute2.
 #
 #   testbed.sh up TAG NAME:MBIT [NAME:MBIT ...]   namespaces TAG-hub (bridge) and TAG-NAME,
