@@ -262,7 +262,6 @@ class SwarmSource:
             return True
         return self._links_changed_the_plan()
 
-    # -- issue 14: re-planning on link changes; kept in one place for the issue-11 merge --
     def _links_changed_the_plan(self) -> bool:
         """The deployed plan's problem with the links measured now: does the best plan change?"""
         from swarm.discovery.problem import link_matrices
