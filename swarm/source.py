@@ -246,6 +246,14 @@ class SwarmSource:
             await self.deploy()
         return self._pipeline
 
+    async def open_session(self, sampling=None):
+        """A new sequence in the deployed pipeline (re-planned first if the peer set
+        changed); waits while every slot is taken. ``async with`` closes it."""
+        from swarm.model.sampling import GREEDY
+
+        pipe = await self.pipeline()
+        return await pipe.open_session(sampling or GREEDY)
+
     async def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling=None,
                        stop_ids: Sequence[int] = ()) -> AsyncIterator[int]:
         """Stream one request's token ids through the swarm."""
