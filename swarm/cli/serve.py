@@ -22,8 +22,10 @@ from swarm.chat.engines import BackendError
 from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
 
 DEFAULT_PORT = 8000
-DEFAULT_MICRO_BATCHES = 4  # >= the stages of a small swarm, so no stage idles (No-Bubbles)
-DEFAULT_BATCH_SIZE = 8  # 4 x 8 = 32 requests generate at once; more wait for a slot
+# One micro-batch per device that computes keeps each busy (No-Bubbles); more only split
+# the same requests into more, smaller steps (docs/serve.md has the measurements).
+DEFAULT_MICRO_BATCHES = 2
+DEFAULT_BATCH_SIZE = 16  # 2 x 16 = 32 requests generate at once; more wait for a slot
 DEFAULT_MAX_LEN = 1024  # per request; the KV caches hold slots x max_len positions
 
 

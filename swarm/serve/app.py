@@ -174,7 +174,7 @@ class ApiServer:
         created = int(time.time())
         # aclosing: the deltas end (and the turn is cancelled) before the session closes, even
         # when the client went away and this handler was cancelled mid-answer.
-        async with session, contextlib.aclosing(g.stream(session, prompt, max_tokens, req.stop, answer)) as deltas:
+        async with session, contextlib.aclosing(g.stream(session, req, prompt, max_tokens, answer)) as deltas:
             if req.stream:
                 return await self._stream(request, req, deltas, answer, request_id, created)
             text = "".join([delta async for delta in deltas])

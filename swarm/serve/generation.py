@@ -105,22 +105,23 @@ class Generator:
         finally:
             self.waiting -= 1
 
-    async def stream(self, session: Any, prompt: list[int], max_tokens: int, stop_strings: tuple[str, ...],
+    async def stream(self, session: Any, request: GenerationRequest, prompt: list[int], max_tokens: int,
                      answer: Answer) -> AsyncIterator[str]:
         """Text deltas of one answer; ``answer`` holds the counts and finish reason at the end.
 
         A stop string ends the turn at once (the slot is freed when the session closes)."""
-        text = AnswerText(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), stop_strings,
+        stop_ids = frozenset() if request.ignore_eos else self.stop_ids
+        text = AnswerText(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), request.stop,
                           self.stop_ids)
         self.active += 1
         try:
-            async with contextlib.aclosing(session.generate(prompt, max_tokens, self.stop_ids)) as tokens:
+            async with contextlib.aclosing(session.generate(prompt, max_tokens, stop_ids)) as tokens:
                 async for token in tokens:
                     answer.completion_tokens += 1
                     self.generated += 1
                     if delta := text.push(token):
                         yield delta
-                    if token in self.stop_ids or text.stopped:
+                    if token in stop_ids or text.stopped:
                         answer.finish_reason = "stop"
                         break
         except PeerError as exc:

@@ -58,6 +58,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens, past end-of-sequence (benchmarks)
 
     @property
     def chat(self) -> bool:
@@ -157,8 +158,11 @@ def _common(body: Mapping) -> dict[str, Any]:
         top_k=_integer(body, "top_k", 0),
         seed=_integer(body, "seed", -(2 ** 63)),
     )
+    ignore_eos = _boolean(body, "ignore_eos")
+    if ignore_eos and max_tokens is None:
+        raise bad_field("max_tokens", "required with 'ignore_eos'")
     return dict(model=model, max_tokens=max_tokens, sampling=sampling, stop=_stop(body), stream=stream,
-                include_usage=include_usage)
+                include_usage=include_usage, ignore_eos=ignore_eos)
 
 
 def _text_content(content: Any, where: str) -> str:

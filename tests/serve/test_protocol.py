@@ -32,6 +32,7 @@ def test_a_chat_request_is_read_field_by_field():
     # max_completion_tokens is the newer name and wins; unset fields stay None (the server's defaults)
     req = parse_chat_request(chat(max_tokens=7, max_completion_tokens=9))
     assert req.max_tokens == 9 and req.sampling == protocol.Sampling() and not req.stream
+    assert parse_chat_request(chat(max_tokens=4, ignore_eos=True)).ignore_eos  # vLLM's extension
 
 
 def test_message_content_as_text_parts_and_developer_role():
@@ -52,6 +53,7 @@ def test_message_content_as_text_parts_and_developer_role():
     (chat(stop=[""]), "stop"),
     (chat(stream_options={"include_usage": True}), "stream_options"),
     (chat(n=2), "n"),
+    (chat(ignore_eos=True), "max_tokens"),  # an answer without end needs a length
     (chat(logprobs=True), "logprobs"),
     (chat(tools=[{"type": "function"}]), "tools"),
     (chat(frequency_penalty=0.5), "frequency_penalty"),
