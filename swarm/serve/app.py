@@ -36,6 +36,7 @@ from swarm.view.from_source import snapshot_from_source
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0  # per-stage busy share and tokens/s are measured over this interval
+SHUTDOWN_GRACE_S = 3.0  # on Ctrl-C, answers still running get this long before they are cancelled
 MAX_BODY_BYTES = 8 * 2 ** 20
 
 
@@ -48,6 +49,7 @@ class ServeConfig:
     api_key: str | None = None  # when set, every /v1 request needs "Authorization: Bearer KEY"
     defaults: SamplingParams = GREEDY  # for requests that leave temperature / top_p / seed out
     stats_interval_s: float = STATS_INTERVAL_S
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
 
 
 class ApiServer:
@@ -82,7 +84,8 @@ class ApiServer:
         self._stack = contextlib.AsyncExitStack()
         try:
             # handler_cancellation: a client that disconnects cancels its handler, which frees its slot.
-            self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+            self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                                         shutdown_timeout=self.config.shutdown_grace_s)
             await self._runner.setup()
             self._stack.push_async_callback(self._runner.cleanup)
             site = web.TCPSite(self._runner, self.config.host, self.config.port)

@@ -101,7 +101,7 @@ class Generator:
             live = len(self.source.directory.live) if self.source.directory is not None else 0
             raise unavailable(no_swarm_reason(exc, live)) from None
         except PeerError as exc:
-            raise unavailable(f"the swarm is re-planning after a peer was lost: {exc}") from None
+            raise unavailable(f"a peer of the swarm did not answer: {exc}") from None
         finally:
             self.waiting -= 1
 
