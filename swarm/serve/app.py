@@ -200,13 +200,16 @@ class ApiServer:
         if req.chat:  # OpenAI's first chunk names the role
             await response.write(sse_event(protocol.chat_chunk(request_id, created, model,
                                                                {"role": "assistant", "content": ""})))
+        # Once the headers are sent, an error travels as the stream's last event.
         try:
             async for delta in deltas:
                 await response.write(sse_event(chunk(delta)))
-        except ApiError as exc:  # the headers are gone: the error travels as the stream's last event
-            await response.write(sse_event(exc.body()))
-            await response.write_eof()
-            return response
+        except ApiError as exc:
+            return await _end_with_error(response, exc)
+        except Exception as exc:  # e.g. the pipeline closed under a running answer (Ctrl-C)
+            log.exception("%s failed mid-stream", request.path)
+            return await _end_with_error(response, ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                            type="server_error"))
         await response.write(sse_event(chunk(None, answer.finish_reason)))
         if req.include_usage:
             await response.write(sse_event(protocol.usage_chunk(request_id, created, model, req.chat,
@@ -233,6 +236,12 @@ class ApiServer:
                 self._stats, self._notes = tuple(await pipeline.stage_stats()), ()
             except PeerError as exc:
                 self._stats, self._notes = (), (f"stage statistics unavailable: {exc}",)
+
+
+async def _end_with_error(response: web.StreamResponse, error: ApiError) -> web.StreamResponse:
+    await response.write(sse_event(error.body()))
+    await response.write_eof()
+    return response
 
 
 async def _json_body(request: web.Request) -> Any:
