@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("swarm.cli.chat", "chat with a model split across the swarm"),
     "generate": ("swarm.cli.generate", "generate a completion for one or more prompts"),
+    "serve": ("swarm.cli.serve", "serve the swarm as an OpenAI-compatible HTTP API"),
     "join": ("swarm.cli.join", "profile this device, serve shards and announce it"),
     "peers": ("swarm.cli.peers", "list the peers announced on the network"),
     "top": ("swarm.cli.top", "live topology view of the swarm"),

@@ -1,0 +1,1 @@
+"""`swarm serve`: the OpenAI-compatible HTTP API (protocol, text, generation, app, state)."""

@@ -1,0 +1,134 @@
+"""One validated request through the swarm: prompt ids, a pipeline session, text deltas.
+
+Every request holds one session (one KV slot) of the source's pipeline from before
+its first token until its last; the pipeline admits and retires sequences between
+steps, so concurrent requests share micro-batches instead of queueing behind each
+other. The source calls made here are exactly ``source.open_session(sampling)``
+and, on the session, ``generate(prompt, max_new_tokens, stop_ids)`` and ``aclose()``
+(through ``async with``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Collection
+
+from swarm.model import hf
+from swarm.model.sampling import SamplingParams
+from swarm.planner.problem import InfeasibleError
+from swarm.runtime.client import PeerError
+from swarm.serve.protocol import ApiError, GenerationRequest, bad_field, context_error
+from swarm.serve.text import AnswerText
+
+log = logging.getLogger(__name__)
+
+
+def unavailable(reason: str) -> ApiError:
+    return ApiError(503, reason, type="service_unavailable", code="swarm_unavailable")
+
+
+def no_swarm_reason(exc: InfeasibleError, live_peers: int) -> str:
+    hint = ("no peers found: start `swarm join` on another device, or `swarm serve --local 2` to start peers here"
+            if live_peers == 0 else
+            f"{live_peers} peer(s) live: add peers (`swarm join`), give them more memory (--mem), "
+            "or shorten the context (--max-len)")
+    return f"no swarm can be formed: {exc}; {hint}"
+
+
+@dataclass
+class Answer:
+    """What one request produced; filled in while it streams."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+
+
+class Generator:
+    """Turns requests into pipeline sessions and token ids into text."""
+
+    def __init__(self, source: Any, tokenizer: Any, max_len: int, defaults: SamplingParams,
+                 stop_ids: Collection[int]) -> None:
+        self.source, self.tokenizer, self.max_len = source, tokenizer, max_len
+        self.defaults, self.stop_ids = defaults, frozenset(stop_ids)
+        self.active = 0  # requests holding a session now
+        self.waiting = 0  # requests waiting for a session (every slot taken, or planning)
+        self.generated = 0  # tokens generated since start
+        self.served = 0  # requests finished
+        # The first deployment (or a retry after "no swarm") runs once, not once per waiting request.
+        self._deploying = asyncio.Lock()
+        self._deployed = False
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.chat:
+            return hf.chat_token_ids(self.tokenizer, list(request.messages))
+        if isinstance(request.prompt, tuple):
+            vocab = len(self.tokenizer)
+            if max(request.prompt) >= vocab:
+                raise bad_field("prompt", f"token ids must be below the vocabulary size {vocab}")
+            return list(request.prompt)
+        return list(self.tokenizer(request.prompt)["input_ids"])
+
+    def sampling(self, request: GenerationRequest) -> SamplingParams:
+        asked, d = request.sampling, self.defaults
+        return SamplingParams(
+            temperature=d.temperature if asked.temperature is None else asked.temperature,
+            top_k=d.top_k if asked.top_k is None else asked.top_k,
+            top_p=d.top_p if asked.top_p is None else asked.top_p,
+            seed=d.seed if asked.seed is None else asked.seed)
+
+    def budget(self, request: GenerationRequest, prompt: list[int]) -> int:
+        """max_tokens, or what the context leaves; 400 context_length_exceeded if it cannot fit."""
+        error = context_error(len(prompt), request.max_tokens, self.max_len)
+        if error is not None:
+            raise error
+        return request.max_tokens or self.max_len - len(prompt)
+
+    async def open_session(self, sampling: SamplingParams):
+        """A session of the deployed pipeline; 503 with the reason when no swarm can be formed."""
+        try:
+            self.waiting += 1
+            if self._deployed:
+                return await self.source.open_session(sampling)
+            async with self._deploying:
+                session = await self.source.open_session(sampling)
+                self._deployed = True
+                return session
+        except InfeasibleError as exc:
+            live = len(self.source.state().announcements)
+            raise unavailable(no_swarm_reason(exc, live)) from None
+        except PeerError as exc:
+            raise unavailable(f"a peer of the swarm did not answer: {exc}") from None
+        finally:
+            self.waiting -= 1
+
+    async def stream(self, session: Any, request: GenerationRequest, prompt: list[int], max_tokens: int,
+                     answer: Answer) -> AsyncIterator[str]:
+        """Text deltas of one answer; ``answer`` holds the counts and finish reason at the end.
+
+        A stop string ends the turn at once (the slot is freed when the session closes)."""
+        stop_ids = frozenset() if request.ignore_eos else self.stop_ids
+        text = AnswerText(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), request.stop,
+                          self.stop_ids)
+        self.active += 1
+        try:
+            async with contextlib.aclosing(session.generate(prompt, max_tokens, stop_ids)) as tokens:
+                async for token in tokens:
+                    answer.completion_tokens += 1
+                    self.generated += 1
+                    if delta := text.push(token):
+                        yield delta
+                    if token in stop_ids or text.stopped:
+                        answer.finish_reason = "stop"
+                        break
+        except PeerError as exc:
+            raise unavailable(f"a peer of the swarm was lost mid-answer: {exc}") from None
+        finally:
+            self.active -= 1
+        answer.finish_reason = answer.finish_reason or "length"
+        if rest := text.finish():
+            yield rest
+        self.served += 1
