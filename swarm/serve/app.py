@@ -26,7 +26,6 @@ from typing import Any, Collection
 from aiohttp import web
 
 from swarm.model.sampling import GREEDY, SamplingParams
-from swarm.runtime.client import PeerError
 from swarm.serve import protocol
 from swarm.serve.generation import Answer, Generator
 from swarm.serve.protocol import ApiError, GenerationRequest
