@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from swarm.chat.engines import BackendError, SourceView, SwarmEngine
-from swarm.cli.common import resolve_model_with_status
+from swarm.cli.common import add_quant_argument, resolve_model_with_status
 from swarm.cli.profile import parse_bytes
 from swarm.view.snapshot import SwarmSnapshot
 
@@ -47,6 +47,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                         help="a peer to ask directly, for networks that block multicast")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for this process (and each local peer)")
+    add_quant_argument(parser)  # the swarm's weights: only peers joined with the same --quant take part
     parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens (KV cache size)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -117,7 +118,7 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
             task = progress.add_task(f"starting {args.local} local peers", total=args.local, what="")
             local = LocalSwarm.for_model(
                 model_dir, args.local, slots=micro_batches * batch_size, max_len=args.max_len, threads=args.threads,
-                log_dir=cache_root() / "local-peers",
+                log_dir=cache_root() / "local-peers", quant=args.quant,
                 extra_args=args.local_peer_args or (),
                 on_ready=lambda done, total, name: progress.update(task, completed=done, what=name))
             try:
@@ -129,13 +130,13 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
     with _progress(console) as progress:
         task = progress.add_task("profiling this device", total=None, what="")
         profile = (await asyncio.to_thread(
-            profile_device, model_dir, threads=args.threads,
+            profile_device, model_dir, threads=args.threads, quant=args.quant,
             on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
     settings = {"interfaces": _interfaces(args), "seeds": tuple(args.peer), **local_settings}
     if args.mem is not None:
         settings["mem_bytes"] = args.mem
     return SourceConfig(model=model_dir, name=socket.gethostname(), threads=args.threads, profile=profile,
-                        max_len=args.max_len, objective=objective, micro_batches=micro_batches,
+                        max_len=args.max_len, quant=args.quant, objective=objective, micro_batches=micro_batches,
                         batch_size=batch_size, **settings)
 
 
@@ -197,7 +198,8 @@ async def _single_process(args: argparse.Namespace, model_dir: Path, console: Co
     layout = ModelLayout.read(model_dir)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("loading the model", total=1)
-        shard = await asyncio.to_thread(Shard.load, model_dir, 0, layout.num_units, max_len=args.max_len)
+        shard = await asyncio.to_thread(Shard.load, model_dir, 0, layout.num_units, max_len=args.max_len,
+                                        quant=args.quant)
         progress.advance(task)
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)

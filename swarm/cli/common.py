@@ -20,6 +20,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights and activations (default: float32 on CPU, float16 on CUDA/MPS)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add_quant_argument(parser)
+
+
+def add_quant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quant", default=None, choices=["int8", "int4"],
+                        help="weight-only quantization on CPU: int8 per output channel, int4 in groups of 32 "
+                             "(default: none, the checkpoint's weights in --dtype)")
 
 
 def default_dtype(device: str) -> str:

@@ -11,6 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
+from swarm.cli.common import add_quant_argument
+
 LONELY_S = 10.0  # after this long alone, say what discovery tried and heard
 
 DEFAULT_INTERFACES_HELP = ("IPv4 address of an interface to announce on (repeatable). Default: every "
@@ -24,6 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", default=socket.gethostname(), help="name shown to other peers")
     p.add_argument("--mem", type=parse_bytes, help="usable memory limit, e.g. 2G or 512M")
     p.add_argument("--threads", type=int, default=1, help="torch threads for this peer (default 1)")
+    add_quant_argument(p)
     add_network_args(p)
     p.add_argument("--port", type=int, default=0, help="shard server (control) port (default: any free port)")
     p.add_argument("--data-port", type=int,
@@ -61,7 +64,7 @@ def load_profile(args, model_dir) -> dict:
         return json.loads(args.profile.read_text())
     from swarm.discovery.peer import measure_profile
 
-    return measure_profile(model_dir, args.threads, args.mem)
+    return measure_profile(model_dir, args.threads, args.mem, args.quant)
 
 
 def run(args) -> int:
@@ -78,6 +81,9 @@ def run(args) -> int:
 
     model_dir = resolve_model_or_exit(args.model, Console(stderr=True))
     profile = load_profile(args, model_dir)
+    if args.profile and args.quant != profile["model"].get("quant"):
+        raise SystemExit(f"error: --quant {args.quant} but the profile {args.profile} was measured with "
+                         f"{profile['model'].get('quant') or 'no'} quantization")
     mem = profile["device"]["mem_bytes"] if args.mem is None else min(args.mem, profile["device"]["mem_bytes"])
     liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)
     probe = ProbeConfig() if args.probe_interval is None else ProbeConfig(interval_s=args.probe_interval)
@@ -85,6 +91,7 @@ def run(args) -> int:
                         data_port=args.data_port if args.data_port is not None else (args.port + 1 if args.port else 0),
                         seeds=tuple(args.peer),
                         mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
+                        quant=profile["model"].get("quant"),
                         liveness=liveness, probe=probe)
 
     async def main() -> None:

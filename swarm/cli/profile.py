@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_or_exit(args.model, err_console)
     dtype = args.dtype or default_dtype(args.device)
     with unit_progress(err_console, "profiling") as on_unit:
-        profile = profile_device(model_dir, threads=args.threads, dtype=dtype, device=args.device,
+        profile = profile_device(model_dir, threads=args.threads, dtype=dtype, device=args.device, quant=args.quant,
                                  mem_limit=args.mem, use_cache=not args.refresh, on_unit=on_unit)
     data = profile.to_json()
     cached = profile_cache_path(profile.device.name, profile.model.fingerprint, dtype, args.threads, args.device)
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data))
         return 0
-    table = Table(title=f"{profile.model.name} on {profile.device.name}, {args.threads} thread(s), {dtype}")
+    table = Table(title=f"{profile.model.name} on {profile.device.name}, {args.threads} thread(s), {dtype}"
+                  + (f", {args.quant} weights" if args.quant else ""))
     for column in ("unit", "prefill ms", "decode ms", "avg ms", "weights MB", "KV B/token", "out B/token"):
         table.add_column(column, justify="left" if column == "unit" else "right")
     for u in profile.units:

@@ -49,6 +49,7 @@ class PipelineConfig:
     mode: Mode = Mode.NO_BUBBLES
     max_len: int = 512  # KV cache positions per slot (prompt + every turn + generated)
     dtype: str = "float32"
+    quant: str | None = None  # int8 | int4 weights (issue 15), in this process and on every peer
     # A turn whose next token takes longer than this fails with PeerError (a stage died or
     # hangs); its micro-batch is written off so the rest carry on, and redeploy() can replace the plan.
     token_timeout_s: float = 60.0
@@ -216,7 +217,7 @@ class Pipeline:
     async def _deploy(self, plan: tuple[Stage, ...]) -> Deployment:
         check_plan(plan, ModelLayout.read(self.config.model_dir).num_units)
         dep = Deployment(self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
-                         dtype=self.config.dtype, on_message=self._on_peer_message,
+                         dtype=self.config.dtype, quant=self.config.quant, on_message=self._on_peer_message,
                          control_timeout_s=self.config.control_timeout_s)
         await dep.__aenter__()
         local = {**self._local, "queued": 0}
