@@ -11,7 +11,8 @@ and int4 (``--quant``), and, when ``--llama-cpp DIR`` holds a llama.cpp build
 llama.cpp F32, Q8_0 and Q4_0 (same prompt length, new tokens and threads; its
 Q8_0/Q4_0 files are made from the F32 one). Also: a per-operation profile of one
 float32 and one int4 decode step (torch.profiler, ms per step), each format's
-weight bytes, and token agreement with float32.
+weight bytes, and token agreement with float32. Each shard and transformers path
+is timed on the wall clock and on its thread's CPU clock (steadier on a shared machine).
 
     python benchmarks/bench_shard.py [--runs 5] [--threads 1] [--json]
         [--llama-cpp PATH/TO/build/bin --gguf smollm2-f32.gguf]
@@ -49,21 +50,27 @@ LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q4_0")
 
 
 class StepClock:
-    """A generate() streamer that only records when each new token arrived."""
+    """A generate() streamer that only records when each new token arrived (wall and CPU clocks)."""
 
     def __init__(self) -> None:
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
 
     def put(self, value) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(now())
 
     def end(self) -> None:
         pass
 
 
-def decode_ms_per_token(times: list[float]) -> float:
-    """Mean gap between consecutive new tokens (prefill excluded), in ms."""
-    return 1000 * (times[-1] - times[0]) / (len(times) - 1)
+def now() -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds): on a shared machine the CPU clock leaves out
+    the time other processes held the core, so it is the steadier of the two."""
+    return time.perf_counter(), time.thread_time()
+
+
+def decode_ms_per_token(times: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean gap between consecutive new tokens (prefill excluded), in ms: (wall, CPU)."""
+    return tuple(1000 * (times[-1][i] - times[0][i]) / (len(times) - 1) for i in (0, 1))
 
 
 def time_transformers(model, prompt: list[int]) -> tuple[float, list[int]]:
@@ -76,7 +83,7 @@ def time_transformers(model, prompt: list[int]) -> tuple[float, list[int]]:
 def time_shard(chain: LocalChain, prompt: list[int]) -> tuple[float, list[int]]:
     times, tokens = [], []
     for step in stream_generate(chain, [prompt], NEW_TOKENS):
-        times.append(time.perf_counter())
+        times.append(now())
         tokens.append(step[0][1])
     return decode_ms_per_token(times), tokens
 
@@ -115,13 +122,13 @@ def llama_cpp_files(bin_dir: Path, f32: Path) -> dict[str, Path]:
     return files
 
 
-def time_llama_cpp(bin_dir: Path, gguf: Path, threads: int) -> float:
+def time_llama_cpp(bin_dir: Path, gguf: Path, threads: int) -> tuple[float, None]:
     """llama-bench's decode ms/token: NEW_TOKENS tokens after a PROMPT_TOKENS-token context, one repetition."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(NEW_TOKENS),
            "-d", str(PROMPT_TOKENS), "-r", "1", "-o", "jsonl"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
-    return result["avg_ns"] / 1e6 / result["n_gen"]
+    return result["avg_ns"] / 1e6 / result["n_gen"], None  # llama-bench reports wall time only
 
 
 def main() -> None:
@@ -159,22 +166,30 @@ def main() -> None:
     for run in runners.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runners}
     tokens: dict[str, list[int]] = {}
     names = list(runners)
     for r in range(args.runs):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: no path always first or last
         for name in order:
-            ms, out = runners[name]()
+            (ms, cpu_ms), out = runners[name]()
             times[name].append(ms)
+            if cpu_ms is not None:
+                cpu_times[name].append(cpu_ms)
             if out is not None:
                 tokens[name] = out
     base = statistics.median(times["shard float32"])
+    cpu_base = statistics.median(cpu_times["shard float32"])
     f32_tokens = tokens["shard float32"]
     paths = {}
     for name, values in times.items():
         median = statistics.median(values)
         entry = {"ms_per_token": round(median, 2), "ratio_to_shard_float32": round(median / base, 3),
                  "runs_ms": [round(v, 2) for v in values]}
+        if cpu_times[name]:
+            cpu = statistics.median(cpu_times[name])
+            entry.update(cpu_ms_per_token=round(cpu, 2), cpu_ratio_to_shard_float32=round(cpu / cpu_base, 3),
+                         cpu_runs_ms=[round(v, 2) for v in cpu_times[name]])
         if name in chains:
             entry["weight_bytes"] = chains[name].shards[0].weight_bytes
         if name in tokens:
@@ -195,7 +210,9 @@ def main() -> None:
     for name, e in paths.items():
         extra = f"  {e['weight_bytes'] / 1e6:7.1f} MB" if "weight_bytes" in e else " " * 12
         agree = f"  {e['tokens_equal_float32']}/{NEW_TOKENS} tokens as float32" if "tokens_equal_float32" in e else ""
-        print(f"  {name:22s} {e['ms_per_token']:7.2f} ms/token  x{e['ratio_to_shard_float32']:.2f}{extra}{agree}")
+        cpu = (f"  CPU {e['cpu_ms_per_token']:7.2f} ms x{e['cpu_ratio_to_shard_float32']:.2f}"
+               if "cpu_ms_per_token" in e else " " * 21)
+        print(f"  {name:22s} wall {e['ms_per_token']:7.2f} ms/token x{e['ratio_to_shard_float32']:.2f}{cpu}{extra}{agree}")
     print(f"shard float32 == transformers generate: {result['shard_float32_same_tokens_as_transformers']}")
     if llama_skipped:
         print(f"llama.cpp skipped: {llama_skipped}")
