@@ -15,6 +15,7 @@ the slot lengths stay in step across stages without being sent.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -169,6 +170,8 @@ class Shard:
         config = hf.load_config(model_dir)
         modules = hf.build_unit_modules(config, start, end, device)
         _materialize(modules, layout, dtype, device, quant)
+        if quant:
+            _return_freed_memory()  # the float32 weights quantized away
         block_ids = [m.self_attn.layer_idx for m in modules.layers]
         cache = SlotKVCache(block_ids, max_slots, max_len, layout.num_kv_heads, layout.head_dim, dtype, device)
         shard = cls(layout, start, end, modules, cache, dtype, device, time.perf_counter() - began, quant)
@@ -326,6 +329,15 @@ def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtyp
                 embedding_weight = module.weight.data
         elif role == "head" and quant:
             modules.head = quantization.quantize_head(module, quant).eval()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that quantizing freed back to the OS (glibc keeps it otherwise), so the
+    resident size is the shard's, as the planner counts it. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _read_tensors(layout: ModelLayout, names: list[str], dtype: torch.dtype, device: torch.device,
