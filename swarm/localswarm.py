@@ -65,13 +65,15 @@ def local_budgets(unit_mem: Sequence[int], peers: int) -> Budgets:
     return Budgets(source, peer)
 
 
-def unit_memory(model_dir: Path, slots: int, max_len: int, dtype: str = "float32") -> list[int]:
+def unit_memory(model_dir: Path, slots: int, max_len: int, dtype: str = "float32",
+                quant: str | None = None) -> list[int]:
     """Bytes per unit as the planner counts them: weights + a KV cache of slots x max_len."""
     from swarm.model.units import ModelLayout
 
     layout = ModelLayout.read(model_dir)
     kv_tokens = slots * max_len
-    return [w + kv * kv_tokens for w, kv in zip(layout.unit_weight_bytes(dtype), layout.kv_bytes_per_token(dtype))]
+    return [w + kv * kv_tokens
+            for w, kv in zip(layout.unit_weight_bytes(dtype, quant), layout.kv_bytes_per_token(dtype))]
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class LocalSwarmConfig:
     interface: str = "127.0.0.1"
     log_dir: Path | None = None  # each peer's stderr goes to peer-<i>.log here; None: discarded
     extra_args: tuple[str, ...] = ()  # more `swarm join` options (tests shorten heartbeats)
+    quant: str | None = None  # every peer joins with this --quant
     # No multicast: the peers find each other (and the source finds them) through
     # --peer seeds only, so a local swarm never mixes with other swarms on the machine.
     isolated: bool = True
@@ -135,11 +138,12 @@ class LocalSwarm:
 
     @classmethod
     def for_model(cls, model_dir: Path, peers: int, *, slots: int = 1, max_len: int = 512, threads: int = 1,
-                  log_dir: Path | None = None, extra_args: Sequence[str] = (),
+                  log_dir: Path | None = None, extra_args: Sequence[str] = (), quant: str | None = None,
                   on_ready: Callable[[int, int, str], None] | None = None) -> "LocalSwarm":
         """N peers whose budgets force a split of this model (``slots`` x ``max_len`` KV per unit)."""
-        budgets = local_budgets(unit_memory(model_dir, slots, max_len), peers)
-        config = LocalSwarmConfig(peers, budgets.peer, model_dir, threads, log_dir=log_dir, extra_args=tuple(extra_args))
+        budgets = local_budgets(unit_memory(model_dir, slots, max_len, quant=quant), peers)
+        config = LocalSwarmConfig(peers, budgets.peer, model_dir, threads, log_dir=log_dir, extra_args=tuple(extra_args),
+                                  quant=quant)
         return cls(config, on_ready, source_mem=budgets.source)
 
     def source_settings(self) -> dict:
@@ -154,6 +158,8 @@ class LocalSwarm:
                "--mem", str(c.mem_bytes), "--threads", str(c.threads)]
         if c.model is not None:
             cmd += ["--model", str(c.model)]
+        if c.quant:
+            cmd += ["--quant", c.quant]
         if c.isolated:
             # The data port is any free one (the source learns it by PING): the default,
             # --port + 1, may be taken, and two peers' ports may even be adjacent.

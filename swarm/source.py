@@ -86,6 +86,7 @@ class SourceConfig:
     batch_size: int = 1
     max_len: int = 512
     dtype: str = "float32"
+    quant: str | None = None  # int8 | int4 weights (issue 15): the profile's fingerprint must say the same
     min_peers: int = 0  # plan as soon as this many peers are live (else after discovery_s)
     discovery_s: float = DISCOVERY_S
     links_timeout_s: float = LINKS_TIMEOUT_S
@@ -160,7 +161,8 @@ class SwarmSource:
 
             self.model_dir = await asyncio.to_thread(resolve_model, self.config.model)
         if self.profile is None:
-            self.profile = await asyncio.to_thread(measure_profile, self.model_dir, self.config.threads)
+            self.profile = await asyncio.to_thread(measure_profile, self.model_dir, self.config.threads,
+                                                   None, self.config.quant)
         fingerprint = short_fingerprint(self.profile["model"]["fingerprint"])
         self.directory = await self._stack.enter_async_context(Directory(DirectoryConfig(
             interfaces=self.config.interfaces, seeds=self.config.seeds, mdns=self.config.mdns, fingerprint=fingerprint,
@@ -290,7 +292,7 @@ class SwarmSource:
                     raise RuntimeError("deploying needs a model folder (SourceConfig.model)")
                 config = PipelineConfig(
                     self.model_dir, planned.stages, layout=Layout(self.config.micro_batches, self.config.batch_size),
-                    mode=Mode.NO_BUBBLES, max_len=self.config.max_len, dtype=self.config.dtype,
+                    mode=Mode.NO_BUBBLES, max_len=self.config.max_len, dtype=self.config.dtype, quant=self.config.quant,
                     step_timeout_s=self.config.step_timeout_s)
                 self.current = planned  # the replanner reads it as soon as the pipeline runs
                 self._pipeline = await self._stack.enter_async_context(

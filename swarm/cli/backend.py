@@ -20,8 +20,8 @@ from rich.console import Console
 
 from swarm.chat.engines import BackendError, TokenRate
 from swarm.cli.common import resolve_model_with_status
-from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_threads_option,
-                              interfaces_from)
+from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_quant_option,
+                              add_threads_option, interfaces_from)
 from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--no-swarm", action="store_true", help="run the whole model in this process")
     add_network_options(parser)
     add_threads_option(parser, who="this process and each local peer")
+    add_quant_option(parser)  # the swarm's weights: only peers joined with the same --quant take part
     parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens (KV cache size)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -121,7 +122,7 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
             task = progress.add_task(f"starting {args.local} local peers", total=args.local, what="")
             local = LocalSwarm.for_model(
                 model_dir, args.local, slots=micro_batches * batch_size, max_len=args.max_len, threads=args.threads,
-                log_dir=cache_root() / "local-peers",
+                log_dir=cache_root() / "local-peers", quant=args.quant,
                 extra_args=args.local_peer_args or (),
                 on_ready=lambda done, total, name: progress.update(task, completed=done, what=name))
             try:
@@ -133,13 +134,13 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
     with _progress(console) as progress:
         task = progress.add_task("profiling this device", total=None, what="")
         profile = (await asyncio.to_thread(
-            profile_device, model_dir, threads=args.threads,
+            profile_device, model_dir, threads=args.threads, quant=args.quant,
             on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
     settings = {"interfaces": interfaces_from(args), "seeds": tuple(args.peer), "mdns": args.mdns, **local_settings}
     if args.mem is not None:
         settings["mem_bytes"] = args.mem
     return SourceConfig(model=model_dir, name=socket.gethostname(), threads=args.threads, profile=profile,
-                        max_len=args.max_len, objective=objective, micro_batches=micro_batches,
+                        max_len=args.max_len, quant=args.quant, objective=objective, micro_batches=micro_batches,
                         batch_size=batch_size, **settings)
 
 
@@ -206,7 +207,7 @@ async def _single_process(args: argparse.Namespace, model_dir: Path, console: Co
     units = ModelLayout.read(model_dir).num_units
     with console.status("loading the model"):
         pipeline = await stack.enter_async_context(Pipeline(PipelineConfig(
-            model_dir, (StagePlacement(None, 0, units),), max_len=args.max_len)))
+            model_dir, (StagePlacement(None, 0, units),), max_len=args.max_len, quant=args.quant)))
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     rate = TokenRate()

@@ -150,7 +150,8 @@ def generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, co
     dtype = dtype_from(args)
     with console.status("loading the model..."):
         chain = LocalChain.load(model_dir, [(0, num_units)], max_slots=len(prompts),
-                                max_len=max(map(len, prompts)) + args.max_new_tokens, dtype=dtype, device=args.device)
+                                max_len=max(map(len, prompts)) + args.max_new_tokens, dtype=dtype, device=args.device,
+                                quant=args.quant)
     out: list[list[int]] = [[] for _ in prompts]
     began = time.perf_counter()
     first = None

@@ -10,8 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
-from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_threads_option,
-                              interfaces_from)
+from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_quant_option,
+                              add_threads_option, interfaces_from)
 
 LONELY_S = 10.0  # after this long alone, say what discovery tried and heard
 LEAVE_TIMEOUT_S = 10.0  # on Ctrl-C / SIGTERM: longest wait for the source to move our stages away
@@ -24,6 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", default=socket.gethostname(), help="name shown to other peers")
     add_memory_option(p)
     add_threads_option(p, who="this peer")
+    add_quant_option(p)
     add_network_options(p)
     p.add_argument("--port", type=int, default=0, help="shard server (control) port (default: any free port)")
     p.add_argument("--data-port", type=int,
@@ -44,7 +45,7 @@ def load_profile(args, model_dir) -> dict:
         return json.loads(args.profile.read_text())
     from swarm.discovery.peer import measure_profile
 
-    return measure_profile(model_dir, args.threads, args.mem)
+    return measure_profile(model_dir, args.threads, args.mem, args.quant)
 
 
 def run(args) -> int:
@@ -61,6 +62,9 @@ def run(args) -> int:
 
     model_dir = resolve_model_or_exit(args.model, Console(stderr=True))
     profile = load_profile(args, model_dir)
+    if args.profile and args.quant != profile["model"].get("quant"):
+        raise SystemExit(f"error: --quant {args.quant} but the profile {args.profile} was measured with "
+                         f"{profile['model'].get('quant') or 'no'} quantization")
     mem = profile["device"]["mem_bytes"] if args.mem is None else min(args.mem, profile["device"]["mem_bytes"])
     liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)
     probe = ProbeConfig() if args.probe_interval is None else ProbeConfig(interval_s=args.probe_interval)
@@ -68,6 +72,7 @@ def run(args) -> int:
                         data_port=args.data_port if args.data_port is not None else (args.port + 1 if args.port else 0),
                         seeds=tuple(args.peer),
                         mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
+                        quant=profile["model"].get("quant"),
                         liveness=liveness, probe=probe)
 
     async def main() -> None:

@@ -11,6 +11,7 @@ import argparse
 import re
 
 from swarm.model.dtypes import FLOAT_DTYPES
+from swarm.model.units import QUANT_MODES
 
 DEFAULT_THREADS = 1
 
@@ -45,6 +46,12 @@ def add_device_options(parser: argparse.ArgumentParser, where: str = "") -> None
     parser.add_argument("--dtype", default=None, choices=sorted(FLOAT_DTYPES),
                         help=f"{where}weights and activations (default: float32 on CPU, float16 on CUDA/MPS)")
     parser.add_argument("--device", default="cpu", help=f"{where}cpu, cuda, cuda:N or mps (default: %(default)s)")
+
+
+def add_quant_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quant", default=None, choices=QUANT_MODES,
+                        help="weight-only quantization on CPU: int8 per output channel, int4 in groups of 32 "
+                             "(default: none, the checkpoint's weights in --dtype); peers mix only with the same")
 
 
 def add_network_options(parser: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from swarm.cli.common import check_device, resolve_model_or_exit, unit_progress
-from swarm.cli.options import (add_device_options, add_memory_option, add_model_option, add_threads_option,
-                              dtype_from)
+from swarm.cli.options import (add_device_options, add_memory_option, add_model_option, add_quant_option,
+                              add_threads_option, dtype_from)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_option(parser)
     add_threads_option(parser)
     add_device_options(parser)
+    add_quant_option(parser)
     add_memory_option(parser, help="cap the memory this device offers (e.g. 2G)")
     parser.add_argument("--out", type=Path, default=None, help="also write the profile JSON here")
     parser.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_or_exit(args.model, err_console)
     dtype = dtype_from(args)
     with unit_progress(err_console, "profiling") as on_unit:
-        profile = profile_device(model_dir, threads=args.threads, dtype=dtype, device=args.device,
+        profile = profile_device(model_dir, threads=args.threads, dtype=dtype, device=args.device, quant=args.quant,
                                  mem_limit=args.mem, use_cache=not args.refresh, on_unit=on_unit)
     data = profile.to_json()
     cached = profile_cache_path(profile.device.name, profile.model.fingerprint, dtype, args.threads, args.device)
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data))
         return 0
-    table = Table(title=f"{profile.model.name} on {profile.device.name}, {args.threads} thread(s), {dtype}")
+    table = Table(title=f"{profile.model.name} on {profile.device.name}, {args.threads} thread(s), {dtype}"
+                  + (f", {args.quant} weights" if args.quant else ""))
     for column in ("unit", "prefill ms", "decode ms", "avg ms", "weights MB", "KV B/token", "out B/token"):
         table.add_column(column, justify="left" if column == "unit" else "right")
     for u in profile.units:

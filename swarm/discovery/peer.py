@@ -31,6 +31,7 @@ class PeerConfig:
     threads: int = 1
     mem_bytes: int | None = None  # usable memory to announce; None = the profile's
     model_dir: str | None = None  # this peer's own copy of the profiled model, loaded on LOAD
+    quant: str | None = None  # int8 | int4: the weights it serves (the profile's fingerprint says so too)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -50,11 +51,11 @@ def activation_bytes(profile: dict) -> int:
     return int(per_token * profile.get("prefill_tokens", 32))
 
 
-def measure_profile(model_dir, threads: int, mem_limit: int | None = None) -> dict:
+def measure_profile(model_dir, threads: int, mem_limit: int | None = None, quant: str | None = None) -> dict:
     """This device's profile for the model as JSON (swarm.model.profile caches it)."""
     from swarm.model.profile import profile_device
 
-    return profile_device(model_dir, threads=threads, mem_limit=mem_limit).to_json()
+    return profile_device(model_dir, threads=threads, mem_limit=mem_limit, quant=quant).to_json()
 
 
 class SwarmPeer:
@@ -68,7 +69,7 @@ class SwarmPeer:
         models = {profile["model"]["fingerprint"]: config.model_dir} if config.model_dir else {}
         self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
                                                data_port=config.data_port, threads=config.threads, info={"profile": profile},
-                                               models=models))
+                                               models=models, quant=config.quant))
         self.directory = Directory(DirectoryConfig(
             interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
             fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)

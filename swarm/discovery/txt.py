@@ -51,6 +51,7 @@ class Announcement:
     seq: int = 0  # bumped on every change, so a reader can tell fresh from stale
     summarised: bool = False  # per-unit tables did not fit; fetch the profile over INFO
     protocol: int = PROTOCOL_VERSION
+    quant: str = ""  # "int8" | "int4" weights ("" = unquantized); the fingerprint covers it too
 
     def unit_times(self) -> list[float] | None:
         """Per-unit time in seconds as the planner uses it (mean of prefill and decode),
@@ -79,6 +80,7 @@ def from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None =
         num_units=len(units),
         links=dict(links or {}),
         seq=seq,
+        quant=str(profile["model"].get("quant") or ""),
     )
 
 
@@ -97,6 +99,8 @@ def encode(a: Announcement) -> dict[str, str]:
         "mem": str(a.mem_bytes), "thr": str(a.threads), "k": a.kind,
         "nu": str(a.num_units), "seq": str(a.seq),
     }
+    if a.quant:
+        base["q"] = a.quant
     links = ",".join(f"{pid}:{round(l.bandwidth / 1000)}:{_us(l.rtt)}" for pid, l in sorted(a.links.items()))
     full = {**base, **_chunked("pf", _ints(a.prefill_us)), **_chunked("dc", _ints(a.decode_us)),
             **_chunked("lk", links)}
@@ -129,7 +133,7 @@ def decode(props: dict) -> Announcement:
             peer_id=p["id"], name=p.get("n", p["id"]), fingerprint=p["fp"], mem_bytes=int(p["mem"]),
             threads=int(p.get("thr", "1")), kind=p.get("k", "cpu"), prefill_us=pf, decode_us=dc,
             num_units=num_units, links=links, seq=int(p.get("seq", "0")), summarised=summarised,
-            protocol=protocol,
+            protocol=protocol, quant=p.get("q", ""),
         )
     except TxtError:
         raise

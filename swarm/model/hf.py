@@ -9,6 +9,7 @@ upgrade touches one file, and the planner, runtime and view stay light.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,3 +169,56 @@ def reference_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.config._attn_implementation = "sdpa"
     return model.eval()
+
+
+# Public configs' shapes (random weights, no download) for memory and speed at scale.
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+}
+
+
+def save_random_checkpoint(out_dir: Path, shape: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                           on_unit: Callable[[int, int], None] | None = None) -> Path:
+    """A Llama of a public model's shape with random weights, written one layer at a time.
+
+    The model is never built in memory (an 8B shape in float32 would take 32 GB): the
+    skeleton is on the meta device, and each layer's tensors are drawn, written to a
+    safetensors file of their own (with an index, as large checkpoints are shipped)
+    and dropped. Weights ~ N(0, 0.02), norms 1, as the library initialises them.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1,
+                                      eos_token_id=2, rope_theta=500000.0)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    groups: dict[str, dict[str, tuple]] = {}
+    for name, tensor in skeleton.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        part = name.split(".")[2] if name.startswith("model.layers.") else name.split(".")[1]
+        groups.setdefault(part, {})[name] = tuple(tensor.shape)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, (part, tensors) in enumerate(groups.items()):
+        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        data = {}
+        for name, shape in tensors.items():
+            if name.endswith("norm.weight"):
+                data[name] = torch.ones(shape, dtype=dtype)
+            else:
+                data[name] = (torch.randn(shape, generator=generator) * config.initializer_range).to(dtype)
+            weight_map[name] = file
+        save_file(data, str(out_dir / file), metadata={"format": "pt"})
+        del data
+        if on_unit:
+            on_unit(i + 1, len(groups))
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.torch_dtype = dtype
+    config.save_pretrained(out_dir)
+    return out_dir

@@ -24,8 +24,9 @@ import psutil
 import torch
 
 from swarm.model.dtypes import dtype_name, torch_dtype
+from swarm.model.quant import check_quant
 from swarm.model.shard import Shard
-from swarm.model.store import cache_root, model_fingerprint
+from swarm.model.store import cache_root, weights_fingerprint
 from swarm.model.units import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ModelInfo:
     num_units: int
     dtype: str
     hidden_size: int
+    quant: str | None = None  # int8 | int4 weights; part of the fingerprint too
 
 
 @dataclass(frozen=True)
@@ -148,18 +150,20 @@ def measure_unit(shard: Shard) -> tuple[float, float]:
 
 
 def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", device: str = "cpu",
-                   mem_limit: int | None = None, use_cache: bool = True,
+                   quant: str | None = None, mem_limit: int | None = None, use_cache: bool = True,
                    on_unit: Callable[[int, int, str], None] | None = None) -> DeviceProfile:
     """Measure this device for the model in ``model_dir`` (cached per device and model).
 
     ``threads`` must be the torch thread count the peer will serve with; it is set here.
+    ``quant`` (int8 | int4) profiles the quantized units: their bytes and their times.
     """
     torch.set_num_threads(threads)
     torch_device = torch.device(device)
     layout = ModelLayout.read(model_dir)
     dtype = dtype_name(torch_dtype(dtype))
     mem = usable_memory(torch_device, mem_limit)
-    fingerprint = model_fingerprint(model_dir)
+    quant = check_quant(quant)
+    fingerprint = weights_fingerprint(model_dir, quant)
     name = device_name(torch_device)
     cache_file = profile_cache_path(name, fingerprint, dtype, threads, device)
     if use_cache and cache_file.exists():
@@ -170,7 +174,7 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
 
     began = time.perf_counter()
     names = layout.unit_names()
-    weights = layout.unit_weight_bytes(dtype)
+    weights = layout.unit_weight_bytes(dtype, quant)
     kv = layout.kv_bytes_per_token(dtype)
     out = layout.out_bytes_per_token(dtype)
     units = []
@@ -180,11 +184,11 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
         if weights[i] > mem:
             raise MemoryError(f"unit {names[i]} needs {weights[i] / 1e6:.0f} MB; this device has {mem / 1e6:.0f} MB usable")
         shard = Shard.load(model_dir, i, i + 1, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
-                           dtype=dtype, device=torch_device)
+                           dtype=dtype, device=torch_device, quant=quant)
         prefill, decode = measure_unit(shard)
         del shard  # one unit in memory at a time
         units.append(UnitProfile(names[i], weights[i], kv[i], out[i], prefill, decode))
-    model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size)
+    model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)
     profile = DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,
                             measured_s=time.perf_counter() - began)
     cache_file.parent.mkdir(parents=True, exist_ok=True)

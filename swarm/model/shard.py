@@ -15,6 +15,7 @@ the slot lengths stay in step across stages without being sent.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from swarm.model import hf
-from swarm.model.dtypes import torch_dtype
+from swarm.model import hf, quant as quantization
+from swarm.model.dtypes import dtype_name, torch_dtype
 from swarm.model.sampling import GREEDY, SamplingParams, sample_next
 from swarm.model.units import ModelLayout
 
@@ -118,9 +119,10 @@ class Shard:
     """Units [start, end) of a model, ready to run prefill and decode steps."""
 
     def __init__(self, layout: ModelLayout, start: int, end: int, modules: hf.UnitModules,
-                 cache: SlotKVCache, dtype: torch.dtype, device: torch.device, load_seconds: float):
+                 cache: SlotKVCache, dtype: torch.dtype, device: torch.device, load_seconds: float,
+                 quant: str | None = None):
         self.layout, self.start, self.end = layout, start, end
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.quant = dtype, device, quant
         self.embed, self.layers = modules.embed, modules.layers
         self.norm, self.head, self.rotary = modules.norm, modules.head, modules.rotary
         self._cache_kwarg = modules.cache_kwarg
@@ -132,8 +134,13 @@ class Shard:
     # ----------------------------------------------------------------- loading
     @classmethod
     def load(cls, model_dir: Path | str, start: int, end: int, *, max_slots: int = 1, max_len: int = 512,
-             dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> "Shard":
-        """Load units [start, end) of the checkpoint in ``model_dir``, reading only their tensors."""
+             dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+             quant: str | None = None) -> "Shard":
+        """Load units [start, end) of the checkpoint in ``model_dir``, reading only their tensors.
+
+        ``quant`` ("int8" or "int4", CPU only) quantizes the weights one module at a
+        time as they are read, so the float weights of the range are never all held.
+        """
         began = time.perf_counter()
         model_dir = Path(model_dir)
         layout = ModelLayout.read(model_dir)
@@ -141,15 +148,19 @@ class Shard:
             raise ValueError(f"unit range [{start}, {end}) is not inside [0, {layout.num_units})")
         if max_slots < 1 or max_len < 1:
             raise ValueError("max_slots and max_len must be positive")
-        dtype, device = torch_dtype(dtype), torch.device(device)
+        dtype, device, quant = torch_dtype(dtype), torch.device(device), quantization.check_quant(quant)
+        if quant and device.type != "cpu":
+            raise ValueError(f"--quant {quant} runs on torch's CPU kernels; {device} is not a CPU")
         config = hf.load_config(model_dir)
         modules = hf.build_unit_modules(config, start, end, device)
-        _materialize(modules, layout, dtype, device)
+        _materialize(modules, layout, dtype, device, quant)
+        if quant:
+            _return_freed_memory()  # the float32 weights quantized away
         block_ids = [m.self_attn.layer_idx for m in modules.layers]
         cache = SlotKVCache(block_ids, max_slots, max_len, layout.num_kv_heads, layout.head_dim, dtype, device)
-        shard = cls(layout, start, end, modules, cache, dtype, device, time.perf_counter() - began)
-        log.info("loaded units [%d, %d) in %.2fs: %.1f MB weights, %.1f MB KV cache", start, end,
-                 shard.load_seconds, shard.weight_bytes / 1e6, cache.nbytes / 1e6)
+        shard = cls(layout, start, end, modules, cache, dtype, device, time.perf_counter() - began, quant)
+        log.info("loaded units [%d, %d) in %.2fs: %.1f MB weights (%s), %.1f MB KV cache", start, end,
+                 shard.load_seconds, shard.weight_bytes / 1e6, quant or dtype_name(dtype), cache.nbytes / 1e6)
         return shard
 
     # ---------------------------------------------------------------- facts
@@ -179,11 +190,13 @@ class Shard:
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of the weights held (parameters and quantized buffers; shared storage counted once)."""
         seen: dict[int, int] = {}
         for module in [self.embed, self.norm, self.head, *self.layers]:
             if module is not None:
-                for p in module.parameters():
-                    seen[p.data_ptr()] = p.numel() * p.element_size()
+                for t in [*module.parameters(), *module.buffers()]:
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
 
     # ---------------------------------------------------------------- slots
@@ -262,35 +275,82 @@ def warm_up(model_dir: Path) -> None:
     hf.build_unit_modules(hf.load_config(Path(model_dir)), 0, 1, torch.device("meta"))
 
 
-def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtype, device: torch.device) -> None:
-    """Read exactly the tensors of this unit range from the checkpoint into the modules."""
-    locations = layout.tensor_locations
-    loaded: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name in modules.checkpoint_names:
-        source = name
-        if name == "lm_head.weight" and name not in locations and layout.tied_embeddings:
-            source = "model.embed_tokens.weight"
-        if source not in locations:
-            raise KeyError(f"{layout.model_dir}: checkpoint has no tensor {source!r}")
-        by_file.setdefault(locations[source][0], []).append((name, source))
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name, source in names:
-                if source in loaded:  # tied head beside the embedding: share one tensor
-                    loaded[name] = loaded[source]
-                    continue
-                loaded[name] = loaded[source] = f.get_tensor(source).to(device=device, dtype=dtype)
+def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtype, device: torch.device,
+                 quant: str | None) -> None:
+    """Read exactly the tensors of this unit range from the checkpoint into the modules.
+
+    One module at a time: its tensors are read, then its projections fused and,
+    with ``quant``, its linears quantized, before the next module is read.
+    """
+    by_module: dict[int, list[tuple[str, str]]] = {}
     for name, (module, attr) in modules.checkpoint_names.items():
-        *parents, leaf = attr.split(".")
-        owner = module
-        for part in parents:
-            owner = getattr(owner, part)
-        setattr(owner, leaf, nn.Parameter(loaded[name], requires_grad=False))
-    for module in [modules.embed, modules.norm, modules.head, *modules.layers]:
+        by_module.setdefault(id(module), []).append((name, attr))
+    read_dtype = torch.float32 if quant else dtype  # scales are computed from float32 weights
+    embedding_weight: torch.Tensor | None = None  # kept for a tied head in this shard
+    tied_head = layout.tied_embeddings and "lm_head.weight" not in layout.tensor_locations
+    for role, module in [("embed", modules.embed), *[("block", m) for m in modules.layers],
+                         ("norm", modules.norm), ("head", modules.head)]:
         if module is None:
             continue
+        if role == "head" and quant and tied_head and isinstance(modules.embed, quantization.Int8Embedding):
+            # the int8 embedding of this shard is the head's weight too: nothing to read
+            modules.head = quantization.quantize_head(module, quant, modules.embed).eval()
+            continue
+        tensors = _read_tensors(layout, [name for name, _ in by_module.get(id(module), [])], read_dtype, device,
+                                reuse={"model.embed_tokens.weight": embedding_weight})
+        for name, attr in by_module.get(id(module), []):
+            *parents, leaf = attr.split(".")
+            owner = module
+            for part in parents:
+                owner = getattr(owner, part)
+            tensor = tensors[name]
+            if quant and not (role in ("embed", "head") or (role == "block" and tensor.dim() == 2)):
+                tensor = tensor.to(dtype)  # norms and biases stay in the activation dtype
+            setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False))
         module.eval()
         leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if leftover:
             raise RuntimeError(f"tensors not found in the checkpoint: {leftover[:5]}")
+        if role == "block":
+            quantization.fuse_projections(module)
+            if quant:
+                quantization.quantize_layer(module, quant)
+        elif role == "embed":
+            if quant:
+                modules.embed = quantization.quantize_embedding(module, dtype)
+            elif modules.head is not None and tied_head:
+                embedding_weight = module.weight.data
+        elif role == "head" and quant:
+            modules.head = quantization.quantize_head(module, quant).eval()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that quantizing freed back to the OS (glibc keeps it otherwise), so the
+    resident size is the shard's, as the planner counts it. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_tensors(layout: ModelLayout, names: list[str], dtype: torch.dtype, device: torch.device,
+                  reuse: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors by name; a tied head reads (or reuses) the embedding's tensor."""
+    locations = layout.tensor_locations
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name in names:
+        source = name
+        if name == "lm_head.weight" and name not in locations and layout.tied_embeddings:
+            source = "model.embed_tokens.weight"
+        if reuse.get(source) is not None:  # tied head beside the embedding: share one tensor
+            out[name] = reuse[source]
+            continue
+        if source not in locations:
+            raise KeyError(f"{layout.model_dir}: checkpoint has no tensor {source!r}")
+        by_file.setdefault(locations[source][0], []).append((name, source))
+    for path, pairs in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name, source in pairs:
+                out[name] = f.get_tensor(source).to(device=device, dtype=dtype)
+    return out

@@ -123,3 +123,20 @@ def model_fingerprint(model_dir: Path) -> str:
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(value)
     return value
+
+
+def weights_fingerprint(model_dir: Path, quant: str | None = None) -> str:
+    """The fingerprint of the weights a peer actually serves: the checkpoint's, with the quantization folded in.
+
+    Unquantized it is ``model_fingerprint`` itself; int8 and int4 weights of the same
+    checkpoint get fingerprints of their own, so peers holding different weights never
+    join one pipeline (the announcement, the source's directory filter and LOAD all
+    compare fingerprints). ``QUANT_FORMAT`` changes when the quantized numbers would.
+    """
+    base = model_fingerprint(model_dir)
+    if quant is None:
+        return base
+    return hashlib.sha256(f"{base}|{quant}|{QUANT_FORMAT}".encode()).hexdigest()[:16]
+
+
+QUANT_FORMAT = "v1"  # int8 per output channel; int4 groups of 32 with scale and zero; int8 head and embedding

@@ -18,6 +18,27 @@ from swarm.model.dtypes import DTYPE_BYTES
 
 TOKEN_ID_BYTES = 8  # the head stage sends int64 token ids, never logits
 
+# Weight-only quantization (swarm.model.quant builds the modules; the byte counts
+# are here so the planner side can size a quantized model without torch).
+QUANT_MODES = ("int8", "int4")
+INT4_GROUP = 32  # weights per int4 scale/zero pair, along the input dimension (llama.cpp's Q4_0 uses 32 too)
+# The output head keeps int8 under int4: its errors land straight on the logits, and an int8
+# head shares its bytes with a tied int8 embedding (llama.cpp's Q4 files keep the head at 6-8 bits too).
+HEAD_QUANT = {"int8": "int8", "int4": "int8"}
+SCALE_BYTES = 2  # bfloat16 scales and zeros
+
+
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """Shapes torch's CPU int4 kernel takes; other matrices fall back to int8."""
+    return out_features % 16 == 0 and in_features % INT4_GROUP == 0
+
+
+def quantized_matrix_bytes(out_features: int, in_features: int, quant: str) -> int:
+    """Bytes of one [out, in] weight matrix held as ``quant`` (int4 falls back to int8 where it does not fit)."""
+    if quant == "int4" and int4_fits(out_features, in_features):
+        return out_features * in_features // 2 + (in_features // INT4_GROUP) * out_features * 2 * SCALE_BYTES
+    return out_features * in_features + out_features * SCALE_BYTES
+
 
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
@@ -105,8 +126,34 @@ class ModelLayout:
             counts[-1] += self.vocab_size * self.hidden_size  # the head holds its own copy
         return counts
 
-    def unit_weight_bytes(self, dtype: str) -> list[int]:
-        return [n * DTYPE_BYTES[dtype] for n in self.unit_param_counts()]
+    def unit_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
+        """Bytes each unit's weights occupy once loaded in ``dtype`` (and ``quant``, if any).
+
+        Quantized: every 2-D block weight is int8 or int4, the embedding int8 rows,
+        the head ``HEAD_QUANT[quant]``; norms and biases stay in ``dtype``.
+        """
+        if quant is None:
+            return [n * DTYPE_BYTES[dtype] for n in self.unit_param_counts()]
+        if quant not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {quant!r}")
+        out = [0] * self.num_units
+        tensors = {name: entry["shape"] for name, (_, entry) in self.tensor_locations.items()}
+        if self.tied_embeddings and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = [self.vocab_size, self.hidden_size]  # the head holds its own copy
+        for name, shape in tensors.items():
+            unit = unit_of_tensor(name, self.num_layers)
+            if len(shape) != 2:
+                size = 1
+                for d in shape:
+                    size *= d
+                out[unit] += size * DTYPE_BYTES[dtype]
+            elif name.startswith("lm_head."):
+                out[unit] += quantized_matrix_bytes(shape[0], shape[1], HEAD_QUANT[quant])
+            elif name.startswith("model.embed_tokens."):
+                out[unit] += quantized_matrix_bytes(shape[0], shape[1], "int8")
+            else:
+                out[unit] += quantized_matrix_bytes(shape[0], shape[1], quant)
+        return out
 
     def kv_bytes_per_token(self, dtype: str) -> list[int]:
         """KV cache bytes one token occupies in each unit (keys and values, blocks only)."""

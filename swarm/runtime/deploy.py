@@ -33,7 +33,7 @@ import zmq
 
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.model.shard import Shard
-from swarm.model.store import model_fingerprint
+from swarm.model.store import weights_fingerprint
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, Ready
 from swarm.runtime.wire import Kind, Message, encode
@@ -77,11 +77,11 @@ class Deployment:
     """A loaded plan. ``async with`` loads every stage; exit unloads the peers (idempotent)."""
 
     def __init__(self, model_dir: Path, plan: Sequence[StagePlacement], *, slots: int, max_len: int,
-                 dtype: str = "float32", on_message: Callable[[Message], None] | None = None,
-                 control_timeout_s: float = 10.0) -> None:
+                 dtype: str = "float32", quant: str | None = None,
+                 on_message: Callable[[Message], None] | None = None, control_timeout_s: float = 10.0) -> None:
         self.model_dir = Path(model_dir)
         self.plan = tuple(plan)
-        self.slots, self.max_len, self.dtype = slots, max_len, dtype
+        self.slots, self.max_len, self.dtype, self.quant = slots, max_len, dtype, quant
         self.dep_id = secrets.randbits(31)  # steps of an older deployment are refused by the peers
         self.identity = sockets.new_identity("src")
         self.ready: list[Ready] = []
@@ -147,9 +147,11 @@ class Deployment:
         first = self.plan[0]
         began = time.perf_counter()
         local = asyncio.get_running_loop().run_in_executor(self._executor, lambda: Shard.load(
-            self.model_dir, first.start, first.end, max_slots=self.slots, max_len=self.max_len, dtype=self.dtype))
+            self.model_dir, first.start, first.end, max_slots=self.slots, max_len=self.max_len, dtype=self.dtype,
+            quant=self.quant))
         nexts = data[1:] + [None]
-        fingerprint = await asyncio.to_thread(model_fingerprint, Path(self.model_dir))
+        # A peer serving other weights (another checkpoint or --quant) refuses this LOAD.
+        fingerprint = await asyncio.to_thread(weights_fingerprint, Path(self.model_dir), self.quant)
         remote = [peer.load(self.model_dir, s.start, s.end, slots=self.slots, max_len=self.max_len,
                             dtype=self.dtype, next_address=nxt, dep=self.dep_id, fingerprint=fingerprint)
                   for peer, s, nxt in zip(self.peers, self.plan[1:], nexts)]

@@ -65,6 +65,7 @@ class PipelineConfig:
     mode: Mode = Mode.NO_BUBBLES
     max_len: int = 512  # KV cache positions per slot (prompt + every turn + generated)
     dtype: str = "float32"
+    quant: str | None = None  # int8 | int4 weights, in this process and on every peer
     # A step not back within this counts as a lost stage (a peer frozen or its link gone):
     # recovery starts. The owner's heartbeats usually see the loss first.
     step_timeout_s: float = 30.0
@@ -286,7 +287,7 @@ class Pipeline:
     async def _deploy(self, plan: tuple[StagePlacement, ...]) -> Deployment:
         check_plan(plan, ModelLayout.read(self.config.model_dir).num_units)
         dep = await Deployment.load(self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
-                                    dtype=self.config.dtype, on_message=self._on_peer_message,
+                                    dtype=self.config.dtype, quant=self.config.quant, on_message=self._on_peer_message,
                                     control_timeout_s=self.config.control_timeout_s)
         local = {**self._local, "queued": 0}
         self._last_stats = (time.perf_counter(), [local, *await dep.peer_status()])

@@ -57,6 +57,7 @@ class ServerConfig:
     # Models this peer holds, by fingerprint: a LOAD naming one loads this peer's own copy.
     models: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
+    quant: str | None = None  # int8 | int4: every shard this peer loads is quantized so (its fingerprint says so)
     limits: WireLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -297,7 +298,7 @@ class ShardServer:
         began = time.perf_counter()
         shard = await worker.call(
             lambda: Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
-                               dtype=torch_dtype(dtype), device=self.config.device)
+                               dtype=torch_dtype(dtype), device=self.config.device, quant=self.config.quant)
         )
         load_s = time.perf_counter() - began
         await worker.call(worker.install, message["dep"], shard, nxt)

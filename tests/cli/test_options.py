@@ -37,6 +37,7 @@ SHARED = {  # option -> the subcommands that take it
     "--interface": ["chat", "generate", "top", "join", "peers"],
     "--peer": ["chat", "generate", "top", "join", "peers"],
     "--no-mdns": ["chat", "generate", "top", "join", "peers"],
+    "--quant": ["chat", "generate", "top", "join", "profile"],
     "--dtype": ["generate", "profile"],
     "--device": ["generate", "profile"],
 }

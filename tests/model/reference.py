@@ -32,3 +32,48 @@ def reference_generate(model_dir: Path, prompts: list[list[int]], max_new_tokens
         ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, **stop)
         out.append(ids[0, len(prompt):].tolist())
     return out
+
+
+def dequantized_reference_generate(model_dir: Path, mode: str, prompts: list[list[int]],
+                                   max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy tokens with every weight replaced by what ``--quant mode`` holds, dequantized,
+    and every linear multiplying in bfloat16 as torch's int8/int4 CPU kernels do.
+
+    Quantization is per output row (int8) or per row and group of 32 inputs (int4), so
+    each checkpoint matrix is quantized on its own exactly as the shard quantizes it
+    (the shard's fused q/k/v rows are the same rows).
+    """
+    from swarm.model.quant import (dequantize_int4_groups, dequantize_int8_rows, quantize_int4_groups,
+                                   quantize_int8_rows)
+    from swarm.model.units import HEAD_QUANT, int4_fits
+
+    def roundtrip(weight: torch.Tensor, how: str) -> torch.Tensor:
+        if how == "int4" and int4_fits(*weight.shape):
+            return dequantize_int4_groups(*quantize_int4_groups(weight))
+        return dequantize_int8_rows(*quantize_int8_rows(weight))
+
+    def in_bfloat16(linear: torch.nn.Linear):
+        """The kernels' arithmetic: bfloat16 inputs, float accumulation, a bfloat16 result."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.linear(x.to(torch.bfloat16).float(), linear.weight).to(torch.bfloat16).float()
+            return y if linear.bias is None else y + linear.bias
+        return forward
+
+    model = hf.reference_model(Path(model_dir))
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(roundtrip(module.weight, mode))
+                    module.forward = in_bfloat16(module)
+        if model.lm_head.weight is model.model.embed_tokens.weight:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        model.model.embed_tokens.weight.copy_(roundtrip(model.model.embed_tokens.weight, "int8"))
+        model.lm_head.weight.copy_(roundtrip(model.lm_head.weight, HEAD_QUANT[mode]))
+        model.lm_head.forward = in_bfloat16(model.lm_head)
+    out = []
+    for prompt in prompts:
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(ids[0, len(prompt):].tolist())
+    return out
