@@ -11,6 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
+from swarm.cli.common import add_secret_arguments, use_swarm_secret
+
 LONELY_S = 10.0  # after this long alone, say what discovery tried and heard
 
 DEFAULT_INTERFACES_HELP = ("IPv4 address of an interface to announce on (repeatable). Default: every "
@@ -31,6 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="use this measured profile JSON instead of profiling")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
     p.add_argument("--probe-interval", type=float, help="seconds between link measurements (default 30)")
+    add_secret_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -67,6 +70,7 @@ def load_profile(args, model_dir) -> dict:
 def run(args) -> int:
     import torch
 
+    use_swarm_secret(args, store=True)
     torch.set_num_threads(args.threads)
     from swarm.discovery.links import ProbeConfig
     from swarm.discovery.liveness import LivenessConfig
