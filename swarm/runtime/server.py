@@ -12,11 +12,13 @@ thread (``swarm.runtime.worker``). The torch thread owns the data socket: it
 receives each STEP, computes it and sends the result straight to the next stage,
 or, on the last stage, token ids to the source, without the event loop.
 
-A member that misbehaves (a bug, a flood) is bounded per client identity: KV slots
-it holds (a slot opened by one client cannot be reopened or closed by another),
-control requests it has queued, bytes it has queued on the data socket, the size
-of every frame, and how long any request may take; past a bound it gets an error
-reply, and the peer keeps serving everyone else with bounded memory.
+A member that misbehaves (a bug, a flood) is bounded per client identity: only the
+client that loaded the shard (its deployment's source) opens and closes its KV
+slots, and at most max_sessions_per_client of them; control requests it has
+queued, bytes it has queued on the data socket, the size of every frame and how
+long any request may take are bounded too. Past a bound a client gets an error
+reply, and the peer keeps serving everyone else with bounded memory. (LOAD itself
+is open to every member: that is how a new plan takes a peer over.)
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ class ShardServer:
         # (identity, message, when it arrived); at most max_requests_per_client per identity
         self._jobs: asyncio.Queue[tuple[bytes, Message, float]] = asyncio.Queue()
         self._requests: Counter[bytes] = Counter()  # control requests queued or running, per identity
-        self._slot_owners: dict[int, bytes] = {}  # KV slot -> the identity that opened it
+        self._deployer: bytes | None = None  # the client that loaded the shard: it alone opens slots
+        self._open_slots: set[int] = set()
         self._control_errors = 0  # the torch thread counts its own
         self._control_received = 0
         self._started = time.monotonic()
@@ -174,7 +177,7 @@ class ShardServer:
         except zmq.Again:
             log.debug("dropped %s to %r: it is not reading its replies", message.kind.value, identity)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer went away; nothing to answer
-            log.warning("cannot send %s to %r: %s", message.kind.value, identity, exc)
+            log.debug("cannot send %s to %r: %s", message.kind.value, identity, exc)
 
     async def _refuse(self, identity: bytes, why: str, message: Message | None = None) -> None:
         self._control_errors += 1
@@ -234,7 +237,9 @@ class ShardServer:
                 reply = error_reply(f"{message.kind.value} not done within {bound:g} s of arriving", message)
             except Exception as exc:  # any failure is answered; the server keeps serving
                 self._control_errors += 1
-                log.warning("%s failed: %s", message.kind.value, exc)
+                # A client's mistake is its to read in the reply (a flood must not flood the log too).
+                log.log(logging.DEBUG if isinstance(exc, WireError) else logging.WARNING,
+                        "%s failed: %s", message.kind.value, exc)
                 reply = error_reply(f"{message.kind.value} failed: {exc}", message)
             finally:
                 self._requests[identity] -= 1
@@ -242,24 +247,24 @@ class ShardServer:
                     del self._requests[identity]
             await self._send(identity, reply)
 
-    def _claim(self, identity: bytes, slots: list[int], opening: bool) -> None:
-        """Refuse slots another client holds, and more open slots than one client may hold."""
-        taken = [s for s in slots if self._slot_owners.get(s, identity) != identity]
-        if taken:
-            raise WireError(f"slot(s) {taken[:8]} are in use by another client")
-        if opening:
-            held = {s for s, owner in self._slot_owners.items() if owner == identity} | set(slots)
-            if len(held) > self.config.limits.max_sessions_per_client:
-                raise WireError(f"this client would hold {len(held)} slots "
-                                f"(limit {self.config.limits.max_sessions_per_client})")
+    def _check_sessions(self, identity: bytes, slots: list[int], opening: bool) -> None:
+        """Only the deployment's own source touches its slots, and holds at most so many open."""
+        if identity != self._deployer:
+            raise WireError("this peer's shard belongs to another client's deployment (send LOAD first)")
+        held = len(self._open_slots | set(slots))
+        if opening and held > self.config.limits.max_sessions_per_client:
+            raise WireError(f"this client would hold {held} open slots "
+                            f"(limit {self.config.limits.max_sessions_per_client})")
 
     async def _job(self, identity: bytes, message: Message) -> Message:
         worker = self._worker
         if message.kind is Kind.LOAD:
-            self._slot_owners.clear()  # a new shard: its slots belong to nobody yet
-            return await self._load(message)
+            self._deployer, self._open_slots = None, set()
+            ready = await self._load(message)
+            self._deployer = identity
+            return ready
         if message.kind is Kind.UNLOAD:
-            self._slot_owners.clear()
+            self._deployer, self._open_slots = None, set()
             await worker.call(worker.uninstall)
             return Message(Kind.OK, re=message.id)
         if worker.stage is None:
@@ -269,7 +274,7 @@ class ShardServer:
         for slot in slots:
             if slot >= shard.max_slots:
                 raise WireError(f"slot {slot} out of range (the shard has {shard.max_slots})")
-        self._claim(identity, slots, opening=message.kind is Kind.OPEN)
+        self._check_sessions(identity, slots, opening=message.kind is Kind.OPEN)
         if message.kind is Kind.OPEN:
             from swarm.model.sampling import SamplingParams
 
@@ -278,11 +283,10 @@ class ShardServer:
                 top_p=message.get("top_p", 1.0), seed=message.get("seed"),
             )
             await worker.call(lambda: [shard.open_slot(s, sampling=params) for s in slots])
-            self._slot_owners.update((s, identity) for s in slots)
+            self._open_slots.update(slots)
         else:
             await worker.call(lambda: [shard.free_slot(s) for s in slots])
-            for s in slots:
-                self._slot_owners.pop(s, None)
+            self._open_slots.difference_update(slots)
         return Message(Kind.OK, re=message.id)
 
     def _model_folder(self, path: str, fingerprint: str | None) -> Path:

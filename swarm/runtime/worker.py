@@ -217,7 +217,7 @@ class TorchWorker:
         try:
             self._data.send_multipart([identity, *encode(message)], copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer went away; EAGAIN: it stopped reading
-            log.warning("cannot send %s to %r: %s", message.kind.value, identity, exc)
+            log.debug("cannot send %s to %r: %s", message.kind.value, identity, exc)
 
     def _handle(self, frames: list) -> None:
         identity = frames[0].bytes
@@ -240,7 +240,7 @@ class TorchWorker:
             self._step(message)
         except Exception as exc:  # answered to the source, which is waiting for this step's tokens
             self.counters.errors += 1
-            log.warning("step failed: %s", exc)
+            log.log(logging.DEBUG if isinstance(exc, WireError) else logging.WARNING, "step failed: %s", exc)
             self._reply(message["src"], error_reply(f"step failed: {exc}", message))
 
     def _check_step(self, message: Message) -> tuple[Stage, list[int], torch.Tensor, list[int] | None]:

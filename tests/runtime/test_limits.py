@@ -26,26 +26,29 @@ async def serving(**limits):
             srv.close()
 
 
-async def test_a_slot_belongs_to_the_client_that_opened_it(tiny_model_dir):
+async def test_only_the_deployments_source_opens_and_closes_its_slots(tiny_model_dir):
     async with serving() as srv, PeerClient(srv.address) as owner, PeerClient(srv.address) as other:
         await owner.load(tiny_model_dir, 0, 6, slots=4, max_len=16)
         await owner.open_slots([0, 1])
-        for request in (other.open_slots([1]), other.close_slots([0])):
-            with pytest.raises(PeerError, match=r"in use by another client"):
+        for request in (other.open_slots([1]), other.open_slots([2]), other.close_slots([0])):
+            with pytest.raises(PeerError, match=r"belongs to another client's deployment"):
                 await request
-        await other.open_slots([2])  # a free slot is anyone's
         await owner.open_slots([0])  # the owner restarts its own sequence
         await owner.close_slots([0, 1])
-        await other.open_slots([0])  # and once closed it is free again
+        await other.load(tiny_model_dir, 0, 6, slots=4, max_len=16)  # a new plan takes the peer over
+        await other.open_slots([0])
+        with pytest.raises(PeerError, match=r"belongs to another client's deployment"):
+            await owner.open_slots([0])
 
 
 async def test_sessions_per_client_are_bounded(tiny_model_dir):
-    async with serving(max_sessions_per_client=2) as srv, PeerClient(srv.address) as a, PeerClient(srv.address) as b:
+    async with serving(max_sessions_per_client=2) as srv, PeerClient(srv.address) as a:
         await a.load(tiny_model_dir, 0, 6, slots=4, max_len=16)
         await a.open_slots([0, 1])
-        with pytest.raises(PeerError, match=r"would hold 3 slots \(limit 2\)"):
+        with pytest.raises(PeerError, match=r"would hold 3 open slots \(limit 2\)"):
             await a.open_slots([2])
-        await b.open_slots([2, 3])  # another client is not held back
+        await a.close_slots([1])
+        await a.open_slots([2])
 
 
 async def test_requests_in_flight_per_client_are_bounded_and_expire(tiny_model_dir):
