@@ -20,6 +20,7 @@ started by ``--local N`` and by tests get theirs: through the environment.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -175,6 +176,18 @@ def use(secret: SwarmSecret | None) -> None:
     """Make ``secret`` (or INSECURE) the swarm of every socket and announcement made from now on."""
     global _current
     _current = secret
+
+
+@contextlib.contextmanager
+def using(secret: SwarmSecret | None):
+    """``use(secret)`` for the sockets made inside the block (a benchmark comparing swarms,
+    a test); the choice before it is restored after."""
+    global _current
+    before, _current = _current, secret
+    try:
+        yield
+    finally:
+        _current = before
 
 
 def current() -> SwarmSecret | None:

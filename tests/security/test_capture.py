@@ -90,11 +90,8 @@ async def test_hidden_states_never_cross_the_wire_in_the_clear(tmp_path, tiny_mo
     encrypted, got = await generate_and_capture(tmp_path, tiny_model_dir, insecure=False)
     assert len(sent) == NEW  # a prefill, then one step per further token
     hidden = windows(sent[0])  # the prefill: float32 [1, len(PROMPT), hidden]
-    try:
-        secret.use(secret.INSECURE)
+    with secret.using(secret.INSECURE):
         plain, got_plain = await generate_and_capture(tmp_path, tiny_model_dir, insecure=True)
-    finally:
-        secret.reset()  # back to the run's SWARM_SECRET
     assert sent[NEW] == sent[0]  # the same hidden state went out in both runs
     assert got == got_plain
     assert len(encrypted) > 10_000  # the generation's traffic was captured
