@@ -101,7 +101,8 @@ def use_swarm_secret(args: argparse.Namespace, *, store: bool = False) -> None:
 
     from swarm import secret
 
-    if args.insecure:
+    # SWARM_INSECURE=1: a peer started by `swarm chat --local N --insecure` is insecure too.
+    if args.insecure or (os.environ.get(secret.INSECURE_VARIABLE) == "1" and not args.join_code):
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
         os.environ[secret.INSECURE_VARIABLE] = "1"  # and for the peers this process starts
         secret.use(secret.INSECURE)
