@@ -323,6 +323,8 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = log.info) -> 
     ``report`` gets a line after each measured run (progress: a full run takes minutes)."""
     torch.set_num_threads(1)
     swarm = secret.SwarmSecret.new()  # a private swarm of the benchmark's own
-    with secret.using(swarm), local_peers(config.sequential_peers, threads=1, secret=swarm.join_code) as peers:
+    with secret.using(swarm), local_peers(config.sequential_peers, threads=1, secret=swarm.join_code) as peers, \
+            local_peers(config.sequential_peers, threads=1, args=["--insecure"]) as insecure:
         result = asyncio.run(_bench(config, peers, report))
-    return dataclasses.replace(result, encryption=run_encryption_bench(config, report))
+        encryption = asyncio.run(_bench_encryption(config, peers, insecure, swarm, report))
+    return dataclasses.replace(result, encryption=encryption)
