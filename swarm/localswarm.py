@@ -13,6 +13,7 @@ import ctypes
 import json
 import logging
 import math
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- N peers on loopback
 
 PEER_START_TIMEOUT_S = 600.0  # a first start profiles the device for the model
-PEER_STOP_TIMEOUT_S = 10.0  # SIGTERM (mDNS goodbye), then SIGKILL
+PEER_STOP_TIMEOUT_S = 10.0  # SIGHUP (mDNS goodbye), then SIGKILL
 LOG_TAIL_LINES = 15
 
 
@@ -102,10 +103,11 @@ def free_ports(count: int, host: str) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    """In the child before exec: SIGHUP when the parent dies, even by SIGKILL (Linux)."""
     try:
-        # PR_SET_PDEATHSIG (1) with SIGTERM (15, on Linux): the peer says goodbye and exits.
-        ctypes.CDLL(None, use_errno=True).prctl(1, 15)
+        # PR_SET_PDEATHSIG (1) with SIGHUP (1): the peer says goodbye and exits at once (its
+        # source, this process, is gone: no one is left to move its stages away).
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP)
     except (OSError, AttributeError):
         pass  # not Linux: close() still stops them on every orderly exit
 
@@ -213,12 +215,15 @@ class LocalSwarm:
         return f"; end of {path}:\n" + "\n".join(lines)
 
     async def close(self) -> None:
-        """Stop every peer (SIGTERM, then SIGKILL after stop_timeout_s); safe to call twice."""
+        """Stop every peer (SIGHUP: leave at once, then SIGKILL after stop_timeout_s); safe to call twice.
+
+        Not SIGTERM: that asks a peer to wait until its source moves its stages away, and
+        here the whole swarm is going."""
         procs, self._procs = self._procs, []
         for proc in procs:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
+                    proc.send_signal(signal.SIGHUP)
         for proc in procs:
             try:
                 async with asyncio.timeout(self.config.stop_timeout_s):

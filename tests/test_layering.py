@@ -87,3 +87,44 @@ def test_only_the_cli_touches_the_terminal():
         if uses:
             offenders[rel.as_posix()] = uses
     assert offenders == {}
+
+
+def swarm_imports(path: Path) -> set[str]:
+    """The swarm modules a file imports, at any depth (lazy imports inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("swarm."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("swarm"):
+            # `from swarm.planner import paper` imports the module swarm.planner.paper
+            found.update(f"{node.module}.{a.name}" if (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py")
+                         .exists() else node.module for a in node.names)
+    return found
+
+
+def test_the_planner_has_no_import_cycle():
+    """A cycle hidden behind lazy imports is still a cycle (api <-> strategies was one)."""
+    modules = {m: swarm_imports(PACKAGE.parent / (m.replace(".", "/") + ".py")) for m in modules_under("planner")
+               if not m.endswith("planner")}
+    graph = {m: {d for d in deps if d in modules and d != m} for m, deps in modules.items()}
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+@pytest.mark.parametrize("module", ["swarm.model.dtypes", "swarm.model.units", "swarm.cli.options"])
+def test_tables_and_options_load_without_torch(module):
+    """`swarm plan --help` and the model layout must not pay for importing torch."""
+    assert not loaded_after_import(module) & set(HEAVY)

@@ -19,7 +19,8 @@ from rich.console import Console
 
 from swarm.chat.engines import BackendError, SourceView, SwarmEngine
 from swarm.cli.common import resolve_model_with_status
-from swarm.cli.profile import parse_bytes
+from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_threads_option,
+                              interfaces_from)
 from swarm.view.snapshot import SwarmSnapshot
 
 if TYPE_CHECKING:
@@ -37,24 +38,21 @@ class Backend:
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    add_model_option(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--local", type=int, metavar="N", default=None,
                        help="start N peers on this machine (loopback only) and split the model across them")
     where.add_argument("--no-swarm", action="store_true", help="run the whole model in this process")
-    parser.add_argument("--interface", action="append", default=None, metavar="IP",
-                        help="interface address for discovery (repeatable; default: every interface)")
-    parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
-                        help="a peer to ask directly, for networks that block multicast")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for this process (and each local peer)")
+    add_network_options(parser)
+    add_threads_option(parser, who="this process and each local peer")
     parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens (KV cache size)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    add_memory_option(parser, help="memory this device offers to the plan (e.g. 200M): less makes the swarm "
+                                   "take more")
     # Extra `swarm join` options for --local peers (tests shorten heartbeats with it).
-    parser.add_argument("--mem", type=parse_bytes, default=None, metavar="LIMIT",
-                        help="memory this device offers to the plan (e.g. 200M): less makes the swarm take more")
     parser.add_argument("--local-peer-arg", dest="local_peer_args", action="append", help=argparse.SUPPRESS)
 
 
@@ -131,7 +129,7 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
         profile = (await asyncio.to_thread(
             profile_device, model_dir, threads=args.threads,
             on_unit=lambda i, n, name: progress.update(task, completed=i, total=n, what=name))).to_json()
-    settings = {"interfaces": _interfaces(args), "seeds": tuple(args.peer), **local_settings}
+    settings = {"interfaces": interfaces_from(args), "seeds": tuple(args.peer), "mdns": args.mdns, **local_settings}
     if args.mem is not None:
         settings["mem_bytes"] = args.mem
     return SourceConfig(model=model_dir, name=socket.gethostname(), threads=args.threads, profile=profile,
@@ -176,12 +174,6 @@ async def _report_start(engine: "SwarmEngine", status) -> None:
             status.update(f"{live} peer(s) live, {links} link(s) from here measured; "
                           "planning and loading shards when every link is measured")
         await asyncio.sleep(STATUS_REFRESH_S)
-
-
-def _interfaces(args: argparse.Namespace):
-    from swarm.discovery.mdns import HOME_INTERFACES
-
-    return list(args.interface) if args.interface else HOME_INTERFACES
 
 
 async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console) -> Backend:

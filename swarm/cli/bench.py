@@ -7,11 +7,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from swarm.cli.options import add_model_option
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="benchmark the pipeline against the single-process path",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    add_model_option(parser)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5, help="runs per configuration (medians are reported)")

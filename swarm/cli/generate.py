@@ -25,7 +25,8 @@ from rich.console import Console
 
 from swarm.chat.engines import BackendError
 from swarm.cli.backend import add_backend_arguments, source_config
-from swarm.cli.common import add_secret_arguments, check_device, default_dtype, resolve_model_or_exit, use_swarm_secret
+from swarm.cli.common import add_secret_arguments, check_device, resolve_model_or_exit, use_swarm_secret
+from swarm.cli.options import add_device_options, dtype_from
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_MICRO_BATCHES = 4
@@ -40,9 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: token ids, text, the plan and timings")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="in this process: float32 on CPU (default), float16 on CUDA/MPS")
-    parser.add_argument("--device", default="cpu", help="in this process: cpu, cuda, cuda:N or mps")
+    add_device_options(parser, where="in this process: ")
     add_backend_arguments(parser)
     add_secret_arguments(parser)
     # The KV cache is sized from the prompts unless --max-len asks for more.
@@ -150,7 +149,7 @@ def generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, co
     from swarm.model.units import ModelLayout
 
     num_units = ModelLayout.read(model_dir).num_units
-    dtype = args.dtype or default_dtype(args.device)
+    dtype = dtype_from(args)
     with console.status("loading the model..."):
         chain = LocalChain.load(model_dir, [(0, num_units)], max_slots=len(prompts),
                                 max_len=max(map(len, prompts)) + args.max_new_tokens, dtype=dtype, device=args.device)

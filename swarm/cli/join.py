@@ -5,58 +5,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import signal
 import socket
 import sys
 from pathlib import Path
 
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
+from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_threads_option,
+                              interfaces_from)
 
 LONELY_S = 10.0  # after this long alone, say what discovery tried and heard
-
-DEFAULT_INTERFACES_HELP = ("IPv4 address of an interface to announce on (repeatable). Default: every "
-                           "interface (a home network). On shared machines pass 127.0.0.1.")
+LEAVE_TIMEOUT_S = 10.0  # on Ctrl-C / SIGTERM: longest wait for the source to move our stages away
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("join", help="profile this device, serve shards and announce it",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model folder (default: the bundled SmolLM2-135M-Instruct)")
+    add_model_option(p)
     p.add_argument("--name", default=socket.gethostname(), help="name shown to other peers")
-    p.add_argument("--mem", type=parse_bytes, help="usable memory limit, e.g. 2G or 512M")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for this peer (default 1)")
-    add_network_args(p)
+    add_memory_option(p)
+    add_threads_option(p, who="this peer")
+    add_network_options(p)
     p.add_argument("--port", type=int, default=0, help="shard server (control) port (default: any free port)")
     p.add_argument("--data-port", type=int,
                    help="port pipeline steps arrive on (default: --port + 1 when --port is given, else any free port)")
     p.add_argument("--profile", type=Path, help="use this measured profile JSON instead of profiling")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
     p.add_argument("--probe-interval", type=float, help="seconds between link measurements (default 30)")
+    p.add_argument("--leave-timeout", type=float, default=LEAVE_TIMEOUT_S, metavar="S",
+                   help="on Ctrl-C or SIGTERM, wait at most this long for the source to move this peer's "
+                        "stages away, so an answer in progress goes on (default: %(default)s; a second "
+                        "Ctrl-C leaves at once)")
     add_secret_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def add_network_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interface", action="append", metavar="IP", help=DEFAULT_INTERFACES_HELP)
-    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
-                   help="a peer's shard server to ask directly, for networks that block multicast (repeatable)")
-    p.add_argument("--no-mdns", dest="mdns", action="store_false",
-                   help="no multicast at all: find peers through --peer seeds only")
-
-
-def interfaces_from(args):
-    from swarm.discovery.mdns import HOME_INTERFACES
-
-    return list(args.interface) if args.interface else HOME_INTERFACES
-
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2G or 512M)")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
 
 
 def load_profile(args, model_dir) -> dict:
@@ -98,17 +80,27 @@ def run(args) -> int:
                               "mem_bytes": mem, "fingerprint": profile["model"]["fingerprint"]}), flush=True)
             task = asyncio.current_task()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):  # leave with an mDNS goodbye
-                loop.add_signal_handler(sig, task.cancel)
+            leave = asyncio.Event()
+
+            def on_signal() -> None:  # the first asks to leave gracefully, a second leaves at once
+                if leave.is_set():
+                    task.cancel()
+                leave.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal)
+            # SIGHUP (the terminal closed, or the parent of a local peer died): at once.
+            loop.add_signal_handler(signal.SIGHUP, task.cancel)
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(peer.run())
-                    await asyncio.sleep(LONELY_S)
-                    if not peer.directory.live:  # normal for the first peer; a hint for the others
-                        print(f"no other peers yet after {LONELY_S:.0f} s (still listening):\n"
-                              f"{peer.directory.diagnostic()}", file=sys.stderr, flush=True)
+                    serving = tg.create_task(peer.run())
+                    hint = tg.create_task(_hint_if_alone(peer))
+                    await leave.wait()
+                    hint.cancel()
+                    await _leave(peer, args.leave_timeout)
+                    serving.cancel()
             finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
 
     try:
@@ -117,3 +109,22 @@ def run(args) -> int:
         pass
     print("left the swarm", file=sys.stderr)
     return 0
+
+
+async def _hint_if_alone(peer) -> None:
+    await asyncio.sleep(LONELY_S)
+    if not peer.directory.live:  # normal for the first peer; a hint for the others
+        print(f"no other peers yet after {LONELY_S:.0f} s (still listening):\n{peer.directory.diagnostic()}",
+              file=sys.stderr, flush=True)
+
+
+async def _leave(peer, timeout_s: float) -> None:
+    holds = peer.server.status()["state"] == "loaded"
+    if holds:
+        print(f"leaving: waiting up to {timeout_s:.0f} s for the source to move this peer's stages away "
+              "(Ctrl-C again to leave at once)", file=sys.stderr, flush=True)
+    moved = await peer.leave(timeout_s)
+    if holds:
+        print("stages moved away" if moved else f"the source did not move the stages within {timeout_s:.0f} s",
+              file=sys.stderr, flush=True)
+

@@ -8,7 +8,7 @@ import json
 import sys
 
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
-from swarm.cli.join import add_network_args, interfaces_from
+from swarm.cli.options import add_network_options, interfaces_from
 
 LISTEN_S = 3.0  # mDNS answers arrive within about 1.2 s; then one heartbeat round
 
@@ -16,7 +16,7 @@ LISTEN_S = 3.0  # mDNS answers arrive within about 1.2 s; then one heartbeat rou
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("peers", help="list the peers announced on the network",
                               description=__doc__.splitlines()[0])
-    add_network_args(p)
+    add_network_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_secret_arguments(p)
     p.add_argument("--wait", type=float, default=LISTEN_S, help=f"seconds to listen (default {LISTEN_S})")

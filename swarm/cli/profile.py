@@ -14,25 +14,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from swarm.cli.common import add_model_arguments, check_device, default_dtype, resolve_model_or_exit, unit_progress
-
-
-def parse_bytes(text: str) -> int:
-    """'4G', '512M', '1.5GiB', '1000000' -> bytes (K/M/G are powers of 1024)."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    value = text.strip().lower().removesuffix("ib").removesuffix("b")
-    suffix = value[-1] if value and value[-1] in "kmgt" else ""
-    try:
-        return int(float(value[: len(value) - len(suffix)]) * units[suffix])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)") from None
+from swarm.cli.common import check_device, resolve_model_or_exit, unit_progress
+from swarm.cli.options import (add_device_options, add_memory_option, add_model_option, add_threads_option,
+                              dtype_from)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("profile", help="measure this device for a model", description=__doc__)
-    add_model_arguments(parser)
-    parser.add_argument("--mem", type=parse_bytes, default=None, metavar="LIMIT",
-                        help="cap the memory this device offers (e.g. 2G)")
+    add_model_option(parser)
+    add_threads_option(parser)
+    add_device_options(parser)
+    add_memory_option(parser, help="cap the memory this device offers (e.g. 2G)")
     parser.add_argument("--out", type=Path, default=None, help="also write the profile JSON here")
     parser.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
     parser.add_argument("--json", action="store_true", help="print the profile JSON instead of a table")
@@ -46,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     err_console = Console(stderr=True)
     model_dir = resolve_model_or_exit(args.model, err_console)
-    dtype = args.dtype or default_dtype(args.device)
+    dtype = dtype_from(args)
     with unit_progress(err_console, "profiling") as on_unit:
         profile = profile_device(model_dir, threads=args.threads, dtype=dtype, device=args.device,
                                  mem_limit=args.mem, use_cache=not args.refresh, on_unit=on_unit)

@@ -1,8 +1,9 @@
 """Who is in the swarm right now: mDNS records and unicast seeds, kept honest by heartbeats.
 
 A peer is *live* once it has answered a PING and stays live until it misses
-LivenessConfig.misses heartbeats in a row (or sends an mDNS goodbye); mDNS alone
-would keep a killed peer for about 19 minutes.
+LivenessConfig.misses heartbeats in a row, sends an mDNS goodbye, or answers a PING
+saying it is leaving (a graceful `swarm join` exit); mDNS alone would keep a killed
+peer for about 19 minutes.
 """
 
 from __future__ import annotations
@@ -148,8 +149,13 @@ class Directory:
             candidates = self.candidates()
             answers = await asyncio.gather(*(self._ping(r) for r in candidates.values()))
             changed = False
-            for (pid, rec), ok in zip(candidates.items(), answers):
-                if ok:
+            for (pid, rec), status in zip(candidates.items(), answers):
+                if status is not None and status.get("leaving"):
+                    self._liveness.forget(pid)
+                    if self.live.pop(pid, None) is not None:
+                        log.info("peer %s (%s) is leaving: dropped", rec.announcement.name, pid)
+                        changed = True
+                elif status is not None:
                     self._liveness.answered(pid)
                     if self.live.get(pid) != rec:
                         self.live[pid], changed = rec, True
@@ -173,14 +179,14 @@ class Directory:
             self.mdns.changed.clear()
             await wait_event(self.mdns.changed, interval)
 
-    async def _ping(self, rec: PeerRecord) -> bool:
+    async def _ping(self, rec: PeerRecord) -> dict | None:
+        """The peer's status, or None when it did not answer in time."""
         timeout = self.config.liveness.timeout_s
         try:
             client = self.client(rec.host, rec.port)
-            await client.ping(timeout=timeout)  # the bound covers the send too
-            return True
+            return await client.ping(timeout=timeout)  # the bound covers the send too
         except (PeerError, TimeoutError):
-            return False
+            return None
 
     async def _seed_loop(self) -> None:
         while True:

@@ -105,9 +105,18 @@ class Mdns:
             return
         if self._browser is not None:
             await self._browser.async_cancel()
-        if self._info is not None:
-            await (await zc.async_unregister_service(self._info))
+        await self._withdraw(zc)
         await zc.async_close()
+
+    async def withdraw(self) -> None:
+        """Send the goodbye for this peer's record now (before leaving); browsing goes on."""
+        if self._zc is not None:
+            await self._withdraw(self._zc)
+
+    async def _withdraw(self, zc: AsyncZeroconf) -> None:
+        info, self._info = self._info, None
+        if info is not None:
+            await (await zc.async_unregister_service(info))
 
     def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         self._queue.put_nowait((name, state_change))

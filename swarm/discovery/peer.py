@@ -65,11 +65,10 @@ class SwarmPeer:
         self.profile = profile
         self.peer_id = peer_id or new_peer_id()
         self.seq = 0
-        # Served verbatim by INFO (the server reads this dict on every request, so updates show).
-        self.info: dict = {"profile": profile}
         models = {profile["model"]["fingerprint"]: config.model_dir} if config.model_dir else {}
         self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
-                                               data_port=config.data_port, threads=config.threads, info=self.info, models=models))
+                                               data_port=config.data_port, threads=config.threads, info={"profile": profile},
+                                               models=models))
         self.directory = Directory(DirectoryConfig(
             interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
             fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)
@@ -105,6 +104,15 @@ class SwarmPeer:
         await self.directory.close()
         await self.server.aclose()
 
+    async def leave(self, timeout_s: float) -> bool:
+        """Leave gracefully: withdraw the announcement (an mDNS goodbye), answer every PING
+        with "leaving", and keep serving, at most ``timeout_s``, until the source has
+        moved this peer's stages away (unloaded them). True when it did in time."""
+        self.server.leaving = True  # before the goodbye: a ping racing it must not re-add us
+        if self.config.mdns:
+            await self.directory.mdns.withdraw()
+        return await self.server.leave(timeout_s)
+
     async def run(self) -> None:
         """Serve, listen, heartbeat and probe until cancelled."""
         async with asyncio.TaskGroup() as tg:
@@ -117,14 +125,16 @@ class SwarmPeer:
         """New link figures or a new live set: bump seq and re-announce."""
         self.seq += 1
         self._refresh_info()
-        if self.config.mdns:
+        if self.config.mdns and not self.server.leaving:  # a leaving peer's record is withdrawn
             await self.directory.mdns.update(self.announcement())
 
     def _refresh_info(self) -> None:
         key = swarm_key()
-        self.info["announcement"] = encode(self.announcement(), key)
-        self.info["peers"] = [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement, key)}
-                              for pid, r in sorted(self.directory.live.items())]
+        self.server.publish_info({
+            "profile": self.profile, "announcement": encode(self.announcement(), key),
+            "peers": [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement, key)}
+                      for pid, r in sorted(self.directory.live.items())],
+        })
 
     def _served_steps_since_last_asked(self) -> bool:
         """Whether this peer computed pipeline steps since the prober last asked."""

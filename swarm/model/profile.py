@@ -23,7 +23,8 @@ from typing import Callable
 import psutil
 import torch
 
-from swarm.model.shard import Shard, dtype_name, resolve_dtype
+from swarm.model.dtypes import dtype_name, torch_dtype
+from swarm.model.shard import Shard
 from swarm.model.store import cache_root, model_fingerprint
 from swarm.model.units import ModelLayout
 
@@ -156,7 +157,7 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
     torch.set_num_threads(threads)
     torch_device = torch.device(device)
     layout = ModelLayout.read(model_dir)
-    dtype = dtype_name(resolve_dtype(dtype))
+    dtype = dtype_name(torch_dtype(dtype))
     mem = usable_memory(torch_device, mem_limit)
     fingerprint = model_fingerprint(model_dir)
     name = device_name(torch_device)

@@ -26,26 +26,11 @@ from safetensors import safe_open
 from torch import nn
 
 from swarm.model import hf
+from swarm.model.dtypes import torch_dtype
 from swarm.model.sampling import GREEDY, SamplingParams, sample_next
 from swarm.model.units import ModelLayout
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
 
 class SlotKVCache:
     """Preallocated keys and values for a shard's blocks, one slot per sequence.
@@ -157,7 +142,7 @@ class Shard:
             raise ValueError(f"unit range [{start}, {end}) is not inside [0, {layout.num_units})")
         if max_slots < 1 or max_len < 1:
             raise ValueError("max_slots and max_len must be positive")
-        dtype, device = resolve_dtype(dtype), torch.device(device)
+        dtype, device = torch_dtype(dtype), torch.device(device)
         config = hf.load_config(model_dir)
         modules = hf.build_unit_modules(config, start, end, device)
         _materialize(modules, layout, dtype, device)

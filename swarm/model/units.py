@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
+from swarm.model.dtypes import DTYPE_BYTES
+
 TOKEN_ID_BYTES = 8  # the head stage sends int64 token ids, never logits
 
 

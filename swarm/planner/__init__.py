@@ -6,9 +6,9 @@
 """
 
 from swarm.planner.api import plan
-from swarm.planner.plan import Plan, Stage, evaluate
+from swarm.planner.plan import Plan, PlannedStage, evaluate
 from swarm.planner.problem import InfeasibleError, Problem, ProblemError
 from swarm.planner.simulate import SimResult, simulate_pipeline
 
-__all__ = ["InfeasibleError", "Plan", "Problem", "ProblemError", "SimResult", "Stage", "evaluate", "plan",
+__all__ = ["InfeasibleError", "Plan", "Problem", "ProblemError", "SimResult", "PlannedStage", "evaluate", "plan",
            "simulate_pipeline"]

@@ -18,7 +18,7 @@ from typing import Callable, Hashable
 
 import numpy as np
 
-from swarm.planner.plan import Stage
+from swarm.planner.plan import PlannedStage
 from swarm.planner.problem import Problem
 from swarm.planner.search import REL_TOL, candidate_values, fits
 from swarm.planner.types import TypeSpace, assign_devices
@@ -53,7 +53,9 @@ def _same(x: np.ndarray) -> bool:
     return bool(np.ptp(x) <= SAME * max(1e-300, float(np.abs(x).max())))
 
 
-def device_key(problem: Problem, st: BlockStructure) -> Callable[[int], Hashable]:
+def block_device_key(problem: Problem) -> Callable[[int], Hashable]:
+    """Devices with equal memory and block, embedding and head times are interchangeable
+    when every block costs the same (the Held-Karp over types)."""
     t = problem.time
     return lambda d: (float(problem.device_mem[d]), float(t[d, 1]), float(t[d, 0]), float(t[d, -1]))
 
@@ -185,7 +187,7 @@ class BlocksOracle:
         self._path_cache[key] = (hk, par)
         return hk, par
 
-    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         sp = self.space
         tn = sp.n_types
         hk, par = self._paths(fits(self.hop, tau))
@@ -205,10 +207,10 @@ class BlocksOracle:
         state, last = divmod(flat, tn)
         return best, lambda: self._build(tau, state, last, par)
 
-    def _build(self, tau: float, state: int, last: int, par: np.ndarray) -> list[Stage]:
+    def _build(self, tau: float, state: int, last: int, par: np.ndarray) -> list[PlannedStage]:
         sp, n = self.space, self.problem.n_units
         if last == 0:
-            return [Stage(self.problem.source, 0, n)]
+            return [PlannedStage(self.problem.source, 0, n)]
         path, st, u = [], state, last
         while not (st == 0 and u == 0):
             path.append(u)
@@ -233,5 +235,5 @@ class BlocksOracle:
         for k, (d, c) in enumerate(zip(devices, counts)):
             start = pos
             pos += c + (1 if k == 0 else 0) + (1 if k == len(devices) - 1 else 0)
-            stages.append(Stage(d, start, pos))
+            stages.append(PlannedStage(d, start, pos))
         return stages

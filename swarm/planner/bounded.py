@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from swarm.planner.plan import Plan, Stage, evaluate
+from swarm.planner.plan import Plan, PlannedStage, evaluate
 from swarm.planner.problem import InfeasibleError, Problem
 from swarm.planner.search import candidate_values, fits, optimise
 
@@ -74,7 +74,7 @@ class RelaxedOracle:
             L[:, b] = np.minimum(L[:, b], (x + seg[:, :b, b]).min(axis=1))
         return L
 
-    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         _, _, ret = self.c.masked(tau)
         r = float((self.table(tau)[:, -1] + ret).min())
         return (r, lambda: []) if np.isfinite(r) else (np.inf, None)
@@ -92,7 +92,7 @@ class BeamOracle:
     def candidates(self) -> np.ndarray:
         return self.relaxed.candidates()
 
-    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         p = self.problem
         seg, hop, ret = self.c.masked(tau)
         n, src = p.n_units, p.source
@@ -157,7 +157,7 @@ class FloorOracle:
         take = np.clip(n - before, 0, caps[order])
         return float(self.ends + take @ self.price[order])
 
-    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         r, build = self.relaxed.solve(tau)
         r = max(r, self.floor(tau))
         return (r, build) if np.isfinite(r) else (np.inf, None)
@@ -167,14 +167,14 @@ def _score(vec: np.ndarray, togo: np.ndarray) -> float:
     return float(np.min(vec + togo))
 
 
-def _unwind(path: list, n: int) -> list[Stage]:
+def _unwind(path: list, n: int) -> list[PlannedStage]:
     """path: [(src, 0), (v1, argmin over a for each b), ...] -> stages, walking the cuts back."""
     stages, b = [], n
     for v, arg in reversed(path[1:]):
         a = int(arg[b])
-        stages.append(Stage(v, a, b))
+        stages.append(PlannedStage(v, a, b))
         b = a
-    stages.append(Stage(path[0][0], 0, b))
+    stages.append(PlannedStage(path[0][0], 0, b))
     return list(reversed(stages))
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from swarm.planner.plan import Stage
+from swarm.planner.plan import PlannedStage
 from swarm.planner.problem import Problem
 from swarm.planner.search import candidate_values, fits
 from swarm.planner.types import TypeSpace, assign_devices
@@ -48,7 +48,7 @@ class GenericOracle:
     def candidates(self) -> np.ndarray:
         return candidate_values(self.seg, self.hop, self.ret)
 
-    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         sp, n = self.space, self.problem.n_units
         t = sp.n_types
         seg = np.where(fits(self.seg, tau), self.seg, np.inf)
@@ -84,7 +84,7 @@ class GenericOracle:
             return np.inf, None
         state, last = divmod(flat, t)
 
-        def build() -> list[Stage]:
+        def build() -> list[PlannedStage]:
             st, u, b = state, last, n
             rev: list[tuple[int, int, int]] = []
             while not (st == 0 and u == 0):
@@ -94,6 +94,6 @@ class GenericOracle:
             rev.append((0, 0, b))
             rev.reverse()
             devices = assign_devices(sp, [r[0] for r in rev])
-            return [Stage(d, a, b) for d, (_, a, b) in zip(devices, rev)]
+            return [PlannedStage(d, a, b) for d, (_, a, b) in zip(devices, rev)]
 
         return best, build

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from swarm.planner.plan import Stage, check_stages
+from swarm.planner.plan import PlannedStage, check_stages
 from swarm.planner.problem import Problem, fmt_bytes
 
 
@@ -29,21 +29,21 @@ class PaperPlan:
     """What a paper algorithm returned: per-unit devices, merged stages, its own objective value."""
 
     assignment: tuple[int, ...]  # device of each unit
-    stages: tuple[Stage, ...]  # consecutive equal devices merged
+    stages: tuple[PlannedStage, ...]  # consecutive equal devices merged
     value: float  # the algorithm's own objective value (Alg. 2: without the return hop)
     problems: tuple[str, ...]  # why the plan is invalid under the real constraints; empty if valid
 
 
-def _merge(assignment: list[int]) -> tuple[Stage, ...]:
+def _merge(assignment: list[int]) -> tuple[PlannedStage, ...]:
     stages, start = [], 0
     for i in range(1, len(assignment) + 1):
         if i == len(assignment) or assignment[i] != assignment[start]:
-            stages.append(Stage(assignment[start], start, i))
+            stages.append(PlannedStage(assignment[start], start, i))
             start = i
     return tuple(stages)
 
 
-def _diagnose(problem: Problem, stages: tuple[Stage, ...]) -> tuple[str, ...]:
+def _diagnose(problem: Problem, stages: tuple[PlannedStage, ...]) -> tuple[str, ...]:
     issues = []
     seen: set[int] = set()
     for s in stages:
@@ -144,9 +144,9 @@ def algorithm2(problem: Problem) -> PaperPlan | None:
     while True:
         i = int(ch_i[b, s, last])
         if i < 0:
-            stages.append(Stage(last, 0, b))
+            stages.append(PlannedStage(last, 0, b))
             break
-        stages.append(Stage(last, i, b))
+        stages.append(PlannedStage(last, i, b))
         s, last, b = s & ~(1 << last), int(ch_k[b, s, last]), i
     stages.reverse()
     return PaperPlan(tuple(d.device for d in stages for _ in range(d.start, d.end)), tuple(stages), value,

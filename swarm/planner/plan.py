@@ -15,7 +15,7 @@ from swarm.planner.problem import Problem
 
 
 @dataclass(frozen=True)
-class Stage:
+class PlannedStage:
     """One device running units [start, end)."""
 
     device: int
@@ -27,7 +27,7 @@ class Stage:
 class Plan:
     """Stages plus the predicted figures. hop_s[k] is the hop after stage k (the last is the return)."""
 
-    stages: tuple[Stage, ...]
+    stages: tuple[PlannedStage, ...]
     latency_s: float
     bottleneck_s: float
     cycle_s: float
@@ -57,7 +57,7 @@ class Plan:
                 "strategy": self.strategy, "method": self.method, "gap": self.gap, "notes": list(self.notes)}
 
 
-def check_stages(problem: Problem, stages: Sequence[Stage]) -> None:
+def check_stages(problem: Problem, stages: Sequence[PlannedStage]) -> None:
     """Raise ValueError unless the stages form a valid plan (memory and links included)."""
     if not stages:
         raise ValueError("a plan needs at least one stage")
@@ -78,7 +78,7 @@ def check_stages(problem: Problem, stages: Sequence[Stage]) -> None:
         raise ValueError(f"the stages end at unit {pos}, not {problem.n_units}")
 
 
-def evaluate(problem: Problem, stages: Sequence[Stage], inflight: int = 1, **meta: Any) -> Plan:
+def evaluate(problem: Problem, stages: Sequence[PlannedStage], inflight: int = 1, **meta: Any) -> Plan:
     """Check the stages and compute R, P and the cycle time; meta fills objective/strategy/notes."""
     stages = tuple(stages)
     check_stages(problem, stages)

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from swarm.planner.plan import Stage
+from swarm.planner.plan import PlannedStage
 
 REL_TOL = 1e-9  # float slack when comparing sums of unit times against a candidate tau
 OBJECTIVES = ("latency", "throughput", "cycle")
@@ -31,13 +31,13 @@ def fits(x: np.ndarray | float, tau: float) -> np.ndarray | bool:
 class Oracle(Protocol):
     def candidates(self) -> np.ndarray: ...
 
-    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]: ...
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]: ...
 
 
 @dataclass(frozen=True)
 class SearchResult:
     value: float  # the objective's optimum as the oracle sees it
-    stages: list[Stage]
+    stages: list[PlannedStage]
     evaluations: int
 
 
@@ -67,9 +67,9 @@ def optimise(oracle: Oracle, objective: str, inflight: int = 1, lower: Oracle | 
         m = max(1, int(inflight)) if objective == "cycle" else np.inf
         start = bisect.bisect_left(range(len(cands)), True, lo=start,
                                    key=lambda i: floor(float(cands[i])) / m <= float(cands[i]))
-    cache: dict[int, tuple[float, Callable[[], list[Stage]] | None]] = {}
+    cache: dict[int, tuple[float, Callable[[], list[PlannedStage]] | None]] = {}
 
-    def at(i: int) -> tuple[float, Callable[[], list[Stage]] | None]:
+    def at(i: int) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         if i not in cache:
             cache[i] = oracle.solve(float(cands[i]))
         return cache[i]
@@ -82,7 +82,7 @@ def optimise(oracle: Oracle, objective: str, inflight: int = 1, lower: Oracle | 
         return SearchResult(float(cands[i]), build(), len(cache))
     m = max(1, int(inflight))
     i = _first_true(len(cands), lambda i: at(i)[1] is not None and at(i)[0] / m <= float(cands[i]), start)
-    best: tuple[float, Callable[[], list[Stage]]] | None = None
+    best: tuple[float, Callable[[], list[PlannedStage]]] | None = None
     if i < len(cands):
         best = (float(cands[i]), at(i)[1])
     if i > 0:

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from swarm.planner.blocks import BlocksOracle, BlockStructure
-from swarm.planner.plan import Stage
+from swarm.planner.plan import PlannedStage
 from swarm.planner.problem import Problem
 from swarm.planner.search import fits
 
@@ -43,7 +43,7 @@ class SharedOracle(BlocksOracle):
         self.hop = np.where(np.eye(m, dtype=bool), np.inf, self.c)
         self.hop[:, 0] = np.inf  # nothing hops back into the source but the return
 
-    def solve(self, tau: float) -> tuple[float, Callable[[], list[Stage]] | None]:
+    def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         best, how = np.inf, None
         if self.src_fits_all and fits(self.total_src, tau):
             best, how = self.total_src, "alone"
@@ -72,10 +72,10 @@ class SharedOracle(BlocksOracle):
             return np.inf, None
         return best, lambda: self._stages(how)
 
-    def _stages(self, how) -> list[Stage]:
+    def _stages(self, how) -> list[PlannedStage]:
         n = self.problem.n_units
         if how == "alone":
-            return [Stage(self.problem.source, 0, n)]
+            return [PlannedStage(self.problem.source, 0, n)]
         xs, picks = how
         blocks, flag = self.st.n_blocks - xs, 1
         middles, last = [], None
@@ -93,9 +93,9 @@ class SharedOracle(BlocksOracle):
             elif g0x[blocks] >= 0:
                 middles.append((d, int(g0x[blocks])))
                 blocks -= int(g0x[blocks])
-        stages, pos = [Stage(self.problem.source, 0, 1 + xs)], 1 + xs
+        stages, pos = [PlannedStage(self.problem.source, 0, 1 + xs)], 1 + xs
         for d, x in middles + [(last[0], last[1] + 1)]:
-            stages.append(Stage(self.order[d], pos, pos + x))
+            stages.append(PlannedStage(self.order[d], pos, pos + x))
             pos += x
         return stages
 

@@ -1,6 +1,6 @@
 """Named strategies: ours, the paper's algorithms and the paper's baselines (section V-A).
 
-- ours: exact (swarm.planner.api.plan_ours)
+- ours: exact (swarm.planner.exact)
 - paper-latency / paper-throughput: Algorithms 1 and 2 as stated (swarm.planner.paper)
 - edge-solo: everything on the source
 - cloud-edge-even: the units split in two halves, source then cloud
@@ -11,7 +11,9 @@ The cloud device is `cloud=` (index or name) or else the fastest device other th
 
 from __future__ import annotations
 
-from swarm.planner.plan import Plan, Stage, evaluate
+from swarm.planner import paper
+from swarm.planner.exact import plan_ours
+from swarm.planner.plan import Plan, PlannedStage, evaluate
 from swarm.planner.problem import InfeasibleError, Problem
 
 STRATEGIES = ("ours", "paper-latency", "paper-throughput", "edge-solo", "cloud-edge-even", "cloud-edge-opt", "even")
@@ -20,7 +22,7 @@ STRATEGIES = ("ours", "paper-latency", "paper-throughput", "edge-solo", "cloud-e
 class InvalidPlanError(InfeasibleError):
     """A paper algorithm returned a plan that breaks the constraints (kept to show the flaw)."""
 
-    def __init__(self, message: str, problem: Problem, stages: tuple[Stage, ...]):
+    def __init__(self, message: str, problem: Problem, stages: tuple[PlannedStage, ...]):
         super().__init__(message, float(problem.layer_mem.sum()), float(problem.device_mem.sum()),
                          float(problem.device_mem.max()))
         self.stages = stages
@@ -29,15 +31,13 @@ class InvalidPlanError(InfeasibleError):
 def run_strategy(problem: Problem, name: str, objective: str = "latency", inflight: int = 1,
                  cloud: int | str | None = None, devices: list[int] | None = None) -> Plan:
     """The plan of strategy `name`, evaluated with the full cost model (return hop included)."""
-    from swarm.planner.api import plan_ours
-
     meta = {"objective": objective, "strategy": name}
     if name == "ours":
         return plan_ours(problem, objective, inflight)
     if name in ("paper-latency", "paper-throughput"):
         return _paper(problem, name, inflight, meta)
     if name == "edge-solo":
-        return _fixed(problem, [Stage(problem.source, 0, problem.n_units)], inflight, meta)
+        return _fixed(problem, [PlannedStage(problem.source, 0, problem.n_units)], inflight, meta)
     if name == "even":
         chosen = devices or [s.device for s in plan_ours(problem, objective, inflight).stages]
         return _fixed(problem, even_split(chosen, problem.n_units), inflight, meta)
@@ -47,19 +47,19 @@ def run_strategy(problem: Problem, name: str, objective: str = "latency", inflig
     if name == "cloud-edge-opt":
         sub, index = restrict(problem, [problem.source, c])
         p = plan_ours(sub, objective, inflight)
-        stages = [Stage(index[s.device], s.start, s.end) for s in p.stages]
+        stages = [PlannedStage(index[s.device], s.start, s.end) for s in p.stages]
         return evaluate(problem, stages, inflight, method=p.method, **meta)
     raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
 
 
-def even_split(devices: list[int], n_units: int) -> list[Stage]:
+def even_split(devices: list[int], n_units: int) -> list[PlannedStage]:
     """Units split as evenly as possible over the devices in order (earlier ones take the extra)."""
     k = min(len(devices), n_units)
     base, extra = divmod(n_units, k)
     stages, pos = [], 0
     for i, d in enumerate(devices[:k]):
         size = base + (1 if i < extra else 0)
-        stages.append(Stage(d, pos, pos + size))
+        stages.append(PlannedStage(d, pos, pos + size))
         pos += size
     return stages
 
@@ -87,7 +87,7 @@ def restrict(problem: Problem, devices: list[int]) -> tuple[Problem, list[int]]:
     return Problem.from_json(data), list(devices)
 
 
-def _fixed(problem: Problem, stages: list[Stage], inflight: int, meta: dict) -> Plan:
+def _fixed(problem: Problem, stages: list[PlannedStage], inflight: int, meta: dict) -> Plan:
     try:
         return evaluate(problem, stages, inflight, **meta)
     except ValueError as e:
@@ -95,12 +95,8 @@ def _fixed(problem: Problem, stages: list[Stage], inflight: int, meta: dict) -> 
 
 
 def _paper(problem: Problem, name: str, inflight: int, meta: dict) -> Plan:
-    from swarm.planner import paper
-
     result = paper.algorithm1(problem) if name == "paper-latency" else paper.algorithm2(problem)
     if result is None:
-        from swarm.planner.api import plan_ours
-
         plan_ours(problem, "latency")  # raises InfeasibleError when no plan exists at all
         raise InvalidPlanError(f"{name} (Algorithm {1 if name == 'paper-latency' else 2} as printed) found no plan "
                                "although one exists: its running per-device memory counter pruned every path",

@@ -111,7 +111,8 @@ def _links_agree(problem: Problem, members: list[tuple[int, ...]]) -> bool:
     return True
 
 
-def device_key(problem: Problem) -> Callable[[int], Hashable]:
+def device_type_key(problem: Problem) -> Callable[[int], Hashable]:
+    """Devices with equal memory and per-unit times are interchangeable in the generic DP."""
     return lambda d: (float(problem.device_mem[d]), problem.time[d].tobytes())
 
 

@@ -2,7 +2,7 @@
 
     async with PeerClient("tcp://127.0.0.1:PORT") as peer:
         status = await peer.ping()            # dict, see ShardServer.status()
-        info = await peer.info()              # the dict the peer was started with
+        info = await peer.info()              # what the peer publishes (its profile, announcement, peers)
         rtt_s, up_bps = await peer.probe(send_bytes=1 << 20)
         ready = await peer.load(model_dir, start, end, slots=8, max_len=256)
 

@@ -36,15 +36,24 @@ import psutil
 import torch
 import zmq
 
+from swarm.aio import wait_event
+from swarm.model.dtypes import FLOAT_DTYPES, torch_dtype
 from swarm.runtime import sockets
-from swarm.runtime.wire import DEFAULT_LIMITS, DTYPES, Kind, Message, WireError, WireLimits, decode, encode, error_reply
+from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode, error_reply
 from swarm.runtime.worker import TorchWorker
 
 log = logging.getLogger(__name__)
 
 CONTROL_KINDS = frozenset({Kind.PING, Kind.PROBE, Kind.INFO})
 JOB_KINDS = frozenset({Kind.LOAD, Kind.UNLOAD, Kind.OPEN, Kind.CLOSE})
-FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+
+
+def _sendable(info: Mapping[str, Any]) -> None:
+    """Refuse, where it is made, an INFO that msgpack cannot send."""
+    try:
+        msgpack.packb(dict(info), use_bin_type=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ class ServerConfig:
     port: int = 0  # control socket; 0: any free port
     data_port: int = 0  # data socket (pipeline steps); 0: any free port
     threads: int = 1  # torch intra-op threads for this process
-    info: Mapping[str, Any] = field(default_factory=dict)  # returned verbatim by INFO
+    info: Mapping[str, Any] = field(default_factory=dict)  # returned verbatim by INFO (see publish_info)
     # Models this peer holds, by fingerprint: a LOAD naming one loads this peer's own copy.
     models: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
@@ -61,8 +70,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         try:  # INFO replies carry it as is: refuse at start-up what msgpack cannot send
-            msgpack.packb(dict(self.info), use_bin_type=True)
-        except (TypeError, ValueError) as exc:
+            _sendable(self.info)
+        except ValueError as exc:
             raise ValueError(f"ServerConfig.info must be plain JSON-like data: {exc}") from None
 
 
@@ -81,12 +90,16 @@ class ShardServer:
         self._requests: Counter[bytes] = Counter()  # control requests queued or running, per identity
         self._deployer: bytes | None = None  # the client that loaded the shard: it alone opens slots
         self._open_slots: set[int] = set()
+        self._info: dict[str, Any] = dict(config.info)
         self._control_errors = 0  # the torch thread counts its own
         self._control_received = 0
         self._started = time.monotonic()
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when serve_forever is not running
         self._idle.set()
+        self.leaving = False  # announced in every PONG: sources move their stages away
+        self._unloaded = asyncio.Event()  # set while no shard is loaded
+        self._unloaded.set()
 
     async def __aenter__(self) -> "ShardServer":
         torch.set_num_threads(self.config.threads)
@@ -145,6 +158,19 @@ class ShardServer:
                 self._worker.stop()
             self._idle.set()
 
+    def publish_info(self, info: Mapping[str, Any]) -> None:
+        """Answer INFO with ``info`` from now on (a swarm peer's announcement and live peers change)."""
+        _sendable(info)
+        self._info = dict(info)
+
+    async def leave(self, timeout_s: float) -> bool:
+        """Tell every source (in PONGs) that this peer is leaving, refuse new LOADs, and
+        keep serving until the shard is unloaded or ``timeout_s`` has passed.
+
+        True when the stages were moved away in time (or none was loaded)."""
+        self.leaving = True
+        return await wait_event(self._unloaded, timeout_s)
+
     # ------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
@@ -153,6 +179,7 @@ class ShardServer:
         c = worker.counters if worker else None
         return {
             "state": "loaded" if stage else "idle",
+            "leaving": self.leaving,
             "dep": stage.dep if stage else None,
             "start": stage.shard.start if stage else None,
             "end": stage.shard.end if stage else None,
@@ -215,7 +242,7 @@ class ShardServer:
         if message.kind is Kind.PING:
             return Message(Kind.PONG, {"status": self.status()}, re=message.id)
         if message.kind is Kind.INFO:
-            return Message(Kind.INFO, {"info": dict(self.config.info)}, re=message.id)
+            return Message(Kind.INFO, {"info": self._info}, re=message.id)
         size = message.get("reply_bytes", 0)
         if size > self.config.limits.max_tensor_bytes:
             return error_reply(f"reply_bytes {size} over the limit of {self.config.limits.max_tensor_bytes}", message)
@@ -259,13 +286,13 @@ class ShardServer:
     async def _job(self, identity: bytes, message: Message) -> Message:
         worker = self._worker
         if message.kind is Kind.LOAD:
-            self._deployer, self._open_slots = None, set()
             ready = await self._load(message)
-            self._deployer = identity
+            self._deployer, self._open_slots = identity, set()  # the new shard's slots are its loader's
             return ready
         if message.kind is Kind.UNLOAD:
             self._deployer, self._open_slots = None, set()
             await worker.call(worker.uninstall)
+            self._unloaded.set()
             return Message(Kind.OK, re=message.id)
         if worker.stage is None:
             raise WireError("no shard loaded (send LOAD first)")
@@ -303,6 +330,8 @@ class ShardServer:
         start, end, dtype = message["start"], message["end"], message["dtype"]
         if not start < end:
             raise WireError(f"empty unit range [{start}, {end})")
+        if self.leaving:
+            raise WireError("this peer is leaving the swarm")
         if dtype not in FLOAT_DTYPES:
             raise WireError(f"dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
         if not (message["slots"] >= 1 and message["max_len"] >= 1):
@@ -312,13 +341,15 @@ class ShardServer:
 
         worker, nxt = self._worker, message.get("next")
         await worker.call(worker.uninstall)  # the old shard's memory goes before the new one loads
+        self._unloaded.set()
         began = time.perf_counter()
         shard = await worker.call(
             lambda: Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
-                               dtype=DTYPES[dtype], device=self.config.device)
+                               dtype=torch_dtype(dtype), device=self.config.device)
         )
         load_s = time.perf_counter() - began
         await worker.call(worker.install, message["dep"], shard, nxt)
+        self._unloaded.clear()
         log.info("loaded units [%d, %d) in %.2f s, next=%s", start, end, load_s, nxt)
         return Message(Kind.READY, {
             "load_s": load_s, "weight_bytes": int(shard.weight_bytes), "kv_bytes": int(shard.kv_cache_bytes),

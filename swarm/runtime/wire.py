@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import torch
 
+from swarm.model.dtypes import WIRE_DTYPES, torch_dtype
+
 PROTOCOL_VERSION = 2  # 2: steps travel on a separate data socket
 
 # Received tensors are read-only views of zmq's frames (no copy), which torch warns
@@ -48,14 +50,7 @@ class Kind(str, enum.Enum):
     ERROR = "error"
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-}
+DTYPES: dict[str, torch.dtype] = {name: torch_dtype(name, WIRE_DTYPES) for name in WIRE_DTYPES}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 

@@ -42,7 +42,7 @@ _WAKE_ENDPOINTS = itertools.count()
 
 
 @dataclass
-class Stage:
+class HostedStage:
     """The shard this peer hosts for one deployment, and where its outputs go."""
 
     dep: int
@@ -70,7 +70,7 @@ class TorchWorker:
         self._threads = threads
         self._limits = limits
         self.port = 0
-        self.stage: Stage | None = None
+        self.stage: HostedStage | None = None
         self.counters = Counters()
         self.queued = 0  # steps received and not yet computed
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -127,7 +127,7 @@ class TorchWorker:
     def install(self, dep: int, shard: Any, next_address: str | None) -> None:
         self.uninstall()
         next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
-        self.stage = Stage(dep, shard, next_sock)
+        self.stage = HostedStage(dep, shard, next_sock)
 
     def uninstall(self) -> None:
         if self.stage is not None and self.stage.next_sock is not None:
@@ -243,7 +243,7 @@ class TorchWorker:
             log.log(logging.DEBUG if isinstance(exc, WireError) else logging.WARNING, "step failed: %s", exc)
             self._reply(message["src"], error_reply(f"step failed: {exc}", message))
 
-    def _check_step(self, message: Message) -> tuple[Stage, list[int], torch.Tensor, list[int] | None]:
+    def _check_step(self, message: Message) -> tuple[HostedStage, list[int], torch.Tensor, list[int] | None]:
         stage = self.stage
         if stage is None:
             raise WireError("no shard loaded (send LOAD first)")

@@ -7,14 +7,14 @@ from __future__ import annotations
 import signal
 import subprocess
 
-STOP_TIMEOUT_S = 10.0  # SIGTERM (an mDNS goodbye), then SIGKILL
+STOP_TIMEOUT_S = 10.0  # SIGHUP (an mDNS goodbye, leaving at once), then SIGKILL
 
 
 def stop_processes(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process still running, wait, SIGKILL what outlives STOP_TIMEOUT_S."""
+    """SIGHUP every process still running, wait, SIGKILL what outlives STOP_TIMEOUT_S."""
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGHUP)
     for proc in procs:
         try:
             proc.wait(STOP_TIMEOUT_S)

@@ -102,3 +102,23 @@ async def test_refreshes_wait_while_generating_but_a_new_peer_is_measured_at_onc
             waited = time.monotonic() - first
         assert waited >= (probe.max_defer + 1) * probe.interval_s * (1 - probe.jitter)
         assert target.peer_id in prober.links
+
+
+async def test_a_peer_that_leaves_is_dropped_at_once_and_never_readded():
+    """Graceful leave: the goodbye and the "leaving" PONG drop it within a heartbeat, far
+    inside the bound that missed heartbeats take, and it stays out while it still serves."""
+    slow_to_miss = LivenessConfig(interval_s=0.2, timeout_s=5.0, misses=50)  # misses would take > 10 s
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(_peer("a", mdns=False))
+        watcher = await stack.enter_async_context(Directory(DirectoryConfig(
+            interfaces=["127.0.0.1"], seeds=(f"127.0.0.1:{a.port}",), mdns=False, liveness=slow_to_miss,
+            seed_refresh_s=0.2)))
+        async with _running(a, watcher):
+            assert await watcher.wait_for(lambda live: a.peer_id in live, TIMEOUT_S)
+            began = time.monotonic()
+            assert await a.leave(0) is True  # it holds no stage
+            assert await watcher.wait_for(lambda live: a.peer_id not in live, TIMEOUT_S)
+            assert time.monotonic() - began < 2.0
+            await asyncio.sleep(1.0)  # seeds keep answering INFO and PING: still out
+            assert a.peer_id not in watcher.live
+            assert (await watcher.client("127.0.0.1", a.port).ping())["leaving"] is True

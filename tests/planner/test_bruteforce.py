@@ -8,12 +8,12 @@ import numpy as np
 
 from swarm.planner import InfeasibleError, Problem, plan
 from swarm.planner import paper
-from swarm.planner.blocks import BlocksOracle, block_structure, device_key as block_key
+from swarm.planner.blocks import BlocksOracle, block_device_key, block_structure
 from swarm.planner.bounded import plan_bounded, plan_bracketed
 from swarm.planner.generic import GenericOracle
 from swarm.planner.plan import evaluate
 from swarm.planner.search import optimise
-from swarm.planner.types import build_space, device_key, group_devices
+from swarm.planner.types import build_space, device_type_key, group_devices
 
 from .brute import all_plans, optimum
 from .gen import random_problem
@@ -64,7 +64,7 @@ def test_generic_dp_matches_on_identical_block_problems_too():
     """The blocks method is the default there; the generic DP must agree with it and brute force."""
     for rng, prob in list(problems())[::3][:60]:
         plans = all_plans(prob)
-        oracle = GenericOracle(prob, build_space(group_devices(prob, device_key(prob))))
+        oracle = GenericOracle(prob, build_space(group_devices(prob, device_type_key(prob))))
         for objective in OBJECTIVES:
             found = optimise(oracle, objective, 3)
             want = optimum(plans, objective, 3)
@@ -95,7 +95,7 @@ def test_blocks_oracle_over_device_types_matches_on_shared_networks():
         if i % 6 != 1 or prob.n_devices < 2:
             continue
         st = block_structure(prob)
-        oracle = BlocksOracle(prob, build_space(group_devices(prob, block_key(prob, st))), st)
+        oracle = BlocksOracle(prob, build_space(group_devices(prob, block_device_key(prob))), st)
         plans = all_plans(prob)
         for objective in OBJECTIVES:
             found = optimise(oracle, objective, 3)
@@ -170,7 +170,7 @@ def test_device_types_split_by_links_stay_exact():
             if j != slow:
                 d["bandwidth"][slow][j] = d["bandwidth"][j][slow] = d["bandwidth"][slow][j] / 3
         prob = Problem.from_json(d)
-        members = group_devices(prob, device_key(prob))
+        members = group_devices(prob, device_type_key(prob))
         assert (slow,) in members
         grouped += len(members) < prob.n_devices
         plans = all_plans(prob)

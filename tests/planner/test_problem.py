@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from swarm.planner import InfeasibleError, Problem, ProblemError, Stage, evaluate, plan
+from swarm.planner import InfeasibleError, Problem, ProblemError, PlannedStage, evaluate, plan
 
 
 def small(**over):
@@ -44,7 +44,7 @@ def test_malformed_problem_names_the_field(patch, field):
 
 def test_cost_model_by_hand():
     p = Problem.from_json(small())
-    got = evaluate(p, [Stage(0, 0, 1), Stage(1, 1, 3)], inflight=2)
+    got = evaluate(p, [PlannedStage(0, 0, 1), PlannedStage(1, 1, 3)], inflight=2)
     hop = 0.5 + 10 / 10  # a -> b carries out[0] = 10 B at 10 B/s plus 0.5 s latency
     ret = 0.25 + 5 / 5  # b -> a returns 5 B at 5 B/s plus 0.25 s
     assert got.compute_s == (1, 2) and got.hop_s == (hop, ret)

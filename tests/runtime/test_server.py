@@ -151,16 +151,36 @@ async def test_event_loop_is_not_blocked_while_a_shard_computes(server, tiny_mod
 async def test_close_is_idempotent_and_wakes_serve_forever():
     async with ShardServer(ServerConfig()) as srv:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(srv.serve_forever())
-            await asyncio.sleep(0)
+            serving = tg.create_task(srv.serve_forever())
+            await asyncio.sleep(0.05)
+            assert not serving.done()
             srv.close()
             srv.close()
+            async with asyncio.timeout(5):  # close() wakes it: it returns, it is not cancelled
+                await asyncio.shield(serving)
+        assert serving.result() is None
+        address = srv.address
     await srv.aclose()  # again, after __aexit__
+    assert srv._sock is None and srv._worker is None
+    async with PeerClient(address) as peer:  # nothing answers there any more
+        with pytest.raises((PeerError, TimeoutError)):
+            await peer.ping(timeout=0.3)
 
 
 def test_info_must_be_sendable():
     with pytest.raises(ValueError, match="plain JSON-like"):
         ServerConfig(info={"when": object()})
+
+
+async def test_published_info_is_what_info_answers(server):
+    config_info = dict(server.config.info)
+    async with PeerClient(server.address) as peer:
+        server.publish_info({"announcement": "v2", "peers": [{"id": "x"}]})
+        assert await peer.info() == {"announcement": "v2", "peers": [{"id": "x"}]}
+        with pytest.raises(ValueError):
+            server.publish_info({"when": object()})
+        assert await peer.info() == {"announcement": "v2", "peers": [{"id": "x"}]}  # the last good one stays
+    assert server.config.info == config_info  # the frozen config is never mutated
 
 
 async def test_an_oversized_frame_is_never_accepted(tiny_model_dir):
@@ -190,3 +210,21 @@ async def test_a_peer_loads_its_own_copy_of_the_model_named_by_fingerprint(tiny_
             with pytest.raises(PeerError, match="not 'other-weights'"):
                 await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, fingerprint="other-weights")
         srv.close()
+
+
+async def test_a_leaving_peer_says_so_refuses_loads_and_waits_until_unloaded(server, tiny_model_dir):
+    async with PeerClient(server.address) as peer:
+        assert await server.leave(0) is True  # nothing loaded: free to go at once
+        server.leaving = False
+        await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, dep=1)
+        assert (await peer.ping())["leaving"] is False
+        assert await server.leave(0.2) is False  # loaded, and nobody moved the stage away
+        assert (await peer.ping())["leaving"] is True
+        with pytest.raises(PeerError, match="this peer is leaving the swarm"):
+            await peer.load(tiny_model_dir, 2, 6, slots=1, max_len=8, dep=2)
+        async with asyncio.TaskGroup() as tg:
+            left = tg.create_task(server.leave(30))
+            await asyncio.sleep(0.1)
+            assert not left.done()  # still serving: the answer in flight can finish
+            await peer.unload()  # what the source does once it moved the stage
+        assert left.result() is True
