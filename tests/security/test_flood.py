@@ -53,7 +53,7 @@ def flood(control: str, data: str, slots: int) -> dict[str, int]:
             batch = []
             if sent["open"] < OPENS:  # every slot of the shard (held by the other session) and beyond
                 batch += [("open", socks[0], encode(Message(Kind.OPEN, {"slots": [(i + k) % (slots + 2)]}, id=i)))
-                          for k in range(OPEN_BURST)]
+                          for k in range(min(OPEN_BURST, OPENS - sent["open"]))]
             if i % 400 == 0:  # zmq drops the connection at once: everything queued on it is lost too
                 batch.append(("oversized", socks[i % 800 // 400], oversized))
             batch += [("garbage", socks[i % 2], garbage), ("stray step", socks[1], stray)]
