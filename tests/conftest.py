@@ -5,7 +5,9 @@ fingerprints, chat history and local peers' logs start empty, so no test depends
 what an earlier run or an earlier test left there. Only the converted default model
 is shared (``models/`` links to the user's cache), because converting it takes a
 minute. Every process the run starts inherits ``SWARM_TEST_RUN``, so processes left
-behind are found even after init adopted them.
+behind are found even after init adopted them, and ``SWARM_SECRET``, a fresh swarm
+secret per run: every socket of every test is encrypted and authenticated, and no
+test ever reads or writes the user's own secret (``XDG_CONFIG_HOME`` is the run's).
 
 After each test, and once more at the end of the run, whatever the test started and
 did not stop (threads, processes, TCP/UDP sockets) fails it, by name.
@@ -48,6 +50,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUN_ROOT] = run_root
     os.environ["SWARM_CACHE_DIR"] = str(run_root)
     os.environ[RUN_TAG_VARIABLE] = uuid.uuid4().hex
+    from swarm.secret import ENV_VARIABLE, SwarmSecret
+
+    os.environ["XDG_CONFIG_HOME"] = str(run_root / "config")
+    os.environ[ENV_VARIABLE] = SwarmSecret.new().join_code
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from swarm.cli.options import add_model_option
@@ -23,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--no-recovery", action="store_true", help="skip the recovery measurement")
     which.add_argument("--only-recovery", action="store_true", help="measure recovery only")
+    which.add_argument("--encryption-only", action="store_true",
+                       help="only compare encryption on (CURVE) and off (--insecure) over the same plans")
     parser.add_argument("--heartbeat", type=float, default=None,
                         help="heartbeat interval of the recovery runs (default: the swarm's, 1.0 s)")
     parser.set_defaults(func=run)
@@ -33,21 +36,24 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from swarm.cli.common import resolve_model_or_exit
-    from swarm.runtime.bench import BenchConfig, run_bench
+    from swarm.runtime.bench import BenchConfig, run_bench, run_encryption_bench
 
     err = Console(stderr=True)
     model_dir = resolve_model_or_exit(args.model, err)
     config = BenchConfig(Path(model_dir), args.prompt_tokens, args.new_tokens, args.repeats,
                          micro_batches=tuple(args.micro_batches))
-    result = recovery = None
-    with err.status("starting 3 local peers...") as status:
+    result = recovery = encryption = None
+    with err.status("starting local peers...") as status:
         def report(line: str) -> None:
             err.print(line, style="dim", highlight=False)
             status.update("measuring (keep the machine otherwise idle)...")
 
-        if not args.only_recovery:
+        if args.encryption_only:
+            encryption = run_encryption_bench(config, report)
+        elif not args.only_recovery:
             result = run_bench(config, report)
-        if not args.no_recovery:
+            encryption = result.encryption
+        if not (args.no_recovery or args.encryption_only):
             from swarm.discovery.liveness import LivenessConfig
             from swarm.recovery_bench import run_recovery_bench
 
@@ -57,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
                                           liveness, report)
     if args.json:
         body = result.to_json() if result is not None else {}
+        if encryption is not None:
+            body["encryption"] = asdict(encryption)
         if recovery is not None:
             body["recovery"] = recovery.to_json()
         print(json.dumps(body, indent=2))
@@ -68,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
               f"{v.replan_deploy_s:.2f} s, replay {v.replay_s:.2f} s; detection to next token "
               f"{v.detection_to_next_token_s:.2f} s (target <= 2 s)")
     if result is None:
+        if encryption is not None:
+            print_encryption(encryption)
         return 0
     r = result
     print(f"single process      {r.single_process_ms_per_token:8.2f} ms/token")
@@ -87,4 +97,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  m={p.m}: No-Bubbles {p.no_bubbles_tok_s:6.1f} tok/s, Bubbles {p.bubbles_tok_s:6.1f} tok/s "
               f"({p.no_bubbles_over_bubbles:.2f}x, target >= 1.3x), simulated {p.simulated_tok_s:6.1f} tok/s "
               f"({p.no_bubbles_over_simulated:.0%}, target >= 85%)")
+    print_encryption(r.encryption)
     return 0
+
+
+def print_encryption(e) -> None:
+    print(f"encryption on vs off ({e.repeats} interleaved pairs, target: on <= 3% slower)")
+    print(f"  sequential  on {e.sequential_ms_per_token_on:8.2f} ms/token, off {e.sequential_ms_per_token_off:8.2f} "
+          f"ms/token: on is {e.sequential_slowdown:+.1%}")
+    print(f"  2 stages m={e.m} on {e.pipelined_tok_s_on:8.1f} tok/s,   off {e.pipelined_tok_s_off:8.1f} tok/s:   "
+          f"on is {e.pipelined_slowdown:+.1%}")

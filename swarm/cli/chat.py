@@ -25,6 +25,7 @@ from rich.text import Text
 from swarm.chat.conversation import DEFAULT_MAX_NEW_TOKENS, ContextFull, Conversation
 from swarm.chat.engines import TokenRate
 from swarm.cli.backend import BackendError, add_backend_arguments, history_path, open_backend
+from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.view.live import refresh_forever
 from swarm.view.render import links_table, peers_table, plan_view, topology
 from swarm.runtime.client import PeerError
@@ -47,6 +48,7 @@ VIEW_REFRESH_S = 0.25
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat", help="chat with a model split across the swarm", description=__doc__)
     add_backend_arguments(parser)
+    add_secret_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--view", action="store_true", help="start with the topology panel shown")
@@ -56,6 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
+    if not args.no_swarm:
+        use_swarm_secret(args)
     try:
         return asyncio.run(_chat(args, console))
     except BackendError as exc:

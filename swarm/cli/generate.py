@@ -25,7 +25,7 @@ from rich.console import Console
 
 from swarm.chat.engines import BackendError
 from swarm.cli.backend import add_backend_arguments, source_config
-from swarm.cli.common import check_device, resolve_model_or_exit
+from swarm.cli.common import add_secret_arguments, check_device, resolve_model_or_exit, use_swarm_secret
 from swarm.cli.options import add_device_options, dtype_from
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -43,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="print one JSON object: token ids, text, the plan and timings")
     add_device_options(parser, where="in this process: ")
     add_backend_arguments(parser)
+    add_secret_arguments(parser)
     # The KV cache is sized from the prompts unless --max-len asks for more.
     parser.set_defaults(func=run, max_len=None)
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     stream = None if args.json or len(prompts) > 1 else TextStream(tokenizer)
     args.max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     if uses_swarm(args):
+        use_swarm_secret(args)
         try:
             outcome = asyncio.run(generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stream, console))
         except BackendError as err:

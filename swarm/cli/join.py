@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_quant_option,
                               add_threads_option, interfaces_from)
 
@@ -36,6 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="on Ctrl-C or SIGTERM, wait at most this long for the source to move this peer's "
                         "stages away, so an answer in progress goes on (default: %(default)s; a second "
                         "Ctrl-C leaves at once)")
+    add_secret_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -51,6 +53,7 @@ def load_profile(args, model_dir) -> dict:
 def run(args) -> int:
     import torch
 
+    use_swarm_secret(args, store=True)
     torch.set_num_threads(args.threads)
     from swarm.discovery.links import ProbeConfig
     from swarm.discovery.liveness import LivenessConfig

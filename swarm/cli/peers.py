@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 
+from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.cli.options import add_network_options, interfaces_from
 
 LISTEN_S = 3.0  # mDNS answers arrive within about 1.2 s; then one heartbeat round
@@ -17,6 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.splitlines()[0])
     add_network_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_secret_arguments(p)
     p.add_argument("--wait", type=float, default=LISTEN_S, help=f"seconds to listen (default {LISTEN_S})")
     p.set_defaults(func=run)
     return p
@@ -24,6 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from swarm.discovery.directory import Directory, DirectoryConfig
+
+    use_swarm_secret(args)
 
     async def gather() -> tuple[dict, str]:
         async with Directory(DirectoryConfig(interfaces=interfaces_from(args), seeds=tuple(args.peer),

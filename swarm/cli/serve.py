@@ -19,6 +19,7 @@ import signal
 from rich.console import Console
 
 from swarm.chat.engines import BackendError
+from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
 
 DEFAULT_PORT = 8000
@@ -42,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="requests per micro-batch (default: %(default)s); micro-batches x batch size "
                              "requests generate at once")
     add_backend_arguments(parser)
+    add_secret_arguments(parser)
     # --max-len is per request here; --temperature, --top-p, --top-k and --seed are the
     # defaults for requests that leave them out.
     parser.set_defaults(func=run, max_len=DEFAULT_MAX_LEN)
@@ -50,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.micro_batches < 1 or args.batch_size < 1:
         raise SystemExit("error: --micro-batches and --batch-size must be at least 1")
+    if not args.no_swarm:
+        use_swarm_secret(args)
     console = Console(highlight=False)
     try:
         asyncio.run(_serve(args, console))

@@ -21,6 +21,7 @@ import dataclasses
 
 from swarm.chat.engines import BackendError
 from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
+from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.view.from_source import snapshot_from_source
 from swarm.view.live import refresh_forever
 from swarm.view.render import topology
@@ -33,6 +34,7 @@ PING_TIMEOUT_S = 2.0
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("top", help="live topology view of the swarm", description=__doc__)
     add_backend_arguments(parser)
+    add_secret_arguments(parser)
     parser.add_argument("--interval", type=float, default=POLL_S, help="seconds between refreshes")
     parser.add_argument("--once", action="store_true", help="print one view and leave (for scripts)")
     parser.set_defaults(func=run)
@@ -41,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.no_swarm:
         raise SystemExit("error: swarm top watches a swarm; --no-swarm has nothing to show")
+    use_swarm_secret(args)
     console = Console(highlight=False)
     try:
         return asyncio.run(_top(args, console))

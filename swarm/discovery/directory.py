@@ -18,7 +18,7 @@ from zeroconf import InterfaceChoice
 from swarm.aio import wait_event
 from swarm.discovery.liveness import Liveness, LivenessConfig
 from swarm.discovery.mdns import Mdns, PeerRecord
-from swarm.discovery.txt import SERVICE_TYPE as SERVICE, TxtError, decode
+from swarm.discovery.txt import SERVICE_TYPE as SERVICE, TxtError, decode, swarm_key
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, PeerError
 from swarm.runtime.wire import Kind
@@ -202,7 +202,7 @@ class Directory:
         try:
             client = self.client(host, port)
             info = (await client.request(Kind.INFO, timeout=INFO_TIMEOUT_S)).get("info") or {}
-            a = decode(info["announcement"])
+            a = decode(info["announcement"], swarm_key())
         except (PeerError, TxtError, KeyError, TypeError) as e:
             self.seed_errors[key] = str(e)
             await self._close_client(host, port)  # no queue of unanswered requests builds up
@@ -231,6 +231,8 @@ class Directory:
         lines.append(f"heard {len(heard)} service(s)" + (": " + ", ".join(heard) if heard else
                      " (multicast may be blocked: Wi-Fi client isolation, VLANs, a firewall on UDP 5353;"
                      " try --peer HOST:PORT)"))
+        if summary := self.mdns.heard.summary():
+            lines.append(summary)
         for name, why in sorted(self.mdns.heard.rejected.items()):
             lines.append(f"  ignored {name}: {why}")
         for seed, err in sorted(self.seed_errors.items()):

@@ -18,7 +18,8 @@ import psutil
 from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from swarm.discovery.txt import SERVICE_TYPE, Announcement, TxtError, decode, encode
+from swarm.discovery.txt import (SERVICE_TYPE, Announcement, ForeignRecord, ReplayGuard, TxtError, decode, encode,
+                                 swarm_key)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,19 @@ class Heard:
 
     names: set[str] = field(default_factory=set)  # every service name seen
     rejected: dict[str, str] = field(default_factory=dict)  # service name -> why it was ignored
+    foreign: set[str] = field(default_factory=set)  # names whose records lacked this swarm's tag
+    replayed: int = 0  # records older than one already accepted from the same peer
+
+    def summary(self) -> str:
+        """'heard 1 record from another swarm' and the like; '' when there is nothing to say."""
+        parts = []
+        if self.foreign:
+            n = len(self.foreign)
+            parts.append(f"heard {n} record{'s' if n != 1 else ''} from another swarm "
+                         f"({', '.join(sorted(self.foreign))}): a device there needs this swarm's join code")
+        if self.replayed:
+            parts.append(f"ignored {self.replayed} replayed (older) record(s)")
+        return "; ".join(parts)
 
 
 def interface_addresses(interfaces: list[str] | InterfaceChoice) -> list[str]:
@@ -72,6 +86,8 @@ class Mdns:
         self._browser: AsyncServiceBrowser | None = None
         self._info: ServiceInfo | None = None
         self._own_name: str | None = None
+        self._key = swarm_key()  # None: --insecure (untagged records, any record accepted)
+        self._replays = ReplayGuard()
 
     async def __aenter__(self) -> Mdns:
         self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
@@ -120,7 +136,7 @@ class Mdns:
 
     def _service_info(self, a: Announcement, port: int) -> ServiceInfo:
         return ServiceInfo(
-            SERVICE_TYPE, self._own_name, port=port, properties=encode(a),
+            SERVICE_TYPE, self._own_name, port=port, properties=encode(a, self._key),
             server=f"swarm-{a.peer_id}.local.",
             addresses=[socket.inet_aton(ip) for ip in interface_addresses(self.interfaces)],
         )
@@ -152,10 +168,19 @@ class Mdns:
             self.heard.rejected[name] = "did not resolve"
             return None
         try:
-            a = decode(info.properties)
+            a = decode(info.properties, self._key)
+        except ForeignRecord as e:
+            self.heard.foreign.add(name)
+            self.heard.rejected[name] = str(e)
+            return None
         except TxtError as e:
             self.heard.rejected[name] = str(e)
             return None
+        if not self._replays.fresh(a):
+            self.heard.replayed += 1
+            log.info("ignored %s: sequence %d is older than one already heard", name, a.seq)
+            return None
+        self.heard.foreign.discard(name)
         hosts = info.parsed_addresses(IPVersion.V4Only)
         if not hosts:
             self.heard.rejected[name] = "no IPv4 address"

@@ -13,7 +13,7 @@ from swarm.discovery.directory import Directory, DirectoryConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.prober import LinkProber
-from swarm.discovery.txt import encode, from_profile, short_fingerprint
+from swarm.discovery.txt import encode, from_profile, short_fingerprint, swarm_key
 from swarm.runtime import sockets
 from swarm.runtime.server import ServerConfig, ShardServer
 
@@ -130,9 +130,10 @@ class SwarmPeer:
             await self.directory.mdns.update(self.announcement())
 
     def _refresh_info(self) -> None:
+        key = swarm_key()
         self.server.publish_info({
-            "profile": self.profile, "announcement": encode(self.announcement()),
-            "peers": [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement)}
+            "profile": self.profile, "announcement": encode(self.announcement(), key),
+            "peers": [{"id": pid, "host": r.host, "port": r.port, "txt": encode(r.announcement, key)}
                       for pid, r in sorted(self.directory.live.items())],
         })
 

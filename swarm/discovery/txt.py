@@ -7,10 +7,21 @@ hundred bytes; a value longer than one string is split over numbered keys
 (``pf``, ``pf1``, ``pf2`` ...). If the per-unit tables would make the record too
 large, they are replaced by a summary (embedding, median block, head) and the full
 profile is fetched from the peer over ZeroMQ (INFO).
+
+In a private swarm every record carries ``tag``: an HMAC-SHA256 (truncated to 128
+bits) over all its other strings, the sequence number included, under a key
+derived from the swarm secret (``swarm_key``). A record without the right tag
+comes from another swarm (or a forger) and is ignored; a ``ReplayGuard`` ignores a
+peer's record older than one already accepted. The tag proves membership to a
+reader; it gives a stranger nothing to join with (the CURVE keys are derived
+under other labels, and HMAC does not reveal its key).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import statistics
 from dataclasses import dataclass, field
 
@@ -19,11 +30,53 @@ SERVICE_TYPE = "_swarm._tcp.local."
 MAX_STRING_BYTES = 255
 # One mDNS packet is 1500 bytes on Ethernet; leave room for the PTR/SRV/A records.
 MAX_RECORD_BYTES = 1100
+TAG_KEY = "tag"
+TAG_BYTES = 16
+_TAG_STRING_BYTES = 1 + len(f"{TAG_KEY}=") + 22  # 16 bytes in unpadded base64
 _CHUNK = 200  # value bytes per TXT string, below 255 minus the key
 
 
 class TxtError(ValueError):
     """A TXT record that is not a swarm announcement of our protocol."""
+
+
+class ForeignRecord(TxtError):
+    """A record without this swarm's tag: another swarm's, or a forgery."""
+
+
+def swarm_key() -> bytes | None:
+    """The key that tags this process's announcements (None: --insecure, no tags)."""
+    from swarm import secret
+
+    current = secret.current()
+    return None if current is None else current.derive("mdns announcement tag")
+
+
+def tag(props: dict[str, str], key: bytes) -> str:
+    """HMAC over every string but the tag, in a canonical order (zeroconf may reorder them)."""
+    body = "\n".join(f"{k}={v}" for k, v in sorted(props.items()) if k != TAG_KEY).encode()
+    return base64.urlsafe_b64encode(hmac.new(key, body, hashlib.sha256).digest()[:TAG_BYTES]).decode().rstrip("=")
+
+
+def verify(props: dict[str, str], key: bytes) -> None:
+    got = props.get(TAG_KEY)
+    if got is None:
+        raise ForeignRecord("no swarm tag: from another swarm, or one running --insecure")
+    if not hmac.compare_digest(got.encode(), tag(props, key).encode()):
+        raise ForeignRecord("wrong swarm tag: from another swarm")
+
+
+class ReplayGuard:
+    """Per peer id, the highest sequence number accepted: an older one is a replay (or stale)."""
+
+    def __init__(self) -> None:
+        self._seq: dict[str, int] = {}
+
+    def fresh(self, a: "Announcement") -> bool:
+        if a.seq < self._seq.get(a.peer_id, -1):
+            return False
+        self._seq[a.peer_id] = a.seq
+        return True
 
 
 @dataclass(frozen=True)
@@ -92,8 +145,16 @@ def _us(seconds: float) -> int:
     return max(0, round(seconds * 1e6))
 
 
-def encode(a: Announcement) -> dict[str, str]:
-    """Announcement -> TXT properties; every string <= 255 bytes, whole record bounded."""
+def encode(a: Announcement, key: bytes | None = None) -> dict[str, str]:
+    """Announcement -> TXT properties; every string <= 255 bytes, whole record bounded;
+    tagged when a swarm key is given."""
+    props = _encode(a, MAX_RECORD_BYTES - (_TAG_STRING_BYTES if key else 0))
+    if key:
+        props[TAG_KEY] = tag(props, key)
+    return props
+
+
+def _encode(a: Announcement, max_bytes: int) -> dict[str, str]:
     base = {
         "v": str(a.protocol), "id": a.peer_id, "n": a.name[:63], "fp": a.fingerprint,
         "mem": str(a.mem_bytes), "thr": str(a.threads), "k": a.kind,
@@ -104,18 +165,21 @@ def encode(a: Announcement) -> dict[str, str]:
     links = ",".join(f"{pid}:{round(l.bandwidth / 1000)}:{_us(l.rtt)}" for pid, l in sorted(a.links.items()))
     full = {**base, **_chunked("pf", _ints(a.prefill_us)), **_chunked("dc", _ints(a.decode_us)),
             **_chunked("lk", links)}
-    if a.summarised or record_bytes(full) > MAX_RECORD_BYTES:
+    if a.summarised or record_bytes(full) > max_bytes:
         summary = {**base, "su": "1", "pf": _ints(_summary(a.prefill_us)), "dc": _ints(_summary(a.decode_us))}
         full = {**summary, **_chunked("lk", links)}
         # Links are last to go: with dozens of peers the source probes them itself.
-        if record_bytes(full) > MAX_RECORD_BYTES:
+        if record_bytes(full) > max_bytes:
             full = summary
     return full
 
 
-def decode(props: dict) -> Announcement:
-    """TXT properties (bytes or str keys/values, as zeroconf gives them) -> Announcement."""
+def decode(props: dict, key: bytes | None = None) -> Announcement:
+    """TXT properties (bytes or str keys/values, as zeroconf gives them) -> Announcement.
+    With a swarm key, a record without its tag raises ForeignRecord."""
     p = {_s(k): _s(v) for k, v in props.items() if v is not None}
+    if key:
+        verify(p, key)
     try:
         protocol = int(p["v"])
         if protocol != PROTOCOL_VERSION:

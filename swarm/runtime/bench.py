@@ -12,14 +12,18 @@ setting: prompt 32 tokens, 96 generated, float32):
 - a 2-stage pipeline with m micro-batches: No-Bubbles vs Bubbles (tok/s), and the
   planner's simulator fed with the stage and hop times measured at m = 1.
 
-Runs alternate (single, pipeline, single, pipeline, ...) and report medians, so
-background load on a shared machine hits both sides alike.
+- encryption on and off: the same sequential chain and the same 2-stage pipeline
+  over peers of a fresh private swarm (CURVE) and over peers run --insecure.
+
+Runs alternate (single, pipeline, single, pipeline, ...; on, off, off, on, ...) and
+report medians, so background load on a shared machine hits both sides alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import statistics
@@ -31,6 +35,7 @@ from typing import Callable
 import psutil
 import torch
 
+from swarm import secret
 from swarm.model.local import LocalChain, even_cuts, generate
 from swarm.model.units import ModelLayout
 from swarm.planner.simulate import simulate_pipeline
@@ -84,6 +89,20 @@ class PipelineFigures:
 
 
 @dataclass(frozen=True)
+class EncryptionFigures:
+    """The same runs with every socket CURVE-encrypted and with plain TCP (--insecure)."""
+
+    sequential_ms_per_token_on: float
+    sequential_ms_per_token_off: float
+    sequential_slowdown: float  # median over back-to-back pairs of on/off - 1 (0.03: on is 3% slower)
+    pipelined_tok_s_on: float  # 2 stages, m micro-batches, No-Bubbles
+    pipelined_tok_s_off: float
+    pipelined_slowdown: float  # median over pairs of (off tok/s) / (on tok/s) - 1
+    m: int
+    repeats: int
+
+
+@dataclass(frozen=True)
 class BenchResult:
     single_process_ms_per_token: float
     sequential_ms_per_token: float
@@ -98,6 +117,7 @@ class BenchResult:
     two_stage_m1_ms_per_token: float
     stage_step_ms: list[float]
     hop_ms: float
+    encryption: EncryptionFigures | None = None
     config: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -235,6 +255,56 @@ async def _bench(config: BenchConfig, peers: list[str], report: Callable[[str], 
     )
 
 
+async def _bench_encryption(config: BenchConfig, peers_on: list[str], peers_off: list[str],
+                            swarm: secret.SwarmSecret, report: Callable[[str], None]) -> EncryptionFigures:
+    """Sequential ms/token and pipelined tok/s over CURVE peers and over plain peers, interleaved."""
+    layout = ModelLayout.read(config.model_dir)
+    n, new, max_len = layout.num_units, config.new_tokens, config.prompt_tokens + config.new_tokens
+    m = max(config.micro_batches)
+    prompt = bench_prompts(1, config.prompt_tokens, layout.vocab_size)[0]
+    batch = bench_prompts(m, config.prompt_tokens, layout.vocab_size)
+    cuts = [(0, 1)] + [(1 + a, 1 + b) for a, b in even_cuts(n - 1, len(peers_on))]
+    cut = balanced_cut(layout)
+    sides = {"on": (swarm, peers_on), "off": (secret.INSECURE, peers_off)}
+
+    async def interleaved(what: str, plan_of, prompts: list[list[int]], layout: Layout) -> dict[str, list[float]]:
+        """Seconds per token over the on and the off peers, repeats alternating which goes first.
+        (A peer hosts one deployment at a time: each phase deploys its own plans.)"""
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        async with contextlib.AsyncExitStack() as stack:
+            pipes = {}
+            for side, (membership, peers) in sides.items():
+                with secret.using(membership):  # this pipeline's sockets are made now, for this swarm
+                    pipes[side] = await stack.enter_async_context(Pipeline(PipelineConfig(
+                        config.model_dir, plan_of(peers), layout=layout, max_len=max_len, dtype=config.dtype)))
+                await _time_pipeline(pipes[side], prompts, 4)  # warm-up
+            for r in range(config.repeats):
+                for side in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                    times[side].append(await _time_pipeline(pipes[side], prompts, new))
+                    report(f"encryption {side}, {what}: {times[side][-1] * 1e3:.2f} ms/token "
+                           f"({1 / times[side][-1]:.1f} tok/s)")
+        return times
+
+    seq = await interleaved("sequential", lambda peers: tuple(
+        Stage(a, s, e) for a, (s, e) in zip([None, *peers], cuts)), [prompt], Layout(1, 1))
+    two = await interleaved(f"2 stages m={m}", lambda peers: (Stage(None, 0, cut), Stage(peers[0], cut, n)),
+                            batch, Layout(m, 1))
+    med = statistics.median
+    return EncryptionFigures(
+        med(seq["on"]) * 1e3, med(seq["off"]) * 1e3, med(a / b for a, b in zip(seq["on"], seq["off"])) - 1,
+        1 / med(two["on"]), 1 / med(two["off"]), med(a / b for a, b in zip(two["on"], two["off"])) - 1,
+        m, config.repeats)
+
+
+def run_encryption_bench(config: BenchConfig, report: Callable[[str], None] = log.info) -> EncryptionFigures:
+    """Only the encryption comparison: 2 x ``sequential_peers`` local peers, half of them --insecure."""
+    torch.set_num_threads(1)
+    swarm = secret.SwarmSecret.new()  # a private swarm of the benchmark's own
+    with local_peers(config.sequential_peers, threads=1, secret=swarm.join_code) as on, \
+            local_peers(config.sequential_peers, threads=1, args=["--insecure"]) as off:
+        return asyncio.run(_bench_encryption(config, on, off, swarm, report))
+
+
 def _pin_everything(cpus: set[int]) -> None:
     """Every thread of this process and of the peers it started onto ``cpus`` (Linux)."""
     if not cpus:
@@ -252,5 +322,9 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = log.info) -> 
 
     ``report`` gets a line after each measured run (progress: a full run takes minutes)."""
     torch.set_num_threads(1)
-    with local_peers(config.sequential_peers, threads=1) as peers:
-        return asyncio.run(_bench(config, peers, report))
+    swarm = secret.SwarmSecret.new()  # a private swarm of the benchmark's own
+    with secret.using(swarm), local_peers(config.sequential_peers, threads=1, secret=swarm.join_code) as peers, \
+            local_peers(config.sequential_peers, threads=1, args=["--insecure"]) as insecure:
+        result = asyncio.run(_bench(config, peers, report))
+        encryption = asyncio.run(_bench_encryption(config, peers, insecure, swarm, report))
+    return dataclasses.replace(result, encryption=encryption)

@@ -11,6 +11,14 @@ jobs that touch the shard (LOAD, OPEN, CLOSE, UNLOAD) in arrival order to the to
 thread (``swarm.runtime.worker``). The torch thread owns the data socket: it
 receives each STEP, computes it and sends the result straight to the next stage,
 or, on the last stage, token ids to the source, without the event loop.
+
+A member that misbehaves (a bug, a flood) is bounded per client identity: only the
+client that loaded the shard (its deployment's source) opens and closes its KV
+slots, and at most max_sessions_per_client of them; control requests it has
+queued, bytes it has queued on the data socket, the size of every frame and how
+long any request may take are bounded too. Past a bound a client gets an error
+reply, and the peer keeps serving everyone else with bounded memory. (LOAD itself
+is open to every member: that is how a new plan takes a peer over.)
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,9 +86,14 @@ class ShardServer:
         self._data_ctx = None  # plain zmq context for the torch thread's sockets
         self._sock = None
         self._worker: TorchWorker | None = None
-        self._jobs: asyncio.Queue[tuple[bytes, Message]] = asyncio.Queue()
+        # (identity, message, when it arrived); at most max_requests_per_client per identity
+        self._jobs: asyncio.Queue[tuple[bytes, Message, float]] = asyncio.Queue()
+        self._requests: Counter[bytes] = Counter()  # control requests queued or running, per identity
+        self._deployer: bytes | None = None  # the client that loaded the shard: it alone opens slots
+        self._open_slots: set[int] = set()
         self._info: dict[str, Any] = dict(config.info)
         self._control_errors = 0  # the torch thread counts its own
+        self._control_received = 0
         self._started = time.monotonic()
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when serve_forever is not running
@@ -177,6 +191,8 @@ class ShardServer:
             "tokens": c.tokens if c else 0,
             "rows": c.rows if c else 0,
             "errors": self._control_errors + (c.errors if c else 0),
+            # every message a handler saw, on both sockets (a stranger's never get this far)
+            "received": self._control_received + (c.received if c else 0),
             "uptime_s": time.monotonic() - self._started,
         }
 
@@ -184,24 +200,39 @@ class ShardServer:
 
     async def _send(self, identity: bytes, message: Message) -> None:
         try:
-            await self._sock.send_multipart([identity, *encode(message)], copy=False)
+            # DONTWAIT: a client that stopped reading its replies must not stall everyone else's
+            await self._sock.send_multipart([identity, *encode(message)], copy=False, flags=zmq.DONTWAIT)
+        except zmq.Again:
+            log.debug("dropped %s to %r: it is not reading its replies", message.kind.value, identity)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer went away; nothing to answer
-            log.warning("cannot send %s to %r: %s", message.kind.value, identity, exc)
+            log.debug("cannot send %s to %r: %s", message.kind.value, identity, exc)
+
+    async def _refuse(self, identity: bytes, why: str, message: Message | None = None) -> None:
+        self._control_errors += 1
+        await self._send(identity, error_reply(why, message))
 
     async def _receive_loop(self) -> None:
+        limits = self.config.limits
         while True:
             frames = await self._sock.recv_multipart(copy=False)
+            self._control_received += 1
             identity, body = frames[0].bytes, frames[1:]
             try:
-                message = decode(body, self.config.limits)
+                message = decode(body, limits)
             except WireError as exc:
-                self._control_errors += 1
-                await self._send(identity, error_reply(str(exc)))
+                await self._refuse(identity, str(exc))
                 continue
             if message.kind in CONTROL_KINDS:
                 await self._send(identity, self._answer_control(message))
             elif message.kind in JOB_KINDS:
-                self._jobs.put_nowait((identity, message))
+                if message.tensors:  # nothing to queue but the header: a job's memory stays small
+                    await self._refuse(identity, f"{message.kind.value!r} carries no tensors", message)
+                elif self._requests[identity] >= limits.max_requests_per_client:
+                    await self._refuse(identity, f"too many requests in flight from this client "
+                                                 f"(limit {limits.max_requests_per_client})", message)
+                else:
+                    self._requests[identity] += 1
+                    self._jobs.put_nowait((identity, message, time.monotonic()))
             else:
                 self._control_errors += 1
                 where = f": send steps to the data socket (port {self.data_port})" if message.kind is Kind.STEP else ""
@@ -232,21 +263,46 @@ class ShardServer:
                 await asyncio.to_thread(warm_up, Path(folder))
             except Exception as exc:  # a warm-up is an optimisation: the first LOAD pays instead
                 log.warning("warming up %s failed: %s", folder, exc)
+        limits = self.config.limits
         while True:
-            identity, message = await self._jobs.get()
+            identity, message, arrived = await self._jobs.get()
+            bound = limits.load_timeout_s if message.kind is Kind.LOAD else limits.request_timeout_s
             try:
-                reply = await self._job(message)
+                # The bound counts from arrival: a request stuck behind a flood expires in the queue.
+                async with asyncio.timeout(arrived + bound - time.monotonic()):
+                    reply = await self._job(identity, message)
+            except TimeoutError:
+                self._control_errors += 1
+                reply = error_reply(f"{message.kind.value} not done within {bound:g} s of arriving", message)
             except Exception as exc:  # any failure is answered; the server keeps serving
                 self._control_errors += 1
-                log.warning("%s failed: %s", message.kind.value, exc)
+                # A client's mistake is its to read in the reply (a flood must not flood the log too).
+                log.log(logging.DEBUG if isinstance(exc, WireError) else logging.WARNING,
+                        "%s failed: %s", message.kind.value, exc)
                 reply = error_reply(f"{message.kind.value} failed: {exc}", message)
+            finally:
+                self._requests[identity] -= 1
+                if not self._requests[identity]:
+                    del self._requests[identity]
             await self._send(identity, reply)
 
-    async def _job(self, message: Message) -> Message:
+    def _check_sessions(self, identity: bytes, slots: list[int], opening: bool) -> None:
+        """Only the deployment's own source touches its slots, and holds at most so many open."""
+        if identity != self._deployer:
+            raise WireError("this peer's shard belongs to another client's deployment (send LOAD first)")
+        held = len(self._open_slots | set(slots))
+        if opening and held > self.config.limits.max_sessions_per_client:
+            raise WireError(f"this client would hold {held} open slots "
+                            f"(limit {self.config.limits.max_sessions_per_client})")
+
+    async def _job(self, identity: bytes, message: Message) -> Message:
         worker = self._worker
         if message.kind is Kind.LOAD:
-            return await self._load(message)
+            ready = await self._load(message)
+            self._deployer, self._open_slots = identity, set()  # the new shard's slots are its loader's
+            return ready
         if message.kind is Kind.UNLOAD:
+            self._deployer, self._open_slots = None, set()
             await worker.call(worker.uninstall)
             self._unloaded.set()
             return Message(Kind.OK, re=message.id)
@@ -257,6 +313,7 @@ class ShardServer:
         for slot in slots:
             if slot >= shard.max_slots:
                 raise WireError(f"slot {slot} out of range (the shard has {shard.max_slots})")
+        self._check_sessions(identity, slots, opening=message.kind is Kind.OPEN)
         if message.kind is Kind.OPEN:
             from swarm.model.sampling import SamplingParams
 
@@ -265,8 +322,10 @@ class ShardServer:
                 top_p=message.get("top_p", 1.0), seed=message.get("seed"),
             )
             await worker.call(lambda: [shard.open_slot(s, sampling=params) for s in slots])
+            self._open_slots.update(slots)
         else:
             await worker.call(lambda: [shard.free_slot(s) for s in slots])
+            self._open_slots.difference_update(slots)
         return Message(Kind.OK, re=message.id)
 
     def _model_folder(self, path: str, fingerprint: str | None) -> Path:

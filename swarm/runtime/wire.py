@@ -56,7 +56,9 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 @dataclass(frozen=True)
 class WireLimits:
-    """Bounds checked on every received message before anything is allocated."""
+    """Bounds checked on every received message before anything is allocated, and on what
+    any one client (a connection's identity) may make a peer hold, so that a member that
+    misbehaves gets error replies while everyone else is served."""
 
     max_header_bytes: int = 64 * 1024
     max_tensors: int = 4
@@ -64,6 +66,11 @@ class WireLimits:
     max_tensor_bytes: int = 512 * 1024 * 1024
     max_list_len: int = 4096
     max_str_len: int = 4096
+    max_sessions_per_client: int = 256  # KV slots one client may hold open at once
+    max_requests_per_client: int = 64  # control requests of one client queued or running
+    max_queued_bytes_per_client: int = 1024 * 1024 * 1024  # received and not yet handled, per socket
+    request_timeout_s: float = 30.0  # a control request not done this long after it arrived gets an error
+    load_timeout_s: float = 900.0  # the same for LOAD, which reads weights from disk
 
     @property
     def max_frame_bytes(self) -> int:

@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -59,6 +59,7 @@ class Counters:
     tokens: int = 0  # real (unpadded) token positions computed
     rows: int = 0
     errors: int = 0
+    received: int = 0  # messages taken off the data socket (handled, or refused for a limit)
 
 
 class TorchWorker:
@@ -141,6 +142,7 @@ class TorchWorker:
         poller.register(self._data, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         waiting: deque = deque()
+        queued_bytes: Counter[bytes] = Counter()  # per sender identity, of what waits in `waiting`
         # Each pass does only what poll reported: right after a wake-up this thread runs
         # on a cold core, where every needless call (an exception from an empty socket,
         # say) costs ten times what it costs warm.
@@ -157,9 +159,10 @@ class TorchWorker:
                             return
                         self._run_job(*job)
                 if self._data in ready:  # take in every step that has arrived: `queued` counts them
-                    waiting.extend(self._drain(self._data))
+                    self._admit(self._drain(self._data), waiting, queued_bytes)
                 if waiting:
                     frames = waiting.popleft()
+                    self._release(frames, queued_bytes)
                     self.queued = len(waiting)
                     try:
                         self._handle(frames)
@@ -170,6 +173,28 @@ class TorchWorker:
             self.uninstall()
             self._data.close()
             self._wake_rx.close()
+
+    def _admit(self, received: list, waiting: deque, queued_bytes: Counter) -> None:
+        """Queue what arrived, refusing (with an error, at once) what would take one sender over its
+        bound: a flooding member cannot grow this peer's memory, and everyone else's steps still flow."""
+        limit = self._limits.max_queued_bytes_per_client
+        for frames in received:
+            self.counters.received += 1
+            identity, size = frames[0].bytes, _size(frames)
+            if queued_bytes[identity] + size > limit:
+                self.counters.errors += 1
+                self._reply(identity, error_reply(f"over {limit} bytes queued from this client: "
+                                                  "wait for replies before sending more"))
+                continue
+            queued_bytes[identity] += size
+            waiting.append(frames)
+
+    @staticmethod
+    def _release(frames: list, queued_bytes: Counter) -> None:
+        identity = frames[0].bytes
+        queued_bytes[identity] -= _size(frames)
+        if queued_bytes[identity] <= 0:
+            del queued_bytes[identity]
 
     @staticmethod
     def _drain(sock: zmq.Socket) -> list:
@@ -192,7 +217,7 @@ class TorchWorker:
         try:
             self._data.send_multipart([identity, *encode(message)], copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer went away; EAGAIN: it stopped reading
-            log.warning("cannot send %s to %r: %s", message.kind.value, identity, exc)
+            log.debug("cannot send %s to %r: %s", message.kind.value, identity, exc)
 
     def _handle(self, frames: list) -> None:
         identity = frames[0].bytes
@@ -215,7 +240,7 @@ class TorchWorker:
             self._step(message)
         except Exception as exc:  # answered to the source, which is waiting for this step's tokens
             self.counters.errors += 1
-            log.warning("step failed: %s", exc)
+            log.log(logging.DEBUG if isinstance(exc, WireError) else logging.WARNING, "step failed: %s", exc)
             self._reply(message["src"], error_reply(f"step failed: {exc}", message))
 
     def _check_step(self, message: Message) -> tuple[HostedStage, list[int], torch.Tensor, list[int] | None]:
@@ -258,3 +283,7 @@ class TorchWorker:
         forward = Message(Kind.STEP, {**ids, "lengths": lengths, "src": message["src"]}, (out,))
         # NOBLOCK: a next stage that stopped reading must fail this step, not hang the thread.
         stage.next_sock.send_multipart(encode(forward), copy=False, flags=zmq.NOBLOCK)
+
+
+def _size(frames: list) -> int:
+    return sum(len(f) for f in frames[1:])

@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from swarm.discovery.directory import Directory, DirectoryConfig
+from swarm.runtime import sockets
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import PeerConfig, SwarmPeer
@@ -40,9 +41,8 @@ async def stop_within_bound(task: asyncio.Task) -> None:
 async def frozen_peer():
     """(address, requests heard): a socket that accepts requests and never answers."""
     ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sock, address = sockets.bind_router(ctx, "127.0.0.1", 0)  # a member of the swarm that never answers
+    port = sockets.port_of(address)
     heard: list[Kind] = []
 
     async def listen():

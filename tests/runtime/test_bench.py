@@ -15,7 +15,7 @@ def test_bench_json_has_the_agreed_keys(tiny_model_dir):
     out = subprocess.run(
         [sys.executable, "benchmarks/bench_pipeline.py", "--model", str(tiny_model_dir), "--json",
          "--prompt-tokens", "8", "--new-tokens", "8", "--repeats", "1", "--micro-batches", "2"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=600, check=True,
     )
     result = json.loads(out.stdout)
     assert result["single_process_ms_per_token"] > 0 and result["sequential_ms_per_token"] > 0
@@ -25,6 +25,10 @@ def test_bench_json_has_the_agreed_keys(tiny_model_dir):
     (row,) = result["pipeline"]
     assert row["m"] == 2
     assert all(row[k] > 0 for k in ("no_bubbles_tok_s", "bubbles_tok_s", "simulated_tok_s"))
+    e = result["encryption"]  # the same chain and pipeline over CURVE peers and --insecure peers
+    assert e["m"] == 2 and e["repeats"] == 1
+    assert all(e[k] > 0 for k in ("sequential_ms_per_token_on", "sequential_ms_per_token_off",
+                                  "pipelined_tok_s_on", "pipelined_tok_s_off"))
 
 
 def test_zmq_ring_floor_runs_and_reports_per_hop_figures():
@@ -37,3 +41,4 @@ def test_zmq_ring_floor_runs_and_reports_per_hop_figures():
     assert result["processes"] == 3 and len(result["hop_ms"]) == 2
     # Each round is 3 x 2 ms of work plus 3 hops: a hop costs something, and far less than the work.
     assert 0 < result["hop_ms_median"] < 50
+

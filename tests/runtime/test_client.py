@@ -9,6 +9,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, PeerError
 from swarm.runtime.wire import Kind, decode
 
@@ -25,9 +26,8 @@ async def test_requests_get_their_own_replies(peers):
 
 async def test_closing_fails_a_request_to_a_frozen_peer_at_once():
     ctx = zmq.asyncio.Context()
-    frozen = ctx.socket(zmq.ROUTER)  # takes requests, never answers
-    frozen.setsockopt(zmq.LINGER, 0)
-    port = frozen.bind_to_random_port("tcp://127.0.0.1")
+    frozen, address = sockets.bind_router(ctx, "127.0.0.1", 0)  # a member that takes requests, never answers
+    port = sockets.port_of(address)
     try:
         client = PeerClient(f"tcp://127.0.0.1:{port}").start()
         request = asyncio.create_task(client.request(Kind.INFO, timeout=600))

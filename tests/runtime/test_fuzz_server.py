@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swarm.aio import bounded
+from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import Layout
@@ -47,11 +48,8 @@ def random_frames():
 def fuzz_peer(address: str, dep: int, stop: threading.Event) -> int:
     """Send hypothesis-made messages with a blocking DEALER; each must get an error back."""
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, FUZZ_IDENTITY)
+    sock = sockets.connect_dealer(ctx, address, FUZZ_IDENTITY)  # a member (CURVE keys of the run's swarm)
     sock.setsockopt(zmq.RCVTIMEO, REPLY_TIMEOUT_MS)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
     sent = [0]
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

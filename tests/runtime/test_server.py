@@ -10,6 +10,7 @@ import pytest
 import torch
 import zmq
 
+from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, PeerError
 from swarm.runtime.server import ServerConfig, ShardServer
 from swarm.runtime.sockets import data_address
@@ -89,10 +90,8 @@ async def test_steps_flow_while_the_event_loop_is_blocked(server, tiny_model_dir
 
     def source() -> None:  # a blocking DEALER on its own thread, as a source's torch thread would be
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, b"src-blocking")
+        sock = sockets.connect_dealer(ctx, data, b"src-blocking")
         sock.setsockopt(zmq.RCVTIMEO, 5000)
-        sock.connect(data)
         try:
             sock.send_multipart(encode(Message(Kind.PING, id=1)))
             assert decode(sock.recv_multipart()).kind is Kind.PONG

@@ -9,10 +9,11 @@ stops when its stdin closes, so a peer never outlives the process that started i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from swarm.runtime.server import ServerConfig, ShardServer
 
@@ -29,15 +30,22 @@ async def serve(config: ServerConfig, on_ready: Callable[[ShardServer], None] | 
 
 
 @contextmanager
-def local_peers(count: int, threads: int = 1, info: dict | None = None) -> Iterator[list[str]]:
-    """Start ``count`` peer processes on 127.0.0.1; yields their addresses; stops them on exit."""
+def local_peers(count: int, threads: int = 1, info: dict | None = None, args: Sequence[str] = (),
+                secret: str | None = None) -> Iterator[list[str]]:
+    """Start ``count`` peer processes on 127.0.0.1; yields their addresses; stops them on exit.
+
+    They join this process's swarm (SWARM_SECRET, inherited), or the one whose join code is
+    ``secret``; ``args`` are more peer options (``--insecure``, limits)."""
+    from swarm.secret import ENV_VARIABLE
+
+    env = None if secret is None else {**os.environ, ENV_VARIABLE: secret}
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(count):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "swarm.runtime.peer", "--port", "0", "--threads", str(threads),
-                 "--exit-on-eof", "--info", json.dumps(info or {})],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                 "--exit-on-eof", "--info", json.dumps(info or {}), *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
             ))
         addresses = []
         for proc in procs:

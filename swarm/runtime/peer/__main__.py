@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
 import threading
 
+from swarm import secret
 from swarm.runtime.peer import serve
+from swarm.runtime.wire import DEFAULT_LIMITS
 from swarm.runtime.server import ServerConfig, ShardServer
 
 
@@ -31,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for this peer")
     parser.add_argument("--info", default="{}", help="JSON object returned by INFO (e.g. a device profile)")
     parser.add_argument("--exit-on-eof", action="store_true", help="exit when stdin closes")
+    parser.add_argument("--insecure", action="store_true", help="plain TCP, no CURVE (default: the swarm of "
+                        "SWARM_SECRET or the stored secret)")
+    parser.add_argument("--max-tensor-bytes", type=int, default=DEFAULT_LIMITS.max_tensor_bytes,
+                        help="largest tensor (and frame) accepted; a larger frame drops its sender")
+    parser.add_argument("--max-queued-bytes", type=int, default=DEFAULT_LIMITS.max_queued_bytes_per_client,
+                        help="bytes one client may have queued on the data socket")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
@@ -38,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     # Import the model code now, while the other peers start too, so the first LOAD is quick.
     import swarm.model.shard  # noqa: F401
 
-    config = ServerConfig(bind_host=args.host, port=args.port, data_port=args.data_port, threads=args.threads, info=json.loads(args.info))
+    if args.insecure:
+        print("warning: --insecure: this peer's sockets are neither encrypted nor authenticated", file=sys.stderr)
+        secret.use(secret.INSECURE)
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_tensor_bytes=args.max_tensor_bytes,
+                                 max_queued_bytes_per_client=args.max_queued_bytes)
+    config = ServerConfig(bind_host=args.host, port=args.port, data_port=args.data_port, threads=args.threads,
+                          info=json.loads(args.info), limits=limits)
     asyncio.run(serve(config, lambda server: announce(server, args.exit_on_eof)))
     return 0
 
