@@ -19,8 +19,8 @@ import signal
 from rich.console import Console
 
 from swarm.chat.engines import BackendError
-from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
+from swarm.cli.common import add_secret_arguments, use_swarm_secret
 
 DEFAULT_PORT = 8000
 # One micro-batch per device that computes keeps each busy (No-Bubbles); more only split
