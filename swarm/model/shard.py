@@ -154,8 +154,7 @@ class Shard:
         config = hf.load_config(model_dir)
         modules = hf.build_unit_modules(config, start, end, device)
         _materialize(modules, layout, dtype, device, quant)
-        if quant:
-            _return_freed_memory()  # the float32 weights quantized away
+        _return_freed_memory()  # what quantizing the embedding and head freed
         block_ids = [m.self_attn.layer_idx for m in modules.layers]
         cache = SlotKVCache(block_ids, max_slots, max_len, layout.num_kv_heads, layout.head_dim, dtype, device)
         shard = cls(layout, start, end, modules, cache, dtype, device, time.perf_counter() - began, quant)
@@ -315,6 +314,9 @@ def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtyp
             quantization.fuse_projections(module)
             if quant:
                 quantization.quantize_layer(module, quant)
+            # The unfused (and float32) tensors just freed would otherwise stay in the heap, in
+            # pieces the next layer's larger fused tensors do not fit: the peak would grow by them.
+            _return_freed_memory()
         elif role == "embed":
             if quant:
                 modules.embed = quantization.quantize_embedding(module, dtype)
@@ -325,8 +327,8 @@ def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtyp
 
 
 def _return_freed_memory() -> None:
-    """Hand the heap that quantizing freed back to the OS (glibc keeps it otherwise), so the
-    resident size is the shard's, as the planner counts it. A no-op where there is no glibc."""
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so the resident size is the
+    shard's, as the planner counts it. A no-op where there is no glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -352,5 +354,7 @@ def _read_tensors(layout: ModelLayout, names: list[str], dtype: torch.dtype, dev
     for path, pairs in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name, source in pairs:
-                out[name] = f.get_tensor(source).to(device=device, dtype=dtype)
+                # A copy: get_tensor may return a view of the file's memory map, and one such tensor
+                # left alive (a norm) keeps every page this module read resident, fused or not.
+                out[name] = f.get_tensor(source).to(device=device, dtype=dtype, copy=True)
     return out
