@@ -82,7 +82,8 @@ async def _bench(model_dir: Path, repeats: int, prompt_tokens: int, new_tokens: 
                 victim = next(i for i, p in enumerate(local.peers) if p.address == last)
                 before = len(source.state().recoveries)
                 killed_at = next_at = None
-                async for count, token in _counted(source.generate(prompt, new_tokens)):
+                # the kill lands mid-answer however short the benchmark's answers are
+                async for count, token in _counted(source.generate(prompt, max(new_tokens, 2 * KILL_AT_TOKEN))):
                     if count == KILL_AT_TOKEN:
                         local.kill(victim)
                         killed_at = time.monotonic()

@@ -28,7 +28,7 @@ import torch
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.runtime.bench import bench_prompts
-from swarm.runtime.deploy import Stage
+from swarm.runtime.deploy import StagePlacement
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import Layout, Mode
 from swarm.runtime.wire import Kind
@@ -62,7 +62,7 @@ async def unit_times(source: SwarmSource, problem: dict) -> dict:
 
 async def run_stages(source: SwarmSource, req: dict) -> dict:
     live = source.directory.live
-    stages = tuple(Stage(None if pid is None else f"tcp://{live[pid].host}:{live[pid].port}", a, b)
+    stages = tuple(StagePlacement(None if pid is None else f"tcp://{live[pid].host}:{live[pid].port}", a, b)
                    for pid, a, b in req["stages"])
     m, b = int(req.get("micro_batches", 1)), int(req.get("batch_size", 1))
     new = int(req["new_tokens"])

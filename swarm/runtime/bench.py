@@ -286,8 +286,8 @@ async def _bench_encryption(config: BenchConfig, peers_on: list[str], peers_off:
         return times
 
     seq = await interleaved("sequential", lambda peers: tuple(
-        Stage(a, s, e) for a, (s, e) in zip([None, *peers], cuts)), [prompt], Layout(1, 1))
-    two = await interleaved(f"2 stages m={m}", lambda peers: (Stage(None, 0, cut), Stage(peers[0], cut, n)),
+        StagePlacement(a, s, e) for a, (s, e) in zip([None, *peers], cuts)), [prompt], Layout(1, 1))
+    two = await interleaved(f"2 stages m={m}", lambda peers: (StagePlacement(None, 0, cut), StagePlacement(peers[0], cut, n)),
                             batch, Layout(m, 1))
     med = statistics.median
     return EncryptionFigures(

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_bench_json_has_the_agreed_keys(tiny_model_dir):
     out = subprocess.run(
         [sys.executable, "benchmarks/bench_pipeline.py", "--model", str(tiny_model_dir), "--json",
-         "--prompt-tokens", "8", "--new-tokens", "8", "--repeats", "1", "--micro-batches", "2"],
+         "--prompt-tokens", "8", "--new-tokens", "8", "--repeats", "1", "--micro-batches", "2", "--no-recovery"],
         capture_output=True, text=True, timeout=600, check=True,
     )
     result = json.loads(out.stdout)
