@@ -1,0 +1,138 @@
+"""Matrix products y = x @ W.T (+ b) for the weight formats of ``swarm.model.formats``.
+
+``Linear(weight, bias)`` holds a dense float tensor or a ``QuantizedTensor`` and
+computes in x's dtype (float32 or bfloat16). Float32 dense weights go through
+``torch.nn.functional.linear`` unchanged (float32 exactness against transformers).
+Quantized weights are computed without ever holding a dequantized copy: the torch
+path dequantizes row chunks on the fly; a compiled path (``swarm.model.kernels.native``)
+is used where a C compiler exists, unless ``SWARM_KERNELS=torch`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm.model.formats import BLOCK, QuantizedTensor, Weight
+
+VERSION = "1-torch"
+
+CHUNK_ROWS = 2048  # rows dequantized at a time on the torch path (bounds the temporary)
+
+
+def use_native() -> bool:
+    return os.environ.get("SWARM_KERNELS", "").lower() != "torch"
+
+
+def _native():
+    if not use_native():
+        return None
+    try:
+        from swarm.model.kernels import native
+    except ImportError:
+        return None
+    return native.library()
+
+
+def matmul_torch(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T by dequantizing CHUNK_ROWS rows of W at a time to x's dtype."""
+    n, _ = weight.shape
+    dtype = x.dtype
+    out = torch.empty(x.shape[0], n, dtype=dtype)
+    for start in range(0, n, CHUNK_ROWS):
+        part = _slice(weight, start, min(n, start + CHUNK_ROWS))
+        out[:, start:start + part.shape[0]] = x @ part.dequantize(dtype).T
+    if bias is not None:
+        out += bias.to(dtype)
+    return out
+
+
+def _slice(weight: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    mins = None if weight.mins is None else weight.mins[start:stop]
+    return QuantizedTensor(weight.kind, weight.codes[start:stop], weight.scales[start:stop], mins)
+
+
+def _cat(weights: list[Weight]) -> Weight:
+    if all(isinstance(w, torch.Tensor) for w in weights):
+        if len({w.dtype for w in weights}) != 1:
+            raise ValueError("fuse: dense weights of different dtypes")
+        return torch.cat(weights, dim=0)
+    kinds = {w.kind if isinstance(w, QuantizedTensor) else None for w in weights}
+    if len(kinds) != 1:
+        raise ValueError(f"fuse: weights of different kinds {sorted(map(str, kinds))}")
+    mins = None if weights[0].mins is None else torch.cat([w.mins for w in weights])
+    return QuantizedTensor(weights[0].kind, torch.cat([w.codes for w in weights]),
+                           torch.cat([w.scales for w in weights]), mins)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + b for W dense (float32/bfloat16/float16) or a QuantizedTensor."""
+
+    def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.quantized = isinstance(weight, QuantizedTensor)
+        if self.quantized:
+            self.kind = weight.kind
+            self.register_buffer("codes", weight.codes.contiguous(), persistent=False)
+            self.register_buffer("scales", weight.scales.contiguous(), persistent=False)
+            self.register_buffer("mins", None if weight.mins is None else weight.mins.contiguous(), persistent=False)
+        else:
+            self.kind = str(weight.dtype).removeprefix("torch.")
+            self.register_buffer("dense", weight.contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.contiguous(), persistent=False)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def fuse(cls, weights: list[Weight], biases: list[torch.Tensor | None] | None = None) -> "Linear":
+        """One Linear whose output is the concatenation of each weight's (q/k/v, gate/up)."""
+        bias = None
+        if biases is not None and any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=next(
+                bb for bb in biases if bb is not None).dtype) for w, b in zip(weights, biases)])
+        return cls(_cat(list(weights)), bias)
+
+    @property
+    def weight(self) -> Weight:
+        if self.quantized:
+            return QuantizedTensor(self.kind, self.codes, self.scales, self.mins)
+        return self.dense
+
+    @property
+    def weight_bytes(self) -> int:
+        w = self.weight
+        return w.nbytes if self.quantized else w.numel() * w.element_size()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.kind}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not self.quantized:
+            w = self.dense
+            if w.dtype != x.dtype:
+                w = w.to(x.dtype)  # float16 weights with float32 x: a temporary, rare
+            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+            return y.reshape(*shape[:-1], self.out_features)
+        lib = _native()
+        if lib is not None:
+            y = lib.matmul(x2, self.weight, self.bias)
+        else:
+            y = matmul_torch(x2, self.weight, self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def embedding(weight: Weight, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``ids`` of ``weight`` (dense or quantized; quantized rows come out in ``dtype``, default float32)."""
+    if isinstance(weight, QuantizedTensor):
+        flat = ids.reshape(-1)
+        rows = weight.rows(flat).dequantize(dtype or torch.float32)
+        return rows.reshape(*ids.shape, weight.shape[1])
+    out = F.embedding(ids, weight)
+    return out if dtype is None else out.to(dtype)
+
+
+__all__ = ["Linear", "embedding", "VERSION", "BLOCK", "matmul_torch", "use_native"]
