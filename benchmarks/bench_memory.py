@@ -23,10 +23,9 @@ from swarm.model.units import ModelLayout
 LOAD_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from swarm.model.shard import Shard
-from swarm.model import hf
+from swarm.model.shard import Shard, warm_up
 quant = None if sys.argv[4] == "none" else sys.argv[4]
-hf.build_unit_modules(hf.load_config(sys.argv[1]), 0, 1, torch.device("cpu"))  # imports done before measuring
+warm_up(sys.argv[1])  # imports and the kernel build done before measuring
 
 def status_kib(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
@@ -34,10 +33,8 @@ def status_kib(field):
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
 before = status_kib("VmRSS:")
 shard = Shard.load(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), max_slots=1, max_len=8, quant=quant)
-for module in [shard.embed, shard.norm, shard.head, *shard.layers]:  # touch every page
-    if module is not None:
-        for t in [*module.parameters(), *module.buffers()]:
-            t.view(-1)[::1024].sum()
+for t in shard.weights.tensors():  # touch every page
+    t.view(-1)[::1024].float().sum()
 print(json.dumps({"rss_kib": status_kib("VmRSS:") - before, "peak_kib": status_kib("VmHWM:") - before,
                   "weight_bytes": shard.weight_bytes}))
 """

@@ -44,14 +44,15 @@ def run(args: argparse.Namespace) -> int:
         profile = profile_device(model_dir, threads=args.threads, dtype=dtype, device=args.device, quant=args.quant,
                                  mem_limit=args.mem, use_cache=not args.refresh, on_unit=on_unit)
     data = profile.to_json()
-    cached = profile_cache_path(profile.device.name, profile.model.fingerprint, dtype, args.threads, args.device)
+    cached = profile_cache_path(profile.device.name, profile.model.fingerprint, dtype, args.threads, args.device,
+                                profile.kernels)
     if args.out:
         args.out.write_text(json.dumps(data, indent=1))
     if args.json:
         print(json.dumps(data))
         return 0
     table = Table(title=f"{profile.model.name} on {profile.device.name}, {args.threads} thread(s), {dtype}"
-                  + (f", {args.quant} weights" if args.quant else ""))
+                  + (f", {args.quant} weights" if args.quant else "") + f", kernels {profile.kernels}")
     for column in ("unit", "prefill ms", "decode ms", "avg ms", "weights MB", "KV B/token", "out B/token"):
         table.add_column(column, justify="left" if column == "unit" else "right")
     for u in profile.units:

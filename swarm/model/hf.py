@@ -8,10 +8,9 @@ upgrade touches one file, and the planner, runtime and view stay light.
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,54 +45,12 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     return config
 
 
-@dataclass
-class UnitModules:
-    """The library's own modules for a contiguous unit range, still on the meta device.
-
-    ``params`` maps each module parameter's checkpoint name to (module, attribute path).
-    """
-
-    embed: nn.Module | None
-    layers: list[nn.Module]
-    norm: nn.Module | None
-    head: nn.Module | None
-    rotary: nn.Module
-    checkpoint_names: dict[str, tuple[nn.Module, str]]
-    cache_kwarg: str  # "cache" in transformers >= 5.2x, "past_key_values" before
-
-
-def build_unit_modules(config: PretrainedConfig, start: int, end: int, device: torch.device) -> UnitModules:
-    """Build the modules of units [start, end) without allocating any weights.
-
-    The whole model skeleton is built on the meta device (no memory), the modules
-    of the range are picked out, and everything else is dropped. The caller fills
-    the weights from the checkpoint with ``materialize``.
-    """
-    num_layers = config.num_hidden_layers
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    base = skeleton.model
-    embed = base.embed_tokens if start == 0 else None
-    first_block, last_block = max(start, 1) - 1, min(end, num_layers + 1) - 1
-    layers = [base.layers[i] for i in range(first_block, last_block)]
-    has_head = end == num_layers + 2
-    norm = base.norm if has_head else None
-    head = skeleton.lm_head if has_head else None
-    # Rotary inverse frequencies are computed in __init__, so build a real one.
+def build_rotary(config: PretrainedConfig, device: torch.device) -> nn.Module:
+    """The family's own rotary embedding (it holds the rope scaling: Llama 3's, Qwen2's)."""
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    rotary = next(getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding"))
     with torch.device(device):
-        rotary = type(base.rotary_emb)(config=config)
-
-    names: dict[str, tuple[nn.Module, str]] = {}
-    prefixes = [("model.embed_tokens.", embed), ("model.norm.", norm), ("lm_head.", head)]
-    prefixes += [(f"model.layers.{first_block + i}.", layer) for i, layer in enumerate(layers)]
-    for prefix, module in prefixes:
-        if module is None:
-            continue
-        for attr, _ in module.named_parameters():
-            names[prefix + attr] = (module, attr)
-    params = inspect.signature(type(base.layers[0]).forward).parameters
-    cache_kwarg = "cache" if "cache" in params else "past_key_values"
-    return UnitModules(embed, layers, norm, head, rotary, names, cache_kwarg)
+        return rotary(config=config)
 
 
 def tied_embeddings(config: PretrainedConfig) -> bool:

@@ -5,7 +5,8 @@ a ~100-token KV cache, and their average (the paper found the average predicts
 best); weight bytes, KV bytes per token, and the bytes sent when the model is
 cut after it. Units are loaded one at a time and dropped after measuring (the
 paper's dynamic model loading), so a device profiles a model it could never
-hold whole. Results are cached per device, model, dtype and thread count.
+hold whole. Results are cached per device, model, dtype, thread count and kernel build
+(``kernels.kernel_id()``): a profile measured with other kernels is measured again.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import psutil
 import torch
 
 from swarm.model.dtypes import dtype_name, torch_dtype
-from swarm.model.quant import check_quant
+from swarm.model.kernels import kernel_id
+from swarm.model.units import check_quant
 from swarm.model.shard import Shard
 from swarm.model.store import cache_root, weights_fingerprint
 from swarm.model.units import ModelLayout
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the kernels that measured it are part of the profile and of its cache key
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 100
 PREFILL_REPEATS = 3
@@ -82,6 +84,7 @@ class DeviceProfile:
     decode_context: int = DECODE_CONTEXT
     measured_s: float = 0.0
     version: int = field(default=PROFILE_VERSION)
+    kernels: str = ""  # swarm.model.kernels.kernel_id() when measured: other kernels, other times
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -95,12 +98,13 @@ class DeviceProfile:
             raise ValueError(f"profile version {data.get('version')!r} is not {PROFILE_VERSION}")
         units = [UnitProfile(**{k: v for k, v in u.items() if k != "time_s"}) for u in data["units"]]
         return cls(DeviceInfo(**data["device"]), ModelInfo(**data["model"]), units,
-                   data["prefill_tokens"], data["decode_context"], data.get("measured_s", 0.0), data["version"])
+                   data["prefill_tokens"], data["decode_context"], data.get("measured_s", 0.0), data["version"],
+                   data.get("kernels", ""))
 
     def with_memory(self, mem_bytes: int) -> "DeviceProfile":
         device = DeviceInfo(self.device.name, self.device.kind, self.device.threads, mem_bytes)
         return DeviceProfile(device, self.model, self.units, self.prefill_tokens, self.decode_context,
-                             self.measured_s, self.version)
+                             self.measured_s, self.version, self.kernels)
 
 
 def usable_memory(device: torch.device, limit: int | None = None) -> int:
@@ -165,7 +169,8 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
     quant = check_quant(quant)
     fingerprint = weights_fingerprint(model_dir, quant)
     name = device_name(torch_device)
-    cache_file = profile_cache_path(name, fingerprint, dtype, threads, device)
+    kernel = kernel_id()
+    cache_file = profile_cache_path(name, fingerprint, dtype, threads, device, kernel)
     if use_cache and cache_file.exists():
         try:
             return DeviceProfile.from_json(json.loads(cache_file.read_text())).with_memory(mem)
@@ -190,12 +195,14 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
         units.append(UnitProfile(names[i], weights[i], kv[i], out[i], prefill, decode))
     model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)
     profile = DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,
-                            measured_s=time.perf_counter() - began)
+                            measured_s=time.perf_counter() - began, kernels=kernel)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(profile.to_json(), indent=1))
     return profile
 
 
-def profile_cache_path(device_name_: str, fingerprint: str, dtype: str, threads: int, device: str) -> Path:
-    key = hashlib.sha256(f"{device_name_}|{device}|{fingerprint}|{dtype}|{threads}".encode()).hexdigest()[:16]
+def profile_cache_path(device_name_: str, fingerprint: str, dtype: str, threads: int, device: str,
+                       kernels: str) -> Path:
+    """Where a profile is cached: one per device, weights, dtype, thread count and kernel build."""
+    key = hashlib.sha256(f"{device_name_}|{device}|{fingerprint}|{dtype}|{threads}|{kernels}".encode()).hexdigest()[:16]
     return cache_root() / "profiles" / f"{fingerprint}-{dtype}-t{threads}-{key}.json"

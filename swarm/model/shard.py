@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,10 +26,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from swarm.model import hf, quant as quantization
+from swarm.model import hf, kernels
+from swarm.model.block import Block, BlockShape, rms_norm
 from swarm.model.dtypes import dtype_name, torch_dtype
+from swarm.model.formats import BLOCK, QuantizedTensor, Weight, quantize
+from swarm.model.kernels import Linear, embedding
 from swarm.model.sampling import GREEDY, SamplingParams, sample_next
-from swarm.model.units import ModelLayout
+from swarm.model.units import HEAD_QUANT, QUANT_KIND, ModelLayout, check_quant
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +118,32 @@ def plan_step(starts: Sequence[int], real: Sequence[int], width: int, device: to
     return StepPlan(position_ids, mask[:, None], last_index)
 
 
+@dataclass
+class ShardWeights:
+    """What a shard computes with, unit by unit: any of them may be absent (a middle shard has no embedding)."""
+
+    embedding: Weight | None = None  # [vocab, hidden]
+    blocks: list[Block] = field(default_factory=list)
+    norm: torch.Tensor | None = None  # [hidden]
+    head: Linear | None = None  # hidden -> vocab
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [] if self.embedding is None else _tensors_of(self.embedding)
+        for module in [*self.blocks, self.head]:
+            if module is not None:
+                out += [*module.parameters(), *module.buffers()]
+        return out + ([] if self.norm is None else [self.norm])
+
+
 class Shard:
     """Units [start, end) of a model, ready to run prefill and decode steps."""
 
-    def __init__(self, layout: ModelLayout, start: int, end: int, modules: hf.UnitModules,
-                 cache: SlotKVCache, dtype: torch.dtype, device: torch.device, load_seconds: float,
-                 quant: str | None = None):
+    def __init__(self, layout: ModelLayout, start: int, end: int, weights: ShardWeights, rotary: nn.Module,
+                 norm_eps: float, cache: SlotKVCache, dtype: torch.dtype, device: torch.device,
+                 load_seconds: float, quant: str | None = None):
         self.layout, self.start, self.end = layout, start, end
         self.dtype, self.device, self.quant = dtype, device, quant
-        self.embed, self.layers = modules.embed, modules.layers
-        self.norm, self.head, self.rotary = modules.norm, modules.head, modules.rotary
-        self._cache_kwarg = modules.cache_kwarg
+        self.weights, self.rotary, self.norm_eps = weights, rotary, norm_eps
         self.cache = cache
         self.load_seconds = load_seconds
         self._sampling: list[SamplingParams] = [GREEDY] * cache.max_slots
@@ -138,8 +156,9 @@ class Shard:
              quant: str | None = None) -> "Shard":
         """Load units [start, end) of the checkpoint in ``model_dir``, reading only their tensors.
 
-        ``quant`` ("int8" or "int4", CPU only) quantizes the weights one module at a
-        time as they are read, so the float weights of the range are never all held.
+        One unit at a time: its tensors are read (and, with ``quant`` "int8" or "int4",
+        CPU only, quantized to GGUF blocks) and built into its block before the next is
+        read, so the float weights of the range are never all held.
         """
         began = time.perf_counter()
         model_dir = Path(model_dir)
@@ -148,16 +167,33 @@ class Shard:
             raise ValueError(f"unit range [{start}, {end}) is not inside [0, {layout.num_units})")
         if max_slots < 1 or max_len < 1:
             raise ValueError("max_slots and max_len must be positive")
-        dtype, device, quant = torch_dtype(dtype), torch.device(device), quantization.check_quant(quant)
+        dtype, device, quant = torch_dtype(dtype), torch.device(device), check_quant(quant)
         if quant and device.type != "cpu":
-            raise ValueError(f"--quant {quant} runs on torch's CPU kernels; {device} is not a CPU")
+            raise ValueError(f"--quant {quant} runs on swarm's CPU kernels; {device} is not a CPU")
         config = hf.load_config(model_dir)
-        modules = hf.build_unit_modules(config, start, end, device)
-        _materialize(modules, layout, dtype, device, quant)
-        _return_freed_memory()  # what quantizing the embedding and head freed
-        block_ids = [m.self_attn.layer_idx for m in modules.layers]
+        shape = BlockShape.from_config(config)
+        weights = ShardWeights()
+        for unit in range(start, end):
+            tensors = read_unit(layout, unit, dtype, quant, device)
+            if unit == 0:
+                weights.embedding = tensors["model.embed_tokens.weight"]
+            elif unit == layout.num_units - 1:
+                weights.norm = tensors["model.norm.weight"]
+                head = tensors["lm_head.weight"]
+                if layout.tied_embeddings and weights.embedding is not None and _same_form(head, weights.embedding):
+                    head = weights.embedding  # a tied head beside its embedding: one copy
+                weights.head = Linear(head)
+            else:
+                weights.blocks.append(Block(unit - 1, shape, tensors))
+            del tensors
+            # The float tensors a unit was read (and quantized) from would otherwise stay in the heap,
+            # in pieces the next unit's tensors do not fit: the peak would grow by them.
+            _return_freed_memory()
+        rotary = hf.build_rotary(config, device)
+        block_ids = [block.index for block in weights.blocks]
         cache = SlotKVCache(block_ids, max_slots, max_len, layout.num_kv_heads, layout.head_dim, dtype, device)
-        shard = cls(layout, start, end, modules, cache, dtype, device, time.perf_counter() - began, quant)
+        shard = cls(layout, start, end, weights, rotary, shape.rms_norm_eps, cache, dtype, device,
+                    time.perf_counter() - began, quant)
         log.info("loaded units [%d, %d) in %.2fs: %.1f MB weights (%s), %.1f MB KV cache", start, end,
                  shard.load_seconds, shard.weight_bytes / 1e6, quant or dtype_name(dtype), cache.nbytes / 1e6)
         return shard
@@ -189,13 +225,11 @@ class Shard:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights held (parameters and quantized buffers; shared storage counted once)."""
+        """Bytes of the weights held (shared storage, such as a tied head, counted once)."""
         seen: dict[int, int] = {}
-        for module in [self.embed, self.norm, self.head, *self.layers]:
-            if module is not None:
-                for t in [*module.parameters(), *module.buffers()]:
-                    storage = t.untyped_storage()
-                    seen[storage.data_ptr()] = storage.nbytes()
+        for t in self.weights.tensors():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
 
     # ---------------------------------------------------------------- slots
@@ -237,22 +271,21 @@ class Shard:
             self._check_slot(slot)
         plan = plan_step([self.cache.lengths[s] for s in slots], real, width, self.device)
 
+        w = self.weights
         if self.is_first:
             if inputs.dtype != torch.int64 or inputs.dim() != 2:
                 raise ValueError(f"the first shard takes int64 token ids [B, T], got {inputs.dtype} {tuple(inputs.shape)}")
-            hidden = self.embed(inputs.to(self.device))
+            hidden = embedding(w.embedding, inputs.to(self.device), self.dtype)
         else:
             if inputs.dim() != 3 or inputs.shape[2] != self.hidden_size:
                 raise ValueError(f"expected hidden states [B, T, {self.hidden_size}], got {tuple(inputs.shape)}")
             hidden = inputs.to(self.device, self.dtype)
 
-        if self.layers:
+        if w.blocks:
             self.cache.begin_step(slots, width)
-            position_embeddings = self.rotary(hidden, plan.position_ids)
-            kwargs = {self._cache_kwarg: self.cache}
-            for layer in self.layers:
-                hidden = layer(hidden, attention_mask=plan.mask, position_ids=plan.position_ids,
-                               position_embeddings=position_embeddings, **kwargs)
+            cos, sin = self.rotary(hidden, plan.position_ids)
+            for block in w.blocks:
+                hidden = block(hidden, cos, sin, self.cache, plan.mask)
         for slot, n in zip(slots, real):
             self.cache.lengths[slot] += n
         self.prefilled_tokens += sum(real)
@@ -260,7 +293,7 @@ class Shard:
         if not self.is_last:
             return hidden
         last = hidden[torch.arange(batch, device=self.device), plan.last_index]  # [B, H]
-        logits = self.head(self.norm(last)).float()
+        logits = w.head(rms_norm(last, w.norm, self.norm_eps)).float()
         # Each draw is seeded by its position (the slot's length now): a replayed history draws the same.
         params = [self._sampling[s] for s in slots]
         generators = [p.generator_at(self.cache.lengths[s], self.device) for p, s in zip(params, slots)]
@@ -268,62 +301,62 @@ class Shard:
 
 
 def warm_up(model_dir: Path) -> None:
-    """Import and build, on the meta device (no memory), what a first load of this model
-    needs: the library's model classes take seconds the first time in a process (about
-    11 s on a loaded 2-vCPU machine, against 0.3 s for a SmolLM2 load after it)."""
-    hf.build_unit_modules(hf.load_config(Path(model_dir)), 0, 1, torch.device("meta"))
+    """Do ahead what a first load of this model would otherwise pay for: read its config,
+    build its rotary embedding and build (or load) the native kernels."""
+    hf.build_rotary(hf.load_config(Path(model_dir)), torch.device("cpu"))
+    kernels.kernel_id()
 
 
-def _materialize(modules: hf.UnitModules, layout: ModelLayout, dtype: torch.dtype, device: torch.device,
-                 quant: str | None) -> None:
-    """Read exactly the tensors of this unit range from the checkpoint into the modules.
+def read_unit(layout: ModelLayout, unit: int, dtype: torch.dtype, quant: str | None,
+              device: torch.device) -> dict[str, Weight]:
+    """One unit's tensors under their checkpoint names, in the form the shard holds them.
 
-    One module at a time: its tensors are read, then its projections fused and,
-    with ``quant``, its linears quantized, before the next module is read.
+    Matrices are quantized to GGUF blocks under ``quant`` (``held_form``); a tied head
+    reads the embedding's tensor as ``lm_head.weight``.
     """
-    by_module: dict[int, list[tuple[str, str]]] = {}
-    for name, (module, attr) in modules.checkpoint_names.items():
-        by_module.setdefault(id(module), []).append((name, attr))
-    read_dtype = torch.float32 if quant else dtype  # scales are computed from float32 weights
-    embedding_weight: torch.Tensor | None = None  # kept for a tied head in this shard
-    tied_head = layout.tied_embeddings and "lm_head.weight" not in layout.tensor_locations
-    for role, module in [("embed", modules.embed), *[("block", m) for m in modules.layers],
-                         ("norm", modules.norm), ("head", modules.head)]:
-        if module is None:
-            continue
-        if role == "head" and quant and tied_head and isinstance(modules.embed, quantization.Int8Embedding):
-            # the int8 embedding of this shard is the head's weight too: nothing to read
-            modules.head = quantization.quantize_head(module, quant, modules.embed).eval()
-            continue
-        tensors = _read_tensors(layout, [name for name, _ in by_module.get(id(module), [])], read_dtype, device,
-                                reuse={"model.embed_tokens.weight": embedding_weight})
-        for name, attr in by_module.get(id(module), []):
-            *parents, leaf = attr.split(".")
-            owner = module
-            for part in parents:
-                owner = getattr(owner, part)
-            tensor = tensors[name]
-            if quant and not (role in ("embed", "head") or (role == "block" and tensor.dim() == 2)):
-                tensor = tensor.to(dtype)  # norms and biases stay in the activation dtype
-            setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False))
-        module.eval()
-        leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-        if leftover:
-            raise RuntimeError(f"tensors not found in the checkpoint: {leftover[:5]}")
-        if role == "block":
-            quantization.fuse_projections(module)
-            if quant:
-                quantization.quantize_layer(module, quant)
-            # The unfused (and float32) tensors just freed would otherwise stay in the heap, in
-            # pieces the next layer's larger fused tensors do not fit: the peak would grow by them.
-            _return_freed_memory()
-        elif role == "embed":
-            if quant:
-                modules.embed = quantization.quantize_embedding(module, dtype)
-            elif modules.head is not None and tied_head:
-                embedding_weight = module.weight.data
-        elif role == "head" and quant:
-            modules.head = quantization.quantize_head(module, quant).eval()
+    locations = layout.tensor_locations
+    if unit == 0:
+        names = {"model.embed_tokens.weight": "model.embed_tokens.weight"}
+    elif unit == layout.num_units - 1:
+        head = "lm_head.weight" if "lm_head.weight" in locations or not layout.tied_embeddings \
+            else "model.embed_tokens.weight"
+        names = {"model.norm.weight": "model.norm.weight", "lm_head.weight": head}
+    else:
+        prefix = f"model.layers.{unit - 1}."
+        names = {name: name for name in locations if name.startswith(prefix)}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, source in names.items():
+        if source not in locations:
+            raise KeyError(f"{layout.model_dir}: checkpoint has no tensor {source!r}")
+        by_file.setdefault(locations[source][0], []).append((name, source))
+    out: dict[str, Weight] = {}
+    for path, pairs in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name, source in pairs:
+                # A copy: get_tensor may return a view of the file's memory map, and one such tensor
+                # left alive (a norm) keeps every page this unit read resident.
+                held = held_form(name, f.get_tensor(source), dtype, quant)
+                out[name] = held.to(device) if isinstance(held, torch.Tensor) else held
+    return out
+
+
+def held_form(name: str, tensor: torch.Tensor, dtype: torch.dtype, quant: str | None) -> Weight:
+    """A checkpoint tensor as a shard holds it: ``dtype``, or under ``quant`` GGUF blocks for matrices
+    (int8: q8_0; int4: q4_1 for block matrices, q8_0 for the embedding and head)."""
+    if quant is None or tensor.dim() != 2 or tensor.shape[1] % BLOCK:
+        return tensor.to(dtype=dtype, copy=True)
+    role = "head" if name in ("lm_head.weight", "model.embed_tokens.weight") else "block"
+    return quantize(tensor.float(), QUANT_KIND[HEAD_QUANT[quant] if role == "head" else quant])
+
+
+def _same_form(a: Weight, b: Weight) -> bool:
+    if isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor):
+        return a.kind == b.kind and torch.equal(a.scales, b.scales) and torch.equal(a.codes, b.codes)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _tensors_of(weight: Weight) -> list[torch.Tensor]:
+    return list(weight.tensors().values()) if isinstance(weight, QuantizedTensor) else [weight]
 
 
 def _return_freed_memory() -> None:
@@ -333,28 +366,3 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _read_tensors(layout: ModelLayout, names: list[str], dtype: torch.dtype, device: torch.device,
-                  reuse: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors by name; a tied head reads (or reuses) the embedding's tensor."""
-    locations = layout.tensor_locations
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name in names:
-        source = name
-        if name == "lm_head.weight" and name not in locations and layout.tied_embeddings:
-            source = "model.embed_tokens.weight"
-        if reuse.get(source) is not None:  # tied head beside the embedding: share one tensor
-            out[name] = reuse[source]
-            continue
-        if source not in locations:
-            raise KeyError(f"{layout.model_dir}: checkpoint has no tensor {source!r}")
-        by_file.setdefault(locations[source][0], []).append((name, source))
-    for path, pairs in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name, source in pairs:
-                # A copy: get_tensor may return a view of the file's memory map, and one such tensor
-                # left alive (a norm) keeps every page this module read resident, fused or not.
-                out[name] = f.get_tensor(source).to(device=device, dtype=dtype, copy=True)
-    return out

@@ -139,4 +139,4 @@ def weights_fingerprint(model_dir: Path, quant: str | None = None) -> str:
     return hashlib.sha256(f"{base}|{quant}|{QUANT_FORMAT}".encode()).hexdigest()[:16]
 
 
-QUANT_FORMAT = "v1"  # int8 per output channel; int4 groups of 32 with scale and zero; int8 head and embedding
+QUANT_FORMAT = "v2"  # GGUF blocks of 32: int8 = q8_0, int4 = q4_1, the head and embedding q8_0

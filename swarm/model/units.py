@@ -18,26 +18,35 @@ from swarm.model.dtypes import DTYPE_BYTES
 
 TOKEN_ID_BYTES = 8  # the head stage sends int64 token ids, never logits
 
-# Weight-only quantization (swarm.model.quant builds the modules; the byte counts
-# are here so the planner side can size a quantized model without torch).
+# Weight-only quantization to GGUF blocks of 32 along the input dimension (swarm.model.formats
+# holds and computes them; the byte counts are here so the planner side can size a quantized
+# model without torch): --quant int8 holds q8_0, int4 holds q4_1 (a float16 scale and min a block).
 QUANT_MODES = ("int8", "int4")
-INT4_GROUP = 32  # weights per int4 scale/zero pair, along the input dimension (llama.cpp's Q4_0 uses 32 too)
-# The output head keeps int8 under int4: its errors land straight on the logits, and an int8
-# head shares its bytes with a tied int8 embedding (llama.cpp's Q4 files keep the head at 6-8 bits too).
+QUANT_KIND = {"int8": "q8_0", "int4": "q4_1"}
+BLOCK = 32
+# bytes per block of 32 weights: the codes, a float16 scale, and for q4_1 a float16 min
+BLOCK_BYTES = {"q8_0": 32 + 2, "q4_0": 16 + 2, "q4_1": 16 + 4}
+# The output head (and the embedding) keep int8 under int4: the head's errors land straight on the
+# logits, and an int8 head shares its bytes with a tied int8 embedding (llama.cpp's Q4 files keep
+# the head at 6-8 bits too).
 HEAD_QUANT = {"int8": "int8", "int4": "int8"}
-SCALE_BYTES = 2  # bfloat16 scales and zeros
 
 
-def int4_fits(out_features: int, in_features: int) -> bool:
-    """Shapes torch's CPU int4 kernel takes; other matrices fall back to int8."""
-    return out_features % 16 == 0 and in_features % INT4_GROUP == 0
+def check_quant(quant: str | None) -> str | None:
+    """``None`` / "none" -> None; "int8" / "int4" as they are; anything else is an error."""
+    if quant in (None, "none", ""):
+        return None
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quant!r} (choose from none, {', '.join(QUANT_MODES)})")
+    return quant
 
 
-def quantized_matrix_bytes(out_features: int, in_features: int, quant: str) -> int:
-    """Bytes of one [out, in] weight matrix held as ``quant`` (int4 falls back to int8 where it does not fit)."""
-    if quant == "int4" and int4_fits(out_features, in_features):
-        return out_features * in_features // 2 + (in_features // INT4_GROUP) * out_features * 2 * SCALE_BYTES
-    return out_features * in_features + out_features * SCALE_BYTES
+def quantized_matrix_bytes(out_features: int, in_features: int, quant: str, dtype: str = "float32") -> int:
+    """Bytes of one [out, in] weight matrix held as ``quant``; one whose rows are not whole
+    blocks (never the case in real models) stays in ``dtype``."""
+    if in_features % BLOCK:
+        return out_features * in_features * DTYPE_BYTES[dtype]
+    return out_features * (in_features // BLOCK) * BLOCK_BYTES[QUANT_KIND[quant]]
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -129,8 +138,8 @@ class ModelLayout:
     def unit_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
         """Bytes each unit's weights occupy once loaded in ``dtype`` (and ``quant``, if any).
 
-        Quantized: every 2-D block weight is int8 or int4, the embedding int8 rows,
-        the head ``HEAD_QUANT[quant]``; norms and biases stay in ``dtype``.
+        Quantized: every 2-D block weight in ``QUANT_KIND[quant]`` blocks, the embedding and
+        the head in ``HEAD_QUANT[quant]``'s; norms and biases stay in ``dtype``.
         """
         if quant is None:
             return [n * DTYPE_BYTES[dtype] for n in self.unit_param_counts()]
@@ -147,12 +156,10 @@ class ModelLayout:
                 for d in shape:
                     size *= d
                 out[unit] += size * DTYPE_BYTES[dtype]
-            elif name.startswith("lm_head."):
-                out[unit] += quantized_matrix_bytes(shape[0], shape[1], HEAD_QUANT[quant])
-            elif name.startswith("model.embed_tokens."):
-                out[unit] += quantized_matrix_bytes(shape[0], shape[1], "int8")
+            elif name.startswith(("lm_head.", "model.embed_tokens.")):
+                out[unit] += quantized_matrix_bytes(shape[0], shape[1], HEAD_QUANT[quant], dtype)
             else:
-                out[unit] += quantized_matrix_bytes(shape[0], shape[1], quant)
+                out[unit] += quantized_matrix_bytes(shape[0], shape[1], quant, dtype)
         return out
 
     def kv_bytes_per_token(self, dtype: str) -> list[int]:

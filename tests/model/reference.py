@@ -37,26 +37,23 @@ def reference_generate(model_dir: Path, prompts: list[list[int]], max_new_tokens
 def dequantized_reference_generate(model_dir: Path, mode: str, prompts: list[list[int]],
                                    max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy tokens with every weight replaced by what ``--quant mode`` holds, dequantized,
-    and every linear multiplying in bfloat16 as torch's int8/int4 CPU kernels do.
+    and every linear taking its input rounded to int8 blocks, as swarm's kernels compute.
 
-    Quantization is per output row (int8) or per row and group of 32 inputs (int4), so
-    each checkpoint matrix is quantized on its own exactly as the shard quantizes it
-    (the shard's fused q/k/v rows are the same rows).
+    Each checkpoint matrix is quantized on its own to GGUF blocks (q8_0 for int8, q4_1 for
+    int4; the embedding and head q8_0), exactly as the shard quantizes it: blocks run along
+    each row, so the shard's fused q/k/v rows are the same rows.
     """
-    from swarm.model.quant import (dequantize_int4_groups, dequantize_int8_rows, quantize_int4_groups,
-                                   quantize_int8_rows)
-    from swarm.model.units import HEAD_QUANT, int4_fits
+    from swarm.model.formats import quantize
+    from swarm.model.kernels import quantize_activations
+    from swarm.model.units import HEAD_QUANT, QUANT_KIND
 
     def roundtrip(weight: torch.Tensor, how: str) -> torch.Tensor:
-        if how == "int4" and int4_fits(*weight.shape):
-            return dequantize_int4_groups(*quantize_int4_groups(weight))
-        return dequantize_int8_rows(*quantize_int8_rows(weight))
+        return quantize(weight.detach().float(), QUANT_KIND[how]).dequantize()
 
-    def in_bfloat16(linear: torch.nn.Linear):
-        """The kernels' arithmetic: bfloat16 inputs, float accumulation, a bfloat16 result."""
+    def with_rounded_input(linear: torch.nn.Linear):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            y = torch.nn.functional.linear(x.to(torch.bfloat16).float(), linear.weight).to(torch.bfloat16).float()
-            return y if linear.bias is None else y + linear.bias
+            xq = quantize_activations(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+            return torch.nn.functional.linear(xq, linear.weight, linear.bias)
         return forward
 
     model = hf.reference_model(Path(model_dir))
@@ -66,12 +63,12 @@ def dequantized_reference_generate(model_dir: Path, mode: str, prompts: list[lis
             for module in layer.modules():
                 if isinstance(module, torch.nn.Linear):
                     module.weight.copy_(roundtrip(module.weight, mode))
-                    module.forward = in_bfloat16(module)
+                    module.forward = with_rounded_input(module)
         if model.lm_head.weight is model.model.embed_tokens.weight:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
-        model.model.embed_tokens.weight.copy_(roundtrip(model.model.embed_tokens.weight, "int8"))
+        model.model.embed_tokens.weight.copy_(roundtrip(model.model.embed_tokens.weight, HEAD_QUANT[mode]))
         model.lm_head.weight.copy_(roundtrip(model.lm_head.weight, HEAD_QUANT[mode]))
-        model.lm_head.forward = in_bfloat16(model.lm_head)
+        model.lm_head.forward = with_rounded_input(model.lm_head)
     out = []
     for prompt in prompts:
         ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)

@@ -150,11 +150,9 @@ def test_even_cuts_cover_the_model():
 PEAK_RSS_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from swarm.model.shard import Shard
-from swarm.model import hf
-from swarm.model.units import ModelLayout
-# Import the model's modules first (a meta-device skeleton): only the load itself is measured.
-hf.build_unit_modules(hf.load_config(sys.argv[1]), 0, 1, torch.device("cpu"))
+from swarm.model.shard import Shard, warm_up
+# Build what a first load needs (the rotary module, the kernels) first: only the load itself is measured.
+warm_up(sys.argv[1])
 
 def status_kib(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
@@ -163,9 +161,8 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident size (V
 before = status_kib("VmRSS:")
 shard = Shard.load(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), max_slots=1, max_len=8)
 # Touch every weight: safetensors may map the file lazily, and pages count once read.
-for module in [shard.embed, shard.norm, shard.head, *shard.layers]:
-    if module is not None:
-        sum(float(p.sum()) for p in module.parameters())
+for t in shard.weights.tensors():
+    float(t.float().sum())
 print(json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM:"), "weight_bytes": shard.weight_bytes}))
 """
 

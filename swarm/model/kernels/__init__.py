@@ -3,9 +3,13 @@
 ``Linear(weight, bias)`` holds a dense float tensor or a ``QuantizedTensor`` and
 computes in x's dtype (float32 or bfloat16). Float32 dense weights go through
 ``torch.nn.functional.linear`` unchanged (float32 exactness against transformers).
-Quantized weights are computed without ever holding a dequantized copy: the torch
-path dequantizes row chunks on the fly; a compiled path (``swarm.model.kernels.native``)
-is used where a C compiler exists, unless ``SWARM_KERNELS=torch`` is set.
+Quantized weights are computed without ever holding a dequantized copy, with x rounded
+to int8 blocks of 32 first (``quantize_activations``), as llama.cpp does: the compiled
+kernels (``swarm.model.kernels.native``, built with the system's C compiler at first
+use) then sum each block's products exactly in integers. Where no compiler works, or
+with ``SWARM_KERNELS=torch``, a torch path computes the same rounding by dequantizing
+row chunks on the fly. bfloat16 decode products (a few rows of x) use the native
+kernel too: torch's bfloat16 product reads its weights at half the memory bandwidth.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from torch import nn
 
 from swarm.model.formats import BLOCK, QuantizedTensor, Weight
 
-VERSION = "1-torch"
+# Bumped when the numbers a kernel computes change: profiles measured under another version are not reused.
+VERSION = "2"
+BF16_NATIVE_MAX_ROWS = 8  # bfloat16 products with at most this many rows of x use the native kernel (decode)
 
 CHUNK_ROWS = 2048  # rows dequantized at a time on the torch path (bounds the temporary)
 
@@ -30,24 +36,40 @@ def use_native() -> bool:
 def _native():
     if not use_native():
         return None
-    try:
-        from swarm.model.kernels import native
-    except ImportError:
-        return None
+    from swarm.model.kernels import native
+
     return native.library()
 
 
+def kernel_id() -> str:
+    """Which kernels this process computes with, e.g. "2-avx2" or "2-torch": the key profiles are cached under."""
+    lib = _native()
+    return f"{VERSION}-{lib.simd.replace(' ', '-') if lib is not None else 'torch'}"
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded as the kernels round it: int8 blocks of 32, scale amax / 127, returned dequantized.
+
+    The products of quantized weights take x in this form (llama.cpp does the same), so
+    each block's dot product is an exact integer sum in the native kernels.
+    """
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape(x.shape)
+
+
 def matmul_torch(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T by dequantizing CHUNK_ROWS rows of W at a time to x's dtype."""
+    """x [M, K] @ W.T with the native kernels' rounding of x, dequantizing CHUNK_ROWS rows of W at a time."""
     n, _ = weight.shape
-    dtype = x.dtype
-    out = torch.empty(x.shape[0], n, dtype=dtype)
+    xq = quantize_activations(x)
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
     for start in range(0, n, CHUNK_ROWS):
         part = _slice(weight, start, min(n, start + CHUNK_ROWS))
-        out[:, start:start + part.shape[0]] = x @ part.dequantize(dtype).T
+        out[:, start:start + part.shape[0]] = xq @ part.dequantize(torch.float32).T
     if bias is not None:
-        out += bias.to(dtype)
-    return out
+        out += bias.to(torch.float32)
+    return out.to(x.dtype)
 
 
 def _slice(weight: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
@@ -113,6 +135,11 @@ class Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if not self.quantized:
             w = self.dense
+            if (w.dtype == torch.bfloat16 and x2.shape[0] <= BF16_NATIVE_MAX_ROWS and self.bias is None
+                    and w.device.type == "cpu"):
+                lib = _native()
+                if lib is not None:
+                    return lib.matmul_bf16(x2, w).reshape(*shape[:-1], self.out_features)
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)  # float16 weights with float32 x: a temporary, rare
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
@@ -135,4 +162,4 @@ def embedding(weight: Weight, ids: torch.Tensor, dtype: torch.dtype | None = Non
     return out if dtype is None else out.to(dtype)
 
 
-__all__ = ["Linear", "embedding", "VERSION", "BLOCK", "matmul_torch", "use_native"]
+__all__ = ["Linear", "embedding", "VERSION", "BLOCK", "kernel_id", "matmul_torch", "use_native"]

@@ -1,0 +1,144 @@
+"""A compact Llama-family decoder block: one function, a few dozen operator calls a step.
+
+The library's decoder layers cost about 130 Python-level operator calls each (hooks,
+kwargs plumbing, cache objects), which at 135M parameters cost as much as the matrix
+products. This block does the same arithmetic, as gpt-fast writes it: fused q/k/v
+and gate/up products through ``swarm.model.kernels.Linear`` (so any weight format),
+rotary embedding, attention over the shard's preallocated KV cache, and the MLP.
+In float32 it is the library's arithmetic operation for operation (same RMSNorm,
+same rotary, the same sdpa call the library makes for each case), so shards stay
+token-identical to transformers (tests/model/test_block.py, for Llama, Qwen2, Mistral).
+
+Weights arrive as a dict of the checkpoint's own (Hugging Face) names for one block,
+each dense or a ``QuantizedTensor``: whatever ``Checkpoint.read_unit`` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from swarm.model.formats import QuantizedTensor, Weight
+from swarm.model.kernels import Linear
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a block's arithmetic needs from the model config."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+
+    @classmethod
+    def from_config(cls, config) -> "BlockShape":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, config.rms_norm_eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm, operation for operation."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb for one tensor [B, heads, T, D] (cos, sin: [B, T, D])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The sdpa call transformers makes for each case (so float32 results are the library's, bit for bit).
+
+    q [B, H, T, D]; k, v [B, KV, S, D]; mask bool [B, 1, T, S] or None (plain causal). Returns [B, T, H * D].
+    """
+    batch, heads, width, dim = q.shape
+    groups = heads // k.shape[1]
+    kwargs = {}
+    if groups > 1:
+        if mask is None and dim <= 256:
+            kwargs["enable_gqa"] = True
+        elif width == 1:  # one query token: the group's heads become its query rows
+            q = q.reshape(batch, heads // groups, groups, dim)
+        else:
+            k = k[:, :, None].expand(batch, k.shape[1], groups, *k.shape[2:]).reshape(batch, heads, -1, dim)
+            v = v[:, :, None].expand(batch, v.shape[1], groups, *v.shape[2:]).reshape(batch, heads, -1, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                         is_causal=width > 1 and mask is None, **kwargs)
+    out = out.reshape(batch, -1, width, dim).transpose(1, 2)
+    return out.reshape(batch, width, heads * dim)
+
+
+class Projections(torch.nn.Module):
+    """Several linears of one input (q/k/v, gate/up): one fused product where that changes no bit.
+
+    Our kernels compute each output row on its own, so quantized or bfloat16 weights of one
+    format fuse. float32 products stay separate: the BLAS picks its kernel by shape, and a
+    fused one-token product differs in the last bits from the library's separate ones. A
+    GGUF file may also hold the parts in different formats (Q4_K_M keeps v at 6 bits).
+    """
+
+    def __init__(self, weights: list[Weight], biases: list[torch.Tensor | None]):
+        super().__init__()
+        kinds = {w.kind if isinstance(w, QuantizedTensor) else w.dtype for w in weights}
+        self.sizes = [w.shape[0] for w in weights]
+        if len(kinds) == 1 and kinds.pop() not in (torch.float32, torch.float16):
+            self.parts = torch.nn.ModuleList([Linear.fuse(weights, biases)])
+        else:
+            self.parts = torch.nn.ModuleList([Linear(w, b) for w, b in zip(weights, biases)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(self.parts) == 1:
+            return self.parts[0](x).split(self.sizes, dim=-1)
+        return tuple(part(x) for part in self.parts)
+
+
+class Block(torch.nn.Module):
+    """Decoder block ``index`` (0-based) of a Llama / Qwen2 / Mistral model."""
+
+    def __init__(self, index: int, shape: BlockShape, weights: dict[str, Weight]):
+        super().__init__()
+        self.index, self.shape = index, shape
+        p = f"model.layers.{index}."
+        w = weights.get
+        self.input_norm = torch.nn.Parameter(weights[p + "input_layernorm.weight"], requires_grad=False)
+        self.post_norm = torch.nn.Parameter(weights[p + "post_attention_layernorm.weight"], requires_grad=False)
+        attn, mlp = p + "self_attn.", p + "mlp."
+        self.qkv = Projections([weights[attn + f"{n}_proj.weight"] for n in "qkv"],
+                               [w(attn + f"{n}_proj.bias") for n in "qkv"])
+        self.o = Linear(weights[attn + "o_proj.weight"], w(attn + "o_proj.bias"))
+        self.gate_up = Projections([weights[mlp + "gate_proj.weight"], weights[mlp + "up_proj.weight"]],
+                                   [w(mlp + "gate_proj.bias"), w(mlp + "up_proj.bias")])
+        self.down = Linear(weights[mlp + "down_proj.weight"], w(mlp + "down_proj.bias"))
+        self.scale = shape.head_dim ** -0.5
+
+    @staticmethod
+    def tensor_names(index: int) -> list[str]:
+        """Checkpoint names a block reads (biases are optional: Qwen2 has q/k/v biases)."""
+        p = f"model.layers.{index}."
+        return [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                *[p + f"self_attn.{n}_proj.weight" for n in "qkvo"],
+                *[p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, mask: torch.Tensor | None):
+        """x [B, T, hidden] -> [B, T, hidden]; ``cache.update`` stores this step's keys and values."""
+        s = self.shape
+        batch, width, _ = x.shape
+        q, k, v = self.qkv(rms_norm(x, self.input_norm, s.rms_norm_eps))
+        q = q.view(batch, width, s.num_heads, s.head_dim).transpose(1, 2)
+        k = k.view(batch, width, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.view(batch, width, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        keys, values = cache.update(k, v, self.index)
+        x = x + self.o(attend(q, keys, values, mask, self.scale).contiguous())
+        gate, up = self.gate_up(rms_norm(x, self.post_norm, s.rms_norm_eps))
+        return x + self.down(F.silu(gate) * up)

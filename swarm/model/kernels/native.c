@@ -1,0 +1,253 @@
+/* Matrix products for swarm's weight formats (swarm/model/formats.py), llama.cpp style.
+ *
+ * y[M, N] = x[M, K] @ W[N, K]^T with W in GGUF blocks of 32 along K:
+ *   q8_0: int8 codes [N, K],      fp16 scale d per block        w = d * q
+ *   q4_0: uint8 codes [N, K / 2], fp16 scale d per block        w = d * (q - 8)
+ *   q4_1: uint8 codes [N, K / 2], fp16 scale d and min m        w = d * q + m
+ * (4-bit: byte j of a block holds weight j in its low nibble, weight j + 16 in its high one.)
+ *
+ * As in llama.cpp, x is first quantized to int8 blocks of 32 (one float scale dx per
+ * block, round to nearest), so each block's dot product is an exact integer sum:
+ *   q8_0: dw * dx * sum(qw * qx)
+ *   q4_0: dw * dx * sum(qw * qx) - 8 * dw * dx * sum(qx)
+ *   q4_1: dw * dx * sum(qw * qx) + mw * dx * sum(qx)
+ * tests/model/test_kernels.py holds a torch reference of exactly this arithmetic.
+ *
+ * Decode (M = 1) reads every weight byte once, so the step is bound by memory
+ * bandwidth: rows are taken four at a time to share each x block's loads, and the
+ * rows are split over OpenMP threads. bf16 weights take the same path in float32
+ * arithmetic (exact products of bf16 values, float32 sums).
+ *
+ * AVX2 intrinsics where the compiler targets them (-march=native), plain C otherwise.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QK 32
+#define ROWS 4 /* weight rows per inner loop, sharing x's loads */
+
+int swarm_kernels_abi(void) { return 1; }
+
+int swarm_kernels_simd(void) {
+#ifdef __AVX2__
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+static inline float fp16_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* ------------------------------------------------------------ activations */
+
+/* One row of x as int8 blocks: codes q, scale d (amax / 127) and d * sum(q) per block. */
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int v = (int)nearbyintf(xb[j] * inv);
+            q[b * QK + j] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = scale;
+        s[b] = scale * (float)sum;
+    }
+}
+
+/* ------------------------------------------------------------ block dots */
+
+#ifdef __AVX2__
+static inline __m256i nibbles(const uint8_t *p) { /* 16 bytes -> 32 codes in weight order */
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f));
+    return _mm256_set_m128i(hi, lo);
+}
+
+static inline __m256 dot_u8s8(__m256i u, __m256i s) { /* 8 float lanes of partial sums */
+    const __m256i pairs = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+static inline __m256 dot_s8s8(__m256i w, __m256i x) {
+    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
+
+static inline int dot_q4_scalar(const uint8_t *w, const int8_t *x) {
+    int sum = 0;
+    for (int j = 0; j < QK / 2; j++) sum += (w[j] & 0x0f) * x[j] + (w[j] >> 4) * x[j + QK / 2];
+    return sum;
+}
+
+static inline int dot_q8_scalar(const int8_t *w, const int8_t *x) {
+    int sum = 0;
+    for (int j = 0; j < QK; j++) sum += w[j] * x[j];
+    return sum;
+}
+
+/* kind: 0 = q8_0, 1 = q4_0, 2 = q4_1. Rows [r0, r0 + nr) of W against one quantized x row.
+ * Always inlined into dot_rows below with constant kind and nr, so each case compiles
+ * to its own loop without branches. */
+static inline __attribute__((always_inline)) void dot_rows_impl(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
+                     int64_t r0, int nr, const int8_t *xq, const float *xd, const float *xs, float *y) {
+    const int64_t nb = K / QK, row_bytes = kind == 0 ? K : K / 2, bb = kind == 0 ? QK : QK / 2;
+    float extra[ROWS] = {0};
+#ifdef __AVX2__
+    __m256 acc[ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        for (int r = 0; r < nr; r++) {
+            const int64_t row = r0 + r;
+            const uint8_t *wb = codes + row * row_bytes + b * bb;
+            const float dw = fp16_to_float(scales[row * nb + b]);
+            __m256 p = kind == 0 ? dot_s8s8(_mm256_loadu_si256((const __m256i *)wb), xv) : dot_u8s8(nibbles(wb), xv);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), p, acc[r]);
+            if (kind == 1) extra[r] -= 8.0f * dw * xs[b];
+            else if (kind == 2) extra[r] += fp16_to_float(mins[row * nb + b]) * xs[b];
+        }
+    }
+    for (int r = 0; r < nr; r++) y[r] = hsum(acc[r]) + extra[r];
+#else
+    float acc[ROWS] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        for (int r = 0; r < nr; r++) {
+            const int64_t row = r0 + r;
+            const uint8_t *wb = codes + row * row_bytes + b * bb;
+            const float dw = fp16_to_float(scales[row * nb + b]);
+            const int dot = kind == 0 ? dot_q8_scalar((const int8_t *)wb, xq + b * QK) : dot_q4_scalar(wb, xq + b * QK);
+            acc[r] += dw * xd[b] * (float)dot;
+            if (kind == 1) extra[r] -= 8.0f * dw * xs[b];
+            else if (kind == 2) extra[r] += fp16_to_float(mins[row * nb + b]) * xs[b];
+        }
+    }
+    for (int r = 0; r < nr; r++) y[r] = acc[r] + extra[r];
+#endif
+}
+
+static void dot_rows(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
+                     int64_t r0, int nr, const int8_t *xq, const float *xd, const float *xs, float *y) {
+#define CASE(k, n) dot_rows_impl(k, K, codes, scales, mins, r0, n, xq, xd, xs, y)
+    if (nr == ROWS) {
+        if (kind == 0) CASE(0, ROWS); else if (kind == 1) CASE(1, ROWS); else CASE(2, ROWS);
+    } else {
+        if (kind == 0) CASE(0, nr); else if (kind == 1) CASE(1, nr); else CASE(2, nr);
+    }
+#undef CASE
+}
+
+/* y [M, N] = x [M, K] @ W^T for a quantized W. Returns 0, or -1 when scratch memory is short. */
+int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uint8_t *codes,
+                       const uint16_t *scales, const uint16_t *mins, int64_t N, float *y, int threads) {
+    const int64_t nb = K / QK;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *xd = malloc(sizeof(float) * (size_t)(M * nb)), *xs = malloc(sizeof(float) * (size_t)(M * nb));
+    if (!xq || !xd || !xs) {
+        free(xq), free(xd), free(xs);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xd + m * nb, xs + m * nb);
+    const int64_t groups = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t r0 = g * ROWS;
+        const int nr = (int)(N - r0 < ROWS ? N - r0 : ROWS);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            dot_rows(kind, K, codes, scales, mins, r0, nr, xq + m * K, xd + m * nb, xs + m * nb, out);
+            for (int r = 0; r < nr; r++) y[m * N + r0 + r] = out[r];
+        }
+    }
+    free(xq), free(xd), free(xs);
+    return 0;
+}
+
+/* ------------------------------------------------------------ bfloat16 */
+
+static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int nr, const float *x, float *y) {
+#ifdef __AVX2__
+    if (K % 16 == 0) {
+        __m256 acc[ROWS];
+        for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int r = 0; r < nr; r++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + (r0 + r) * K + k));
+                const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
+                const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+                acc[r] = _mm256_fmadd_ps(w1, x1, _mm256_fmadd_ps(w0, x0, acc[r]));
+            }
+        }
+        for (int r = 0; r < nr; r++) y[r] = hsum(acc[r]);
+        return;
+    }
+#endif
+    for (int r = 0; r < nr; r++) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            const uint32_t bits = (uint32_t)w[(r0 + r) * K + k] << 16;
+            float v;
+            memcpy(&v, &bits, 4);
+            acc += v * x[k];
+        }
+        y[r] = acc;
+    }
+}
+
+/* y [M, N] = x [M, K] @ W^T for bfloat16 W [N, K] and float32 x. */
+int swarm_matmul_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+    const int64_t groups = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t r0 = g * ROWS;
+        const int nr = (int)(N - r0 < ROWS ? N - r0 : ROWS);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            dot_rows_bf16(K, w, r0, nr, x + m * K, out);
+            for (int r = 0; r < nr; r++) y[m * N + r0 + r] = out[r];
+        }
+    }
+    return 0;
+}

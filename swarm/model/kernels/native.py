@@ -1,0 +1,128 @@
+"""The compiled kernels of native.c: built once per machine with the system's C compiler, loaded with ctypes.
+
+The shared library is built at first use into ``cache_root()/kernels/<hash>/``, the
+hash covering the source, the compiler's version and the flags, so an edited
+kernel or a new compiler gets a build of its own. ``-march=native`` makes the
+build this CPU's (AVX2 where it has it); OpenMP splits rows over threads where the
+compiler has it. Concurrent peers take a file lock, so one builds and the others
+load. With no compiler (or a failing build) ``library()`` returns None and
+``swarm.model.kernels`` computes on its torch path instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from swarm.model.formats import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+ABI = 1  # swarm_kernels_abi() of the source this module calls
+KIND_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+
+
+class NativeKernels:
+    """Typed calls into the built library."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._quant = lib.swarm_matmul_quant
+        self._quant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+        self._quant.restype = ctypes.c_int
+        self._bf16 = lib.swarm_matmul_bf16
+        self._bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        self._bf16.restype = ctypes.c_int
+        self.simd = {2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
+
+    def matmul(self, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] (float32 or bfloat16) @ W.T, in x's dtype."""
+        n, k = weight.shape
+        dtype = x.dtype
+        xf = x.to(torch.float32).contiguous()
+        out = torch.empty(xf.shape[0], n, dtype=torch.float32)
+        mins = weight.mins.data_ptr() if weight.mins is not None else None
+        rc = self._quant(KIND_CODES[weight.kind], xf.data_ptr(), xf.shape[0], k, weight.codes.data_ptr(),
+                         weight.scales.data_ptr(), mins, n, out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"no memory for a [{xf.shape[0]}, {k}] activation buffer")
+        if bias is not None:
+            out += bias.to(torch.float32)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def matmul_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ W.T for a bfloat16 W [N, K]: float32 sums of exact bf16 products, out in x's dtype."""
+        n, k = weight.shape
+        xf = x.to(torch.float32).contiguous()
+        out = torch.empty(xf.shape[0], n, dtype=torch.float32)
+        self._bf16(xf.data_ptr(), xf.shape[0], k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+        return out.to(x.dtype)
+
+
+def compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc)
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str, directory: Path) -> Path | None:
+    """Compile native.c into ``directory`` with the first flag set that works."""
+    target = directory / "libswarmkernels.so"
+    for flags in FLAG_SETS:
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            out = Path(scratch) / target.name
+            result = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(out, target)  # atomic: a reader sees a whole library or none
+                log.info("built the native kernels with %s %s", cc, " ".join(flags))
+                return target
+            log.debug("kernel build with %s failed: %s", flags, result.stderr.strip()[:500])
+    log.warning("could not build the native kernels with %s; using the torch kernels", cc)
+    return None
+
+
+@lru_cache(maxsize=1)
+def library() -> NativeKernels | None:
+    """The built kernels, or None where there is no working C compiler."""
+    cc = compiler()
+    if cc is None:
+        log.info("no C compiler (%s): using the torch kernels", os.environ.get("CC", "cc"))
+        return None
+    from swarm.model.store import cache_root
+
+    key = hashlib.sha256(SOURCE.read_bytes() + _compiler_version(cc).encode() + repr(FLAG_SETS).encode())
+    directory = cache_root() / "kernels" / key.hexdigest()[:16]
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "libswarmkernels.so"
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one peer builds, the others wait and load
+        if not target.exists() and _build(cc, directory) is None:
+            return None
+    try:
+        lib = ctypes.CDLL(str(target))
+        if lib.swarm_kernels_abi() != ABI:
+            raise OSError(f"ABI {lib.swarm_kernels_abi()} != {ABI}")
+    except OSError as e:
+        log.warning("could not load %s (%s); using the torch kernels", target, e)
+        return None
+    return NativeKernels(lib, target)
