@@ -46,7 +46,7 @@ def perplexity(model_dir: Path, ids: list[int], **load) -> float:
     head = Shard.load(model_dir, last, last + 1, max_len=len(ids), **load)
     body.open_slot(0)
     hidden = body.step([0], torch.tensor([ids]))  # [1, T, H]
-    logits = head.head(head.norm(hidden)).float()[0, :-1]  # [T - 1, V]
+    logits = head.logits(hidden)[0, :-1]  # [T - 1, V]
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
     return math.exp(nll.item())
 

@@ -97,12 +97,26 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (b[..., : BLOCK // 2] | (b[..., BLOCK // 2:] << 4)).reshape(n, -1)
 
 
+QUANTIZE_ROWS = 4096  # rows quantized at a time: the float32 temporaries stay small beside a 128k-row embedding
+
+
 def quantize(weight: torch.Tensor, kind: str) -> QuantizedTensor:
     """float [N, K] (K a multiple of 32) -> blocks, as llama.cpp's reference quantizers compute them."""
     n, k = weight.shape
     if k % BLOCK:
         raise ValueError(f"{kind} needs K divisible by {BLOCK}, got {k}")
-    w = weight.float().view(n, k // BLOCK, BLOCK)
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"unknown quantized kind {kind!r} (known: {', '.join(QUANT_KINDS)})")
+    if n <= QUANTIZE_ROWS:
+        return _quantize_rows(weight.float(), kind)
+    parts = [_quantize_rows(weight[i:i + QUANTIZE_ROWS].float(), kind) for i in range(0, n, QUANTIZE_ROWS)]
+    mins = None if kind != "q4_1" else torch.cat([p.mins for p in parts])
+    return QuantizedTensor(kind, torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins)
+
+
+def _quantize_rows(weight: torch.Tensor, kind: str) -> QuantizedTensor:
+    n, k = weight.shape
+    w = weight.contiguous().view(n, k // BLOCK, BLOCK)
     if kind == "q8_0":
         d = w.abs().amax(dim=-1) / 127
         inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
@@ -121,7 +135,7 @@ def quantize(weight: torch.Tensor, kind: str) -> QuantizedTensor:
         inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
         q = torch.clamp(torch.floor((w - low[..., None]) * inv[..., None] + 0.5), 0, 15)
         return QuantizedTensor(kind, pack_nibbles(q.view(n, k)), d.half(), low.half())
-    raise ValueError(f"unknown quantized kind {kind!r} (known: {', '.join(QUANT_KINDS)})")
+    raise AssertionError(kind)
 
 
 Weight = torch.Tensor | QuantizedTensor  # what a unit file holds for one checkpoint tensor

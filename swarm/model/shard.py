@@ -2,8 +2,9 @@
 
 The same class serves every position in a chain: the first shard takes token ids,
 middle shards take and return hidden states, the shard holding the head samples
-and returns token ids, and one shard may hold the whole model. Its decoder blocks
-are the library's own modules; only their tensors are read from the checkpoint.
+and returns token ids, and one shard may hold the whole model. Its decoder blocks are
+swarm's compact blocks (``block.py``) over its own kernels (``kernels/``), built unit
+by unit from only the tensors of its range.
 
 The KV cache is preallocated (the paper's blocks x batch x (input + generated)
 tokens) with one slot per sequence. Each slot keeps its own length, so sequences
@@ -40,8 +41,7 @@ class SlotKVCache:
     """Preallocated keys and values for a shard's blocks, one slot per sequence.
 
     Buffers are [slots, kv_heads, max_len, head_dim] per block. The shard calls
-    ``begin_step`` once per step; the library's attention then calls ``update``
-    once per block, which writes the new keys/values and returns the keys/values
+    ``begin_step`` once per step; each block then calls ``update`` once, which writes the new keys/values and returns the keys/values
     the batch attends to: [B, kv_heads, span, head_dim].
     """
 
@@ -293,11 +293,18 @@ class Shard:
         if not self.is_last:
             return hidden
         last = hidden[torch.arange(batch, device=self.device), plan.last_index]  # [B, H]
-        logits = w.head(rms_norm(last, w.norm, self.norm_eps)).float()
+        logits = self.logits(last)
         # Each draw is seeded by its position (the slot's length now): a replayed history draws the same.
         params = [self._sampling[s] for s in slots]
         generators = [p.generator_at(self.cache.lengths[s], self.device) for p, s in zip(params, slots)]
         return sample_next(logits, params, generators)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [..., vocab] of hidden states [..., H] (the last shard only)."""
+        if not self.is_last:
+            raise ValueError("only the last shard holds the output head")
+        w = self.weights
+        return w.head(rms_norm(hidden, w.norm, self.norm_eps)).float()
 
 
 def warm_up(model_dir: Path) -> None:
@@ -346,7 +353,7 @@ def held_form(name: str, tensor: torch.Tensor, dtype: torch.dtype, quant: str | 
     if quant is None or tensor.dim() != 2 or tensor.shape[1] % BLOCK:
         return tensor.to(dtype=dtype, copy=True)
     role = "head" if name in ("lm_head.weight", "model.embed_tokens.weight") else "block"
-    return quantize(tensor.float(), QUANT_KIND[HEAD_QUANT[quant] if role == "head" else quant])
+    return quantize(tensor, QUANT_KIND[HEAD_QUANT[quant] if role == "head" else quant])
 
 
 def _same_form(a: Weight, b: Weight) -> bool:

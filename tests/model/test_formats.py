@@ -5,7 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T, quants
 
-from swarm.model.formats import QuantizedTensor, quantize
+from swarm.model.formats import QUANT_KINDS, QuantizedTensor, quantize
 
 N, K = 48, 128
 
@@ -32,3 +32,15 @@ def test_blocks_match_gguf(kind, gtype):
     assert torch.equal(ours.dequantize(), torch.from_numpy(quants.dequantize(raw, gtype)))
     assert ours.nbytes == raw.nbytes
     assert isinstance(ours.rows(torch.tensor([2, 0])), QuantizedTensor)
+
+
+@pytest.mark.parametrize("kind", QUANT_KINDS)
+def test_quantizing_in_row_chunks_is_quantizing_whole(kind, monkeypatch):
+    from swarm.model import formats
+    w = torch.randn(100, 64, dtype=torch.bfloat16)
+    whole = formats.quantize(w, kind)
+    monkeypatch.setattr(formats, "QUANTIZE_ROWS", 7)
+    chunked = formats.quantize(w, kind)
+    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.scales, whole.scales)
+    assert (chunked.mins is None) == (whole.mins is None)
+    assert chunked.mins is None or torch.equal(chunked.mins, whole.mins)
