@@ -103,13 +103,23 @@ async def _serve(args: argparse.Namespace, console: Console) -> None:
         if planned is not None:
             console.print("plan: " + "; ".join(planned.describe()), style="dim", markup=False)
         serve = ServeConfig(model=model_dir.name, max_len=args.max_len, host=args.host, port=args.port,
-                            api_key=args.api_key, defaults=defaults)
+                            api_key=args.api_key, defaults=defaults, join_command=_join_command(args))
         server = await stack.enter_async_context(ApiServer(serve, source, tokenizer, stop_token_ids(tokenizer)))
         console.print(f"[bold]swarm serve[/] {model_dir.name}: {args.micro_batches * args.batch_size} requests at "
                       f"once, {args.max_len} tokens each", markup=True)
         console.print(f"OpenAI-compatible API at {server.url}/v1, Ollama's at {server.url}/api, "
                       f"the web page at {server.url}/ (Ctrl-C stops)", markup=False, soft_wrap=True)
         await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels this task
+
+
+def _join_command(args: argparse.Namespace) -> str | None:
+    """What another device runs to join this swarm (the web page shows it); None with --no-swarm."""
+    from swarm import secret
+
+    if args.no_swarm:
+        return None
+    current = secret.current()
+    return "swarm join --insecure" if current is None else f"swarm join --join-code {current.join_code}"
 
 
 def _stop_on_signals(main: asyncio.Task) -> None:

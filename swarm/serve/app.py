@@ -30,10 +30,10 @@ from swarm.serve import protocol
 from swarm.serve.generation import Answer, Generator
 from swarm.serve.http import MAX_BODY_BYTES, json_body
 from swarm.serve.ollama_api import OllamaApi
+from swarm.serve.web import EVENTS_INTERVAL_S, WebPage
 from swarm.serve.protocol import ApiError, GenerationRequest
-from swarm.serve.state import snapshot_json
+from swarm.serve.state import swarm_json
 from swarm.serve.text import SSE_DONE, sse_event
-from swarm.view.from_source import snapshot_from_source
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class ServeConfig:
     api_key: str | None = None  # when set, every /v1 and /api request needs "Authorization: Bearer KEY"
     defaults: SamplingParams = GREEDY  # for requests that leave temperature / top_p / seed out
     stats_interval_s: float = STATS_INTERVAL_S
+    events_interval_s: float = EVENTS_INTERVAL_S  # between pushes of the swarm's state to the web page
+    join_command: str | None = None  # `swarm join --join-code ...` for another device; None: --no-swarm
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
 
 
@@ -80,6 +82,7 @@ class ApiServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         OllamaApi(self).add_routes(app)
+        WebPage(self).add_routes(app)
         return app
 
     async def __aenter__(self) -> "ApiServer":
@@ -154,10 +157,14 @@ class ApiServer:
         return web.json_response(protocol.models_list(self.config.model, self.started))
 
     async def swarm(self, request: web.Request) -> web.Response:
+        return web.json_response(self.swarm_state())
+
+    def swarm_state(self) -> dict:
+        """What /v1/swarm answers and /api/swarm/events pushes: the source's state() as JSON."""
         state = dataclasses.replace(self.source.state(), model=self.config.model, tokens_per_s=self._tokens_per_s)
         g = self.generator
         counts = {"active": g.active, "waiting": g.waiting, "served": g.served, "generated_tokens": g.generated}
-        return web.json_response(snapshot_json(snapshot_from_source(state), counts))
+        return swarm_json(state, counts)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, protocol.parse_chat_request(await json_body(request)))
