@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     url, key = argv[0].rstrip("/"), (argv[1] if len(argv) > 1 else None)
     with chromium() as driver:
         open_page(driver, url, key)
-        for path in screenshots(driver, Path("docs/img"), "Write a haiku about sharing work between devices."):
+        for path in screenshots(driver, Path("docs/img"), "Give three short tips for running a language model on old laptops, as a list."):
             print(path)
     return 0
 

@@ -135,10 +135,10 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
         const box = document.createElement('div');
         box.append(swarm.renderMarkdown(arguments[0]));
         return box.innerHTML;""",
-        "<img src=x onerror=alert(1)> **bold** `x<y`\n\n- one\n- two\n\n```\n<b>code</b>\n```")
+        "<img src=x onerror=alert(1)> **bold** `x<y`\n\n- one\n- two\n\n1. a\n\n2. b\n\n```\n<b>code</b>\n```")
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "<strong>bold</strong>" in html and "<code>x&lt;y</code>" in html
-    assert "<ul><li>one</li><li>two</li></ul>" in html and "<pre><code>&lt;b&gt;code&lt;/b&gt;</code></pre>" in html
+    assert "<ul><li>one</li><li>two</li></ul>" in html and "<ol><li>a</li><li>b</li></ol>" in html and "<pre><code>&lt;b&gt;code&lt;/b&gt;</code></pre>" in html
 
 
 def test_the_swarm_view_lists_the_peers_and_the_plan(page, served):

@@ -112,18 +112,21 @@ function inline(text) {
 }
 
 function blocks(text, out) {
-  // Paragraphs, and lists of "- ", "* " or "1. " lines.
+  // Paragraphs, and lists of "- ", "* " or "1. " lines (blank lines between items keep one list).
   let list = null, paragraph = null;
   for (const line of text.split("\n")) {
-    const bullet = line.match(/^\s*[-*]\s+(.*)$/), numbered = line.match(/^\s*\d+[.)]\s+(.*)$/);
-    const item = bullet || numbered;
-    if (item) {
+    const bullet = line.match(/^\s*[-*]\s+(.*)$/), numbered = line.match(/^\s*(\d+)[.)]\s+(.*)$/);
+    if (bullet || numbered) {
       const tag = bullet ? "ul" : "ol";
-      if (!list || list.tagName.toLowerCase() !== tag) { list = el(tag); out.append(list); }
-      list.append(el("li", {}, inline(item[1])));
+      if (!list || list.tagName.toLowerCase() !== tag) {
+        list = el(tag);
+        if (numbered && numbered[1] !== "1") list.setAttribute("start", numbered[1]);
+        out.append(list);
+      }
+      list.append(el("li", {}, inline(bullet ? bullet[1] : numbered[2])));
       paragraph = null;
     } else if (!line.trim()) {
-      list = paragraph = null;
+      paragraph = null;
     } else {
       list = null;
       if (paragraph) paragraph.append(el("br"));
