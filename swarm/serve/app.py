@@ -1,11 +1,12 @@
-"""The OpenAI-compatible HTTP API of a swarm source, on aiohttp.
+"""The HTTP APIs of a swarm source (OpenAI's, Ollama's) and its web page, on aiohttp.
 
     async with ApiServer(ServeConfig(model="SmolLM2", max_len=1024), source, tokenizer, stop_ids) as server:
         print(server.url)        # http://127.0.0.1:8000
         await forever
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
-GET /v1/swarm. Errors of every kind leave in OpenAI's JSON shape. A client that
+GET /v1/swarm; Ollama's under /api (swarm.serve.ollama_api), both over one Generator.
+Errors of every kind leave in OpenAI's JSON shape (Ollama's under /api). A client that
 goes away mid-answer cancels its handler (aiohttp's handler_cancellation), which
 closes its session: the slot is free for the next request after the step in flight.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -28,16 +28,19 @@ from aiohttp import web
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.serve import protocol
 from swarm.serve.generation import Answer, Generator
+from swarm.serve.http import MAX_BODY_BYTES, json_body
+from swarm.serve.ollama_api import OllamaApi
+from swarm.serve.web import EVENTS_INTERVAL_S, WebPage
 from swarm.serve.protocol import ApiError, GenerationRequest
-from swarm.serve.state import snapshot_json
+from swarm.serve.state import swarm_json
 from swarm.serve.text import SSE_DONE, sse_event
-from swarm.view.from_source import snapshot_from_source
 
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0  # per-stage busy share and tokens/s are measured over this interval
 SHUTDOWN_GRACE_S = 3.0  # on Ctrl-C, answers still running get this long before they are cancelled
-MAX_BODY_BYTES = 8 * 2 ** 20
+GUARDED = ("/v1/", "/api/")  # what the API key guards (/health and the web page's files are open)
+KEY_IN_QUERY = frozenset({"/api/swarm/events"})  # the one route that also takes ?key= (an EventSource)
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,11 @@ class ServeConfig:
     max_len: int  # context positions per request (the KV slot): prompt + max_tokens
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (see ApiServer.url)
-    api_key: str | None = None  # when set, every /v1 request needs "Authorization: Bearer KEY"
+    api_key: str | None = None  # when set, every /v1 and /api request needs "Authorization: Bearer KEY"
     defaults: SamplingParams = GREEDY  # for requests that leave temperature / top_p / seed out
     stats_interval_s: float = STATS_INTERVAL_S
+    events_interval_s: float = EVENTS_INTERVAL_S  # between pushes of the swarm's state to the web page
+    join_command: str | None = None  # `swarm join --join-code ...` for another device; None: --no-swarm
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
 
 
@@ -76,6 +81,8 @@ class ApiServer:
         app.router.add_get("/v1/swarm", self.swarm)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
+        OllamaApi(self).add_routes(app)
+        WebPage(self).add_routes(app)
         return app
 
     async def __aenter__(self) -> "ApiServer":
@@ -112,24 +119,25 @@ class ApiServer:
         try:
             return await handler(request)
         except ApiError as exc:
-            return web.json_response(exc.body(), status=exc.status)
+            return _error_response(request, exc)
         except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
             if exc.status < 400:
                 raise
             error = ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}",
                              code="not_found" if exc.status == 404 else None)
-            return web.json_response(error.body(), status=exc.status, headers={
-                k: v for k, v in exc.headers.items() if k == "Allow"})
+            return _error_response(request, error, {k: v for k, v in exc.headers.items() if k == "Allow"})
         except Exception as exc:  # a bug or a failure nobody foresaw: the client still gets JSON
             log.exception("%s %s failed", request.method, request.path)
-            error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-            return web.json_response(error.body(), status=500)
+            return _error_response(request, ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                     type="server_error"))
 
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         key = self.config.api_key
-        if key is not None and request.path.startswith("/v1/"):
+        if key is not None and request.path.startswith(GUARDED):
             given = request.headers.get("Authorization", "")
+            if not given and request.path in KEY_IN_QUERY and "key" in request.query:
+                given = "Bearer " + request.query["key"]  # EventSource cannot send headers
             scheme, _, token = given.partition(" ")
             if not given:
                 raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY' "
@@ -149,16 +157,20 @@ class ApiServer:
         return web.json_response(protocol.models_list(self.config.model, self.started))
 
     async def swarm(self, request: web.Request) -> web.Response:
+        return web.json_response(self.swarm_state())
+
+    def swarm_state(self) -> dict:
+        """What /v1/swarm answers and /api/swarm/events pushes: the source's state() as JSON."""
         state = dataclasses.replace(self.source.state(), model=self.config.model, tokens_per_s=self._tokens_per_s)
         g = self.generator
         counts = {"active": g.active, "waiting": g.waiting, "served": g.served, "generated_tokens": g.generated}
-        return web.json_response(snapshot_json(snapshot_from_source(state), counts))
+        return swarm_json(state, counts)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, protocol.parse_chat_request(await _json_body(request)))
+        return await self._generate(request, protocol.parse_chat_request(await json_body(request)))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, protocol.parse_completion_request(await _json_body(request)))
+        return await self._generate(request, protocol.parse_completion_request(await json_body(request)))
 
     # ------------------------------------------------------------ generation
 
@@ -166,16 +178,9 @@ class ApiServer:
         if req.model != self.config.model:
             raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.config.model}'",
                            param="model", code="model_not_found")
-        g = self.generator
-        prompt = g.prompt_ids(req)
-        max_tokens = g.budget(req, prompt)
-        session = await g.open_session(g.sampling(req))
-        answer = Answer(prompt_tokens=len(prompt))
         request_id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        # aclosing: the deltas end (and the turn is cancelled) before the session closes, even
-        # when the client went away and this handler was cancelled mid-answer.
-        async with session, contextlib.aclosing(g.stream(session, req, prompt, max_tokens, answer)) as deltas:
+        async with self.generator.answer(req) as (deltas, answer):
             if req.stream:
                 return await self._stream(request, req, deltas, answer, request_id, created)
             text = "".join([delta async for delta in deltas])
@@ -234,12 +239,7 @@ async def _end_with_error(response: web.StreamResponse, error: ApiError) -> web.
     return response
 
 
-async def _json_body(request: web.Request) -> Any:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes") from None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+def _error_response(request: web.Request, error: ApiError, headers: dict | None = None) -> web.Response:
+    """OpenAI's error JSON, or Ollama's ``{"error": message}`` under /api/."""
+    body = {"error": error.message} if request.path.startswith("/api/") else error.body()
+    return web.json_response(body, status=error.status, headers=headers)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Collection
 
 from swarm.model import hf
@@ -40,11 +41,15 @@ def no_swarm_reason(exc: InfeasibleError, live_peers: int) -> str:
 
 @dataclass
 class Answer:
-    """What one request produced; filled in while it streams."""
+    """What one request produced; filled in while it streams. Times are time.monotonic()."""
 
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+    began: float = field(default_factory=time.monotonic)  # the request was validated
+    opened: float | None = None  # it got its session (a KV slot of the deployed pipeline)
+    first_token: float | None = None  # the prompt was processed and the first token sampled
+    ended: float | None = None  # the last token came back
 
 
 class Generator:
@@ -87,6 +92,20 @@ class Generator:
             raise error
         return request.max_tokens or self.max_len - len(prompt)
 
+    @contextlib.asynccontextmanager
+    async def answer(self, request: GenerationRequest) -> AsyncIterator[tuple[AsyncIterator[str], Answer]]:
+        """(text deltas, Answer) of one request, for every API's handler: prompt, budget, session.
+
+        The deltas end (and the turn is cancelled) before the session closes, even when the
+        client went away and its handler was cancelled mid-answer."""
+        prompt = self.prompt_ids(request)
+        max_tokens = self.budget(request, prompt)
+        answer = Answer(prompt_tokens=len(prompt))
+        session = await self.open_session(self.sampling(request))
+        answer.opened = time.monotonic()
+        async with session, contextlib.aclosing(self.stream(session, request, prompt, max_tokens, answer)) as deltas:
+            yield deltas, answer
+
     async def open_session(self, sampling: SamplingParams):
         """A session of the deployed pipeline; 503 with the reason when no swarm can be formed."""
         try:
@@ -117,6 +136,8 @@ class Generator:
         try:
             async with contextlib.aclosing(session.generate(prompt, max_tokens, stop_ids)) as tokens:
                 async for token in tokens:
+                    if answer.first_token is None:
+                        answer.first_token = time.monotonic()
                     answer.completion_tokens += 1
                     self.generated += 1
                     if delta := text.push(token):
@@ -128,6 +149,7 @@ class Generator:
             raise unavailable(f"a peer of the swarm was lost mid-answer: {exc}") from None
         finally:
             self.active -= 1
+            answer.ended = time.monotonic()
         answer.finish_reason = answer.finish_reason or "length"
         if rest := text.finish():
             yield rest
