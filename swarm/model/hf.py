@@ -21,23 +21,39 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from swarm.model.units import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+
 log = logging.getLogger(__name__)
 
-# Families whose decoder layers share Llama's interface (hidden, mask, position
-# embeddings, a cache object with .update) and whose checkpoints use the
-# model.embed_tokens / model.layers.N / model.norm / lm_head names.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a Llama-family causal LM swarm can split."""
+def _is_gguf(path: Path) -> bool:
+    return Path(path).suffix == ".gguf" and Path(path).is_file()
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(model_dir)
+    """The config of a Hugging Face folder, or the one transformers derives from a GGUF file."""
+    model_dir = Path(model_dir)
+    if _is_gguf(model_dir):
+        config = AutoConfig.from_pretrained(model_dir.parent, gguf_file=model_dir.name)
+    else:
+        config = AutoConfig.from_pretrained(model_dir)
+    return _checked(config, model_dir)
+
+
+def config_from_dict(config_dict: dict, source: Path | str = "checkpoint") -> PretrainedConfig:
+    """A config from a config.json-style dict (``Checkpoint.config_dict()``)."""
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return _checked(AutoConfig.for_model(model_type, **config_dict), source)
+
+
+def _checked(config: PretrainedConfig, source) -> PretrainedConfig:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"{model_dir}: model_type {config.model_type!r} is not supported "
+            f"{source}: model_type {config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     # sdpa is exact for float32 and the fastest portable kernel; pin it so a
@@ -101,6 +117,10 @@ def tied_embeddings(config: PretrainedConfig) -> bool:
 
 
 def load_tokenizer(model_dir: Path):
+    """The tokenizer (with its chat template) of a Hugging Face folder or a GGUF file."""
+    model_dir = Path(model_dir)
+    if _is_gguf(model_dir):
+        return AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name)
     return AutoTokenizer.from_pretrained(model_dir)
 
 

@@ -1,0 +1,234 @@
+"""A GGUF file as a checkpoint: read in place, one tensor at a time, blocks kept as they are.
+
+The file is memory-mapped by the ``gguf`` package's reader, so a tensor's bytes are
+only read when ``read_unit`` asks for it. Names are llama.cpp's (``blk.N.attn_q``)
+and are mapped to the Hugging Face names the rest of swarm uses. llama.cpp's
+converter permutes the rows of q and k of a ``llama`` file for its rotary layout;
+they are permuted back as transformers' GGUF loader does, on block rows directly
+when the blocks are kept (a block never spans two rows).
+
+What a tensor is held as follows ``units.held_kind``: unquantized, every tensor is
+dequantized to float32 by the ``gguf`` package exactly as transformers does, then
+cast; quantized, Q8_0/Q4_0/Q4_1 blocks are kept byte for byte, other block types
+are dequantized and re-quantized (``formats.quantize``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from swarm.model import formats
+from swarm.model.formats import QuantizedTensor, Weight
+from swarm.model.units import (
+    DTYPE_BYTES, KEPT_BLOCKS, ModelLayout, UnsupportedModelError, block_matrix_bytes, held_kind, unit_of_tensor,
+)
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")  # llama.cpp's names; a Mistral file says "llama"
+
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+# GGUF metadata key (after "ARCH.") -> config key, as transformers' GGUF_CONFIG_MAPPING has them.
+_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.dimension_count": "head_dim",  # llama and mistral only: qwen2's is not the head size
+    "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None for tensors swarm does not use."""
+    if m := _BLOCK_NAME.fullmatch(gguf_name):
+        part = _BLOCK.get(m[2])
+        return None if part is None else f"model.layers.{m[1]}.{part}.{m[3]}"
+    stem, _, suffix = gguf_name.rpartition(".")
+    return f"{_TOP[stem]}.{suffix}" if stem in _TOP and suffix in ("weight", "bias") else None
+
+
+@dataclass(frozen=True)
+class GGUFLayout(ModelLayout):
+    """A GGUF file's layout: sizes from its tensor infos, weight bytes as ``read_unit`` holds them."""
+
+    tensor_types: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (HF name, torch shape, GGUF type name)
+
+    @cached_property
+    def tensor_locations(self) -> dict[str, tuple[Path, dict]]:
+        return {name: (self.model_dir, {"dtype": kind, "shape": list(shape)})
+                for name, shape, kind in self.tensor_types}
+
+    def unit_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
+        """Bytes each unit's weights occupy as ``read_unit(unit, dtype, quant)`` returns them."""
+        out = [0] * self.num_units
+        tensors = list(self.tensor_types)
+        if self.tied_embeddings and "lm_head.weight" not in self.tensor_locations:
+            embed = next(t for t in tensors if t[0] == "model.embed_tokens.weight")
+            tensors.append(("lm_head.weight", embed[1], embed[2]))  # the head holds its own copy
+        for name, shape, stored in tensors:
+            kind = held_kind(name, len(shape), stored, quant)
+            size = int(np.prod(shape))
+            held = size * DTYPE_BYTES[dtype] if kind is None else block_matrix_bytes(shape[0], shape[1], kind)
+            out[unit_of_tensor(name, self.num_layers)] += held
+        return out
+
+
+class GGUFFile:
+    """One opened GGUF file: its metadata as a config, its tensors by Hugging Face name."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.reader = GGUFReader(self.path, "r")
+        arch = self._value("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        self.arch = arch
+        self.tensors: dict[str, ReaderTensor] = {}
+        for tensor in self.reader.tensors:
+            name = hf_name(tensor.name)
+            if name is not None:
+                self.tensors[name] = tensor
+        self.config = self._config()
+
+    def _value(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def _config(self) -> dict:
+        """The config transformers derives from this metadata (``load_gguf_checkpoint``)."""
+        # transformers calls a "llama" file whose general.name is exactly "mistral" a Mistral
+        model_type = "mistral" if self.arch == "llama" and self._value("general.name") == "mistral" else self.arch
+        config: dict = {"model_type": model_type}
+        for key, config_key in _CONFIG_KEYS.items():
+            if config_key == "head_dim" and model_type == "qwen2":
+                continue
+            value = self._value(f"{self.arch}.{key}")
+            if value is not None:
+                config[config_key] = value
+        if "vocab_size" not in config and "tokenizer.ggml.tokens" in self.reader.fields:
+            config["vocab_size"] = len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        config["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.reader.tensors)
+        return config
+
+    def layout(self) -> GGUFLayout:
+        c = self.config
+        heads = c["num_attention_heads"]
+        types = tuple((name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+                      for name, t in self.tensors.items())
+        return GGUFLayout(
+            model_dir=self.path, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+            num_kv_heads=c.get("num_key_value_heads", heads), head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            vocab_size=c["vocab_size"], tied_embeddings=c["tie_word_embeddings"], checkpoint_dtype="float32",
+            tensor_types=types)
+
+    def _row_order(self, name: str, rows: int) -> torch.Tensor | None:
+        """The rows that undo llama.cpp's q/k permutation (transformers' ``_reverse_permute_weights``)."""
+        if self.arch != "llama" or not (".q_proj." in name or ".k_proj." in name):
+            return None
+        heads = self.config["num_attention_heads"]
+        if ".k_proj." in name:
+            heads = self.config.get("num_key_value_heads", heads)
+        half = rows // heads // 2
+        return torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(rows)
+
+    def read(self, name: str, dtype: torch.dtype, quant: str | None) -> Weight:
+        """One tensor, under its Hugging Face name (a tied head is the embedding), held by ``held_kind``."""
+        source = "model.embed_tokens.weight" if name == "lm_head.weight" and name not in self.tensors else name
+        tensor = self.tensors[source]
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        kind = held_kind(name, len(shape), tensor.tensor_type.name, quant)
+        order = self._row_order(name, shape[0])
+        if kind is not None and KEPT_BLOCKS.get(tensor.tensor_type.name) == kind:
+            held = _blocks(tensor, kind, shape)
+            return held if order is None else held.rows(order)
+        dense = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)).reshape(shape)
+        if order is not None:
+            dense = dense[order]
+        if kind is not None:
+            return formats.quantize(dense, kind)
+        return dense.to(dtype)
+
+
+def _blocks(tensor: ReaderTensor, kind: str, shape: tuple[int, int]) -> QuantizedTensor:
+    """A Q8_0/Q4_0/Q4_1 tensor's blocks split into formats.py's arrays (copied out of the map)."""
+    n, k = shape
+    raw = np.asarray(tensor.data).reshape(n, k // formats.BLOCK, -1)  # [N, blocks, bytes per block]
+
+    def half(lo: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(raw[..., lo:lo + 2]).view(np.float16).reshape(n, -1))
+
+    start = 4 if kind == "q4_1" else 2
+    codes = np.ascontiguousarray(raw[..., start:]).reshape(n, -1)
+    codes_t = torch.from_numpy(codes.view(np.int8) if kind == "q8_0" else codes)
+    return QuantizedTensor(kind, codes_t, half(0), half(2) if kind == "q4_1" else None)
+
+
+@lru_cache(maxsize=4)
+def _open(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    return GGUFFile(Path(path))
+
+
+def open_file(path: Path) -> GGUFFile:
+    """The file, parsed once per process (its header takes seconds for a large vocabulary)."""
+    path = Path(path).resolve()
+    st = os.stat(path)
+    return _open(str(path), st.st_size, st.st_mtime_ns)
+
+
+def read_layout(path: Path) -> GGUFLayout:
+    return open_file(path).layout()
+
+
+class GGUFCheckpoint:
+    """``checkpoint.Checkpoint`` over a GGUF file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = open_file(self.path)
+        self.layout = self.file.layout()
+
+    def config_dict(self) -> dict:
+        return dict(self.file.config)
+
+    def unit_tensor_names(self, unit: int) -> list[str]:
+        names = [n for n in self.file.tensors if unit_of_tensor(n, self.layout.num_layers) == unit]
+        if unit == self.layout.num_units - 1 and "lm_head.weight" not in names:
+            names.append("lm_head.weight")  # tied: the head's weight is the embedding matrix
+        return names
+
+    def read_unit(self, unit: int, dtype: torch.dtype, quant: str | None) -> dict[str, Weight]:
+        if not 0 <= unit < self.layout.num_units:
+            raise ValueError(f"unit {unit} is outside [0, {self.layout.num_units})")
+        return {name: self.file.read(name, dtype, quant) for name in self.unit_tensor_names(unit)}
+
+    def fingerprint(self) -> str:
+        from swarm.model.store import model_fingerprint
+
+        return model_fingerprint(self.path)
+
+    def tokenizer(self):
+        from swarm.model import hf
+
+        return hf.load_tokenizer(self.path)
+
