@@ -117,5 +117,5 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             return HFCheckpoint(path)
     from swarm.model.store import ModelNotFoundError
 
-    raise ModelNotFoundError(f"{path} is neither a Hugging Face model folder (config.json and *.safetensors) "
-                             "nor a GGUF file")
+    raise ModelNotFoundError(f"{path} is neither a Hugging Face model folder nor a GGUF file "
+                             "(a folder needs config.json and *.safetensors)")
