@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from swarm.model import formats
 from swarm.model.formats import Weight
+from swarm.model.store import ModelNotFoundError, is_gguf_file, model_fingerprint
 from swarm.model.units import (
     SUPPORTED_MODEL_TYPES, ModelLayout, UnsupportedModelError, held_kind, safetensors_files, unit_of_tensor,
 )
@@ -83,22 +84,12 @@ class HFCheckpoint:
         return {name: out[name] for name in sources}
 
     def fingerprint(self) -> str:
-        from swarm.model.store import model_fingerprint
-
         return model_fingerprint(self.path)
 
     def tokenizer(self):
         from swarm.model import hf
 
         return hf.load_tokenizer(self.path)
-
-
-def is_gguf_file(path: Path) -> bool:
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -115,7 +106,5 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             pass
         else:
             return HFCheckpoint(path)
-    from swarm.model.store import ModelNotFoundError
-
     raise ModelNotFoundError(f"{path} is neither a Hugging Face model folder nor a GGUF file "
                              "(a folder needs config.json and *.safetensors)")

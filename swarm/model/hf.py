@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _is_gguf(path: Path) -> bool:
-    return Path(path).suffix == ".gguf" and Path(path).is_file()
+    return Path(path).is_file()  # a checkpoint that is one file is a GGUF file
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:

@@ -137,7 +137,7 @@ class ModelLayout:
     def read(cls, model_dir: Path) -> "ModelLayout":
         """The layout of a Hugging Face folder, or of a GGUF file (``swarm.model.gguf``)."""
         model_dir = Path(model_dir)
-        if model_dir.suffix == ".gguf" and model_dir.is_file():
+        if model_dir.is_file():  # a checkpoint that is one file is a GGUF file
             from swarm.model.gguf import read_layout
 
             return read_layout(model_dir)

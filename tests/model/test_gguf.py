@@ -287,3 +287,17 @@ def test_the_default_model_is_read_from_the_wheels_gguf():
     assert {t.kind for t in held.values() if isinstance(t, QuantizedTensor)} == {"q4_1"}
     head = checkpoint.read_unit(31, torch.float32, "int4")["lm_head.weight"]
     assert head.kind == "q8_0" and head.shape == (49152, 576)  # the file's Q8_0 embedding, kept
+
+
+def test_a_gguf_file_resolves_and_has_a_fingerprint(files, tmp_path):
+    from swarm.model.store import model_fingerprint, resolve_model, weights_fingerprint
+
+    path = files("Q8_0")
+    assert resolve_model(path) == path.resolve()
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.fingerprint() == model_fingerprint(path) == weights_fingerprint(path)
+    assert len({weights_fingerprint(path, q) for q in (None, "int8", "int4")}) == 3
+    assert model_fingerprint(files("Q4_0")) != model_fingerprint(path)
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(ModelNotFoundError, match="neither"):
+        resolve_model(tmp_path / "x.gguf")
