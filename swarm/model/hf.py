@@ -8,9 +8,13 @@ upgrade touches one file, and the planner, runtime and view stay light.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -117,11 +121,32 @@ def tied_embeddings(config: PretrainedConfig) -> bool:
 
 
 def load_tokenizer(model_dir: Path):
-    """The tokenizer (with its chat template) of a Hugging Face folder or a GGUF file."""
+    """The tokenizer (with its chat template) of a Hugging Face folder or a GGUF file.
+
+    Building one from a GGUF file's vocabulary takes seconds (5 s for SmolLM2's), so the
+    result is saved once under the cache, keyed by the file's path, size and mtime.
+    """
     model_dir = Path(model_dir)
-    if _is_gguf(model_dir):
-        return AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name)
-    return AutoTokenizer.from_pretrained(model_dir)
+    if not _is_gguf(model_dir):
+        return AutoTokenizer.from_pretrained(model_dir)
+    from swarm.model.store import cache_root
+
+    st = model_dir.resolve().stat()
+    key = hashlib.sha256(f"{model_dir.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    saved = cache_root() / "tokenizers" / key
+    if (saved / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=saved.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, saved)  # atomic publish; a peer saving it too keeps the first
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer
 
 
 def has_chat_template(tokenizer) -> bool:
