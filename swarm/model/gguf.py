@@ -1,7 +1,9 @@
 """A GGUF file as a checkpoint: read in place, one tensor at a time, blocks kept as they are.
 
-The file is memory-mapped by the ``gguf`` package's reader, so a tensor's bytes are
-only read when ``read_unit`` asks for it. Names are llama.cpp's (``blk.N.attn_q``)
+The file is memory-mapped and its header parsed here (the ``gguf`` package's reader
+decodes every vocabulary string, 4 s for SmolLM2's; this one skips them), so a
+tensor's bytes are only read when ``read_unit`` asks for it; the ``gguf`` package
+dequantizes them. Names are llama.cpp's (``blk.N.attn_q``)
 and are mapped to the Hugging Face names the rest of swarm uses. llama.cpp's
 converter permutes the rows of q and k of a ``llama`` file for its rotary layout;
 they are permuted back as transformers' GGUF loader does, on block rows directly
@@ -15,15 +17,18 @@ are dequantized and re-quantized (``formats.quantize``).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+import struct
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from swarm.model import formats
@@ -67,6 +72,89 @@ def hf_name(gguf_name: str) -> str | None:
     return f"{_TOP[stem]}.{suffix}" if stem in _TOP and suffix in ("weight", "bias") else None
 
 
+class Array(NamedTuple):
+    """A metadata array, by its length only (the vocabulary, the merges: nothing here reads them)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # llama.cpp's
+    type: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch's order: rows first
+    offset: int  # of its data, from the start of the file
+    nbytes: int
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_header(buf) -> tuple[dict, list[TensorInfo]]:
+    """GGUF (version 2 or 3) metadata and tensor infos from a buffer over the whole file."""
+    magic, version = struct.unpack_from("<4sI", buf, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError(f"not a GGUF file of version 2 or 3 (magic {magic!r}, version {version})")
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    off = 24
+
+    def string(off: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, off)
+        return bytes(buf[off + 8:off + 8 + n]).decode("utf-8"), off + 8 + n
+
+    def value(kind: int, off: int):
+        if kind == _STRING:
+            return string(off)
+        if kind == _ARRAY:
+            item, count = struct.unpack_from("<IQ", buf, off)
+            off += 12
+            if item in (_STRING, _ARRAY):
+                for _ in range(count):
+                    if item == _STRING:
+                        off += 8 + struct.unpack_from("<Q", buf, off)[0]
+                    else:
+                        off = value(_ARRAY, off)[1]
+            else:
+                off += count * struct.calcsize(_SCALARS[item])
+            return Array(count), off
+        fmt = _SCALARS[kind]
+        return struct.unpack_from(fmt, buf, off)[0], off + struct.calcsize(fmt)
+
+    metadata: dict = {}
+    for _ in range(n_kv):
+        key, off = string(off)
+        (kind,) = struct.unpack_from("<I", buf, off)
+        metadata[key], off = value(kind, off + 4)
+    raw = []
+    for _ in range(n_tensors):
+        name, off = string(off)
+        (n_dims,) = struct.unpack_from("<I", buf, off)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
+        kind, offset = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
+        off += 4 + 8 * n_dims + 12
+        raw.append((name, GGMLQuantizationType(kind), dims, offset))
+    alignment = metadata.get("general.alignment", 32)
+    start = -(-off // alignment) * alignment
+    tensors = []
+    for name, kind, dims, offset in raw:
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        nbytes = int(np.prod(dims)) // block * block_bytes
+        tensors.append(TensorInfo(name, kind, tuple(int(d) for d in reversed(dims)), start + offset, nbytes))
+    return metadata, tensors
+
+
+def tensor_data(buf, info: TensorInfo) -> np.ndarray:
+    """A tensor's data in place, as the ``gguf`` package's reader gives it to ``dequantize``:
+    F32 / F16 as floats in its shape, any other type as rows of bytes."""
+    if info.type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        dtype = np.float32 if info.type == GGMLQuantizationType.F32 else np.float16
+        return np.frombuffer(buf, dtype=dtype, count=info.nbytes // np.dtype(dtype).itemsize,
+                             offset=info.offset).reshape(info.shape)
+    rows = info.shape[:-1]
+    return np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(*rows, -1)
+
+
 @dataclass(frozen=True)
 class GGUFLayout(ModelLayout):
     """A GGUF file's layout: sizes from its tensor infos, weight bytes as ``read_unit`` holds them."""
@@ -98,22 +186,23 @@ class GGUFFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.reader = GGUFReader(self.path, "r")
-        arch = self._value("general.architecture")
+        with open(self.path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.metadata, self.infos = read_header(self._map)
+        arch = self.metadata.get("general.architecture")
         if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         self.arch = arch
-        self.tensors: dict[str, ReaderTensor] = {}
-        for tensor in self.reader.tensors:
-            name = hf_name(tensor.name)
+        self.tensors: dict[str, TensorInfo] = {}
+        for info in self.infos:
+            name = hf_name(info.name)
             if name is not None:
-                self.tensors[name] = tensor
+                self.tensors[name] = info
         self.config = self._config()
 
     def _value(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.metadata.get(key, default)
 
     def _config(self) -> dict:
         """The config transformers derives from this metadata (``load_gguf_checkpoint``)."""
@@ -126,16 +215,15 @@ class GGUFFile:
             value = self._value(f"{self.arch}.{key}")
             if value is not None:
                 config[config_key] = value
-        if "vocab_size" not in config and "tokenizer.ggml.tokens" in self.reader.fields:
-            config["vocab_size"] = len(self.reader.fields["tokenizer.ggml.tokens"].data)
-        config["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.reader.tensors)
+        if "vocab_size" not in config and isinstance(self.metadata.get("tokenizer.ggml.tokens"), Array):
+            config["vocab_size"] = self.metadata["tokenizer.ggml.tokens"].count
+        config["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.infos)
         return config
 
     def layout(self) -> GGUFLayout:
         c = self.config
         heads = c["num_attention_heads"]
-        types = tuple((name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
-                      for name, t in self.tensors.items())
+        types = tuple((name, t.shape, t.type.name) for name, t in self.tensors.items())
         return GGUFLayout(
             model_dir=self.path, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
             num_kv_heads=c.get("num_key_value_heads", heads), head_dim=c.get("head_dim") or c["hidden_size"] // heads,
@@ -155,14 +243,14 @@ class GGUFFile:
     def read(self, name: str, dtype: torch.dtype, quant: str | None) -> Weight:
         """One tensor, under its Hugging Face name (a tied head is the embedding), held by ``held_kind``."""
         source = "model.embed_tokens.weight" if name == "lm_head.weight" and name not in self.tensors else name
-        tensor = self.tensors[source]
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        kind = held_kind(name, len(shape), tensor.tensor_type.name, quant)
+        info = self.tensors[source]
+        shape, data = info.shape, tensor_data(self._map, info)
+        kind = held_kind(name, len(shape), info.type.name, quant)
         order = self._row_order(name, shape[0])
-        if kind is not None and KEPT_BLOCKS.get(tensor.tensor_type.name) == kind:
-            held = _blocks(tensor, kind, shape)
+        if kind is not None and KEPT_BLOCKS.get(info.type.name) == kind:
+            held = _blocks(data, kind, shape)
             return held if order is None else held.rows(order)
-        dense = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)).reshape(shape)
+        dense = torch.from_numpy(np.array(dequantize(data, info.type), dtype=np.float32)).reshape(shape)
         if order is not None:
             dense = dense[order]
         if kind is not None:
@@ -170,10 +258,10 @@ class GGUFFile:
         return dense.to(dtype)
 
 
-def _blocks(tensor: ReaderTensor, kind: str, shape: tuple[int, int]) -> QuantizedTensor:
+def _blocks(data: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedTensor:
     """A Q8_0/Q4_0/Q4_1 tensor's blocks split into formats.py's arrays (copied out of the map)."""
     n, k = shape
-    raw = np.asarray(tensor.data).reshape(n, k // formats.BLOCK, -1)  # [N, blocks, bytes per block]
+    raw = data.reshape(n, k // formats.BLOCK, -1)  # [N, blocks, bytes per block]
 
     def half(lo: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(raw[..., lo:lo + 2]).view(np.float16).reshape(n, -1))

