@@ -34,7 +34,7 @@ from gguf.quants import dequantize
 from swarm.model import formats
 from swarm.model.formats import QuantizedTensor, Weight
 from swarm.model.units import (
-    DTYPE_BYTES, KEPT_BLOCKS, ModelLayout, UnsupportedModelError, block_matrix_bytes, held_kind, unit_of_tensor,
+    KEPT_BLOCKS, ModelLayout, UnsupportedModelError, held_kind, unit_of_tensor,
 )
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")  # llama.cpp's names; a Mistral file says "llama"
@@ -168,17 +168,7 @@ class GGUFLayout(ModelLayout):
 
     def unit_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
         """Bytes each unit's weights occupy as ``read_unit(unit, dtype, quant)`` returns them."""
-        out = [0] * self.num_units
-        tensors = list(self.tensor_types)
-        if self.tied_embeddings and "lm_head.weight" not in self.tensor_locations:
-            embed = next(t for t in tensors if t[0] == "model.embed_tokens.weight")
-            tensors.append(("lm_head.weight", embed[1], embed[2]))  # the head holds its own copy
-        for name, shape, stored in tensors:
-            kind = held_kind(name, len(shape), stored, quant)
-            size = int(np.prod(shape))
-            held = size * DTYPE_BYTES[dtype] if kind is None else block_matrix_bytes(shape[0], shape[1], kind)
-            out[unit_of_tensor(name, self.num_layers)] += held
-        return out
+        return self.held_weight_bytes(dtype, quant)
 
 
 class GGUFFile:

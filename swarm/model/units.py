@@ -210,6 +210,25 @@ class ModelLayout:
                 out[unit] += quantized_matrix_bytes(shape[0], shape[1], quant)
         return out
 
+    def held_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
+        """Bytes of each unit's weights as ``Checkpoint.read_unit(unit, dtype, quant)`` returns them
+        (``held_kind``: dense in ``dtype``, or formats.py blocks); a tied head counts its own copy."""
+        tensors = [(name, entry["shape"], entry["dtype"]) for name, (_, entry) in self.tensor_locations.items()]
+        if self.tied_embeddings and "lm_head.weight" not in self.tensor_locations:
+            _, shape, stored = next(t for t in tensors if t[0] == "model.embed_tokens.weight")
+            tensors.append(("lm_head.weight", shape, stored))
+        out = [0] * self.num_units
+        for name, shape, stored in tensors:
+            kind = held_kind(name, len(shape), stored, quant)
+            if kind is None:
+                size = 1
+                for d in shape:
+                    size *= d
+                out[unit_of_tensor(name, self.num_layers)] += size * DTYPE_BYTES[dtype]
+            else:
+                out[unit_of_tensor(name, self.num_layers)] += block_matrix_bytes(shape[0], shape[1], kind)
+        return out
+
     def kv_bytes_per_token(self, dtype: str) -> list[int]:
         """KV cache bytes one token occupies in each unit (keys and values, blocks only)."""
         per_block = 2 * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]

@@ -277,6 +277,10 @@ def test_a_hugging_face_folder_reads_the_same_way(tiny_model_dir):
     assert held["model.layers.1.input_layernorm.weight"].dtype == torch.bfloat16
     head = checkpoint.read_unit(5, torch.float32, "int4")["lm_head.weight"]
     assert head.kind == "q8_0" and torch.equal(head.codes, formats.quantize(state["lm_head.weight"], "q8_0").codes)
+    for quant in (None, "int8", "int4"):  # what the layout counts for what read_unit returns
+        held = [checkpoint.read_unit(u, torch.bfloat16, quant) for u in range(checkpoint.layout.num_units)]
+        assert checkpoint.layout.held_weight_bytes("bfloat16", quant) == [
+            sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * 2 for t in unit.values()) for unit in held]
 
 
 def test_what_is_not_a_checkpoint_says_so(tmp_path):
