@@ -33,6 +33,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import gguf
 import torch
 
 from swarm.model import hf

