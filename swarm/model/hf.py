@@ -118,30 +118,6 @@ def chat_token_ids(tokenizer, messages: list[dict[str, str]], add_generation_pro
     return list(out)
 
 
-def convert_gguf_checkpoint(gguf_path: Path, out_dir: Path, on_stage: Callable[[str], None]) -> None:
-    """Dequantize a GGUF checkpoint into a standard safetensors folder.
-
-    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the
-    weights are moved into a plain model built from the same config (without its
-    quantization_config) and saved from there.
-    """
-    on_stage("reading and dequantizing GGUF")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    on_stage("building a plain float32 model")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    del loaded
-    on_stage("writing safetensors")
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
 def save_tiny_llama(out_dir: Path, seed: int = 0, model_type: str = "llama") -> Path:
     """A tiny random model (no download) for fast tests: 4 layers, hidden 64.
 

