@@ -30,6 +30,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def f32_gguf(model_dir: Path) -> Path:
     """An F32 GGUF of ``model_dir`` beside it, written once."""
     out = model_dir.with_name(model_dir.name + "-f32.gguf")
     if not out.exists():
-        print(f"writing {out} for llama.cpp (once)", flush=True)
+        print(f"writing {out} for llama.cpp (once)", file=sys.stderr, flush=True)
         partial = out.with_suffix(".partial")
         gguf_files.write_f32_gguf(model_dir, partial)
         partial.rename(out)
@@ -107,7 +108,7 @@ def bench_model_dir(shape: str) -> Path:
     """A model of a public config's shape with random weights, written once into the cache (bfloat16)."""
     target = cache_root() / "bench" / f"{shape}-random-bf16"
     if not (target / "config.json").exists():
-        print(f"writing a random {shape} checkpoint into {target} (once)", flush=True)
+        print(f"writing a random {shape} checkpoint into {target} (once)", file=sys.stderr, flush=True)
         hf.save_random_checkpoint(target, shape, torch.bfloat16)
     return target
 
