@@ -48,9 +48,9 @@ def relative_error(y, ref) -> float:
 
 @pytest.mark.parametrize("kind", QUANT_KINDS)
 @pytest.mark.parametrize("m,n", [(1, 64), (1, 5), (3, 37), (8, 100), (17, 6)])
-def test_quantized_product_is_its_exact_arithmetic(kind, m, n):
-    torch.manual_seed(m * 100 + n)
-    k = 96
+@pytest.mark.parametrize("k", [96, 288, 512])  # 3 blocks (one at a time), 9 (eight at once + one), 16
+def test_quantized_product_is_its_exact_arithmetic(kind, m, n, k):
+    torch.manual_seed(m * 100 + n + k)
     w = quantize(torch.randn(n, k), kind)
     x = torch.randn(m, k)
     want = exact(x, w)

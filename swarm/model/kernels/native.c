@@ -14,9 +14,14 @@
  * tests/model/test_kernels.py holds a torch reference of exactly this arithmetic.
  *
  * Decode (M = 1) reads every weight byte once, so the step is bound by memory
- * bandwidth: rows are taken four at a time to share each x block's loads, and the
- * rows are split over OpenMP threads. bf16 weights take the same path in float32
- * arithmetic (exact products of bf16 values, float32 sums).
+ * bandwidth. Rows are taken four at a time to share each x block's loads, and the four
+ * are a quarter of the matrix apart (rows g, g + N/4, g + N/2, g + 3N/4), so W is read
+ * as four long sequential streams: four adjacent rows of 1 KB would be four short
+ * streams in each page, which the hardware prefetchers follow at half the bandwidth
+ * (measured: 9.6 against 19 GB/s on one core here). Blocks go eight at a time, their
+ * fp16 scales converted as vectors. Row groups are split over OpenMP threads. bf16
+ * weights take the same path in float32 arithmetic (exact products of bf16 values,
+ * float32 sums).
  *
  * AVX2 intrinsics where the compiler targets them (-march=native), plain C otherwise.
  */
@@ -127,34 +132,92 @@ static inline int dot_q8_scalar(const int8_t *w, const int8_t *x) {
     return sum;
 }
 
+#ifdef __AVX2__
+/* Eight blocks of nr rows. Their scales are converted eight at a time and multiplied by x's
+ * (dd = dw * dx); the q4 terms that do not depend on the codes (-8 dw * dx * sum(qx) for q4_0,
+ * m * dx * sum(qx) for q4_1) go into the same accumulator as vectors. 4-bit codes are taken two
+ * blocks (32 bytes) per load: the low nibbles of both blocks against their first 16 x codes, the
+ * high ones against the last 16, and the two u8 x s8 pair sums are added in 16 bits
+ * (|sum| <= 4 * 15 * 127 fits), so a pair of blocks costs one widening and one fma. */
+static inline __attribute__((always_inline)) void dot_group8(int kind, int nr, int64_t b,
+        const uint8_t *const rows[ROWS], const uint16_t *const srow[ROWS], const uint16_t *const mrow[ROWS],
+        const int8_t *xq, const float *xd, const float *xs, __m256 acc[ROWS]) {
+    const __m256 xd8 = _mm256_loadu_ps(xd + b), xs8 = _mm256_loadu_ps(xs + b);
+    const __m256 xs8_q40 = _mm256_mul_ps(xs8, _mm256_set1_ps(-8.0f));
+    __m256 dd[ROWS];
+    float dd_mem[ROWS][8] __attribute__((aligned(32)));
+    for (int r = 0; r < nr; r++) {
+        const __m256 dw8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(srow[r] + b)));
+        dd[r] = _mm256_mul_ps(dw8, xd8);
+        if (kind == 0) _mm256_store_ps(dd_mem[r], dd[r]);
+        if (kind == 1) acc[r] = _mm256_fmadd_ps(dw8, xs8_q40, acc[r]);
+        if (kind == 2) acc[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mrow[r] + b))), xs8, acc[r]);
+    }
+    if (kind == 0) {
+        for (int j = 0; j < 8; j++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (b + j) * QK));
+            for (int r = 0; r < nr; r++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(rows[r] + (b + j) * QK));
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd_mem[r][j]), dot_s8s8(w, xv), acc[r]);
+            }
+        }
+        return;
+    }
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int j = 0; j < 8; j += 2) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (b + j) * QK));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (b + j + 1) * QK));
+        const __m256i xlo = _mm256_permute2x128_si256(x0, x1, 0x20); /* first 16 codes of each block */
+        const __m256i xhi = _mm256_permute2x128_si256(x0, x1, 0x31); /* last 16 */
+        /* lanes 0-3 take block j's scale, lanes 4-7 block j + 1's */
+        const __m256i pair = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
+        for (int r = 0; r < nr; r++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(rows[r] + (b + j) * (QK / 2)));
+            const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+            const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+            acc[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dd[r], pair), s, acc[r]);
+        }
+    }
+}
+#endif
+
 /* kind: 0 = q8_0, 1 = q4_0, 2 = q4_1. Rows [r0, r0 + nr) of W against one quantized x row.
  * Always inlined into dot_rows below with constant kind and nr, so each case compiles
  * to its own loop without branches. */
 static inline __attribute__((always_inline)) void dot_rows_impl(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
-                     int64_t r0, int nr, const int8_t *xq, const float *xd, const float *xs, float *y) {
+                     int64_t r0, int64_t stride, int nr, const int8_t *xq, const float *xd, const float *xs, float *y) {
     const int64_t nb = K / QK, row_bytes = kind == 0 ? K : K / 2, bb = kind == 0 ? QK : QK / 2;
     float extra[ROWS] = {0};
+    int64_t b = 0;
 #ifdef __AVX2__
     __m256 acc[ROWS];
-    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
+    const uint8_t *rows[ROWS];
+    const uint16_t *srow[ROWS], *mrow[ROWS];
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm256_setzero_ps();
+        rows[r] = codes + (r0 + r * stride) * row_bytes;
+        srow[r] = scales + (r0 + r * stride) * nb;
+        mrow[r] = mins ? mins + (r0 + r * stride) * nb : NULL;
+    }
+    for (; b + 8 <= nb; b += 8) dot_group8(kind, nr, b, rows, srow, mrow, xq, xd, xs, acc);
+    for (; b < nb; b++) { /* the last nb % 8 blocks, one at a time */
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
         for (int r = 0; r < nr; r++) {
-            const int64_t row = r0 + r;
-            const uint8_t *wb = codes + row * row_bytes + b * bb;
-            const float dw = fp16_to_float(scales[row * nb + b]);
+            const uint8_t *wb = rows[r] + b * bb;
+            const float dw = fp16_to_float(srow[r][b]);
             __m256 p = kind == 0 ? dot_s8s8(_mm256_loadu_si256((const __m256i *)wb), xv) : dot_u8s8(nibbles(wb), xv);
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), p, acc[r]);
             if (kind == 1) extra[r] -= 8.0f * dw * xs[b];
-            else if (kind == 2) extra[r] += fp16_to_float(mins[row * nb + b]) * xs[b];
+            else if (kind == 2) extra[r] += fp16_to_float(mrow[r][b]) * xs[b];
         }
     }
     for (int r = 0; r < nr; r++) y[r] = hsum(acc[r]) + extra[r];
 #else
     float acc[ROWS] = {0};
-    for (int64_t b = 0; b < nb; b++) {
+    for (; b < nb; b++) {
         for (int r = 0; r < nr; r++) {
-            const int64_t row = r0 + r;
+            const int64_t row = r0 + r * stride;
             const uint8_t *wb = codes + row * row_bytes + b * bb;
             const float dw = fp16_to_float(scales[row * nb + b]);
             const int dot = kind == 0 ? dot_q8_scalar((const int8_t *)wb, xq + b * QK) : dot_q4_scalar(wb, xq + b * QK);
@@ -168,8 +231,8 @@ static inline __attribute__((always_inline)) void dot_rows_impl(int kind, int64_
 }
 
 static void dot_rows(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
-                     int64_t r0, int nr, const int8_t *xq, const float *xd, const float *xs, float *y) {
-#define CASE(k, n) dot_rows_impl(k, K, codes, scales, mins, r0, n, xq, xd, xs, y)
+                     int64_t r0, int64_t stride, int nr, const int8_t *xq, const float *xd, const float *xs, float *y) {
+#define CASE(k, n) dot_rows_impl(k, K, codes, scales, mins, r0, stride, n, xq, xd, xs, y)
     if (nr == ROWS) {
         if (kind == 0) CASE(0, ROWS); else if (kind == 1) CASE(1, ROWS); else CASE(2, ROWS);
     } else {
@@ -189,15 +252,18 @@ int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uin
         return -1;
     }
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xd + m * nb, xs + m * nb);
-    const int64_t groups = (N + ROWS - 1) / ROWS;
+    /* Group g takes rows g, g + Q, g + 2Q, g + 3Q (Q = N / ROWS): four long sequential streams
+     * through W, which the hardware prefetchers follow at full bandwidth (four rows side by side
+     * would be four short streams per page, read at half of it). The last N % ROWS rows follow. */
+    const int64_t Q = N / ROWS, groups = Q + (N % ROWS != 0);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t g = 0; g < groups; g++) {
-        const int64_t r0 = g * ROWS;
-        const int nr = (int)(N - r0 < ROWS ? N - r0 : ROWS);
+        const int64_t r0 = g < Q ? g : ROWS * Q, stride = g < Q ? Q : 1;
+        const int nr = g < Q ? ROWS : (int)(N - ROWS * Q);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-            dot_rows(kind, K, codes, scales, mins, r0, nr, xq + m * K, xd + m * nb, xs + m * nb, out);
-            for (int r = 0; r < nr; r++) y[m * N + r0 + r] = out[r];
+            dot_rows(kind, K, codes, scales, mins, r0, stride, nr, xq + m * K, xd + m * nb, xs + m * nb, out);
+            for (int r = 0; r < nr; r++) y[m * N + r0 + r * stride] = out[r];
         }
     }
     free(xq), free(xd), free(xs);
@@ -206,7 +272,7 @@ int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uin
 
 /* ------------------------------------------------------------ bfloat16 */
 
-static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int nr, const float *x, float *y) {
+static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int64_t stride, int nr, const float *x, float *y) {
 #ifdef __AVX2__
     if (K % 16 == 0) {
         __m256 acc[ROWS];
@@ -214,7 +280,7 @@ static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int nr, cons
         for (int64_t k = 0; k < K; k += 16) {
             const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
             for (int r = 0; r < nr; r++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + (r0 + r) * K + k));
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + (r0 + r * stride) * K + k));
                 const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
                 const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
                 acc[r] = _mm256_fmadd_ps(w1, x1, _mm256_fmadd_ps(w0, x0, acc[r]));
@@ -227,7 +293,7 @@ static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int nr, cons
     for (int r = 0; r < nr; r++) {
         float acc = 0.0f;
         for (int64_t k = 0; k < K; k++) {
-            const uint32_t bits = (uint32_t)w[(r0 + r) * K + k] << 16;
+            const uint32_t bits = (uint32_t)w[(r0 + r * stride) * K + k] << 16;
             float v;
             memcpy(&v, &bits, 4);
             acc += v * x[k];
@@ -238,15 +304,15 @@ static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int nr, cons
 
 /* y [M, N] = x [M, K] @ W^T for bfloat16 W [N, K] and float32 x. */
 int swarm_matmul_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-    const int64_t groups = (N + ROWS - 1) / ROWS;
+    const int64_t Q = N / ROWS, groups = Q + (N % ROWS != 0); /* rows as in swarm_matmul_quant */
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t g = 0; g < groups; g++) {
-        const int64_t r0 = g * ROWS;
-        const int nr = (int)(N - r0 < ROWS ? N - r0 : ROWS);
+        const int64_t r0 = g < Q ? g : ROWS * Q, stride = g < Q ? Q : 1;
+        const int nr = g < Q ? ROWS : (int)(N - ROWS * Q);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-            dot_rows_bf16(K, w, r0, nr, x + m * K, out);
-            for (int r = 0; r < nr; r++) y[m * N + r0 + r] = out[r];
+            dot_rows_bf16(K, w, r0, stride, nr, x + m * K, out);
+            for (int r = 0; r < nr; r++) y[m * N + r0 + r * stride] = out[r];
         }
     }
     return 0;
