@@ -143,8 +143,15 @@ def save_tiny_llama(out_dir: Path, seed: int = 0, model_type: str = "llama") -> 
 
 
 def reference_model(model_dir: Path, dtype: torch.dtype = torch.float32):
-    """The whole model as transformers loads it: the reference for exactness checks."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    """The whole model as transformers loads it: the reference for exactness checks.
+
+    ``model_dir`` is a Hugging Face folder or a GGUF file (which transformers dequantizes
+    to float32 whole: fine for a reference, never for serving)."""
+    model_dir = Path(model_dir)
+    if model_dir.is_file():
+        model = AutoModelForCausalLM.from_pretrained(model_dir.parent, gguf_file=model_dir.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.config._attn_implementation = "sdpa"
     return model.eval()
 

@@ -47,9 +47,18 @@ def chromium(size: tuple[int, int] = WIDE):
 
 
 def wait(driver, condition, timeout_s: float = WAIT_S):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.05).until(condition)
+    # A live view re-renders its parts as the swarm changes: an element found a moment ago
+    # may be gone by the time its text is read, which only means "look again".
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+
+
+def text_of(driver, element_id: str) -> str:
+    """The element's rendered text, read in one script call (no handle that can go stale)."""
+    return driver.execute_script("return document.getElementById(arguments[0]).innerText;", element_id)
 
 
 def set_viewport(driver, size: tuple[int, int]) -> None:

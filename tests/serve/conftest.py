@@ -19,6 +19,7 @@ import pytest
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+MAX_LEN = 256  # tokens of context `serving` gives the server
 
 
 def wait_for_url(proc: subprocess.Popen, timeout_s: float) -> str:
@@ -71,7 +72,7 @@ class Serving:
 @contextlib.contextmanager
 def serving(model_dir: Path, *args: str, key: str | None = None):
     """`swarm serve` in a process of its own (as a user starts it), stopped with Ctrl-C."""
-    cmd = [sys.executable, "-m", "swarm", "serve", "--model", str(model_dir), "--port", "0", "--max-len", "256",
+    cmd = [sys.executable, "-m", "swarm", "serve", "--model", str(model_dir), "--port", "0", "--max-len", str(MAX_LEN),
            "--threads", "1", *args] + (["--api-key", key] if key else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})

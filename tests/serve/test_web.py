@@ -1,7 +1,7 @@
-"""The web page of `swarm serve --local 2` in headless chromium: the chat answers what the
-API answers, the swarm view shows the peers and the plan, the key is asked for and
-required, both views fit 1280 and 375 pixel wide screens, and a killed peer's recovery
-appears without a reload."""
+"""The web page of `swarm serve --local 2` in headless chromium: a question typed into the
+chat gets transformers' greedy answer (as the API does), the swarm view shows the peers and
+the plan, the key is asked for and required, both views fit 1280 and 375 pixel wide
+screens, and a killed peer's recovery appears without a reload."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import openai
 import psutil
 import pytest
 
+from swarm.chat.conversation import stop_token_ids
+from swarm.model import hf
+from tests.model.reference import reference_generate
 from tests.serve import browser
-from tests.serve.conftest import serving
+from tests.serve.conftest import MAX_LEN, serving
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not browser.available(), reason="needs Debian's chromium and chromium-driver "
@@ -79,8 +82,18 @@ def test_the_page_asks_for_the_key_and_the_apis_refuse_requests_without_it(drive
     assert httpx.get(served.url + f"/v1/models?key={KEY}").status_code == 401  # ?key= is for the events only
 
 
-def test_a_question_typed_into_the_page_gets_the_apis_greedy_answer(page, served):
-    want = api_answer(served, [{"role": "user", "content": QUESTION}])
+def transformers_greedy_answer(model_dir, question: str) -> str:
+    """transformers' greedy answer through the chat template, with the server's budget and stop ids."""
+    tokenizer = hf.load_tokenizer(model_dir)
+    stop_ids = stop_token_ids(tokenizer)
+    prompt = hf.chat_token_ids(tokenizer, [{"role": "user", "content": question}])
+    tokens = reference_generate(model_dir, [prompt], MAX_LEN - len(prompt), sorted(stop_ids))[0]
+    return tokenizer.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True)
+
+
+def test_a_question_typed_into_the_page_gets_transformers_greedy_answer(page, served, tiny_chat_model_dir):
+    want = transformers_greedy_answer(tiny_chat_model_dir, QUESTION)
+    assert api_answer(served, [{"role": "user", "content": QUESTION}]) == want
     assert browser.ask(page, QUESTION) == want
     from selenium.webdriver.common.by import By
 
@@ -186,10 +199,10 @@ def test_a_killed_peer_shows_its_recovery_without_a_reload(page, served):
     victim_name = next(s["peer"] for s in plan["stages"] if s["peer"].startswith("local-"))
     victim = next(p for p in psutil.Process(served.process.pid).children(recursive=True)
                   if victim_name in " ".join(p.cmdline()))
-    browser.wait(page, lambda d: "none: no peer was lost" in by_id(d, "recoveries").text)
+    browser.wait(page, lambda d: "none: no peer was lost" in browser.text_of(d, "recoveries"))
     victim.kill()
     # The source re-plans once the directory drops the peer (missed heartbeats); the page hears it.
-    browser.wait(page, lambda d: f"peer {victim_name} lost" in by_id(d, "recoveries").text, timeout_s=60)
-    assert re.search(rf"peer {victim_name} lost; re-planned over \d+ peers? in", by_id(page, "recoveries").text)
+    browser.wait(page, lambda d: f"peer {victim_name} lost" in browser.text_of(d, "recoveries"), timeout_s=60)
+    assert re.search(rf"peer {victim_name} lost; re-planned over \d+ peers? in", browser.text_of(page, "recoveries"))
     by_id(page, "tab-chat").click()
     assert browser.ask(page, QUESTION)  # and the page still gets answers
