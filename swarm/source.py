@@ -139,6 +139,7 @@ class SwarmSource:
         self.prober: LinkProber | None = None
         self.current: SourcePlan | None = None
         self._pipeline = None  # swarm.runtime.engine.Pipeline, its lifetime an entry of _stack
+        self._starting = None  # the Pipeline whose first deployment is loading
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: list[asyncio.Task] = []  # discovery, probes, watchers: owned by the TaskGroup in _stack
         self._started = 0.0
@@ -295,13 +296,19 @@ class SwarmSource:
                     mode=Mode.NO_BUBBLES, max_len=self.config.max_len, dtype=self.config.dtype, quant=self.config.quant,
                     step_timeout_s=self.config.step_timeout_s)
                 self.current = planned  # the replanner reads it as soon as the pipeline runs
-                self._pipeline = await self._stack.enter_async_context(
-                    Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append))
+                # _watch_stages tells it of a peer lost while it loads: it re-plans at once
+                # rather than wait out a LOAD that a dead peer never answers.
+                self._starting = Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append)
+                try:
+                    self._pipeline = await self._stack.enter_async_context(self._starting)
+                finally:
+                    self._starting = None
             elif self.current is None or planned.stages != self.current.stages:
                 self.current = planned
                 await self._pipeline.redeploy(planned.stages)
-            self.current = planned
-            return planned
+            else:
+                self.current = planned
+            return self.current  # _replan's, where a peer was lost while the plan loaded
 
     async def _deployed(self):
         """The pipeline, deployed (and re-planned first if a peer joined or left); after a
@@ -360,7 +367,7 @@ class SwarmSource:
         version = self.directory.version
         while not self.directory.closed:
             version = await self.directory.wait_change(version, 3600.0)
-            pipeline, current = self._pipeline, self.current
+            pipeline, current = self._pipeline or self._starting, self.current
             if pipeline is None or current is None:
                 continue
             live = self.directory.live

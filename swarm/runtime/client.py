@@ -36,6 +36,10 @@ class PeerError(RuntimeError):
     """The peer answered a request with an ERROR, or did not answer in time."""
 
 
+class PeerRefused(PeerError):
+    """The peer is alive and answered the request with an ERROR."""
+
+
 @dataclass(frozen=True)
 class Ready:
     """A peer's answer to LOAD."""
@@ -152,7 +156,7 @@ class PeerClient:
         finally:
             self._pending.pop(msg_id, None)
         if reply.kind is Kind.ERROR:
-            raise PeerError(f"{kind.value} to {self.address}: {reply['error']}")
+            raise PeerRefused(f"{kind.value} to {self.address}: {reply['error']}")
         return reply
 
     # ------------------------------------------------------------ typed requests

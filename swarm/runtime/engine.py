@@ -46,7 +46,7 @@ import zmq
 from swarm.aio import wait_event
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.model.units import ModelLayout
-from swarm.runtime.client import PeerError
+from swarm.runtime.client import PeerError, PeerRefused
 from swarm.runtime.deploy import Deployment, StagePlacement, check_plan
 from swarm.runtime.schedule import (ContextFull, Layout, Mode, build_step, check_turn_fits, choose_slot,
                                     groups_to_launch, turn_finished)
@@ -240,6 +240,8 @@ class Pipeline:
         self._paused = False
         self._broken: StageLost | None = None  # recovery failed: nothing runs any more
         self._suspects: set[str] = set()  # stage addresses reported lost, not yet replaced
+        self._starting = False  # the first deployment is loading (it re-plans on a loss itself)
+        self._loading: tuple[asyncio.Future, frozenset[str]] | None = None  # a deployment loading, its peers
         self._recovery: asyncio.Task | None = None
         self._fruitless_recoveries = 0  # recoveries since the last token: a step that fails every time ends it
         self._replaying: tuple[float, RecoveryEvent] | None = None  # waiting for the first token after one
@@ -254,7 +256,8 @@ class Pipeline:
         self._stack = contextlib.AsyncExitStack()
         try:
             self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-            self.deployment = await self._deploy(self.config.plan)
+            self._starting = True
+            self.deployment = await self._first_deployment()
         except BaseException:
             await self.aclose()
             raise
@@ -284,11 +287,49 @@ class Pipeline:
                 await self.deployment.aclose(frozenset(self._suspects))
                 self.deployment = None
 
+    async def _first_deployment(self) -> Deployment:
+        """The config's plan, loaded. A peer lost while it loads (or that never answers) is
+        a loss like any other: re-plan over the peers still alive and load again."""
+        plan = self.config.plan
+        try:
+            for attempt in range(1, self.config.recovery_attempts + 1):
+                try:
+                    return await self._deploy(plan)
+                except PeerRefused:
+                    raise  # a live peer said no (other weights, a bad request): another plan would not help
+                except (PeerError, TimeoutError, OSError) as exc:
+                    if self._replan is None or attempt == self.config.recovery_attempts:
+                        raise
+                    detected = time.monotonic()
+                    log.warning("deploying failed (%s): re-planning", exc)
+                    replanned = await self._replan(frozenset(self._suspects))
+                    self._suspects.clear()
+                    plan = replanned.stages
+                    self._on_recovery(RecoveryEvent(replanned.lost, len(plan) - 1, 0.0,
+                                                    time.monotonic() - detected, 0.0, 0, detected_at=detected))
+            raise AssertionError("unreachable")
+        finally:
+            self._starting = False
+
     async def _deploy(self, plan: tuple[StagePlacement, ...]) -> Deployment:
+        """``plan`` loaded. A stage reported lost meanwhile (``stage_lost``) ends the load at
+        once with StageLost: a dead peer never answers its LOAD, and waiting for the LOAD
+        timeout would hold everything for minutes."""
         check_plan(plan, ModelLayout.read(self.config.model_dir).num_units)
-        dep = await Deployment.load(self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
-                                    dtype=self.config.dtype, quant=self.config.quant, on_message=self._on_peer_message,
-                                    control_timeout_s=self.config.control_timeout_s)
+        loading = asyncio.ensure_future(Deployment.load(
+            self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
+            dtype=self.config.dtype, quant=self.config.quant, on_message=self._on_peer_message,
+            control_timeout_s=self.config.control_timeout_s))
+        self._loading = (loading, frozenset(s.address for s in plan[1:]))
+        try:
+            dep = await loading
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # our own owner's cancel, not a loss
+                raise
+            raise StageLost(f"a stage was lost while loading: {', '.join(sorted(self._suspects)) or 'no reply'}") \
+                from None
+        finally:
+            self._loading = None
         local = {**self._local, "queued": 0}
         self._last_stats = (time.perf_counter(), [local, *await dep.peer_status()])
         return dep
@@ -303,9 +344,17 @@ class Pipeline:
             try:
                 self._forget_flights()
                 await self._switch(tuple(plan), frozenset())
+            except (PeerError, TimeoutError, OSError) as exc:
+                if isinstance(exc, PeerRefused) or self._replan is None:
+                    raise
+                failed = exc  # a peer of the new plan lost while it loaded: recover from it below
+            else:
+                failed = None
             finally:
                 self._paused = False
                 self._launch()
+        if failed is not None:
+            self.stage_lost((), f"redeploying: {failed}")
 
     async def _switch(self, plan: tuple[StagePlacement, ...], lost: frozenset[str]) -> None:
         began = time.perf_counter()
@@ -577,6 +626,10 @@ class Pipeline:
         if self._stack is None or self._broken is not None:
             return
         self._suspects |= set(addresses)
+        if self._loading is not None and (not addresses or set(addresses) & self._loading[1]):
+            self._loading[0].cancel()  # its _deploy raises StageLost; whoever deploys re-plans
+        if self._starting:
+            return  # the first deployment re-plans on its own
         if self._recovery is None or self._recovery.done():
             log.info("stage lost (%s): recovering", reason)  # the normal path: the owner shows the event
             self._recovery = self._tg.create_task(self._recover(reason, time.monotonic()))

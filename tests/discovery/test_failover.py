@@ -6,7 +6,8 @@ Each round: 4 prompts of different lengths, 64 greedy tokens each, 2 micro-batch
 in flight; at a random token of the first stream one peer holding a stage gets SIGKILL
 (or SIGSTOP, or SIGTERM); the source notices within its heartbeat bound, re-plans over the
 two peers left, replays every sequence and the streams go on. The peer is restarted (or,
-frozen, resumed: it comes back as a new member) before the next round.
+frozen, resumed: it comes back as a new member) before the next round. A peer killed as
+its stage loads (before any token) is re-planned around the same way.
 """
 
 from __future__ import annotations
@@ -229,3 +230,27 @@ async def test_too_little_memory_left_fails_at_once_naming_what_is_missing(tiny_
                 async for _ in tokens:
                     pass
         await session.aclose()
+
+
+async def test_a_peer_killed_while_its_stage_loads_is_replanned(tiny_model_dir, tmp_path, expected, monkeypatch):
+    """A kill before the first token: the peer dies as its LOAD is sent, the directory drops
+    it within the heartbeat bound, and the deployment re-plans over the two left."""
+    from swarm.runtime.client import PeerClient
+
+    killed: list[int] = []
+    send_load = PeerClient.load
+
+    async def killed_as_it_loads(client, *args, **kwargs):
+        if not killed:  # the first stage's peer, once
+            killed.append(peers.index_of(client.address))
+            peers.signal(killed[0], signal.SIGKILL)
+        return await send_load(client, *args, **kwargs)
+
+    monkeypatch.setattr(PeerClient, "load", killed_as_it_loads)
+    async with chaos_swarm(tiny_model_dir, tmp_path) as (source, peers):
+        async with asyncio.timeout(LIVENESS.drop_bound_s + 30):
+            outs = await source.generate_all(PROMPTS, NEW)
+        assert outs == expected
+        events = source.state().recoveries
+        assert [e.lost for e in events] == [(f"local-{killed[0] + 1}",)] and events[0].error is None, events
+        assert killed[0] not in {peers.index_of(s.address) for s in source.current.stages[1:]}, source.current.stages

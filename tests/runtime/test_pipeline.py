@@ -214,6 +214,43 @@ async def test_a_dead_stage_is_replaced_and_the_streams_go_on_exactly(tiny_model
     assert "peer doomed lost; re-planned over 1 peer in" in events[0].describe()
 
 
+@pytest.mark.parametrize("reported", [True, False], ids=["reported-lost", "never-answers"])
+async def test_a_stage_lost_while_the_pipeline_loads_is_replanned_at_once(tiny_model_dir, peers, tiny_reference,
+                                                                         reported):
+    """The first deployment is a phase like any other: a peer gone before it answers its
+    LOAD (reported by the owner's directory, or just silent past the control timeout)
+    means a re-plan over the live peers, not a failed answer or a LOAD timeout of minutes."""
+    from swarm.runtime.engine import Replanned
+    from swarm.runtime.server import ServerConfig, ShardServer
+
+    events, asked = [], []
+
+    async def replan(suspects):
+        asked.append(suspects)
+        return Replanned((Stage(None, 0, 3), Stage(peers[1], 3, 6)), ("doomed",))
+
+    async with ShardServer(ServerConfig()) as doomed:
+        gone = doomed.address  # closed before the pipeline starts: nothing answers there
+    plan = (Stage(None, 0, 3), Stage(gone, 3, 6))
+    cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 1), max_len=128,
+                         control_timeout_s=30.0 if reported else 1.0)
+    pipe = Pipeline(cfg, replan, events.append)
+    began = asyncio.get_running_loop().time()
+    starting = asyncio.create_task(pipe.__aenter__())
+    if reported:
+        await asyncio.sleep(0.3)  # while it waits for the lost peer's reply
+        pipe.stage_lost([gone], "peer doomed left the swarm")
+    await bounded(starting, 10)
+    try:
+        assert asyncio.get_running_loop().time() - began < 5  # not the 30 s a LOAD's reply would be waited for
+        assert [s.address for s in pipe.deployment.plan] == [None, peers[1]]
+        assert asked == [frozenset({gone} if reported else ())]
+        assert await bounded(pipe.generate_all([PROMPTS[0]], NEW), TIMEOUT_S) == tiny_reference([PROMPTS[0]], NEW)
+    finally:
+        await pipe.aclose()
+    assert len(events) == 1 and events[0].error is None and events[0].lost == ("doomed",) and events[0].peers == 1
+
+
 async def test_a_request_too_long_for_the_cache_is_refused_and_frees_its_slot(tiny_model_dir, peers, tiny_reference):
     async with Pipeline(config(tiny_model_dir, plan_for(peers, 1), max_len=16)) as pipe:
         with pytest.raises(ContextFull, match="cache positions"):
