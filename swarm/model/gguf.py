@@ -179,6 +179,9 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.metadata, self.infos = read_header(self._map)
+        header_end = min((t.offset for t in self.infos), default=len(self._map)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if header_end:
+            self._map.madvise(mmap.MADV_DONTNEED, 0, header_end)  # the vocabulary's pages, read once
         arch = self.metadata.get("general.architecture")
         if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
@@ -234,18 +237,47 @@ class GGUFFile:
         """One tensor, under its Hugging Face name (a tied head is the embedding), held by ``held_kind``."""
         source = "model.embed_tokens.weight" if name == "lm_head.weight" and name not in self.tensors else name
         info = self.tensors[source]
+        try:
+            return self._convert(name, info, dtype, quant)
+        finally:
+            self._release(info)
+
+    def _release(self, info: TensorInfo) -> None:
+        """Unmap the pages a tensor was read from: what is held is a copy, and mapped pages
+        count in the process's resident size, so a shard would otherwise seem to hold its
+        share of the file twice. They stay in the page cache for the next reader."""
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(self._map), -(-(info.offset + info.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def _convert(self, name: str, info: TensorInfo, dtype: torch.dtype, quant: str | None) -> Weight:
         shape, data = info.shape, tensor_data(self._map, info)
         kind = held_kind(name, len(shape), info.type.name, quant)
         order = self._row_order(name, shape[0])
         if kind is not None and KEPT_BLOCKS.get(info.type.name) == kind:
             held = _blocks(data, kind, shape)
             return held if order is None else held.rows(order)
-        dense = torch.from_numpy(np.array(dequantize(data, info.type), dtype=np.float32)).reshape(shape)
+        dense = _dequantized(data, info.type, shape)
         if order is not None:
             dense = dense[order]
         if kind is not None:
             return formats.quantize(dense, kind)
         return dense.to(dtype)
+
+
+DEQUANTIZE_ROWS_VALUES = 1 << 21  # values per piece: 8 MB of float32, whatever the tensor's size
+
+
+def _dequantized(data: np.ndarray, kind: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """The ``gguf`` package's float32 values, a few rows at a time: its temporaries are
+    several times their input's size, so a whole 8B embedding at once would need ~8 GB."""
+    out = torch.empty(shape, dtype=torch.float32)
+    rows = out.numpy().reshape(-1, shape[-1])
+    data = data.reshape(rows.shape[0], -1)
+    step = max(1, DEQUANTIZE_ROWS_VALUES // shape[-1])
+    for i in range(0, rows.shape[0], step):
+        rows[i:i + step] = dequantize(data[i:i + step], kind)
+    return out
 
 
 def _blocks(data: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedTensor:

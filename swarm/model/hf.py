@@ -34,13 +34,17 @@ def _is_gguf(path: Path) -> bool:
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
-    """The config of a Hugging Face folder, or the one transformers derives from a GGUF file."""
+    """The config of a Hugging Face folder, or the one transformers derives from a GGUF file.
+
+    A GGUF file's comes from swarm's own header reader (what transformers derives, checked
+    in tests/model/test_gguf.py): transformers decodes the whole vocabulary for it, 4 s
+    for the default model, and every shard load and every profiled unit asks."""
     model_dir = Path(model_dir)
     if _is_gguf(model_dir):
-        config = AutoConfig.from_pretrained(model_dir.parent, gguf_file=model_dir.name)
-    else:
-        config = AutoConfig.from_pretrained(model_dir)
-    return _checked(config, model_dir)
+        from swarm.model import gguf
+
+        return config_from_dict(gguf.open_file(model_dir).config, model_dir)
+    return _checked(AutoConfig.from_pretrained(model_dir), model_dir)
 
 
 def config_from_dict(config_dict: dict, source: Path | str = "checkpoint") -> PretrainedConfig:

@@ -316,7 +316,7 @@ class Pipeline:
         once with StageLost: a dead peer never answers its LOAD, and waiting for the LOAD
         timeout would hold everything for minutes."""
         check_plan(plan, ModelLayout.read(self.config.model_dir).num_units)
-        loading = asyncio.ensure_future(Deployment.load(
+        loading = asyncio.create_task(Deployment.load(
             self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
             dtype=self.config.dtype, quant=self.config.quant, on_message=self._on_peer_message,
             control_timeout_s=self.config.control_timeout_s))
@@ -330,6 +330,7 @@ class Pipeline:
                 from None
         finally:
             self._loading = None
+            loading.cancel()  # a no-op once it is done; our owner's cancel ends the load too
         local = {**self._local, "queued": 0}
         self._last_stats = (time.perf_counter(), [local, *await dep.peer_status()])
         return dep

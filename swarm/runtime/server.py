@@ -329,13 +329,13 @@ class ShardServer:
         return Message(Kind.OK, re=message.id)
 
     def _model_folder(self, path: str, fingerprint: str | None) -> Path:
-        """This peer's own copy of the model when it holds one with that fingerprint, else the path as sent."""
+        """This peer's own copy of the model (a folder or a GGUF file) with that fingerprint, else the path sent."""
         if fingerprint and fingerprint in self.config.models:
             return Path(self.config.models[fingerprint])
         if fingerprint and self.config.models:
             raise WireError(f"this peer holds model(s) {sorted(self.config.models)}, not {fingerprint!r}")
-        if not Path(path).is_dir():
-            raise WireError(f"model folder {path!r} not found on this peer")
+        if not Path(path).exists():
+            raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer")
         return Path(path)
 
     async def _load(self, message: Message) -> Message:
