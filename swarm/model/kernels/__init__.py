@@ -146,7 +146,7 @@ class Linear(nn.Module):
             return y.reshape(*shape[:-1], self.out_features)
         lib = _native()
         if lib is not None:
-            y = lib.matmul(x2, self.weight, self.bias)
+            y = lib.matmul_parts(x2, self.kind, self.codes, self.scales, self.mins, self.bias)
         else:
             y = matmul_torch(x2, self.weight, self.bias)
         return y.reshape(*shape[:-1], self.out_features)

@@ -50,17 +50,21 @@ class NativeKernels:
 
     def matmul(self, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] (float32 or bfloat16) @ W.T, in x's dtype."""
-        n, k = weight.shape
+        return self.matmul_parts(x, weight.kind, weight.codes, weight.scales, weight.mins, bias)
+
+    def matmul_parts(self, x: torch.Tensor, kind: str, codes: torch.Tensor, scales: torch.Tensor,
+                     mins: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """``matmul`` of a weight given as its contiguous parts (Linear's decode path: no objects built)."""
+        n, k = scales.shape[0], x.shape[1]
         dtype = x.dtype
-        xf = x.to(torch.float32).contiguous()
+        xf = x if dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
         out = torch.empty(xf.shape[0], n, dtype=torch.float32)
-        mins = weight.mins.data_ptr() if weight.mins is not None else None
-        rc = self._quant(KIND_CODES[weight.kind], xf.data_ptr(), xf.shape[0], k, weight.codes.data_ptr(),
-                         weight.scales.data_ptr(), mins, n, out.data_ptr(), torch.get_num_threads())
+        rc = self._quant(KIND_CODES[kind], xf.data_ptr(), xf.shape[0], k, codes.data_ptr(), scales.data_ptr(),
+                         None if mins is None else mins.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise MemoryError(f"no memory for a [{xf.shape[0]}, {k}] activation buffer")
         if bias is not None:
-            out += bias.to(torch.float32)
+            out += bias if bias.dtype == torch.float32 else bias.to(torch.float32)
         return out if dtype == torch.float32 else out.to(dtype)
 
     def matmul_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
