@@ -2,7 +2,8 @@
 
 A source and 3 local peers (any two hold the model); one sequence generates; at its
 20th token the peer holding the last stage gets SIGKILL. Measured per run, from the kill:
-detection (the directory dropping the peer: heartbeats), re-plan + deploy, replay (the
+detection (the directory dropping the peer: at once when its connections close,
+within the heartbeat bound only for a frozen one), re-plan + deploy, replay (the
 sequence's whole history as one prefill), and the kill to the next token the stream
 yields. The killed peer is restarted between runs; medians over the runs are reported.
 """

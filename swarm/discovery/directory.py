@@ -85,8 +85,21 @@ class Directory:
             raise PeerError("the directory is closed")
         address = f"tcp://{host}:{port}"
         if address not in self._clients:
-            self._clients[address] = PeerClient(address, ctx=self._ctx).start()
+            self._clients[address] = PeerClient(address, ctx=self._ctx,
+                                                on_disconnect=lambda: self._connection_closed(host, port)).start()
         return self._clients[address]
+
+    def _connection_closed(self, host: str, port: int) -> None:
+        """A live peer's connection closed (killed, or its process ended): dropped now, not
+        after missed heartbeats. One that is in fact alive answers the next heartbeat and
+        is live again."""
+        gone = [pid for pid, rec in self.live.items() if (rec.host, rec.port) == (host, port)]
+        for pid in gone:
+            log.info("peer %s (%s) closed its connection: dropped", self.live[pid].announcement.name, pid)
+            del self.live[pid]
+            self._liveness.forget(pid)
+        if gone:
+            self._bump()
 
     async def _close_client(self, host: str, port: int) -> None:
         client = self._clients.pop(f"tcp://{host}:{port}", None)

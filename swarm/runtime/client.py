@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from swarm.aio import cancel_and_wait
 from swarm.runtime import sockets
@@ -61,6 +63,7 @@ class PeerClient:
         on_message: Callable[[Message], None] | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
         ctx=None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
         self.identity = identity or sockets.new_identity("client")
@@ -72,6 +75,10 @@ class PeerClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._reader: asyncio.Task | None = None
+        # Told when an established connection closes: a killed or stopped peer's kernel closes
+        # its sockets at once, long before a heartbeat could miss (a frozen one's does not).
+        self._on_disconnect = on_disconnect
+        self._watcher: asyncio.Task | None = None
         self._broken: PeerError | None = None  # why requests fail at once (closed, or the socket failed)
 
     def start(self) -> "PeerClient":
@@ -80,7 +87,19 @@ class PeerClient:
             self._ctx = sockets.new_context()
         self._sock = sockets.connect_dealer(self._ctx, self.address, self.identity)
         self._reader = asyncio.create_task(self._read_loop(), name=f"reader for {self.address}")
+        if self._on_disconnect is not None:
+            monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._watcher = asyncio.create_task(self._watch(monitor), name=f"connection to {self.address}")
         return self
+
+    async def _watch(self, monitor) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._on_disconnect()
+        finally:
+            monitor.close()
 
     async def __aenter__(self) -> "PeerClient":
         return self.start()
@@ -90,10 +109,14 @@ class PeerClient:
 
     async def aclose(self) -> None:
         reader, self._reader = self._reader, None
+        watcher, self._watcher = self._watcher, None
         self._broken = self._broken or PeerError(f"connection to {self.address} closed")
         self._fail_pending(self._broken)
         await cancel_and_wait(reader)
+        await cancel_and_wait(watcher)
         if self._sock is not None:
+            if watcher is not None:
+                self._sock.disable_monitor()
             self._sock.close()
             self._sock = None
         if self._own_ctx and self._ctx is not None:

@@ -136,7 +136,7 @@ async def test_problem_built_from_announcements_equals_the_peers_profiles(peers)
     assert [(s.start, s.end) for s in planned.plan.stages] == [(0, len(source_profile["units"]))]
 
 
-async def test_a_killed_peer_is_dropped_within_the_heartbeat_bound(peers, tmp_path):
+async def test_a_killed_peer_is_dropped_at_once_as_its_connections_close(peers, tmp_path):
     # The victim is a fourth peer of this test's own: the module's three stay for the others.
     victim, _ = _spawn(tmp_path, 3)
     try:
@@ -158,6 +158,8 @@ async def test_a_killed_peer_is_dropped_within_the_heartbeat_bound(peers, tmp_pa
             return not any(await seen_by())
 
         assert await _until(nobody_sees_it, BOUND_S + 2, step=0.05)
-        assert time.monotonic() - killed <= BOUND_S + 0.5
+        # Its kernel closed its connections: no heartbeat had to be missed (only a frozen
+        # peer, whose connections stay open, takes the heartbeat bound).
+        assert time.monotonic() - killed <= min(1.0, BOUND_S / 2)
     finally:
         stop_processes([victim])

@@ -45,3 +45,24 @@ async def test_closing_fails_a_request_to_a_frozen_peer_at_once():
     finally:
         frozen.close()
         ctx.term()
+
+
+async def test_a_peer_that_closes_its_connection_is_heard_at_once_and_a_frozen_one_is_not():
+    ctx = zmq.asyncio.Context()
+    server, address = sockets.bind_router(ctx, "127.0.0.1", 0)
+    closed = asyncio.Event()
+    client = PeerClient(f"tcp://127.0.0.1:{sockets.port_of(address)}", on_disconnect=closed.set).start()
+    try:
+        request = asyncio.create_task(client.request(Kind.INFO, timeout=600))
+        await server.recv_multipart()  # connected; the peer holds the request and says nothing
+        await asyncio.sleep(0.3)
+        assert not closed.is_set()  # silence is not a closed connection
+        began = time.monotonic()
+        server.close()  # as the kernel does for a killed process
+        async with asyncio.timeout(CLOSE_BOUND_S):
+            await closed.wait()
+        assert time.monotonic() - began < CLOSE_BOUND_S
+        request.cancel()
+    finally:
+        await client.aclose()
+        ctx.term()
