@@ -79,18 +79,22 @@ async def _bench(model_dir: Path, repeats: int, prompt_tokens: int, new_tokens: 
         async with SwarmSource(config) as source:
             for run in range(repeats):
                 await source.deploy()
-                last = source.current.stages[-1].address
-                victim = next(i for i, p in enumerate(local.peers) if p.address == last)
                 before = len(source.state().recoveries)
                 killed_at = next_at = None
                 # the kill lands mid-answer however short the benchmark's answers are
                 async for count, token in _counted(source.generate(prompt, max(new_tokens, 2 * KILL_AT_TOKEN))):
                     if count == KILL_AT_TOKEN:
+                        # the plan as it is now: a peer restarted by the last run may have moved it
+                        last = source.current.stages[-1].address
+                        victim = next(i for i, p in enumerate(local.peers) if p.address == last)
                         local.kill(victim)
                         killed_at = time.monotonic()
                     elif killed_at is not None and next_at is None:
                         next_at = time.monotonic()
-                event = source.state().recoveries[before]
+                # the recovery this kill caused (a re-plan as the restarted peer came back is another)
+                event = next((e for e in source.state().recoveries[before:] if e.detected_at >= killed_at), None)
+                if event is None:
+                    raise RuntimeError(f"killing {last} (the last stage) started no recovery")
                 if event.error is not None:
                     raise RuntimeError(f"recovery failed: {event.error}")
                 figures = RecoveryRun(next_at - killed_at, event.detected_at - killed_at, event.redeploy_s,

@@ -209,8 +209,9 @@ class PeerClient:
         }, timeout=timeout)
         return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"])
 
-    async def unload(self, timeout: float = REQUEST_TIMEOUT_S) -> None:
-        await self.request(Kind.UNLOAD, timeout=timeout)
+    async def unload(self, timeout: float = REQUEST_TIMEOUT_S, dep: int | None = None) -> None:
+        """Drop the shard; with ``dep``, only if that deployment's shard is the one installed."""
+        await self.request(Kind.UNLOAD, {} if dep is None else {"dep": dep}, timeout=timeout)
 
     async def open_slots(self, slots: list[int], temperature: float = 0.0, top_k: int = 0,
                          top_p: float = 1.0, seed: int | None = None, timeout: float = REQUEST_TIMEOUT_S) -> None:

@@ -78,7 +78,8 @@ class Deployment:
 
     def __init__(self, model_dir: Path, plan: Sequence[StagePlacement], *, slots: int, max_len: int,
                  dtype: str = "float32", quant: str | None = None,
-                 on_message: Callable[[Message], None] | None = None, control_timeout_s: float = 10.0) -> None:
+                 on_message: Callable[[Message], None] | None = None, control_timeout_s: float = 10.0,
+                 kept_shard: Shard | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.plan = tuple(plan)
         self.slots, self.max_len, self.dtype, self.quant = slots, max_len, dtype, quant
@@ -86,6 +87,7 @@ class Deployment:
         self.identity = sockets.new_identity("src")
         self.ready: list[Ready] = []
         self.shard: Shard | None = None
+        self._kept_shard = kept_shard  # the last deployment's first stage, when it was this one's
         self._on_message = on_message
         self.control_timeout_s = control_timeout_s  # OPEN / CLOSE / UNLOAD replies
         self._ctx = None
@@ -146,9 +148,14 @@ class Deployment:
         self._stack.callback(self._executor.shutdown, wait=True)
         first = self.plan[0]
         began = time.perf_counter()
-        local = asyncio.get_running_loop().run_in_executor(self._executor, lambda: Shard.load(
-            self.model_dir, first.start, first.end, max_slots=self.slots, max_len=self.max_len, dtype=self.dtype,
-            quant=self.quant))
+        kept, self._kept_shard = self._kept_shard, None
+        if kept is not None:
+            local = asyncio.get_running_loop().create_future()
+            local.set_result(kept)
+        else:
+            local = asyncio.get_running_loop().run_in_executor(self._executor, lambda: Shard.load(
+                self.model_dir, first.start, first.end, max_slots=self.slots, max_len=self.max_len, dtype=self.dtype,
+                quant=self.quant))
         nexts = data[1:] + [None]
         # A peer serving other weights (another checkpoint or --quant) refuses this LOAD.
         fingerprint = await asyncio.to_thread(weights_fingerprint, Path(self.model_dir), self.quant)
@@ -168,10 +175,22 @@ class Deployment:
         # go), a dead one must not hold a recovery for a whole control timeout. If it comes
         # back, its next LOAD replaces the old shard, and its old steps carry an old dep id.
         timeouts = [LOST_UNLOAD_TIMEOUT_S if p.address in self.lost else self.control_timeout_s for p in self.peers]
-        results = await asyncio.gather(*(p.unload(t) for p, t in zip(self.peers, timeouts)), return_exceptions=True)
+        results = await asyncio.gather(*(p.unload(t, dep=self.dep_id) for p, t in zip(self.peers, timeouts)),
+                                       return_exceptions=True)
         for peer, result in zip(self.peers, results):
             if isinstance(result, Exception) and peer.address not in self.lost:
                 log.warning("unload on %s failed: %s", peer.address, result)
+
+    async def release_first_stage(self, keep_for: StagePlacement) -> Shard | None:
+        """Stop the local stage (a step still running finishes) and hand its shard over when
+        ``keep_for`` is the same units on the source: a re-plan that keeps the source's part
+        does not load it again. Otherwise the shard goes now, before a successor loads its own."""
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
+        shard, self.shard = self.shard, None
+        if shard is not None and keep_for.address is None and (shard.start, shard.end) == (keep_for.start, keep_for.end):
+            return shard
+        return None
 
     async def aclose(self, lost: frozenset[str] = frozenset()) -> None:
         """Unload every peer (the ``lost`` ones within LOST_UNLOAD_TIMEOUT_S), stop the local shard;

@@ -45,6 +45,7 @@ import zmq
 
 from swarm.aio import wait_event
 from swarm.model.sampling import GREEDY, SamplingParams
+from swarm.model.shard import Shard
 from swarm.model.units import ModelLayout
 from swarm.runtime.client import PeerError, PeerRefused
 from swarm.runtime.deploy import Deployment, StagePlacement, check_plan
@@ -311,7 +312,7 @@ class Pipeline:
         finally:
             self._starting = False
 
-    async def _deploy(self, plan: tuple[StagePlacement, ...]) -> Deployment:
+    async def _deploy(self, plan: tuple[StagePlacement, ...], kept_shard: Shard | None = None) -> Deployment:
         """``plan`` loaded. A stage reported lost meanwhile (``stage_lost``) ends the load at
         once with StageLost: a dead peer never answers its LOAD, and waiting for the LOAD
         timeout would hold everything for minutes."""
@@ -319,7 +320,7 @@ class Pipeline:
         loading = asyncio.create_task(Deployment.load(
             self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
             dtype=self.config.dtype, quant=self.config.quant, on_message=self._on_peer_message,
-            control_timeout_s=self.config.control_timeout_s))
+            control_timeout_s=self.config.control_timeout_s, kept_shard=kept_shard))
         self._loading = (loading, frozenset(s.address for s in plan[1:]))
         try:
             dep = await loading
@@ -360,14 +361,22 @@ class Pipeline:
     async def _switch(self, plan: tuple[StagePlacement, ...], lost: frozenset[str]) -> None:
         began = time.perf_counter()
         old, self.deployment = self.deployment, None
-        if old is not None:
-            await old.aclose(lost)
+        kept = None if old is None else await old.release_first_stage(plan[0])
         closed = time.perf_counter()
-        self.deployment = await self._deploy(plan)
+        # The old deployment closes while the new one loads: its UNLOADs name their deployment,
+        # so one that reaches a peer after the new LOAD leaves the new shard alone; and a lost
+        # peer's unanswered UNLOAD no longer holds the recovery.
+        closing = asyncio.create_task(old.aclose(lost)) if old is not None else None
+        try:
+            self.deployment = await self._deploy(plan, kept)
+        finally:
+            if closing is not None:
+                await closing
         deployed = time.perf_counter()
         await asyncio.gather(*(self.deployment.open_slots([seq.slot], seq.sampling) for seq in self._seqs.values()))
-        log.info("switched deployments: old closed in %.2f s, new loaded in %.2f s, %d slots opened in %.2f s",
-                 closed - began, deployed - closed, len(self._seqs), time.perf_counter() - deployed)
+        log.info("switched deployments: old stage stopped in %.2f s (%s), new loaded in %.2f s, "
+                 "%d slots opened in %.2f s", closed - began, "its shard kept" if kept else "reloaded",
+                 deployed - closed, len(self._seqs), time.perf_counter() - deployed)
         for seq in self._seqs.values():
             seq.cached = 0  # the new stages hold nothing: the next step replays the whole sequence
 

@@ -302,6 +302,10 @@ class ShardServer:
             self._deployer, self._open_slots = identity, set()  # the new shard's slots are its loader's
             return ready
         if message.kind is Kind.UNLOAD:
+            stage, dep = worker.stage, message.get("dep")
+            if stage is not None and dep is not None and dep != stage.dep:
+                # an old deployment's farewell, arriving after a newer one loaded this peer
+                return Message(Kind.OK, re=message.id)
             self._deployer, self._open_slots = None, set()
             await worker.call(worker.uninstall)
             self._unloaded.set()

@@ -167,7 +167,7 @@ SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
     },
     Kind.READY: {"load_s": (_float, True), "weight_bytes": (_int, True), "kv_bytes": (_int, True),
                  "rss_bytes": (_int, True)},
-    Kind.UNLOAD: {},
+    Kind.UNLOAD: {"dep": (_int, False)},  # only that deployment's shard: an old farewell spares a newer one
     Kind.OPEN: {"slots": (_int_list, True), "temperature": (_float, False), "top_k": (_int, False),
                 "top_p": (_float, False), "seed": (_optional(_int), False)},
     Kind.CLOSE: {"slots": (_int_list, True)},

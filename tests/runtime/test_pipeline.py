@@ -198,6 +198,8 @@ async def test_a_dead_stage_is_replaced_and_the_streams_go_on_exactly(tiny_model
             cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(2, 1), max_len=128, step_timeout_s=1.0,
                                  control_timeout_s=1.0)
             async with Pipeline(cfg, replan, events.append) as pipe:
+                source_shard = pipe.deployment.shard
+
                 async def run(prompt):
                     got = []
                     async for token in pipe.generate(prompt, NEW):
@@ -208,6 +210,7 @@ async def test_a_dead_stage_is_replaced_and_the_streams_go_on_exactly(tiny_model
 
                 outs = await bounded(asyncio.gather(run(PROMPTS[0]), run(PROMPTS[2])), TIMEOUT_S)
                 assert [s.address for s in pipe.deployment.plan] == [None, peers[1]]
+                assert pipe.deployment.shard is source_shard  # the source kept units [0, 3): not loaded again
     assert list(outs) == tiny_reference([PROMPTS[0], PROMPTS[2]], NEW)
     assert len(events) == 1 and events[0].error is None and events[0].lost == ("doomed",)
     assert events[0].peers == 1 and events[0].sequences == 2

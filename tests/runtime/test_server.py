@@ -228,3 +228,15 @@ async def test_a_leaving_peer_says_so_refuses_loads_and_waits_until_unloaded(ser
             assert not left.done()  # still serving: the answer in flight can finish
             await peer.unload()  # what the source does once it moved the stage
         assert left.result() is True
+
+
+async def test_an_old_deployments_unload_leaves_a_newer_shard_alone(server, tiny_model_dir):
+    # A re-plan loads the new deployment while the old one closes: the old UNLOAD may come last.
+    async with PeerClient(server.address) as old, PeerClient(server.address) as new:
+        await old.load(tiny_model_dir, 2, 6, slots=1, max_len=8, dep=1)
+        await new.load(tiny_model_dir, 1, 4, slots=1, max_len=8, dep=2)
+        await old.unload(dep=1)
+        assert (await new.ping())["dep"] == 2
+        await new.open_slots([0])  # still the new deployment's, and serving
+        await new.unload(dep=2)
+        assert (await new.ping())["dep"] is None
