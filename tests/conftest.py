@@ -55,6 +55,14 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[ENV_VARIABLE] = SwarmSecret.new().join_code
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.needs(reason or None)``: what the test needs is missing (skip; fail in CI)."""
+    from tests.helpers.requirements import require
+
+    for mark in item.iter_markers("needs"):
+        require(mark.args[0])
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     run_root = config.stash.get(_RUN_ROOT, None)
     if run_root is not None:

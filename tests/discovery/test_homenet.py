@@ -19,6 +19,7 @@ from swarm.planner.exact import plan_ours
 from swarm.planner.plan import PlannedStage
 from swarm.planner.problem import Problem
 from swarm.planner.replan import decide
+from tests.helpers.requirements import require
 from tests.model.reference import reference_generate
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -45,9 +46,7 @@ def _decide(deployed_problem: dict, deployed: list, now: dict):
 
 
 def test_trio_runs_exact_tokens_replans_on_a_slowed_link_and_leaves_nothing(smollm2_dir, tmp_path):
-    reason = cannot_run()
-    if reason:
-        pytest.skip(reason)
+    require(cannot_run())
     tag = f"hn{os.getpid() % 100000}"
     net = Homenet(Scenario.load("trio"), tag, python=sys.executable, probe_interval_s=PROBE_INTERVAL_S,
                   log=lambda msg: None)

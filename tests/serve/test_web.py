@@ -19,8 +19,8 @@ from tests.serve import browser
 from tests.serve.conftest import MAX_LEN, serving
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not browser.available(), reason="needs Debian's chromium and chromium-driver "
-                                                                 "(bootstrap/setup.sh installs them)")]
+              pytest.mark.needs(None if browser.available() else "Debian's chromium and chromium-driver are not "
+                                                                 "installed (bootstrap/setup.sh test installs them)")]
 
 KEY = "sk-web"
 QUESTION = "What is the capital of France?"
