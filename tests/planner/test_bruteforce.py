@@ -1,4 +1,5 @@
-"""Every objective against brute force on random small problems (M <= 5, N <= 8)."""
+"""Every objective against brute force on random small problems (M <= 5, N <= 8); half of them
+with per-device fixed costs (step constant, hop overhead: issue 26)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def close(a, b):
 def problems():
     rng = np.random.default_rng(20261127)
     for i in range(N_PROBLEMS):
-        yield rng, random_problem(rng, identical_blocks=i % 3 == 0 or i % 6 == 1, types=i % 3 == 1)
+        yield rng, random_problem(rng, identical_blocks=i % 3 == 0 or i % 6 == 1, types=i % 3 == 1,
+                                  overheads=i % 4 >= 2)
 
 
 def test_ours_matches_brute_force_on_every_objective():
