@@ -71,6 +71,17 @@ def not_enough_memory(exc: InfeasibleError, live: int, diagnostic: str) -> str:
     return text
 
 
+def _own_hop_overhead(threads: int) -> float:
+    """The source's hop overhead: a torch worker of its own on loopback (0 if that fails)."""
+    from swarm.runtime.hopcost import measure_local_hop_overhead
+
+    try:
+        return measure_local_hop_overhead(threads)
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        log.warning("could not measure this device's hop overhead: %s", exc)
+        return 0.0
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     interfaces: list[str] | InterfaceChoice  # explicit, always
@@ -146,6 +157,7 @@ class SwarmSource:
         self._deploying = asyncio.Lock()
         self._stats: tuple = ()  # the pipeline's StageStats at the last poll
         self._recoveries: collections.deque = collections.deque(maxlen=RECOVERIES_KEPT)
+        self.hop_overhead_s = 0.0  # what a hop costs this device (swarm.runtime.hopcost), measured on open
 
     async def __aenter__(self) -> SwarmSource:
         self._stack = contextlib.AsyncExitStack()
@@ -164,6 +176,7 @@ class SwarmSource:
         if self.profile is None:
             self.profile = await asyncio.to_thread(measure_profile, self.model_dir, self.config.threads,
                                                    None, self.config.quant)
+        self.hop_overhead_s = await asyncio.to_thread(_own_hop_overhead, self.config.threads)
         fingerprint = short_fingerprint(self.profile["model"]["fingerprint"])
         self.directory = await self._stack.enter_async_context(Directory(DirectoryConfig(
             interfaces=self.config.interfaces, seeds=self.config.seeds, mdns=self.config.mdns, fingerprint=fingerprint,
@@ -223,7 +236,8 @@ class SwarmSource:
         if not self.links_complete():
             log.warning("planning with links still unmeasured (treated as absent)")
         live = dict(self.directory.live)
-        devices = [device_from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes)]
+        devices = [device_from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes,
+                                       self.hop_overhead_s)]
         for pid, rec in sorted(live.items()):
             devices.append(await self._device(rec))
         links = links_from_announcements([r.announcement for r in live.values()])
@@ -238,7 +252,7 @@ class SwarmSource:
         client = self.directory.client(rec.host, rec.port)
         info = (await client.request(Kind.INFO)).get("info") or {}
         return device_from_profile(info["profile"], rec.announcement.peer_id, rec.announcement.name,
-                                   rec.announcement.mem_bytes)
+                                   rec.announcement.mem_bytes, rec.announcement.hop_overhead_us / 1e6)
 
     async def plan(self, gather: bool = True) -> SourcePlan:
         """Gather, build the problem and plan (raises InfeasibleError when nothing fits)."""
