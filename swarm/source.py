@@ -158,6 +158,7 @@ class SwarmSource:
         self._stats: tuple = ()  # the pipeline's StageStats at the last poll
         self._recoveries: collections.deque = collections.deque(maxlen=RECOVERIES_KEPT)
         self.hop_overhead_s = 0.0  # what a hop costs this device (swarm.runtime.hopcost), measured on open
+        self._drift_warned: set[tuple[int, int]] = set()  # (plan, stage) already warned about (profile drift)
 
     async def __aenter__(self) -> SwarmSource:
         self._stack = contextlib.AsyncExitStack()
@@ -400,6 +401,31 @@ class SwarmSource:
                     self._stats = tuple(await self._pipeline.stage_stats())
                 except (PeerError, TimeoutError):
                     self._stats = ()
+                self._check_profiles()
+
+    def _check_profiles(self) -> None:
+        """Warn, once per plan and stage, when a stage's live decode steps take more than
+        PROFILE_DRIFT from what its profile predicted (a profile taken under load, say)."""
+        from swarm.planner.replan import profile_drift
+
+        current, stats = self.current, self._stats
+        if current is None or len(stats) != len(current.plan.stages):
+            return
+        decode_only = self.config.batch_size  # token positions per step when no prompt is in the interval
+        measured = [s.busy_share / s.steps_per_s if s.steps_per_s > 0 and s.tokens_per_s <= decode_only * s.steps_per_s
+                    else None for s in stats]
+        devices = current.problem["devices"]
+        names = [d["name"] for d in devices]
+        # a shard's step time holds its units and the step constant (not the hop overhead)
+        predicted = [c + float(devices[s.device].get("step_overhead", 0.0))
+                     for c, s in zip(current.plan.compute_s, current.plan.stages)]
+        for k, predicted, got in profile_drift(predicted, measured):
+            key = (id(current), k)
+            if key not in self._drift_warned:
+                self._drift_warned.add(key)
+                log.warning("stage %d on %s computes a decode step in %.2f ms, its profile says %.2f ms: "
+                            "re-profile it on a quiet device (swarm profile)", k, names[current.plan.stages[k].device],
+                            got * 1e3, predicted * 1e3)
 
     async def open_session(self, sampling=None):
         """A new sequence (swarm.runtime.engine.Session) on the deployed pipeline; ``async with`` closes it."""

@@ -6,13 +6,18 @@ bytes sent when the model is cut after it. Units are loaded one at a time and dr
 after measuring (the paper's dynamic model loading), so a device profiles a model it
 could never hold whole.
 
-A unit measured alone pays the whole per-step constant of ``Shard.step`` (Python,
-bookkeeping) that units run back to back in a shard pay once (issue 26). So a few
-blocks are also measured together in one shard, the per-step constant is solved from
-the two (``per_step_constant``), and each unit's figures are its time in a shard:
-alone minus the constant. The constant itself is kept (``step_decode_s``) and is what a
-stage pays once per step (the planner's ``step_overhead``). The planner plans decode
-with the decode times; prefill times give the first token.
+A unit measured alone is not a unit in a shard (issue 26). Run again and again, its
+weights stay in the CPU's caches: on a Xeon with a shared L3, a SmolLM2 block decodes in
+0.95 ms alone and 3.3-3.9 ms among others (A/B in one process, 4 and 30 blocks back to
+back); and alone it pays the whole per-step constant of ``Shard.step`` that a shard pays
+once. So a shard of k blocks is measured too (t_k). The embedding alone is almost only
+that constant (a lookup of one row), so c = its time, and a block in a shard takes
+b = (t_k - c) / k (``shard_line``; one shard, not the slope between two, which doubles
+the noise). Each block's figure is b, shaped by how the blocks compare alone; the
+embedding and the head (too large to stay cached, or too small to matter) keep their
+alone time minus c. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
+``step_overhead``). The planner plans decode with the decode times; prefill times give
+the first token.
 
 A profile is only as true as the device was quiet: the CPU time other processes
 used while it was measured is recorded (``others_busy_cpus``) and a profile taken
@@ -62,7 +67,7 @@ DECODE_REPEATS = 8
 WARMUP = 2
 # Leave this share of free memory to the OS and other programs.
 MEMORY_HEADROOM = 0.8
-BACK_TO_BACK_UNITS = 4  # blocks measured together in one shard to solve the per-step constant
+BACK_TO_BACK_BLOCKS = 8  # blocks of the shard measured back to back
 MIN_UNIT_SHARE = 0.1  # a unit keeps at least this share of its alone time once the constant is taken off
 QUIET_CHECK_S = 0.5  # how long the device is watched before re-measuring a profile taken under load
 
@@ -181,19 +186,35 @@ def measure_unit(shard: Shard) -> tuple[float, float]:
     return prefill, decode
 
 
-def per_step_constant(alone: list[float], together: float) -> float:
-    """The per-step constant c from k units timed alone (c + u_i each) and together in one
-    shard (c + sum u_i): c = (sum alone - together) / (k - 1), kept within [0, min alone]
-    (timing noise can push it either way)."""
-    if len(alone) < 2:
-        return 0.0
-    c = (sum(alone) - together) / (len(alone) - 1)
-    return min(max(c, 0.0), min(alone))
+def shard_line(constant: float, k: int, t_k: float) -> tuple[float, float]:
+    """(c, b) of the step time t(k) = c + k b of a shard of k blocks, timed t_k, with the
+    per-step constant at most ``constant`` (the embedding alone): b per block in a shard."""
+    c = min(max(constant, 0.0), t_k)
+    return c, (t_k - c) / k
 
 
 def in_shard(alone: float, constant: float) -> float:
     """A unit's time in a shard: alone minus the per-step constant (never below MIN_UNIT_SHARE of it)."""
     return max(alone - constant, MIN_UNIT_SHARE * alone)
+
+
+def in_shard_units(units: list[UnitProfile], step_prefill: float, block_prefill: float, step_decode: float,
+                   block_decode: float) -> list[UnitProfile]:
+    """Units measured alone -> their times in a shard: each block the block time of the shard
+    line, in proportion to how it compared with the other blocks alone; the embedding and the
+    head their alone time minus the per-step constant."""
+    blocks = units[1:-1]
+    mean_prefill = statistics.fmean(u.prefill_s for u in blocks) if blocks else 0.0
+    mean_decode = statistics.fmean(u.decode_s for u in blocks) if blocks else 0.0
+    out = []
+    for i, u in enumerate(units):
+        if 0 < i < len(units) - 1 and mean_prefill > 0 and mean_decode > 0:
+            out.append(replace(u, prefill_s=block_prefill * u.prefill_s / mean_prefill,
+                               decode_s=block_decode * u.decode_s / mean_decode))
+        else:
+            out.append(replace(u, prefill_s=in_shard(u.prefill_s, step_prefill),
+                               decode_s=in_shard(u.decode_s, step_decode)))
+    return out
 
 
 class LoadMeter:
@@ -317,20 +338,19 @@ def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, d
         prefill, decode = measure_unit(shard)
         del shard  # one unit in memory at a time
         units.append(UnitProfile(names[i], weights[i], kv[i], out[i], prefill, decode))
-    # A few blocks back to back in one shard: the per-step constant the units alone each paid.
-    k = min(BACK_TO_BACK_UNITS, layout.num_units - 2)
-    while k >= 2 and sum(weights[1:1 + k]) > mem:
+    # Blocks back to back in one shard: their time in a shard (and the per-step constant).
+    k = min(BACK_TO_BACK_BLOCKS, layout.num_units - 2)
+    while k >= 1 and sum(weights[1:1 + k]) > mem:
         k -= 1
     step_prefill = step_decode = 0.0
-    if k >= 2:
+    if k >= 1:
         shard = Shard.load(model_dir, 1, 1 + k, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
                            dtype=dtype, device=torch_device, quant=quant)
         prefill, decode = measure_unit(shard)
         del shard
-        step_prefill = per_step_constant([u.prefill_s for u in units[1:1 + k]], prefill)
-        step_decode = per_step_constant([u.decode_s for u in units[1:1 + k]], decode)
-        units = [replace(u, prefill_s=in_shard(u.prefill_s, step_prefill), decode_s=in_shard(u.decode_s, step_decode))
-                 for u in units]
+        step_prefill, block_prefill = shard_line(units[0].prefill_s, k, prefill)
+        step_decode, block_decode = shard_line(units[0].decode_s, k, decode)
+        units = in_shard_units(units, step_prefill, block_prefill, step_decode, block_decode)
     others = meter.others_busy_cpus()
     model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)
     return DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from swarm.model import profile as profiling
 from swarm.model.kernels import kernel_id
 from swarm.model.profile import profile_device
@@ -23,21 +25,25 @@ def test_a_profile_measured_with_other_kernels_is_measured_again(tiny_model_dir,
     assert remeasured.measured_s != first.measured_s
 
 
-def test_the_per_step_constant_is_solved_from_units_alone_and_together():
-    units, constant = [0.004, 0.005, 0.006], 0.0015
-    alone = [constant + u for u in units]
-    assert abs(profiling.per_step_constant(alone, constant + sum(units)) - constant) < 1e-12
-    assert profiling.per_step_constant(alone, sum(alone) + 1) == 0.0  # noise never makes it negative
-    assert profiling.per_step_constant([0.003], 0.003) == 0.0  # one unit says nothing
-    assert profiling.in_shard(0.0055, constant) == 0.0055 - constant
-    assert profiling.in_shard(0.001, constant) == 0.001 * profiling.MIN_UNIT_SHARE
+def test_the_shard_line_gives_the_per_step_constant_and_a_block_in_a_shard():
+    constant, block = 0.0015, 0.0035
+    c, b = profiling.shard_line(constant, 8, constant + 8 * block)
+    assert c == constant and abs(b - block) < 1e-12
+    assert profiling.shard_line(0.05, 8, 0.03) == (0.03, 0.0)  # never more constant than the whole step
+    units = [profiling.UnitProfile(n, 1, 1, 1, p, d) for n, p, d in
+             (("embed", 0.002, 0.0016), ("b0", 0.010, 0.0009), ("b1", 0.012, 0.0011), ("head", 0.05, 0.021))]
+    got = profiling.in_shard_units(units, 0.001, 0.02, 0.0015, 0.0035)
+    # blocks: the shard's block time, shaped by how they compared alone; the ends: alone minus the constant
+    assert [u.decode_s for u in got] == pytest.approx([0.0016 * profiling.MIN_UNIT_SHARE, 0.0035 * 0.9,
+                                                       0.0035 * 1.1, 0.021 - 0.0015], rel=1e-12)
+    assert [u.prefill_s for u in got] == pytest.approx([0.001, 0.02 * 10 / 11, 0.02 * 12 / 11, 0.049], rel=1e-12)
 
 
 def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
     fresh = profile_device(tiny_model_dir, threads=1, use_cache=False)
     assert fresh.version == profiling.PROFILE_VERSION == 3
-    assert fresh.step_decode_s > 0 and fresh.step_prefill_s >= 0
+    assert fresh.step_decode_s >= 0 and fresh.step_prefill_s >= 0
     # a version-2 cache (units alone, no constant) at the same path is never read as version 3
     path = profiling.profile_cache_path(fresh.device.name, fresh.model.fingerprint, fresh.model.dtype, 1, "cpu",
                                         fresh.kernels)
