@@ -70,6 +70,7 @@ MEMORY_HEADROOM = 0.8
 BACK_TO_BACK_BLOCKS = 8  # blocks of the shard measured back to back
 MIN_UNIT_SHARE = 0.1  # a unit keeps at least this share of its alone time once the constant is taken off
 QUIET_CHECK_S = 0.5  # how long the device is watched before re-measuring a profile taken under load
+QUIET_WAIT_S = 5.0  # before profiling, the longest wait for other processes to leave the CPUs (peers starting)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,9 @@ def device_name(device: torch.device) -> str:
     return f"{platform.node()} ({platform.machine()} {device.type})"
 
 
-def _median_seconds(run: Callable[[], object], repeats: int, reset: Callable[[], None] | None = None) -> float:
+def _fastest_seconds(run: Callable[[], object], repeats: int, reset: Callable[[], None] | None = None) -> float:
+    """The fastest of ``repeats`` timed runs: other work on the device only ever adds time, so
+    the fastest is the closest to what the device does when quiet (as the link prober's best_of)."""
     times = []
     for _ in range(repeats):
         if reset:
@@ -163,7 +166,7 @@ def _median_seconds(run: Callable[[], object], repeats: int, reset: Callable[[],
         began = time.perf_counter()
         run()
         times.append(time.perf_counter() - began)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_unit(shard: Shard) -> tuple[float, float]:
@@ -177,12 +180,12 @@ def measure_unit(shard: Shard) -> tuple[float, float]:
 
     prompt, context, token = inputs(PREFILL_TOKENS), inputs(DECODE_CONTEXT), inputs(1)
     # Warm-up runs are not timed: first calls allocate and fill caches.
-    prefill = _median_seconds(lambda: shard.step([0], prompt), WARMUP + PREFILL_REPEATS, lambda: shard.open_slot(0))
-    prefill = _median_seconds(lambda: shard.step([0], prompt), PREFILL_REPEATS, lambda: shard.open_slot(0))
+    prefill = _fastest_seconds(lambda: shard.step([0], prompt), WARMUP + PREFILL_REPEATS, lambda: shard.open_slot(0))
+    prefill = _fastest_seconds(lambda: shard.step([0], prompt), PREFILL_REPEATS, lambda: shard.open_slot(0))
     shard.open_slot(0)
     shard.step([0], context)
-    _median_seconds(lambda: shard.step([0], token), WARMUP)
-    decode = _median_seconds(lambda: shard.step([0], token), DECODE_REPEATS)
+    _fastest_seconds(lambda: shard.step([0], token), WARMUP)
+    decode = _fastest_seconds(lambda: shard.step([0], token), DECODE_REPEATS)
     return prefill, decode
 
 
@@ -253,6 +256,16 @@ def quiet_now(threads: int, watch_s: float = QUIET_CHECK_S) -> bool:
     return not loaded(meter.others_busy_cpus(), threads)
 
 
+def wait_for_quiet(threads: int, limit_s: float) -> bool:
+    """Wait, at most ``limit_s``, until other processes leave this device's CPUs (peers that
+    start together import and load for a few seconds); True when it is quiet."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if quiet_now(threads, min(QUIET_CHECK_S, max(0.05, deadline - time.monotonic()))):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def _profiling_turn(folder: Path):
     """One process of this machine profiles at a time (an advisory file lock, released by the
@@ -283,12 +296,14 @@ def _read_cache(cache_file: Path, mem: int) -> DeviceProfile | None:
 
 def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", device: str = "cpu",
                    quant: str | None = None, mem_limit: int | None = None, use_cache: bool = True,
-                   on_unit: Callable[[int, int, str], None] | None = None) -> DeviceProfile:
+                   on_unit: Callable[[int, int, str], None] | None = None,
+                   quiet_wait_s: float = QUIET_WAIT_S) -> DeviceProfile:
     """Measure this device for the model in ``model_dir`` (cached per device and model).
 
     ``threads`` must be the torch thread count the peer will serve with; it is set here.
     ``quant`` (int8 | int4) profiles the quantized units: their bytes and their times.
     A cached profile is used unless it was taken under load and the device is quiet now.
+    Before measuring, it waits up to ``quiet_wait_s`` for the device to be quiet.
     """
     torch.set_num_threads(threads)
     torch_device = torch.device(device)
@@ -308,6 +323,7 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
             cached = _read_cache(cache_file, mem)
             if cached is not None and not (cached.under_load and quiet_now(threads)):
                 return cached
+        wait_for_quiet(threads, quiet_wait_s)
         profile = _measure(model_dir, layout, torch_device, dtype, quant, mem, fingerprint, name, threads, kernel,
                            on_unit)
         cache_file.parent.mkdir(parents=True, exist_ok=True)

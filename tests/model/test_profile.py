@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -59,14 +60,17 @@ def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(ti
 
 def test_a_profile_taken_under_load_is_marked_and_measured_again_when_quiet(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: True)
-    busy = profile_device(tiny_model_dir, threads=1, use_cache=False)
+    began = time.monotonic()
+    assert not profiling.wait_for_quiet(1, 0.3) and time.monotonic() - began >= 0.3
+    busy = profile_device(tiny_model_dir, threads=1, use_cache=False, quiet_wait_s=0.1)
     assert busy.under_load
-    monkeypatch.setattr(profiling, "quiet_now", lambda threads: False)
+    monkeypatch.setattr(profiling, "quiet_now", lambda *args: False)
     assert profile_device(tiny_model_dir, threads=1).measured_s == busy.measured_s  # still busy: kept
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
-    monkeypatch.setattr(profiling, "quiet_now", lambda threads: True)
+    monkeypatch.setattr(profiling, "quiet_now", lambda *args: True)
     quiet = profile_device(tiny_model_dir, threads=1)
     assert not quiet.under_load and quiet.measured_s != busy.measured_s
+    assert profiling.wait_for_quiet(1, 5.0)
     assert profile_device(tiny_model_dir, threads=1).measured_s == quiet.measured_s  # a quiet profile is kept
 
 
