@@ -126,7 +126,7 @@ def test_bracketing_near_identical_blocks_brackets_the_optimum():
     rng = np.random.default_rng(11)
     checked = 0
     for i in range(80):
-        d = random_problem(rng, identical_blocks=True).to_json()
+        d = random_problem(rng, identical_blocks=True, overheads=i % 2 == 1).to_json()
         for dev in d["devices"]:  # measured profiles: blocks within a few percent of each other
             dev["time"] = [t * rng.uniform(0.95, 1.05) for t in dev["time"]]
         prob = Problem.from_json(d)
