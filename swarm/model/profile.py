@@ -156,9 +156,11 @@ def device_name(device: torch.device) -> str:
     return f"{platform.node()} ({platform.machine()} {device.type})"
 
 
-def _fastest_seconds(run: Callable[[], object], repeats: int, reset: Callable[[], None] | None = None) -> float:
-    """The fastest of ``repeats`` timed runs: other work on the device only ever adds time, so
-    the fastest is the closest to what the device does when quiet (as the link prober's best_of)."""
+def _median_seconds(run: Callable[[], object], repeats: int, reset: Callable[[], None] | None = None) -> float:
+    """The median of ``repeats`` timed runs. Not the fastest: on a device under a CPU quota
+    (a container, the testbed's devices) the throttling is the device's own steady cost, and
+    the fastest run is the one that happened to miss it; other processes' load is kept out
+    by taking turns and waiting for quiet instead (see the module docstring)."""
     times = []
     for _ in range(repeats):
         if reset:
@@ -166,7 +168,7 @@ def _fastest_seconds(run: Callable[[], object], repeats: int, reset: Callable[[]
         began = time.perf_counter()
         run()
         times.append(time.perf_counter() - began)
-    return min(times)
+    return statistics.median(times)
 
 
 def measure_unit(shard: Shard) -> tuple[float, float]:
@@ -180,12 +182,12 @@ def measure_unit(shard: Shard) -> tuple[float, float]:
 
     prompt, context, token = inputs(PREFILL_TOKENS), inputs(DECODE_CONTEXT), inputs(1)
     # Warm-up runs are not timed: first calls allocate and fill caches.
-    prefill = _fastest_seconds(lambda: shard.step([0], prompt), WARMUP + PREFILL_REPEATS, lambda: shard.open_slot(0))
-    prefill = _fastest_seconds(lambda: shard.step([0], prompt), PREFILL_REPEATS, lambda: shard.open_slot(0))
+    prefill = _median_seconds(lambda: shard.step([0], prompt), WARMUP + PREFILL_REPEATS, lambda: shard.open_slot(0))
+    prefill = _median_seconds(lambda: shard.step([0], prompt), PREFILL_REPEATS, lambda: shard.open_slot(0))
     shard.open_slot(0)
     shard.step([0], context)
-    _fastest_seconds(lambda: shard.step([0], token), WARMUP)
-    decode = _fastest_seconds(lambda: shard.step([0], token), DECODE_REPEATS)
+    _median_seconds(lambda: shard.step([0], token), WARMUP)
+    decode = _median_seconds(lambda: shard.step([0], token), DECODE_REPEATS)
     return prefill, decode
 
 
