@@ -17,8 +17,11 @@ prediction for the same plan:
   Bubbles, and ours (cycle objective).
 
 The prediction is swarm.planner.simulate's event simulation of the plan: per-stage
-decode and prefill times from the devices' own profiles, hops from the measured
-bandwidth and round trip. Runs are interleaved across repeats (rotated order) and
+decode and prefill times from the devices' own profiles plus each device's fixed
+per-step costs (its step constant and, in a plan of two or more stages, its hop
+overhead: issue 26), hops from the measured bandwidth and round trip. The latency
+rows include "EdgeShard (issue-3 model)": the plan the model before issue 26 picks
+(mean of prefill and decode, no fixed costs), measured in the same run. Runs are interleaved across repeats (rotated order) and
 medians reported, each with the load average and every cgroup's throttling counters
 over the run, so contention on a shared machine shows as a measured reason.
 Ctrl-C tears everything down.
@@ -73,8 +76,7 @@ def with_times(problem: Problem, times: list[list[float]]) -> Problem:
 
 
 def build_cases(problem: Problem, unit_times: list[dict], sequences: int, cloud: str | None) -> list[Case]:
-    """Every strategy's plan on the measured problem (the planner sees the mean of prefill and decode
-    per unit, the paper's average profile)."""
+    """Every strategy's plan on the measured problem (decode times and fixed per-step costs, issue 26)."""
     cases: list[Case] = []
 
     def add(strategy: str, kind: str, make, m: int = 1, mode: str = "no-bubbles") -> None:
@@ -93,11 +95,23 @@ def build_cases(problem: Problem, unit_times: list[dict], sequences: int, cloud:
     decode = with_times(problem, [u["decode_s"] for u in unit_times])
     add("EdgeShard (prefill profile)", "latency", lambda: evaluate_on(problem, plan_ours(prefill, "latency")))
     add("EdgeShard (decode profile)", "latency", lambda: evaluate_on(problem, plan_ours(decode, "latency")))
+    add("EdgeShard (issue-3 model)", "latency", lambda: evaluate_on(problem, plan_ours(issue3_model(problem, unit_times),
+                                                                                       "latency")))
     throughput = plan_ours(problem, "throughput", sequences)
     cases.append(Case("EdgeShard No-Bubbles", "throughput", throughput, sequences, "no-bubbles"))
     cases.append(Case("EdgeShard Bubbles", "throughput", throughput, sequences, "bubbles"))
     add("ours (cycle)", "throughput", lambda: plan_ours(problem, "cycle", sequences), sequences)
     return cases
+
+
+def issue3_model(problem: Problem, unit_times: list[dict]) -> Problem:
+    """The problem as the planner saw it before issue 26: mean of prefill and decode per unit, no
+    fixed per-step costs (the plan it picks is measured beside the extended model's)."""
+    data = with_times(problem, [[(p + d) / 2 for p, d in zip(u["prefill_s"], u["decode_s"])]
+                                for u in unit_times]).to_json()
+    for dev in data["devices"]:
+        dev["step_overhead"] = dev["hop_overhead"] = 0.0
+    return Problem.from_json(data)
 
 
 def evaluate_on(problem: Problem, plan: Plan) -> Plan:
@@ -112,9 +126,10 @@ def predict(case: Case, problem: Problem, unit_times: list[dict], prompt_tokens:
     hops from the measured links (one token's activation per step, the prompt's at prefill)."""
     stages = case.plan.stages
     hops = problem.hop_time(0.0)  # latency only; bytes added below
-    decode_stage = [sum(unit_times[s.device]["decode_s"][s.start:s.end]) for s in stages]
+    fixed = problem.stage_overhead() if len(stages) > 1 else problem.step_overhead  # occupies the stage
+    decode_stage = [sum(unit_times[s.device]["decode_s"][s.start:s.end]) + fixed[s.device] for s in stages]
     prefill_stage = [sum(unit_times[s.device]["prefill_s"][s.start:s.end]) * prompt_tokens / prefill_tokens
-                     for s in stages]
+                     + fixed[s.device] for s in stages]
 
     def hop_times(tokens: int) -> list[float]:
         out = []
@@ -132,6 +147,7 @@ def predict(case: Case, problem: Problem, unit_times: list[dict], prompt_tokens:
                             prefill_stage_times_s=prefill_stage, prefill_hop_times_s=hop_times(prompt_tokens))
     return {"ms_per_token": sim.round_trip_s * 1e3, "tokens_per_s": sim.tokens_per_s,
             "hops_ms_per_token": sum(hop_times(1)) * 1e3, "compute_ms_per_token": sum(decode_stage) * 1e3,
+            "fixed_ms_per_token": sum(float(fixed[s.device]) for s in stages) * 1e3,
             "first_token_s": sum(prefill_stage) + sum(hop_times(prompt_tokens)),
             "busy_share": list(sim.busy_share), "planner_latency_ms": case.plan.latency_s * 1e3,
             "planner_cycle_ms": case.plan.cycle_s * 1e3}

@@ -14,7 +14,7 @@ from pathlib import Path
 LATENCY = ["Edge-Solo", "Cloud-Edge-Even", "Cloud-Edge-Opt", "EdgeShard-Even", "EdgeShard"]
 THROUGHPUT = ["Edge-Solo", "Cloud-Edge-Even", "Cloud-Edge-Opt", "EdgeShard-Even", "EdgeShard No-Bubbles",
               "ours (cycle)"]
-PROFILES = ["EdgeShard (prefill profile)", "EdgeShard (decode profile)", "EdgeShard"]
+PROFILES = ["EdgeShard (prefill profile)", "EdgeShard (decode profile)", "EdgeShard (issue-3 model)", "EdgeShard"]
 
 
 def rows(results: dict, kind: str, strategy: str) -> list[tuple[float, dict]]:
@@ -69,7 +69,7 @@ def plot_all(results: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     _lines(ax, results, "latency", PROFILES, "ms_per_token")
     ax.set_ylabel("decode latency (ms/token)")
-    ax.set_title("Fig. 10 analogue: plans from prefill, decode and average profiles")
+    ax.set_title("Fig. 10 analogue: plans from prefill and decode profiles, the issue-3 model and ours")
     save(fig, "fig10_profiles.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -71,6 +71,17 @@ def not_enough_memory(exc: InfeasibleError, live: int, diagnostic: str) -> str:
     return text
 
 
+def _own_hop_overhead(threads: int) -> float:
+    """The source's hop overhead: a torch worker of its own on loopback (0 if that fails)."""
+    from swarm.runtime.hopcost import measure_local_hop_overhead
+
+    try:
+        return measure_local_hop_overhead(threads)
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        log.warning("could not measure this device's hop overhead: %s", exc)
+        return 0.0
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     interfaces: list[str] | InterfaceChoice  # explicit, always
@@ -146,6 +157,8 @@ class SwarmSource:
         self._deploying = asyncio.Lock()
         self._stats: tuple = ()  # the pipeline's StageStats at the last poll
         self._recoveries: collections.deque = collections.deque(maxlen=RECOVERIES_KEPT)
+        self.hop_overhead_s = 0.0  # what a hop costs this device (swarm.runtime.hopcost), measured on open
+        self._drift_warned: set[tuple[int, int]] = set()  # (plan, stage) already warned about (profile drift)
 
     async def __aenter__(self) -> SwarmSource:
         self._stack = contextlib.AsyncExitStack()
@@ -164,6 +177,7 @@ class SwarmSource:
         if self.profile is None:
             self.profile = await asyncio.to_thread(measure_profile, self.model_dir, self.config.threads,
                                                    None, self.config.quant)
+        self.hop_overhead_s = await asyncio.to_thread(_own_hop_overhead, self.config.threads)
         fingerprint = short_fingerprint(self.profile["model"]["fingerprint"])
         self.directory = await self._stack.enter_async_context(Directory(DirectoryConfig(
             interfaces=self.config.interfaces, seeds=self.config.seeds, mdns=self.config.mdns, fingerprint=fingerprint,
@@ -223,7 +237,8 @@ class SwarmSource:
         if not self.links_complete():
             log.warning("planning with links still unmeasured (treated as absent)")
         live = dict(self.directory.live)
-        devices = [device_from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes)]
+        devices = [device_from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes,
+                                       self.hop_overhead_s)]
         for pid, rec in sorted(live.items()):
             devices.append(await self._device(rec))
         links = links_from_announcements([r.announcement for r in live.values()])
@@ -238,7 +253,7 @@ class SwarmSource:
         client = self.directory.client(rec.host, rec.port)
         info = (await client.request(Kind.INFO)).get("info") or {}
         return device_from_profile(info["profile"], rec.announcement.peer_id, rec.announcement.name,
-                                   rec.announcement.mem_bytes)
+                                   rec.announcement.mem_bytes, rec.announcement.hop_overhead_us / 1e6)
 
     async def plan(self, gather: bool = True) -> SourcePlan:
         """Gather, build the problem and plan (raises InfeasibleError when nothing fits)."""
@@ -386,6 +401,31 @@ class SwarmSource:
                     self._stats = tuple(await self._pipeline.stage_stats())
                 except (PeerError, TimeoutError):
                     self._stats = ()
+                self._check_profiles()
+
+    def _check_profiles(self) -> None:
+        """Warn, once per plan and stage, when a stage's live decode steps take more than
+        PROFILE_DRIFT from what its profile predicted (a profile taken under load, say)."""
+        from swarm.planner.replan import profile_drift
+
+        current, stats = self.current, self._stats
+        if current is None or len(stats) != len(current.plan.stages):
+            return
+        decode_only = self.config.batch_size  # token positions per step when no prompt is in the interval
+        measured = [s.busy_share / s.steps_per_s if s.steps_per_s > 0 and s.tokens_per_s <= decode_only * s.steps_per_s
+                    else None for s in stats]
+        devices = current.problem["devices"]
+        names = [d["name"] for d in devices]
+        # a shard's step time holds its units and the step constant (not the hop overhead)
+        predicted = [c + float(devices[s.device].get("step_overhead", 0.0))
+                     for c, s in zip(current.plan.compute_s, current.plan.stages)]
+        for k, predicted, got in profile_drift(predicted, measured):
+            key = (id(current), k)
+            if key not in self._drift_warned:
+                self._drift_warned.add(key)
+                log.warning("stage %d on %s computes a decode step in %.2f ms, its profile says %.2f ms: "
+                            "re-profile it on a quiet device (swarm profile)", k, names[current.plan.stages[k].device],
+                            got * 1e3, predicted * 1e3)
 
     async def open_session(self, sampling=None):
         """A new sequence (swarm.runtime.engine.Session) on the deployed pipeline; ``async with`` closes it."""

@@ -209,9 +209,26 @@ async def generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stre
             for row, prompt in enumerate(prompts):
                 tasks.create_task(one(row, prompt))
         total = time.perf_counter() - began
-        predicted = {"latency_s": planned.plan.latency_s, "bottleneck_s": planned.plan.bottleneck_s}
+        predicted = predicted_figures(planned, max(map(len, prompts)))
         mode = f"swarm ({objective}, {micro_batches} x {batch_size} in flight)"
         return Outcome(out, first[0] if first else 0.0, total, plan, mode, predicted)
+
+
+def predicted_figures(planned, prompt_tokens: int) -> dict:
+    """What the planner predicted for the deployed plan, in the units of ``timings``: a decode
+    step (every sequence one token) is ``inflight`` micro-batch steps of the cycle time, so
+    max(R, inflight x P); the first token pays the prompt's prefill instead (issue 26)."""
+    from swarm.discovery.problem import predicted_first_token_s
+
+    p = planned.plan
+    return {
+        "latency_s": p.latency_s, "bottleneck_s": p.bottleneck_s,
+        "ms_per_token": round(1e3 * p.inflight * p.cycle_s, 2),
+        "time_to_first_token_s": round(predicted_first_token_s(planned.problem, p.stages, prompt_tokens), 4),
+        "compute_ms_per_token": round(1e3 * sum(p.compute_s), 2),
+        "overhead_ms_per_token": round(1e3 * sum(p.overhead_s), 2),  # step constants and hop overheads
+        "hops_ms_per_token": round(1e3 * sum(p.hop_s), 2),
+    }
 
 
 def report(args, tokenizer, prompts, outcome: Outcome) -> None:

@@ -56,6 +56,7 @@ def peer_json(rec) -> dict:
             "mem_bytes": a.mem_bytes, "threads": a.threads, "kind": a.kind, "num_units": a.num_units,
             "prefill_us": list(a.prefill_us), "decode_us": list(a.decode_us), "summarised": a.summarised,
             "unit_times_s": a.unit_times(), "seq": a.seq,
+            "step_overhead_us": a.step_overhead_us, "hop_overhead_us": a.hop_overhead_us,
             "links": {pid: {"bandwidth_Bps": l.bandwidth, "rtt_s": l.rtt} for pid, l in sorted(a.links.items())}}
 
 

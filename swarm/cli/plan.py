@@ -66,7 +66,9 @@ def _print_table(problem: Problem, p: Plan) -> None:
     for k, s in enumerate(p.stages):
         layers = f"{s.start}-{s.end - 1} ({s.end - s.start})"
         hop = f"{p.hop_s[k] * 1e3:.2f} ms" + (" (return)" if k == len(p.stages) - 1 else "")
-        table.add_row(str(k), problem.device_names[s.device], layers, f"{p.compute_s[k] * 1e3:.2f} ms", hop,
+        fixed = p.overhead_s[k] if p.overhead_s else 0.0  # step constant and hop overhead (issue 26)
+        compute = f"{p.compute_s[k] * 1e3:.2f} ms" + (f" + {fixed * 1e3:.2f} fixed" if fixed else "")
+        table.add_row(str(k), problem.device_names[s.device], layers, compute, hop,
                       f"{fmt_bytes(p.mem_used[k])} / {fmt_bytes(problem.device_mem[s.device])}")
     console = Console()
     console.print(table)

@@ -58,6 +58,19 @@ def measure_profile(model_dir, threads: int, mem_limit: int | None = None, quant
     return profile_device(model_dir, threads=threads, mem_limit=mem_limit, quant=quant).to_json()
 
 
+async def measure_own_hop_overhead(data_address: str) -> float:
+    """What a hop costs this peer's torch thread (swarm.runtime.hopcost), 0 if it cannot be measured."""
+    from swarm.runtime.hopcost import measure_hop_overhead
+
+    try:
+        overhead = await asyncio.to_thread(measure_hop_overhead, data_address)
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        log.warning("could not measure this peer's hop overhead: %s", exc)
+        return 0.0
+    log.info("hop overhead %.3f ms (wake-up, decode, encode per step)", overhead * 1e3)
+    return overhead
+
+
 class SwarmPeer:
     """``async with SwarmPeer(config, profile) as peer: await peer.run()``."""
 
@@ -76,6 +89,7 @@ class SwarmPeer:
         self._steps_seen = 0
         self.prober = LinkProber(self.directory, activation_bytes(profile), config.probe, self.republish,
                                  busy=self._served_steps_since_last_asked)
+        self.hop_overhead_s = 0.0  # measured on this peer's own data socket once it is bound
 
     @property
     def port(self) -> int:
@@ -83,11 +97,14 @@ class SwarmPeer:
 
     def announcement(self):
         return from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes,
-                            links=self.prober.links, seq=self.seq)
+                            links=self.prober.links, seq=self.seq, hop_overhead_s=self.hop_overhead_s)
 
     async def __aenter__(self) -> SwarmPeer:
         await self.server.__aenter__()
         try:
+            host = bind_host(self.config.interfaces)
+            self.hop_overhead_s = await measure_own_hop_overhead(
+                f"tcp://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.server.data_port}")
             await self.directory.__aenter__()
             self._refresh_info()
             if self.config.mdns:

@@ -38,25 +38,34 @@ class Device:
     peer_id: str
     name: str
     mem_bytes: int
-    times: tuple[float, ...]  # seconds per unit, as the planner uses them
+    times: tuple[float, ...]  # seconds per unit for one decode token: what the planner uses
+    prefill_times: tuple[float, ...] = ()  # seconds per unit for the profile's prompt (first token only)
+    step_overhead: float = 0.0  # seconds per step of any stage (issue 26)
+    hop_overhead: float = 0.0  # seconds per step of a stage in a multi-stage plan (issue 26)
 
 
-def device_from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None = None) -> Device:
+def device_from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None = None,
+                        hop_overhead: float = 0.0) -> Device:
     mem = profile["device"]["mem_bytes"] if mem_bytes is None else mem_bytes
-    return Device(peer_id, name, int(mem), tuple(float(u["time_s"]) for u in profile["units"]))
+    return Device(peer_id, name, int(mem), tuple(float(u["decode_s"]) for u in profile["units"]),
+                  tuple(float(u["prefill_s"]) for u in profile["units"]),
+                  float(profile.get("step_decode_s", 0.0)), float(hop_overhead))
 
 
 def device_from_announcement(a: Announcement) -> Device:
     times = a.unit_times()
     if times is None:
         raise ValueError(f"peer {a.peer_id} announced a summary only; fetch its profile over INFO")
-    return Device(a.peer_id, a.name, a.mem_bytes, tuple(times))
+    return Device(a.peer_id, a.name, a.mem_bytes, tuple(times), tuple(a.prefill_times()),
+                  a.step_overhead_us / 1e6, a.hop_overhead_us / 1e6)
 
 
 def build_problem(source_profile: dict, devices: list[Device], links: dict[tuple[str, str], Link],
                   workload: Workload = Workload()) -> dict:
     """Planner problem JSON. devices[0] is the source; links maps (from id, to id) to
-    what was measured. Extra field "peer_ids" maps device indices back to peers."""
+    what was measured. Unit times are decode times (R is the per-token latency); each device
+    also carries its prefill times for "prefill_tokens" tokens (``first_token_s``) and its fixed
+    per-step costs. Extra field "peer_ids" maps device indices back to peers."""
     units = source_profile["units"]
     ids = [d.peer_id for d in devices]
     bandwidth, latency = link_matrices(ids, links)
@@ -67,7 +76,9 @@ def build_problem(source_profile: dict, devices: list[Device], links: dict[tuple
                     "mem": u["weight_bytes"] + u["kv_bytes_per_token"] * kv_tokens,
                     "out": u["out_bytes_per_token"] * workload.batch_size}
                    for u in units],
-        "devices": [{"name": d.name, "mem": d.mem_bytes, "time": list(d.times)} for d in devices],
+        "devices": [{"name": d.name, "mem": d.mem_bytes, "time": list(d.times), "prefill_time": list(d.prefill_times),
+                     "step_overhead": d.step_overhead, "hop_overhead": d.hop_overhead} for d in devices],
+        "prefill_tokens": int(source_profile.get("prefill_tokens", 32)),
         "bandwidth": bandwidth,
         "latency": latency,
         "return_bytes": RETURN_BYTES_PER_SEQUENCE * workload.batch_size,
@@ -92,3 +103,23 @@ def link_matrices(ids: list[str], links: dict[tuple[str, str], Link]) -> tuple[l
 
 def links_from_announcements(announcements: list[Announcement]) -> dict[tuple[str, str], Link]:
     return {(a.peer_id, other): link for a in announcements for other, link in a.links.items()}
+
+
+def predicted_first_token_s(problem: dict, stages, prompt_tokens: int) -> float:
+    """The planner's figure for the first token of a prompt of ``prompt_tokens`` tokens over
+    ``stages`` (planner stages of ``problem``): each stage's prefill (the profile's prefill
+    time scaled linearly from its "prefill_tokens"), its fixed per-step costs, the hops
+    carrying the prompt's activations, and the return of the token. Later tokens cost the
+    plan's latency_s (decode times)."""
+    from swarm.planner.problem import Problem
+
+    p = Problem.from_json(problem)
+    scale = prompt_tokens / max(1, int(problem.get("prefill_tokens", 32)))
+    fixed = p.stage_overhead() if len(stages) > 1 else p.step_overhead
+    total = float(p.return_time()[stages[-1].device])
+    for k, s in enumerate(stages):
+        prefill = problem["devices"][s.device].get("prefill_time") or list(p.time[s.device])
+        total += sum(prefill[s.start:s.end]) * scale + float(fixed[s.device])
+        if k + 1 < len(stages):
+            total += float(p.hop_time(p.layer_out[s.end - 1] * prompt_tokens)[s.device, stages[k + 1].device])
+    return total

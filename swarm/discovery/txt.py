@@ -105,21 +105,29 @@ class Announcement:
     summarised: bool = False  # per-unit tables did not fit; fetch the profile over INFO
     protocol: int = PROTOCOL_VERSION
     quant: str = ""  # "int8" | "int4" weights ("" = unquantized); the fingerprint covers it too
+    # Issue 26 (keys "so", "ho"; 0 in records from before): fixed costs per step, in microseconds.
+    step_overhead_us: int = 0  # the shard's per-step constant (profile: units back to back vs alone)
+    hop_overhead_us: int = 0  # a hop's wake-up, decode and encode on this peer (swarm.runtime.hopcost)
 
     def unit_times(self) -> list[float] | None:
-        """Per-unit time in seconds as the planner uses it (mean of prefill and decode),
-        or None when only a summary was announced."""
+        """Per-unit decode time in seconds, as the planner uses it (a plan's R is then the
+        per-token latency), or None when only a summary was announced."""
         if self.summarised:
             return None
-        return [(p + d) / 2e6 for p, d in zip(self.prefill_us, self.decode_us)]
+        return [d / 1e6 for d in self.decode_us]
+
+    def prefill_times(self) -> list[float] | None:
+        """Per-unit prefill time in seconds (for the profile's prompt length), or None for a summary."""
+        return None if self.summarised else [p / 1e6 for p in self.prefill_us]
 
 
 FINGERPRINT_CHARS = 16
 
 
 def from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None = None,
-                 links: dict[str, Link] | None = None, seq: int = 0) -> Announcement:
-    """The announcement for a device profile (the JSON of swarm.model.profile)."""
+                 links: dict[str, Link] | None = None, seq: int = 0, hop_overhead_s: float = 0.0) -> Announcement:
+    """The announcement for a device profile (the JSON of swarm.model.profile) and the hop
+    overhead this peer measured on its own data path."""
     dev, units = profile["device"], profile["units"]
     return Announcement(
         peer_id=peer_id,
@@ -134,6 +142,8 @@ def from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None =
         links=dict(links or {}),
         seq=seq,
         quant=str(profile["model"].get("quant") or ""),
+        step_overhead_us=_us(profile.get("step_decode_s", 0.0)),
+        hop_overhead_us=_us(hop_overhead_s),
     )
 
 
@@ -158,7 +168,7 @@ def _encode(a: Announcement, max_bytes: int) -> dict[str, str]:
     base = {
         "v": str(a.protocol), "id": a.peer_id, "n": a.name[:63], "fp": a.fingerprint,
         "mem": str(a.mem_bytes), "thr": str(a.threads), "k": a.kind,
-        "nu": str(a.num_units), "seq": str(a.seq),
+        "nu": str(a.num_units), "seq": str(a.seq), "so": str(a.step_overhead_us), "ho": str(a.hop_overhead_us),
     }
     if a.quant:
         base["q"] = a.quant
@@ -198,6 +208,7 @@ def decode(props: dict, key: bytes | None = None) -> Announcement:
             threads=int(p.get("thr", "1")), kind=p.get("k", "cpu"), prefill_us=pf, decode_us=dc,
             num_units=num_units, links=links, seq=int(p.get("seq", "0")), summarised=summarised,
             protocol=protocol, quant=p.get("q", ""),
+            step_overhead_us=int(p.get("so", "0")), hop_overhead_us=int(p.get("ho", "0")),
         )
     except TxtError:
         raise

@@ -1,23 +1,47 @@
 """Profiling, the paper's first stage: what this device can hold and how fast it runs each unit.
 
 For every unit: the time of a 32-token prefill, the time of one decode token over
-a ~100-token KV cache, and their average (the paper found the average predicts
-best); weight bytes, KV bytes per token, and the bytes sent when the model is
-cut after it. Units are loaded one at a time and dropped after measuring (the
-paper's dynamic model loading), so a device profiles a model it could never
-hold whole. Results are cached per device, model, dtype, thread count and kernel build
-(``kernels.kernel_id()``): a profile measured with other kernels is measured again.
+a ~100-token KV cache, and their average; weight bytes, KV bytes per token, and the
+bytes sent when the model is cut after it. Units are loaded one at a time and dropped
+after measuring (the paper's dynamic model loading), so a device profiles a model it
+could never hold whole.
+
+A unit measured alone is not a unit in a shard (issue 26). Run again and again, its
+weights stay in the CPU's caches: on a Xeon with a shared L3, a SmolLM2 block decodes in
+0.95 ms alone and 3.3-3.9 ms among others (A/B in one process, 4 and 30 blocks back to
+back); and alone it pays the whole per-step constant of ``Shard.step`` that a shard pays
+once. So a shard of k blocks is measured too (t_k). The embedding alone is almost only
+that constant (a lookup of one row), so c = its time, and a block in a shard takes
+b = (t_k - c) / k (``shard_line``; one shard, not the slope between two, which doubles
+the noise). Each block's figure is b, shaped by how the blocks compare alone; the
+embedding and the head (too large to stay cached, or too small to matter) keep their
+alone time minus c. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
+``step_overhead``). The planner plans decode with the decode times; prefill times give
+the first token.
+
+A profile is only as true as the device was quiet: the CPU time other processes
+used while it was measured is recorded (``others_busy_cpus``) and a profile taken
+with fewer than ``threads`` CPUs left idle is marked ``under_load``; it is measured
+again the next time it is read on a quiet device. Processes profiling on one machine
+take turns (a file lock), so peers started together do not measure each other's load,
+and the later ones read the first one's profile from the cache.
+
+Results are cached per device, model, dtype, thread count and kernel build
+(``kernels.kernel_id()``): a profile measured with other kernels is measured again,
+and so is one of another ``PROFILE_VERSION`` (never misread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +57,9 @@ from swarm.model.units import ModelLayout
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2  # 2: the kernels that measured it are part of the profile and of its cache key
+# 2: the kernels that measured it are part of the profile and of its cache key.
+# 3: unit times are times in a shard (the per-step constant apart, step_*_s); load recorded.
+PROFILE_VERSION = 3
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 100
 PREFILL_REPEATS = 3
@@ -41,6 +67,10 @@ DECODE_REPEATS = 8
 WARMUP = 2
 # Leave this share of free memory to the OS and other programs.
 MEMORY_HEADROOM = 0.8
+BACK_TO_BACK_BLOCKS = 8  # blocks of the shard measured back to back
+MIN_UNIT_SHARE = 0.1  # a unit keeps at least this share of its alone time once the constant is taken off
+QUIET_CHECK_S = 0.5  # how long the device is watched before re-measuring a profile taken under load
+QUIET_WAIT_S = 5.0  # before profiling, the longest wait for other processes to leave the CPUs (peers starting)
 
 
 @dataclass(frozen=True)
@@ -85,6 +115,10 @@ class DeviceProfile:
     measured_s: float = 0.0
     version: int = field(default=PROFILE_VERSION)
     kernels: str = ""  # swarm.model.kernels.kernel_id() when measured: other kernels, other times
+    step_decode_s: float = 0.0  # per-step constant of a decode step, paid once per stage (issue 26)
+    step_prefill_s: float = 0.0  # the same for a prefill step
+    others_busy_cpus: float = 0.0  # CPUs other processes kept busy, on average, while this was measured
+    under_load: bool = False  # fewer than `threads` CPUs were left idle: the times may be slow
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -99,12 +133,12 @@ class DeviceProfile:
         units = [UnitProfile(**{k: v for k, v in u.items() if k != "time_s"}) for u in data["units"]]
         return cls(DeviceInfo(**data["device"]), ModelInfo(**data["model"]), units,
                    data["prefill_tokens"], data["decode_context"], data.get("measured_s", 0.0), data["version"],
-                   data.get("kernels", ""))
+                   data.get("kernels", ""), float(data["step_decode_s"]), float(data["step_prefill_s"]),
+                   float(data["others_busy_cpus"]), bool(data["under_load"]))
 
     def with_memory(self, mem_bytes: int) -> "DeviceProfile":
         device = DeviceInfo(self.device.name, self.device.kind, self.device.threads, mem_bytes)
-        return DeviceProfile(device, self.model, self.units, self.prefill_tokens, self.decode_context,
-                             self.measured_s, self.version, self.kernels)
+        return replace(self, device=device)
 
 
 def usable_memory(device: torch.device, limit: int | None = None) -> int:
@@ -123,6 +157,10 @@ def device_name(device: torch.device) -> str:
 
 
 def _median_seconds(run: Callable[[], object], repeats: int, reset: Callable[[], None] | None = None) -> float:
+    """The median of ``repeats`` timed runs. Not the fastest: on a device under a CPU quota
+    (a container, the testbed's devices) the throttling is the device's own steady cost, and
+    the fastest run is the one that happened to miss it; other processes' load is kept out
+    by taking turns and waiting for quiet instead (see the module docstring)."""
     times = []
     for _ in range(repeats):
         if reset:
@@ -153,13 +191,121 @@ def measure_unit(shard: Shard) -> tuple[float, float]:
     return prefill, decode
 
 
+def shard_line(constant: float, k: int, t_k: float) -> tuple[float, float]:
+    """(c, b) of the step time t(k) = c + k b of a shard of k blocks, timed t_k, with the
+    per-step constant at most ``constant`` (the embedding alone): b per block in a shard."""
+    c = min(max(constant, 0.0), t_k)
+    return c, (t_k - c) / k
+
+
+def in_shard(alone: float, constant: float) -> float:
+    """A unit's time in a shard: alone minus the per-step constant (never below MIN_UNIT_SHARE of it)."""
+    return max(alone - constant, MIN_UNIT_SHARE * alone)
+
+
+def in_shard_units(units: list[UnitProfile], step_prefill: float, block_prefill: float, step_decode: float,
+                   block_decode: float) -> list[UnitProfile]:
+    """Units measured alone -> their times in a shard: each block the block time of the shard
+    line, in proportion to how it compared with the other blocks alone; the embedding and the
+    head their alone time minus the per-step constant."""
+    blocks = units[1:-1]
+    mean_prefill = statistics.fmean(u.prefill_s for u in blocks) if blocks else 0.0
+    mean_decode = statistics.fmean(u.decode_s for u in blocks) if blocks else 0.0
+    out = []
+    for i, u in enumerate(units):
+        if 0 < i < len(units) - 1 and mean_prefill > 0 and mean_decode > 0:
+            out.append(replace(u, prefill_s=block_prefill * u.prefill_s / mean_prefill,
+                               decode_s=block_decode * u.decode_s / mean_decode))
+        else:
+            out.append(replace(u, prefill_s=in_shard(u.prefill_s, step_prefill),
+                               decode_s=in_shard(u.decode_s, step_decode)))
+    return out
+
+
+class LoadMeter:
+    """CPU time other processes use from now on, in CPUs (1.0 = one core kept busy)."""
+
+    def __init__(self) -> None:
+        self._began = time.monotonic(), _busy_cpu_s(), _own_cpu_s()
+
+    def others_busy_cpus(self) -> float:
+        t0, busy0, own0 = self._began
+        wall = time.monotonic() - t0
+        if wall <= 0:
+            return 0.0
+        return max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / wall
+
+
+def _busy_cpu_s() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - getattr(t, "idle", 0.0) - getattr(t, "iowait", 0.0)
+
+
+def _own_cpu_s() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def loaded(others_busy_cpus: float, threads: int) -> bool:
+    """Fewer than ``threads`` CPUs (with half a CPU to spare) were left to this process."""
+    return others_busy_cpus > (os.cpu_count() or 1) - threads - 0.5
+
+
+def quiet_now(threads: int, watch_s: float = QUIET_CHECK_S) -> bool:
+    """Whether other processes leave this device's CPUs to us now (watched for ``watch_s``)."""
+    meter = LoadMeter()
+    time.sleep(watch_s)
+    return not loaded(meter.others_busy_cpus(), threads)
+
+
+def wait_for_quiet(threads: int, limit_s: float) -> bool:
+    """Wait, at most ``limit_s``, until other processes leave this device's CPUs (peers that
+    start together import and load for a few seconds); True when it is quiet."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if quiet_now(threads, min(QUIET_CHECK_S, max(0.05, deadline - time.monotonic()))):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _profiling_turn(folder: Path):
+    """One process of this machine profiles at a time (an advisory file lock, released by the
+    OS if the holder dies): peers started together do not measure each other's load."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): profile without taking turns
+        yield
+        return
+    with open(folder / ".profiling.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_cache(cache_file: Path, mem: int) -> DeviceProfile | None:
+    if not cache_file.exists():
+        return None
+    try:
+        return DeviceProfile.from_json(json.loads(cache_file.read_text())).with_memory(mem)
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("measuring again: cached profile %s is not usable: %s", cache_file, err)
+        return None
+
+
 def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", device: str = "cpu",
                    quant: str | None = None, mem_limit: int | None = None, use_cache: bool = True,
-                   on_unit: Callable[[int, int, str], None] | None = None) -> DeviceProfile:
+                   on_unit: Callable[[int, int, str], None] | None = None,
+                   quiet_wait_s: float = QUIET_WAIT_S) -> DeviceProfile:
     """Measure this device for the model in ``model_dir`` (cached per device and model).
 
     ``threads`` must be the torch thread count the peer will serve with; it is set here.
     ``quant`` (int8 | int4) profiles the quantized units: their bytes and their times.
+    A cached profile is used unless it was taken under load and the device is quiet now.
+    Before measuring, it waits up to ``quiet_wait_s`` for the device to be quiet.
     """
     torch.set_num_threads(threads)
     torch_device = torch.device(device)
@@ -171,13 +317,30 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
     name = device_name(torch_device)
     kernel = kernel_id()
     cache_file = profile_cache_path(name, fingerprint, dtype, threads, device, kernel)
-    if use_cache and cache_file.exists():
-        try:
-            return DeviceProfile.from_json(json.loads(cache_file.read_text())).with_memory(mem)
-        except (ValueError, KeyError, TypeError) as err:
-            log.warning("ignoring unreadable cached profile %s: %s", cache_file, err)
+    cached = _read_cache(cache_file, mem) if use_cache else None
+    if cached is not None and not cached.under_load:
+        return cached
+    with _profiling_turn(cache_file.parent):
+        if use_cache:  # another process may have measured it while this one waited its turn
+            cached = _read_cache(cache_file, mem)
+            if cached is not None and not (cached.under_load and quiet_now(threads)):
+                return cached
+        wait_for_quiet(threads, quiet_wait_s)
+        profile = _measure(model_dir, layout, torch_device, dtype, quant, mem, fingerprint, name, threads, kernel,
+                           on_unit)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(profile.to_json(), indent=1))
+    if profile.under_load:
+        log.warning("profiled while other processes kept %.1f CPUs busy: unit times may be slow; "
+                    "they are measured again once this device is quiet", profile.others_busy_cpus)
+    return profile
 
+
+def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, dtype: str, quant: str | None,
+             mem: int, fingerprint: str, name: str, threads: int, kernel: str,
+             on_unit: Callable[[int, int, str], None] | None) -> DeviceProfile:
     began = time.perf_counter()
+    meter = LoadMeter()
     names = layout.unit_names()
     weights = layout.unit_weight_bytes(dtype, quant)
     kv = layout.kv_bytes_per_token(dtype)
@@ -193,12 +356,24 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
         prefill, decode = measure_unit(shard)
         del shard  # one unit in memory at a time
         units.append(UnitProfile(names[i], weights[i], kv[i], out[i], prefill, decode))
+    # Blocks back to back in one shard: their time in a shard (and the per-step constant).
+    k = min(BACK_TO_BACK_BLOCKS, layout.num_units - 2)
+    while k >= 1 and sum(weights[1:1 + k]) > mem:
+        k -= 1
+    step_prefill = step_decode = 0.0
+    if k >= 1:
+        shard = Shard.load(model_dir, 1, 1 + k, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
+                           dtype=dtype, device=torch_device, quant=quant)
+        prefill, decode = measure_unit(shard)
+        del shard
+        step_prefill, block_prefill = shard_line(units[0].prefill_s, k, prefill)
+        step_decode, block_decode = shard_line(units[0].decode_s, k, decode)
+        units = in_shard_units(units, step_prefill, block_prefill, step_decode, block_decode)
+    others = meter.others_busy_cpus()
     model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)
-    profile = DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,
-                            measured_s=time.perf_counter() - began, kernels=kernel)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(profile.to_json(), indent=1))
-    return profile
+    return DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,
+                         measured_s=time.perf_counter() - began, kernels=kernel, step_decode_s=step_decode,
+                         step_prefill_s=step_prefill, others_busy_cpus=others, under_load=loaded(others, threads))
 
 
 def profile_cache_path(device_name_: str, fingerprint: str, dtype: str, threads: int, device: str,

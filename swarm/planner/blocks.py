@@ -8,6 +8,9 @@ latency splits into
   on which device is last (it also runs the head). Each middle device needs >= 1 block,
   every device is capped by memory and by tau, and the cheapest per-block devices take the
   rest: a greedy that is exact for this linear cost with bounds.
+Fixed per-step costs (step constant, hop overhead) are per device: a middle device pays
+its own for its first block, the source and the last device theirs with the embedding and
+the head; the source alone pays only its step constant.
 Cost per solve O(states * T^2) instead of O(states * T^2 * N^2).
 """
 
@@ -57,7 +60,8 @@ def block_device_key(problem: Problem) -> Callable[[int], Hashable]:
     """Devices with equal memory and block, embedding and head times are interchangeable
     when every block costs the same (the Held-Karp over types)."""
     t = problem.time
-    return lambda d: (float(problem.device_mem[d]), float(t[d, 1]), float(t[d, 0]), float(t[d, -1]))
+    return lambda d: (float(problem.device_mem[d]), float(t[d, 1]), float(t[d, 0]), float(t[d, -1]),
+                      float(problem.step_overhead[d]), float(problem.hop_overhead[d]))
 
 
 def _floor_cap(x: np.ndarray | float, n_blocks: int) -> np.ndarray:
@@ -88,25 +92,29 @@ class BlocksOracle:
         """Per-type (or per-device) figures; reps[0] is the source."""
         problem = self.problem
         t = problem.time[reps]
-        self.tb, self.te, self.th = t[:, 1], t[:, 0], t[:, -1]
+        # tf: a multi-stage plan's fixed per-step cost of each type; te and th carry it for the
+        # source (embedding) and the last device (head), a middle device pays it beside its blocks
+        self.tf = problem.stage_overhead()[reps]
+        self.tb, self.te, self.th = t[:, 1], t[:, 0] + self.tf, t[:, -1] + self.tf
         self.mem = problem.device_mem[reps]
         self.ret = problem.return_time()[reps]
-        self.total_src = float(problem.time[problem.source].sum())
+        self.total_src = problem.alone_time()
         self.src_fits_all = problem.layer_mem.sum() <= self.mem[0] * (1 + 1e-12)
 
     def candidates(self) -> np.ndarray:
         k = np.arange(self.st.n_blocks + 1)[None, :]
         regular = self.tb[:, None] * k
+        middle = regular + self.tf[:, None]
         last = regular + self.th[:, None]
         source = self.te[0] + self.tb[0] * k
-        return candidate_values(regular[:, 1:], last, source, self.hop, self.ret, [self.total_src])
+        return candidate_values(middle[:, 1:], last, source, self.hop, self.ret, [self.total_src])
 
     def _caps(self, tau: float):
         st, b = self.st, self.st.n_blocks
         with np.errstate(divide="ignore", invalid="ignore"):
             by_mem = lambda free: np.where(free < 0, -1.0, free / st.block_mem if st.block_mem > 0 else np.inf)  # noqa: E731
             by_time = lambda free: np.where(fits(0.0, free), np.where(self.tb > 0, free / self.tb, np.inf), -1.0)  # noqa: E731
-            regular = _floor_cap(np.minimum(by_mem(self.mem), by_time(np.full_like(self.tb, tau))), b)
+            regular = _floor_cap(np.minimum(by_mem(self.mem), by_time(tau - self.tf)), b)
             last = _floor_cap(np.minimum(by_mem(self.mem - st.head_mem), by_time(tau - self.th)), b)
             source = _floor_cap(np.minimum(by_mem(self.mem - st.embed_mem), by_time(tau - self.te)), b)[0]
         last = np.where(fits(self.th, tau) & (self.mem - st.head_mem >= -1e-12 * self.mem), np.maximum(last, -1), -1)
@@ -122,7 +130,7 @@ class BlocksOracle:
             valid &= ~(r[:, regular[1:] < 1] > 0).any(axis=1)
         rem = self.st.n_blocks - r.sum(axis=1)
         valid &= rem >= 0
-        cost = self.te[0] + self.th[u] + r @ self.tb[1:]
+        cost = self.te[0] + self.th[u] + r @ (self.tb[1:] + self.tf[1:])
         # slots, cheapest per block first: extra blocks beyond each middle device's first one,
         # the source's blocks, the last device's blocks
         prices = np.concatenate([self.tb[1:], [self.tb[0], self.tb[u]]])

@@ -41,28 +41,32 @@ class _Costs(_Masked):
         pt, pm = problem.prefix_time(), problem.prefix_mem()
         ok = (np.arange(n + 1)[:, None] < np.arange(n + 1)[None, :])[None] & (
             (pm[None, :] - pm[:, None])[None] <= problem.device_mem[:, None, None] * (1 + 1e-12))
-        self.seg = np.where(ok, pt[:, None, :] - pt[:, :, None], np.inf)  # [M, a, b]
+        fixed = problem.stage_overhead()[:, None, None]  # a multi-stage plan's fixed per-step costs
+        self.seg = np.where(ok, pt[:, None, :] - pt[:, :, None] + fixed, np.inf)  # [M, a, b]
         self.hop = problem.cut_hops()  # [N+1, M, M]
         self.hop[0] = np.inf
         idx = np.arange(problem.n_devices)
         self.hop[:, idx, idx] = np.inf
         self.ret = problem.return_time()
+        # the source alone pays no hop overhead: its plan is costed apart (inf if it does not fit)
+        self.alone = problem.alone_time() if np.isfinite(self.seg[problem.source, 0, n]) else np.inf
 
 
 class RelaxedOracle:
     """R*(tau) when devices may repeat: a lower bound on the true R*(tau). O(M^2 N^2)."""
 
-    def __init__(self, seg: np.ndarray, hop: np.ndarray, ret: np.ndarray, source: int):
-        """seg[D, a, b], hop[N+1, D, D], ret[D] over devices or device types D."""
-        self.c, self.source = _Masked(seg, hop, ret), source
+    def __init__(self, seg: np.ndarray, hop: np.ndarray, ret: np.ndarray, source: int, alone: float = np.inf):
+        """seg[D, a, b], hop[N+1, D, D], ret[D] over devices or device types D; alone: the
+        one-stage plan's R (seg carries a multi-stage plan's fixed costs, which it does not pay)."""
+        self.c, self.source, self.alone = _Masked(seg, hop, ret), source, alone
 
     @classmethod
     def for_devices(cls, problem: Problem) -> RelaxedOracle:
         c = _Costs(problem)
-        return cls(c.seg, c.hop, c.ret, problem.source)
+        return cls(c.seg, c.hop, c.ret, problem.source, c.alone)
 
     def candidates(self) -> np.ndarray:
-        return candidate_values(self.c.seg, self.c.hop, self.c.ret)
+        return candidate_values(self.c.seg, self.c.hop, self.c.ret, [self.alone])
 
     def table(self, tau: float) -> np.ndarray:
         seg, hop, _ = self.c.masked(tau)
@@ -77,6 +81,8 @@ class RelaxedOracle:
     def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         _, _, ret = self.c.masked(tau)
         r = float((self.table(tau)[:, -1] + ret).min())
+        if fits(self.alone, tau):
+            r = min(r, self.alone)
         return (r, lambda: []) if np.isfinite(r) else (np.inf, None)
 
 
@@ -100,6 +106,8 @@ class BeamOracle:
         togo = np.nan_to_num(np.min(seg[:, :, n], axis=0), posinf=0.0)
         beam = {(1 << src, src): (seg[src, 0].copy(), [(src, 0)])}
         best, best_path = np.inf, None
+        if fits(self.c.alone, tau):  # one stage: no hop overhead (seg[src, 0, n] counts it)
+            best, best_path = self.c.alone, [(src, 0)]
         while beam:
             nxt: dict[tuple[int, int], tuple[np.ndarray, list]] = {}
             for (mask, u), (vec, path) in beam.items():

@@ -62,6 +62,6 @@ def choose_method(problem: Problem):
 def relaxation(problem: Problem, space) -> bounded.RelaxedOracle:
     """The devices-may-repeat relaxation over the same types: a cheap lower bound for the search."""
     seg, hop, ret = generic.type_costs(problem, space)
-    return bounded.RelaxedOracle(seg, hop, ret, 0)
+    return bounded.RelaxedOracle(seg, hop, ret, 0, generic.alone_time(problem, seg))
 
 

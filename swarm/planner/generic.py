@@ -1,7 +1,8 @@
 """Exact R*(tau) for any units: DP over (type counts, last type) with a vector over units.
 
-L(state + v, v, b) = min over u, a of L(state, u, a) + hop(u -> v, cut at a) + C_v(a, b),
-keeping only stages and hops <= tau and segments that fit in memory. Each device is charged
+L(state + v, v, b) = min over u, a of L(state, u, a) + hop(u -> v, cut at a) + C_v(a, b) + F_v,
+keeping only stages and hops <= tau and segments that fit in memory (F_v: the device's fixed
+per-step costs in a multi-stage plan; the source alone pays only its step constant). Each device is charged
 once for its contiguous segment (what the paper's Algorithm 1 gets wrong). Cost
 O(states * T^2 * N^2): exact for any links, fast with few types or few devices.
 """
@@ -19,14 +20,16 @@ from swarm.planner.types import TypeSpace, assign_devices
 
 
 def type_costs(problem: Problem, space: TypeSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """seg[T, a, b] (inf if a >= b or over memory), hop[N+1, T, T] (cut at a), ret[T], type 0 = source."""
+    """seg[T, a, b] (inf if a >= b or over memory; fixed per-step costs of a multi-stage plan
+    included), hop[N+1, T, T] (cut at a), ret[T], type 0 = source."""
     n = problem.n_units
     reps = space.reps
     pt = problem.prefix_time()[reps]  # [T, N+1]
     pm = problem.prefix_mem()
     ok = (np.arange(n + 1)[:, None] < np.arange(n + 1)[None, :])[None] & (
         (pm[None, :] - pm[:, None])[None] <= problem.device_mem[reps][:, None, None] * (1 + 1e-12))
-    seg = np.where(ok, pt[:, None, :] - pt[:, :, None], np.inf)
+    fixed = problem.stage_overhead()[reps]
+    seg = np.where(ok, pt[:, None, :] - pt[:, :, None] + fixed[:, None, None], np.inf)
     hops = problem.cut_hops()  # [N+1, M, M]
     t = space.n_types
     hop = np.full((n + 1, t, t), np.inf)
@@ -38,15 +41,21 @@ def type_costs(problem: Problem, space: TypeSpace) -> tuple[np.ndarray, np.ndarr
     return seg, hop, problem.return_time()[reps]
 
 
+def alone_time(problem: Problem, seg: np.ndarray) -> float:
+    """The plan "the source runs everything" (inf if it does not fit); seg as type_costs gives it."""
+    return problem.alone_time() if np.isfinite(seg[0, 0, problem.n_units]) else np.inf
+
+
 class GenericOracle:
     """R*(tau) over a type space; the plain subset DP when every device is its own type."""
 
     def __init__(self, problem: Problem, space: TypeSpace):
         self.problem, self.space = problem, space
         self.seg, self.hop, self.ret = type_costs(problem, space)
+        self.alone = alone_time(problem, self.seg)
 
     def candidates(self) -> np.ndarray:
-        return candidate_values(self.seg, self.hop, self.ret)
+        return candidate_values(self.seg, self.hop, self.ret, [self.alone])
 
     def solve(self, tau: float) -> tuple[float, Callable[[], list[PlannedStage]] | None]:
         sp, n = self.space, self.problem.n_units
@@ -57,6 +66,7 @@ class GenericOracle:
         par_u = np.zeros((sp.n_states, t, n + 1), dtype=np.int32)
         par_a = np.zeros((sp.n_states, t, n + 1), dtype=np.int32)
         L[0, 0] = seg[0, 0]
+        L[0, 0, n] = self.alone if fits(self.alone, tau) else np.inf  # one stage: no hop overhead
         for layer in sp.layers[:-1]:
             block = L[layer]  # [s, T, N+1]
             if not np.isfinite(block).any():

@@ -1,7 +1,9 @@
-"""A plan (ordered stages) and its cost under the issue-3 model.
+"""A plan (ordered stages) and its cost under the issue-3 model, extended by issue 26.
 
-R (latency) = stage compute times + hops between stages + the return hop.
-P (bottleneck) = the largest stage compute time or hop, the return hop included.
+A stage's time = its units' compute + its device's fixed per-step costs (the step
+constant always; the hop overhead when the plan has two or more stages).
+R (latency) = stage times + hops between stages + the return hop.
+P (bottleneck) = the largest stage time or hop, the return hop included.
 cycle with m micro-batches in flight = max(R / m, P).
 """
 
@@ -40,6 +42,14 @@ class Plan:
     method: str = ""
     gap: float = 0.0  # relative gap to a proven bound; 0 when exact
     notes: tuple[str, ...] = field(default=())
+    overhead_s: tuple[float, ...] = ()  # per stage: fixed per-step costs (step constant, hop overhead)
+
+    @property
+    def stage_s(self) -> tuple[float, ...]:
+        """Per stage: the time it is occupied per step (compute + fixed costs): what the simulator takes."""
+        if not self.overhead_s:
+            return self.compute_s
+        return tuple(c + o for c, o in zip(self.compute_s, self.overhead_s))
 
     def to_json(self, problem: Problem | None = None) -> dict[str, Any]:
         """The plan as JSON: stages (with names and figures when the problem is given) and totals."""
@@ -47,6 +57,7 @@ class Plan:
         for k, st in enumerate(self.stages):
             d: dict[str, Any] = {"device": st.device, "start": st.start, "end": st.end,
                                  "compute_s": self.compute_s[k], "hop_s": self.hop_s[k],
+                                 "overhead_s": self.overhead_s[k] if self.overhead_s else 0.0,
                                  "mem_used": self.mem_used[k]}
             if problem is not None:
                 d["name"] = problem.device_names[st.device]
@@ -87,12 +98,15 @@ def evaluate(problem: Problem, stages: Sequence[PlannedStage], inflight: int = 1
     hops = problem.cut_hops()
     ret = problem.return_time()
     compute = tuple(float(pt[s.device, s.end] - pt[s.device, s.start]) for s in stages)
+    fixed = problem.stage_overhead() if len(stages) > 1 else problem.step_overhead
+    overhead = tuple(float(fixed[s.device]) for s in stages)
     hop = [float(hops[b.start, a.device, b.device]) for a, b in zip(stages, stages[1:])]
     hop.append(float(ret[stages[-1].device]))
     if not all(map(math.isfinite, hop)):
         raise ValueError("the plan uses a missing link (bandwidth 0)")
-    latency = sum(compute) + sum(hop)
-    bottleneck = max(max(compute), max(hop))
+    stage = [c + o for c, o in zip(compute, overhead)]
+    latency = sum(stage) + sum(hop)
+    bottleneck = max(max(stage), max(hop))
     return Plan(
         stages=stages,
         latency_s=latency,
@@ -101,6 +115,7 @@ def evaluate(problem: Problem, stages: Sequence[PlannedStage], inflight: int = 1
         inflight=inflight,
         compute_s=compute,
         hop_s=tuple(hop),
+        overhead_s=overhead,
         mem_used=tuple(float(mem[s.end] - mem[s.start]) for s in stages),
         **meta,
     )

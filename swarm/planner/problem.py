@@ -3,6 +3,11 @@
 Units are the model's pieces in execution order (embedding, blocks, head). A device
 runs one contiguous range of units [a, b). Every cost the planners need is derived
 here once (prefix sums, hop matrices) so the algorithms stay short.
+
+Besides its units' times, a stage on device d pays fixed costs every step (issue 26):
+``step_overhead[d]`` always (the shard's per-step constant), and ``hop_overhead[d]``
+when the plan has more than one stage (waking up for a message, decoding it, encoding
+and sending the result). Both occupy the stage, so they count in its stage time.
 """
 
 from __future__ import annotations
@@ -43,6 +48,16 @@ class Problem:
     latency: np.ndarray  # [M, M] seconds
     return_bytes: float
     extra: dict[str, Any] = field(default_factory=dict)  # ignored by the cost model
+    step_overhead: np.ndarray | None = None  # [M] seconds per step of any stage on the device; None: 0
+    hop_overhead: np.ndarray | None = None  # [M] seconds per step of a stage in a multi-stage plan; None: 0
+
+    def __post_init__(self) -> None:
+        for name in ("step_overhead", "hop_overhead"):
+            value = getattr(self, name)
+            value = np.zeros(len(self.device_names)) if value is None else np.asarray(value, dtype=float)
+            if value.shape != (len(self.device_names),):
+                raise ProblemError(f"{name}: expected {len(self.device_names)} numbers (one per device)")
+            object.__setattr__(self, name, value)
 
     @property
     def n_units(self) -> int:
@@ -72,13 +87,16 @@ class Problem:
         devices = _list(data, "devices", "problem")
         if not devices:
             raise ProblemError("devices: expected at least one device")
-        dnames, dmem, times = [], [], []
+        dnames, dmem, times, step_oh, hop_oh = [], [], [], [], []
         for j, dev in enumerate(devices):
             where = f"devices[{j}]"
             if not isinstance(dev, dict):
                 raise ProblemError(f"{where}: expected an object")
             dnames.append(str(dev.get("name", f"device{j}")))
             dmem.append(_number(dev, "mem", where))
+            # absent in problems written before issue 26: no fixed costs
+            step_oh.append(_value(dev.get("step_overhead", 0.0), f"{where}.step_overhead"))
+            hop_oh.append(_value(dev.get("hop_overhead", 0.0), f"{where}.hop_overhead"))
             t = _list(dev, "time", where)
             if len(t) != n:
                 raise ProblemError(f"{where}.time: expected {n} numbers (one per unit), got {len(t)}")
@@ -104,6 +122,8 @@ class Problem:
             latency=latency,
             return_bytes=ret,
             extra={k: v for k, v in data.items() if k not in known},
+            step_overhead=np.array(step_oh, dtype=float),
+            hop_overhead=np.array(hop_oh, dtype=float),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -116,8 +136,10 @@ class Problem:
                 for nm, mm, o in zip(self.layer_names, self.layer_mem, self.layer_out)
             ],
             "devices": [
-                {"name": nm, "mem": float(mm), "time": [float(x) for x in t]}
-                for nm, mm, t in zip(self.device_names, self.device_mem, self.time)
+                {"name": nm, "mem": float(mm), "time": [float(x) for x in t],
+                 "step_overhead": float(so), "hop_overhead": float(ho)}
+                for nm, mm, t, so, ho in zip(self.device_names, self.device_mem, self.time,
+                                             self.step_overhead, self.hop_overhead)
             ],
             "bandwidth": self.bandwidth.tolist(),
             "latency": self.latency.tolist(),
@@ -129,6 +151,14 @@ class Problem:
     def prefix_time(self) -> np.ndarray:
         """[M, N+1]: C_d(a, b) = P[d, b] - P[d, a]."""
         return np.concatenate([np.zeros((self.n_devices, 1)), np.cumsum(self.time, axis=1)], axis=1)
+
+    def stage_overhead(self) -> np.ndarray:
+        """[M]: fixed seconds a stage on each device pays per step in a plan of two or more stages."""
+        return self.step_overhead + self.hop_overhead
+
+    def alone_time(self) -> float:
+        """The source's stage time when it runs every unit itself (no hop, so no hop overhead)."""
+        return float(self.time[self.source].sum() + self.step_overhead[self.source])
 
     def prefix_mem(self) -> np.ndarray:
         """[N+1]: W(a, b) = P[b] - P[a]."""

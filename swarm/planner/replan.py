@@ -30,6 +30,7 @@ MIN_GAIN = 0.05  # relative improvement a new plan must promise to be worth rede
 # 2 ms per token does not pay back within a typical answer; it also keeps round-trip noise
 # on a fast network (tenths of a ms) from swapping between near-equal plans.
 MIN_GAIN_S = 0.002
+PROFILE_DRIFT = 0.2  # live step times this far (relative) from the plan's say a profile is off (issue 26)
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,14 @@ def decide(problem: Problem, deployed: Sequence[PlannedStage], bandwidth, latenc
     return ReplanDecision(False, f"links moved ({change:.0%}), but the best plan gains under {min_gain:.0%} "
                                  f"or {min_gain_s * 1e3:g} ms",
                           current, value, best)
+
+
+def profile_drift(predicted_step_s: Sequence[float], measured_step_s: Sequence[float | None],
+                  limit: float = PROFILE_DRIFT) -> list[tuple[int, float, float]]:
+    """(stage, predicted, measured) for each stage whose measured compute per decode step
+    differs from the plan's by more than ``limit`` (relative); None: not measured yet.
+
+    A profile taken while the device was busy (or before its kernels changed) shows here
+    first: the source says which peer's figures are off instead of trusting them silently."""
+    return [(k, p, m) for k, (p, m) in enumerate(zip(predicted_step_s, measured_step_s))
+            if m is not None and p > 0 and abs(m - p) > limit * p]

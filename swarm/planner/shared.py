@@ -6,7 +6,8 @@ Order no longer matters: a plan with the source and k other devices costs
 so the choice is which devices take part and how many blocks each runs. A knapsack over
 the devices with a flag "the last (head) device is chosen" gives it exactly:
     f_flag[n] = least cost of n blocks on the devices seen so far,
-    middle device d: + c + tb_d * x, 1 <= x <= cap_d;  last device d: + c + r + th_d + tb_d * x, 0 <= x <= capL_d
+    middle device d: + c + tf_d + tb_d * x, 1 <= x <= cap_d;  last device d: + c + r + th_d + tb_d * x, 0 <= x <= capL_d
+(tf_d: the device's fixed per-step cost in a multi-stage plan; th_d and the source's te include it)
 O(M * B^2) per call (vectorised over n), so 64 distinct devices x 80 blocks take milliseconds.
 """
 
@@ -55,8 +56,8 @@ class SharedOracle(BlocksOracle):
             f1 = np.full(nb + 1, np.inf)
             picks = []  # per device: (x as middle from f0, x as middle from f1, x as last from f0, which f1 won)
             for d in range(1, len(self.order)):
-                g0, x0 = _add(f0, self.tb[d], 1, regular[d], self.c)
-                g1, x1 = _add(f1, self.tb[d], 1, regular[d], self.c)
+                g0, x0 = _add(f0, self.tb[d], 1, regular[d], self.c + self.tf[d])
+                g1, x1 = _add(f1, self.tb[d], 1, regular[d], self.c + self.tf[d])
                 r = self.ret[d] if fits(self.ret[d], tau) else np.inf
                 h1, xl = _add(f0, self.tb[d], 0, last[d], self.c + r + self.th[d])
                 new1 = np.minimum(np.minimum(f1, g1), h1)

@@ -97,6 +97,12 @@ def simulate_pipeline(
     )
 
 
+def simulate_plan(plan, m: int = 1, b: int = 1, barrier: bool = False, **workload) -> SimResult:
+    """simulate_pipeline for a planner Plan: its stage times (compute plus the fixed per-step
+    costs, issue 26) and its hops, so the simulator and the planner share one cost model."""
+    return simulate_pipeline(plan.stage_s, plan.hop_s, m, b, barrier, **workload)
+
+
 def _event_sim(stage, hop, pre_stage, pre_hop, m, barrier, rounds):
     """Makespan and per-server busy time; servers alternate stage, hop, stage, hop..."""
     decode = [x for pair in zip(stage, hop) for x in pair]

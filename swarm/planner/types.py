@@ -112,8 +112,9 @@ def _links_agree(problem: Problem, members: list[tuple[int, ...]]) -> bool:
 
 
 def device_type_key(problem: Problem) -> Callable[[int], Hashable]:
-    """Devices with equal memory and per-unit times are interchangeable in the generic DP."""
-    return lambda d: (float(problem.device_mem[d]), problem.time[d].tobytes())
+    """Devices with equal memory, per-unit times and fixed per-step costs are interchangeable in the generic DP."""
+    return lambda d: (float(problem.device_mem[d]), problem.time[d].tobytes(),
+                      float(problem.step_overhead[d]), float(problem.hop_overhead[d]))
 
 
 def assign_devices(space: TypeSpace, type_path: list[int]) -> list[int]:

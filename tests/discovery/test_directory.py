@@ -60,6 +60,8 @@ async def test_seeds_find_peers_without_multicast_one_hop_of_gossip():
             assert await watcher.wait_for(lambda live: {a.peer_id, b.peer_id} <= set(live), TIMEOUT_S)
             assert watcher.live[a.peer_id].port == a.port
             assert watcher.live[a.peer_id].announcement.mem_bytes == a.announcement().mem_bytes
+            # issue 26: each peer measured its own hop overhead on its data socket and announced it
+            assert watcher.live[a.peer_id].announcement.hop_overhead_us == round(a.hop_overhead_s * 1e6) > 0
             assert not watcher.mdns.heard.names  # nothing came over multicast
 
 

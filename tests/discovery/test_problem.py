@@ -1,7 +1,7 @@
 from swarm.discovery.links import ProbeConfig, link_from_timings, probe_sizes
 from swarm.discovery.liveness import Liveness, LivenessConfig
 from swarm.discovery.problem import (Workload, build_problem, device_from_announcement, device_from_profile,
-                                     links_from_announcements)
+                                     links_from_announcements, predicted_first_token_s)
 from swarm.discovery.txt import Link, decode, encode, from_profile
 from swarm.planner.problem import Problem
 from tests.discovery.discovery_fixtures import fixture_profile
@@ -20,7 +20,9 @@ def test_problem_from_announcements_matches_profiles_and_links():
     assert data["peer_ids"] == ids
     for k, dev in enumerate(data["devices"]):
         assert dev["mem"] == profiles[k]["device"]["mem_bytes"]
-        assert max(abs(t - u["time_s"]) for t, u in zip(dev["time"], profiles[k]["units"])) <= 1e-6
+        # decode times: a plan's R is the per-token latency (prefill only for the first token)
+        assert max(abs(t - u["decode_s"]) for t, u in zip(dev["time"], profiles[k]["units"])) <= 1e-6
+        assert max(abs(t - u["prefill_s"]) for t, u in zip(dev["prefill_time"], profiles[k]["units"])) <= 1e-6
     u = profiles[0]["units"][1]
     assert data["layers"][1]["mem"] == u["weight_bytes"] + u["kv_bytes_per_token"] * 200
     assert data["layers"][1]["out"] == u["out_bytes_per_token"] * 2
@@ -28,6 +30,34 @@ def test_problem_from_announcements_matches_profiles_and_links():
     assert problem.bandwidth[0, 1] == 5e6 and problem.bandwidth[1, 0] == 1e6
     assert problem.bandwidth[2, 0] == 2e6 and problem.bandwidth[0, 2] == 2e6
     assert problem.bandwidth[1, 2] == 0 and abs(problem.latency[2, 0] - 0.001) < 1e-9
+
+
+def test_fixed_costs_travel_from_profile_and_announcement_to_the_problem():
+    """Issue 26: a peer's step constant (its profile) and hop overhead (measured on its data
+    path) are announced ("so", "ho") and reach the planner; records without them read as 0."""
+    src, peer = fixture_profile(), {**fixture_profile(name="peer"), "step_decode_s": 0.0004}
+    a = decode(encode(from_profile(peer, "bbbbbbbbbbbb", "peer", hop_overhead_s=0.00123)))
+    assert (a.step_overhead_us, a.hop_overhead_us) == (400, 1230)
+    old = {k: v for k, v in encode(from_profile(peer, "bbbbbbbbbbbb", "peer")).items() if k not in ("so", "ho")}
+    assert (decode(old).step_overhead_us, decode(old).hop_overhead_us) == (0, 0)
+    devices = [device_from_profile(src, "aaaaaaaaaaaa", "source", hop_overhead=0.0005), device_from_announcement(a)]
+    links = {("aaaaaaaaaaaa", "bbbbbbbbbbbb"): Link(1e6, 0.002)}
+    data = build_problem(src, devices, links)
+    problem = Problem.from_json(data)
+    assert problem.hop_overhead.tolist() == [0.0005, 0.00123]
+    assert problem.step_overhead.tolist() == [0.0, 0.0004]
+
+    class S:  # a planner stage
+        def __init__(self, device, start, end):
+            self.device, self.start, self.end = device, start, end
+
+    stages = [S(0, 0, 3), S(1, 3, 6)]
+    out = data["layers"][2]["out"]
+    want = (sum(u["prefill_s"] for u in src["units"][:3]) * 64 / 32 + 0.0005
+            + 0.001 + 64 * out / 1e6  # the prompt's activations over the link (one-way latency = rtt / 2)
+            + sum(u["prefill_s"] for u in peer["units"][3:]) * 64 / 32 + 0.0004 + 0.00123
+            + 0.001 + 8 / 1e6)  # the token back
+    assert abs(predicted_first_token_s(data, stages, 64) - want) < 5e-6  # announced times are whole microseconds
 
 
 def test_bandwidth_slope_cancels_round_trip_and_burst():

@@ -128,7 +128,10 @@ async def test_problem_built_from_announcements_equals_the_peers_profiles(peers)
         device = data["devices"][k]
         assert device["mem"] == profile["device"]["mem_bytes"]
         assert len(device["time"]) == len(profile["units"])
-        assert max(abs(t - u["time_s"]) for t, u in zip(device["time"], profile["units"])) <= 1e-6
+        # decode times: a plan's R is the per-token latency (issue 26)
+        assert max(abs(t - u["decode_s"]) for t, u in zip(device["time"], profile["units"])) <= 1e-6
+        # each peer measured its hop overhead on its own data socket; the source on a worker of its own
+        assert device["hop_overhead"] > 0
     m = len(data["devices"])
     assert all(data["bandwidth"][i][j] > 1e6 for i in range(m) for j in range(m) if i != j)
     assert planned.plan.stages[0].device == 0 and planned.stages[0].address is None

@@ -46,3 +46,7 @@ def test_a_batch_over_two_local_peers_matches_generate(expected):
     assert len(out["plan"]) >= 3  # the source keeps the embedding; two peers share the rest
     assert out["plan"][0]["start"] == 0 and out["plan"][-1]["end"] == 32
     assert out["mode"].startswith("swarm (cycle")
+    # issue 26: the prediction in the measurement's units, with the fixed per-step costs measured
+    p = out["predicted"]
+    assert p["ms_per_token"] >= 1e3 * p["latency_s"] - 0.01 and p["time_to_first_token_s"] > 0
+    assert p["overhead_ms_per_token"] > 0 and p["compute_ms_per_token"] > 0

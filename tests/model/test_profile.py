@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
 from swarm.model import profile as profiling
 from swarm.model.kernels import kernel_id
 from swarm.model.profile import profile_device
 
 
 def test_a_profile_measured_with_other_kernels_is_measured_again(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)  # a busy test machine
     first = profile_device(tiny_model_dir, threads=1, quant="int8")
     assert first.kernels == kernel_id()
     cached = profile_device(tiny_model_dir, threads=1, quant="int8")
@@ -16,3 +24,58 @@ def test_a_profile_measured_with_other_kernels_is_measured_again(tiny_model_dir,
     remeasured = profile_device(tiny_model_dir, threads=1, quant="int8")
     assert remeasured.kernels == "999-elsewhere"
     assert remeasured.measured_s != first.measured_s
+
+
+def test_the_shard_line_gives_the_per_step_constant_and_a_block_in_a_shard():
+    constant, block = 0.0015, 0.0035
+    c, b = profiling.shard_line(constant, 8, constant + 8 * block)
+    assert c == constant and abs(b - block) < 1e-12
+    assert profiling.shard_line(0.05, 8, 0.03) == (0.03, 0.0)  # never more constant than the whole step
+    units = [profiling.UnitProfile(n, 1, 1, 1, p, d) for n, p, d in
+             (("embed", 0.002, 0.0016), ("b0", 0.010, 0.0009), ("b1", 0.012, 0.0011), ("head", 0.05, 0.021))]
+    got = profiling.in_shard_units(units, 0.001, 0.02, 0.0015, 0.0035)
+    # blocks: the shard's block time, shaped by how they compared alone; the ends: alone minus the constant
+    assert [u.decode_s for u in got] == pytest.approx([0.0016 * profiling.MIN_UNIT_SHARE, 0.0035 * 0.9,
+                                                       0.0035 * 1.1, 0.021 - 0.0015], rel=1e-12)
+    assert [u.prefill_s for u in got] == pytest.approx([0.001, 0.02 * 10 / 11, 0.02 * 12 / 11, 0.049], rel=1e-12)
+
+
+def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
+    fresh = profile_device(tiny_model_dir, threads=1, use_cache=False)
+    assert fresh.version == profiling.PROFILE_VERSION == 3
+    assert fresh.step_decode_s >= 0 and fresh.step_prefill_s >= 0
+    # a version-2 cache (units alone, no constant) at the same path is never read as version 3
+    path = profiling.profile_cache_path(fresh.device.name, fresh.model.fingerprint, fresh.model.dtype, 1, "cpu",
+                                        fresh.kernels)
+    old = fresh.to_json()
+    old["version"] = 2
+    for key in ("step_decode_s", "step_prefill_s", "others_busy_cpus", "under_load"):
+        del old[key]
+    path.write_text(json.dumps(old))
+    again = profile_device(tiny_model_dir, threads=1)
+    assert again.version == 3 and again.measured_s != fresh.measured_s
+    assert json.loads(path.read_text())["version"] == 3
+
+
+def test_a_profile_taken_under_load_is_marked_and_measured_again_when_quiet(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(profiling, "loaded", lambda others, threads: True)
+    began = time.monotonic()
+    assert not profiling.wait_for_quiet(1, 0.3) and time.monotonic() - began >= 0.3
+    busy = profile_device(tiny_model_dir, threads=1, use_cache=False, quiet_wait_s=0.1)
+    assert busy.under_load
+    monkeypatch.setattr(profiling, "quiet_now", lambda *args: False)
+    assert profile_device(tiny_model_dir, threads=1).measured_s == busy.measured_s  # still busy: kept
+    monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
+    monkeypatch.setattr(profiling, "quiet_now", lambda *args: True)
+    quiet = profile_device(tiny_model_dir, threads=1)
+    assert not quiet.under_load and quiet.measured_s != busy.measured_s
+    assert profiling.wait_for_quiet(1, 5.0)
+    assert profile_device(tiny_model_dir, threads=1).measured_s == quiet.measured_s  # a quiet profile is kept
+
+
+def test_the_load_meter_sees_another_process_busy():
+    meter = profiling.LoadMeter()
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 0.8\nwhile time.time() < end: pass"])
+    spin.wait()
+    assert meter.others_busy_cpus() > 0.3

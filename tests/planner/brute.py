@@ -10,7 +10,11 @@ from swarm.planner.problem import Problem
 
 
 def all_plans(problem: Problem) -> list[tuple[float, float, tuple]]:
-    """(R, P, stages) for every valid plan; stages as (device, start, end) triples."""
+    """(R, P, stages) for every valid plan; stages as (device, start, end) triples.
+
+    A stage's time is its units' times plus its device's step constant, plus its hop
+    overhead when the plan has two or more stages (issue 26), written out here
+    independently of swarm.planner.plan.evaluate."""
     n, src = problem.n_units, problem.source
     pt, pm = problem.prefix_time(), problem.prefix_mem()
     hops, ret = problem.cut_hops(), problem.return_time()
@@ -22,12 +26,13 @@ def all_plans(problem: Problem) -> list[tuple[float, float, tuple]]:
             for rest in itertools.permutations(others, k - 1):
                 devs = (src, *rest)
                 r, p, ok = 0.0, 0.0, True
+                hop_cost = problem.hop_overhead if k > 1 else 0.0 * problem.hop_overhead
                 for i, d in enumerate(devs):
                     a, b = bounds[i], bounds[i + 1]
                     if pm[b] - pm[a] > problem.device_mem[d] * (1 + 1e-12):
                         ok = False
                         break
-                    c = pt[d, b] - pt[d, a]
+                    c = pt[d, b] - pt[d, a] + problem.step_overhead[d] + hop_cost[d]
                     h = hops[b, d, devs[i + 1]] if i + 1 < k else ret[d]
                     r += c + h
                     p = max(p, c, h)

@@ -7,7 +7,10 @@ import numpy as np
 from swarm.planner.problem import Problem
 
 
-def random_problem(rng: np.random.Generator, identical_blocks: bool = False, types: bool = False) -> Problem:
+def random_problem(rng: np.random.Generator, identical_blocks: bool = False, types: bool = False,
+                   overheads: bool = False) -> Problem:
+    """A random problem; with overheads, devices have non-zero fixed per-step costs (a step
+    constant and a hop overhead, each up to about a unit's time) as measured peers do."""
     m = int(rng.integers(1, 6))
     n = int(rng.integers(3 if identical_blocks else 1, 9))
     if identical_blocks:
@@ -31,10 +34,14 @@ def random_problem(rng: np.random.Generator, identical_blocks: bool = False, typ
     else:
         bw[rng.random((m, m)) < 0.2] = 0.0
     src = int(rng.integers(0, m))
+    step_oh, hop_oh = np.zeros(m), np.zeros(m)
+    if overheads:
+        step_oh, hop_oh = rng.uniform(0, 0.5, m)[kinds], rng.uniform(0, 1.5, m)[kinds]
     return Problem.from_json({
         "source": src,
         "layers": [{"name": f"u{i}", "mem": float(mem[i]), "out": float(out[i])} for i in range(n)],
-        "devices": [{"name": f"d{j}", "mem": float(dev_mem[j]), "time": time[j].tolist()} for j in range(m)],
+        "devices": [{"name": f"d{j}", "mem": float(dev_mem[j]), "time": time[j].tolist(),
+                     "step_overhead": float(step_oh[j]), "hop_overhead": float(hop_oh[j])} for j in range(m)],
         "bandwidth": bw.tolist(), "latency": lat.tolist(),
         "return_bytes": float(rng.uniform(0, 2)),
     })

@@ -1,4 +1,5 @@
-"""Every objective against brute force on random small problems (M <= 5, N <= 8)."""
+"""Every objective against brute force on random small problems (M <= 5, N <= 8); half of them
+with per-device fixed costs (step constant, hop overhead: issue 26)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def close(a, b):
 def problems():
     rng = np.random.default_rng(20261127)
     for i in range(N_PROBLEMS):
-        yield rng, random_problem(rng, identical_blocks=i % 3 == 0 or i % 6 == 1, types=i % 3 == 1)
+        yield rng, random_problem(rng, identical_blocks=i % 3 == 0 or i % 6 == 1, types=i % 3 == 1,
+                                  overheads=i % 4 >= 2)
 
 
 def test_ours_matches_brute_force_on_every_objective():
@@ -124,7 +126,7 @@ def test_bracketing_near_identical_blocks_brackets_the_optimum():
     rng = np.random.default_rng(11)
     checked = 0
     for i in range(80):
-        d = random_problem(rng, identical_blocks=True).to_json()
+        d = random_problem(rng, identical_blocks=True, overheads=i % 2 == 1).to_json()
         for dev in d["devices"]:  # measured profiles: blocks within a few percent of each other
             dev["time"] = [t * rng.uniform(0.95, 1.05) for t in dev["time"]]
         prob = Problem.from_json(d)

@@ -54,6 +54,40 @@ def test_cost_model_by_hand():
     assert plan(p, "latency").latency_s == 1 + hop + 2 + ret  # a alone cannot hold all 8 B
 
 
+def test_fixed_costs_by_hand_and_old_problems_have_none():
+    """Issue 26: a stage pays its device's step constant always and its hop overhead in a
+    multi-stage plan; both occupy the stage (they count in P), and JSON without them reads as 0."""
+    assert Problem.from_json(small()).hop_overhead.tolist() == [0, 0]
+    devices = [{"name": "a", "mem": 6, "time": [1, 4, 2], "step_overhead": 0.1, "hop_overhead": 0.3},
+               {"name": "b", "mem": 8, "time": [1, 1, 1], "step_overhead": 0.2, "hop_overhead": 1.5}]
+    p = Problem.from_json(small(devices=devices))
+    assert Problem.from_json(json.loads(json.dumps(p.to_json()))).hop_overhead.tolist() == [0.3, 1.5]
+    got = evaluate(p, [PlannedStage(0, 0, 1), PlannedStage(1, 1, 3)], inflight=2)
+    hop, ret = 0.5 + 10 / 10, 0.25 + 5 / 5
+    assert got.compute_s == (1, 2) and got.overhead_s == (0.1 + 0.3, 0.2 + 1.5)
+    assert got.stage_s == (1.4, 3.7)
+    assert got.latency_s == pytest.approx(1.4 + hop + 3.7 + ret)
+    assert got.bottleneck_s == pytest.approx(3.7)  # stage b with its overheads, above any hop
+    # b can hold everything when it is the source: its one-stage plan pays only its step constant
+    solo = small(devices=devices, source=1)
+    q = Problem.from_json(solo)
+    one = evaluate(q, [PlannedStage(1, 0, 3)])
+    assert one.latency_s == pytest.approx(3 + 0.2) and one.overhead_s == (0.2,)
+
+
+def test_hop_overhead_changes_the_best_plan():
+    """Two equal devices on a free link: splitting halves the compute per stage, so the
+    throughput plan splits; a hop overhead larger than the saving keeps everything on one."""
+    def problem(overhead: float) -> Problem:
+        dev = lambda name: {"name": name, "mem": 100, "time": [1, 4, 4, 1], "hop_overhead": overhead}  # noqa: E731
+        return Problem.from_json({
+            "source": 0, "layers": [{"name": f"u{i}", "mem": 1, "out": 1} for i in range(4)],
+            "devices": [dev("a"), dev("b")], "bandwidth": [[0, 1e9], [1e9, 0]], "return_bytes": 1})
+    assert len(plan(problem(0.0), "throughput").stages) == 2  # P = 5 instead of 10
+    assert len(plan(problem(6.0), "throughput").stages) == 1  # a split stage would take 5 + 6 > 10
+    assert plan(problem(6.0), "throughput").bottleneck_s == 10
+
+
 def test_infeasible_error_gives_memory_figures():
     data = small(devices=[{"name": "a", "mem": 3, "time": [1, 1, 1]}, {"name": "b", "mem": 3, "time": [1, 1, 1]}])
     with pytest.raises(InfeasibleError) as e:

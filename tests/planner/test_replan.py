@@ -112,3 +112,12 @@ def test_decision_matches_brute_force_on_random_link_changes(objective):
                             and best < current_s * 0.95)
         checked += 1
     assert checked > 60
+
+
+def test_profile_drift_names_stages_whose_live_steps_disagree_by_more_than_a_fifth():
+    from swarm.planner.replan import profile_drift
+
+    predicted = [0.010, 0.020, 0.030, 0.005]
+    measured = [0.0115, 0.026, None, 0.004]  # +15%, +30%, not measured, -20% exactly
+    assert profile_drift(predicted, measured) == [(1, 0.020, 0.026)]
+    assert profile_drift(predicted, measured, limit=0.1) == [(0, 0.010, 0.0115), (1, 0.020, 0.026), (3, 0.005, 0.004)]

@@ -42,6 +42,25 @@ def test_prefill_round_and_busy_share():
     assert seq.sequential_s_per_token == 4.0 and seq.steady_tokens_per_s == pytest.approx(0.25)
 
 
+def test_simulating_a_plan_uses_its_fixed_costs():
+    """The simulator and the planner agree on a plan with hop overheads: R and P are the plan's,
+    and a stage's busy share counts its overhead (it occupies the stage)."""
+    from swarm.planner import Problem, plan, simulate_plan
+
+    dev = lambda name, oh: {"name": name, "mem": 100, "time": [1, 4, 4, 1], "step_overhead": 0.1,  # noqa: E731
+                            "hop_overhead": oh}
+    p = plan(Problem.from_json({
+        "source": 0, "layers": [{"name": f"u{i}", "mem": 1, "out": 1} for i in range(4)],
+        "devices": [dev("a", 0.5), dev("b", 1.0)], "bandwidth": [[0, 10], [10, 0]], "return_bytes": 1}),
+        "throughput")
+    assert len(p.stages) == 2 and p.overhead_s == (0.6, 1.1)
+    sim = simulate_plan(p, m=2)
+    assert sim.round_trip_s == pytest.approx(p.latency_s) and sim.bottleneck_s == pytest.approx(p.bottleneck_s)
+    cycle = max(p.latency_s / 2, p.bottleneck_s)  # two micro-batches in flight
+    assert sim.busy_share == pytest.approx(tuple(t / cycle for t in p.stage_s))
+    assert sum(p.stage_s) > sum(p.compute_s) + 1.6
+
+
 def batched_problem(base: dict, b: int, m: int) -> Problem:
     """Times grow sublinearly with b, memory with m * b (KV), hops with b."""
     d = {**base}
