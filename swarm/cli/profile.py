@@ -64,5 +64,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"whole model: prefill {total_prefill * 1e3:.1f} ms for {profile.prefill_tokens} tokens, "
                   f"decode {total_decode * 1e3:.1f} ms/token; weights {sum(u.weight_bytes for u in profile.units) / 1e6:.0f} MB; "
                   f"usable memory {profile.device.mem_bytes / 1e9:.2f} GB")
+    console.print(f"times in a shard (blocks measured back to back); per-step constant "
+                  f"{profile.step_decode_s * 1e3:.3f} ms decode, {profile.step_prefill_s * 1e3:.3f} ms prefill")
+    if profile.under_load:
+        console.print(f"[yellow]measured while other processes kept {profile.others_busy_cpus:.1f} CPUs busy: "
+                      "the times may be slow (measured again once this device is quiet, or --refresh)[/yellow]")
     console.print(f"measured in {profile.measured_s:.1f} s; profile JSON: {args.out or cached}")
     return 0

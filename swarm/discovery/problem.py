@@ -107,19 +107,25 @@ def links_from_announcements(announcements: list[Announcement]) -> dict[tuple[st
 
 def predicted_first_token_s(problem: dict, stages, prompt_tokens: int) -> float:
     """The planner's figure for the first token of a prompt of ``prompt_tokens`` tokens over
-    ``stages`` (planner stages of ``problem``): each stage's prefill (the profile's prefill
-    time scaled linearly from its "prefill_tokens"), its fixed per-step costs, the hops
-    carrying the prompt's activations, and the return of the token. Later tokens cost the
-    plan's latency_s (decode times)."""
+    ``stages`` (planner stages of ``problem``): each stage's prefill, its fixed per-step costs,
+    the hops carrying the prompt's activations, and the return of the token. Later tokens
+    cost the plan's latency_s (decode times).
+
+    A stage's prefill of n tokens runs on the line through its decode time (one token) and
+    its profiled prefill time ("prefill_tokens" tokens): on a CPU a short prompt costs about
+    a decode step, since reading the weights, not the tokens, takes the time."""
     from swarm.planner.problem import Problem
 
     p = Problem.from_json(problem)
-    scale = prompt_tokens / max(1, int(problem.get("prefill_tokens", 32)))
+    profiled = max(2, int(problem.get("prefill_tokens", 32)))
+    share = (prompt_tokens - 1) / (profiled - 1)
     fixed = p.stage_overhead() if len(stages) > 1 else p.step_overhead
     total = float(p.return_time()[stages[-1].device])
     for k, s in enumerate(stages):
-        prefill = problem["devices"][s.device].get("prefill_time") or list(p.time[s.device])
-        total += sum(prefill[s.start:s.end]) * scale + float(fixed[s.device])
+        decode = float(p.time[s.device, s.start:s.end].sum())
+        prefill = problem["devices"][s.device].get("prefill_time")
+        prefill = sum(prefill[s.start:s.end]) if prefill else decode * profiled
+        total += max(decode, decode + (prefill - decode) * share) + float(fixed[s.device])
         if k + 1 < len(stages):
             total += float(p.hop_time(p.layer_out[s.end - 1] * prompt_tokens)[s.device, stages[k + 1].device])
     return total

@@ -53,11 +53,17 @@ def test_fixed_costs_travel_from_profile_and_announcement_to_the_problem():
 
     stages = [S(0, 0, 3), S(1, 3, 6)]
     out = data["layers"][2]["out"]
-    want = (sum(u["prefill_s"] for u in src["units"][:3]) * 64 / 32 + 0.0005
+    def prefill(units, n):  # on the line through decode (1 token) and the profiled prefill (32)
+        d, p = sum(u["decode_s"] for u in units), sum(u["prefill_s"] for u in units)
+        return d + (p - d) * (n - 1) / 31
+
+    want = (prefill(src["units"][:3], 64) + 0.0005
             + 0.001 + 64 * out / 1e6  # the prompt's activations over the link (one-way latency = rtt / 2)
-            + sum(u["prefill_s"] for u in peer["units"][3:]) * 64 / 32 + 0.0004 + 0.00123
+            + prefill(peer["units"][3:], 64) + 0.0004 + 0.00123
             + 0.001 + 8 / 1e6)  # the token back
     assert abs(predicted_first_token_s(data, stages, 64) - want) < 5e-6  # announced times are whole microseconds
+    one = sum(u["decode_s"] for u in src["units"])
+    assert abs(predicted_first_token_s(data, [S(0, 0, 6)], 1) - one) < 1e-9  # one token: a decode step
 
 
 def test_bandwidth_slope_cancels_round_trip_and_burst():
