@@ -325,7 +325,7 @@ class SwarmSource:
 
         A step that failed or came back late names no peer: wait, within the heartbeat
         bound, for the directory to drop a planned one, then plan over whoever is live."""
-        from swarm.runtime.engine import Replanned, StageLost
+        from swarm.runtime.recovery import Replanned, StageLost
 
         old = self.current
         by_address = old.peer_ids_by_address()
@@ -388,7 +388,7 @@ class SwarmSource:
                     self._stats = ()
 
     async def open_session(self, sampling=None):
-        """A new sequence (swarm.runtime.engine.Session) on the deployed pipeline; ``async with`` closes it."""
+        """A new sequence (swarm.runtime.session.Session) on the deployed pipeline; ``async with`` closes it."""
         from swarm.model.sampling import GREEDY
 
         return await (await self._deployed()).open_session(sampling or GREEDY)

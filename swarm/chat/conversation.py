@@ -5,7 +5,7 @@ model's chat template. Each turn only the text the template adds after what the
 sequence already holds (the end of the last answer, the new user message, the
 assistant header) is tokenized and fed; earlier turns stay in the cache.
 
-No torch here: the sequence is a ``swarm.runtime.engine.Session`` (or anything with
+No torch here: the sequence is a ``swarm.runtime.session.Session`` (or anything with
 its shape) opened by ``open_session``; the tokenizer is any object with
 ``apply_chat_template``, ``encode`` and ``decode``.
 """
@@ -29,7 +29,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class SessionLike(Protocol):
-    """What a conversation needs of a sequence (swarm.runtime.engine.Session).
+    """What a conversation needs of a sequence (swarm.runtime.session.Session).
 
     ``generate`` feeds ``new_tokens`` and yields sampled tokens until a stop id (yielded
     last) or ``max_new_tokens``; every yielded token belongs to the sequence afterwards.

@@ -25,7 +25,8 @@ from swarm.cli.options import (add_memory_option, add_model_option, add_network_
 from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
 if TYPE_CHECKING:
-    from swarm.runtime.engine import RecoveryEvent, Session
+    from swarm.runtime.recovery import RecoveryEvent
+    from swarm.runtime.session import Session
 
 STATUS_REFRESH_S = 0.2
 STATS_POLL_S = 0.5

@@ -35,7 +35,7 @@ class SourceState:
     tokens_per_s: float | None = None
     model: str = ""
     notes: tuple[str, ...] = ()
-    recoveries: tuple[Any, ...] = ()  # swarm.runtime.engine.RecoveryEvent, oldest first
+    recoveries: tuple[Any, ...] = ()  # swarm.runtime.recovery.RecoveryEvent, oldest first
     deployed: bool = False
     recovering: bool = False
     diagnostic: str = ""  # what discovery tried and heard (for "no peers found")

@@ -13,7 +13,8 @@ import pytest
 
 from swarm.model import hf
 from swarm.planner.plan import Plan, PlannedStage
-from swarm.runtime.engine import RecoveryEvent, StageStats
+from swarm.runtime.recovery import RecoveryEvent
+from swarm.runtime.stats import StageStats
 from swarm.serve.app import ApiServer, ServeConfig
 from swarm.serve.state import swarm_json
 from swarm.serve.web import STATIC_DIR, is_loopback
