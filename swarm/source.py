@@ -404,7 +404,7 @@ class SwarmSource:
 
     async def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling=None,
                            stop_ids: Sequence[int] = ()) -> list[list[int]]:
-        """Every prompt's tokens, admitted at once (a seeded ``sampling`` gives prompt i seed + i)."""
+        """Every prompt's tokens, admitted at once (a seeded ``sampling`` gives prompt i ``row_sampling(sampling, i)``)."""
         from swarm.model.sampling import GREEDY
 
         pipe = await self._deployed()

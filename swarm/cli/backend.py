@@ -22,6 +22,7 @@ from swarm.chat.engines import BackendError, TokenRate
 from swarm.cli.common import resolve_model_with_status
 from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_quant_option,
                               add_threads_option, interfaces_from)
+from swarm.model.stopping import stop_token_ids
 from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class Backend:
     snapshot: Callable[[], SwarmSnapshot]
     recoveries: Callable[[], tuple["RecoveryEvent", ...]]
     rate: TokenRate
+    stop_ids: frozenset[int]  # stopping.stop_token_ids of the model: where every answer ends
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +186,7 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
 
     return Backend(open_session, tokenizer, model_dir.name,
                    lambda: snapshot_from_source(dataclasses.replace(source.state(), tokens_per_s=rate.value())),
-                   lambda: source.state().recoveries, rate)
+                   lambda: source.state().recoveries, rate, stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir)))
 
 
 async def _report_start(source, status) -> None:
@@ -226,7 +228,8 @@ async def _single_process(args: argparse.Namespace, model_dir: Path, console: Co
     def snapshot() -> SwarmSnapshot:
         return single_process_snapshot(model_dir.name, units, pipeline, stats, rate.value())
 
-    return Backend(lambda: pipeline.open_session(sampling), tokenizer, model_dir.name, snapshot, lambda: (), rate)
+    return Backend(lambda: pipeline.open_session(sampling), tokenizer, model_dir.name, snapshot, lambda: (), rate,
+                   stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir)))
 
 
 def single_process_snapshot(model: str, units: int, pipeline, stats, tokens_per_s: float | None) -> SwarmSnapshot:

@@ -82,7 +82,7 @@ class ChatState:
 async def _chat(args: argparse.Namespace, console: Console) -> int:
     async with open_backend(args, console) as backend, _closing(Conversation(
             backend.open_session, backend.tokenizer, system=args.system,
-            max_new_tokens=args.max_new_tokens)) as conversation:
+            max_new_tokens=args.max_new_tokens, stop_ids=backend.stop_ids)) as conversation:
         state = ChatState(view=args.view, snapshot=backend.snapshot, recoveries=backend.recoveries,
                           rate=backend.rate)
         history = InMemoryHistory() if args.no_history_file else FileHistory(str(history_path()))

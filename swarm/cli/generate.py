@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -76,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from swarm.model import hf
     from swarm.model.sampling import SamplingParams
+    from swarm.model.stopping import stop_token_ids
 
     if args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be at least 1")
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = [hf.chat_token_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer(t)["input_ids"] for t in texts]
-    stop_ids = sorted(stop_token_ids(tokenizer, model_dir))
+    stop_ids = sorted(stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir)))
     stream = None if args.json or len(prompts) > 1 else TextStream(tokenizer)
     args.max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     if uses_swarm(args):
@@ -113,16 +113,6 @@ def run(args: argparse.Namespace) -> int:
 def uses_swarm(args: argparse.Namespace) -> bool:
     """A one-shot command runs in this process unless told where a swarm is."""
     return not args.no_swarm and bool(args.local or args.interface or args.peer)
-
-
-def stop_token_ids(tokenizer, model_dir) -> set[int]:
-    """End-of-sequence ids: the tokenizer's, plus generation_config.json's (as generate does)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen_config = model_dir / "generation_config.json"
-    if gen_config.exists():
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 class TextStream:
@@ -181,6 +171,7 @@ def workload(prompts: int) -> tuple[str, int, int]:
 
 
 async def generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stream, console) -> Outcome:
+    from swarm.model.sampling import row_sampling
     from swarm.source import SwarmSource
 
     objective, micro_batches, batch_size = workload(len(prompts))
@@ -198,8 +189,7 @@ async def generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stre
         first: list[float] = []
 
         async def one(row: int, prompt: list[int]) -> None:
-            seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + row)
-            async for token in source.generate(prompt, args.max_new_tokens, seeded, stop_ids):
+            async for token in source.generate(prompt, args.max_new_tokens, row_sampling(sampling, row), stop_ids):
                 first.append(first[0] if first else time.perf_counter() - began)
                 out[row].append(token)
                 if stream:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, AsyncIterator, Collection, Sequence
 
 from swarm.aio import wait_event
 from swarm.model.sampling import SamplingParams
-from swarm.runtime.schedule import check_turn_fits, turn_finished
+from swarm.model.stopping import turn_finished
+from swarm.runtime.schedule import check_turn_fits
 from swarm.runtime.turns import Action, TurnEvent, TurnState, transition
 
 if TYPE_CHECKING:
