@@ -26,6 +26,8 @@ from swarm.model.stopping import stop_token_ids
 from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
 if TYPE_CHECKING:
+    from swarm.model.shard import Shard
+    from swarm.runtime.engine import Pipeline
     from swarm.runtime.recovery import RecoveryEvent
     from swarm.runtime.session import Session
 
@@ -198,19 +200,31 @@ async def _report_start(source, status) -> None:
         await asyncio.sleep(STATUS_REFRESH_S)
 
 
+def source_only_pipeline(model_dir: Path, *, max_len: int, slots: int = 1, dtype: str = "float32",
+                         quant: str | None = None, first_shard: "Shard | None" = None) -> "Pipeline":
+    """``--no-swarm``: a pipeline whose one stage is this process (every unit, no discovery, no
+    peers); the same Pipeline and Session path as over a swarm. ``first_shard``: that stage,
+    loaded by the caller (on its --device)."""
+    from swarm.model.units import ModelLayout
+    from swarm.runtime.deploy import StagePlacement
+    from swarm.runtime.engine import Pipeline, PipelineConfig
+    from swarm.runtime.schedule import Layout
+
+    plan = (StagePlacement(None, 0, ModelLayout.read(model_dir).num_units),)
+    config = PipelineConfig(model_dir, plan, layout=Layout(1, slots), max_len=max_len, dtype=dtype, quant=quant)
+    return Pipeline(config, first_shard=first_shard)
+
+
 async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console,
                           stack: contextlib.AsyncExitStack) -> Backend:
     """A source-only pipeline: this process holds every unit (no discovery, no peers)."""
     from swarm.model import hf
     from swarm.model.sampling import SamplingParams
-    from swarm.model.units import ModelLayout
-    from swarm.runtime.deploy import StagePlacement
-    from swarm.runtime.engine import Pipeline, PipelineConfig
 
-    units = ModelLayout.read(model_dir).num_units
     with console.status("loading the model"):
-        pipeline = await stack.enter_async_context(Pipeline(PipelineConfig(
-            model_dir, (StagePlacement(None, 0, units),), max_len=args.max_len, quant=args.quant)))
+        pipeline = await stack.enter_async_context(source_only_pipeline(model_dir, max_len=args.max_len,
+                                                                        quant=args.quant))
+    units = pipeline.config.plan[0].end
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     rate = TokenRate()

@@ -1,7 +1,8 @@
 """A chain of shards in one process: the reference path every pipeline is checked against.
 
-Also what `swarm generate --no-swarm` and the benchmarks run: the same shard code
-the peers run, without sockets.
+What the tests and benchmarks compare the pipeline with: the same shard code the
+peers run, without sockets or an event loop. No command runs it (`swarm generate`
+without a swarm is a source-only pipeline, as chat and serve are).
 """
 
 from __future__ import annotations

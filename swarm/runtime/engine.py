@@ -71,11 +71,16 @@ class Pipeline:
     ``replan``: called with the suspected stage addresses after a loss; returns the plan
     to recover on (None: a lost stage fails the running turns with StageLost).
     ``on_recovery``: told of every recovery, successful or not.
+    ``first_shard``: the source's stage of the config's plan, already loaded by the caller
+    (on a device of its choosing, with ``layout.slots`` slots and ``max_len``); the first
+    deployment takes it instead of loading its own.
     """
 
     def __init__(self, config: PipelineConfig, replan: Replan | None = None,
-                 on_recovery: Callable[[RecoveryEvent], None] | None = None) -> None:
+                 on_recovery: Callable[[RecoveryEvent], None] | None = None, *,
+                 first_shard: Shard | None = None) -> None:
         self.config = config
+        self._first_shard = first_shard
         self.layout = config.layout
         self.mode = config.mode  # may be switched between steps (the benchmark compares both)
         self.deployment: Deployment | None = None
@@ -96,7 +101,8 @@ class Pipeline:
         self._stack = contextlib.AsyncExitStack()
         try:
             self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-            self.deployment = await self._recovery.first_deployment(self.config.plan)
+            shard, self._first_shard = self._first_shard, None
+            self.deployment = await self._recovery.first_deployment(self.config.plan, shard)
         except BaseException:
             await self.aclose()
             raise

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from swarm.model.shard import Shard
 from swarm.runtime.client import PeerError, PeerRefused
 from swarm.runtime.deploy import Deployment, StagePlacement
 
@@ -119,14 +120,16 @@ class Recovery:
         if self._replaying is not None:
             self._recovered()
 
-    async def first_deployment(self, plan: tuple[StagePlacement, ...]) -> Deployment:
-        """``plan``, loaded. A peer lost while it loads (or that never answers) is a loss like
-        any other: re-plan over the peers still alive and load again."""
+    async def first_deployment(self, plan: tuple[StagePlacement, ...], shard: Shard | None = None) -> Deployment:
+        """``plan``, loaded (its source stage ``shard`` where the caller loaded it). A peer lost
+        while it loads (or that never answers) is a loss like any other: re-plan over the
+        peers still alive and load again."""
         self.starting = True
         try:
             for attempt in range(1, self._attempts + 1):
                 try:
-                    return await self._pipeline.deploy(plan)
+                    fits = shard is not None and (shard.start, shard.end) == (plan[0].start, plan[0].end)
+                    return await self._pipeline.deploy(plan, shard if fits else None)
                 except PeerRefused:
                     raise  # a live peer said no (other weights, a bad request): another plan would not help
                 except _DEPLOY_ERRORS as exc:

@@ -148,6 +148,17 @@ async def test_source_only_plan_runs_without_peers(tiny_model_dir, tiny_referenc
     assert got == tiny_reference(PROMPTS, NEW)
 
 
+async def test_a_source_stage_loaded_by_the_caller_is_the_one_that_runs(tiny_model_dir, tiny_reference):
+    """`swarm generate` loads its stage on --device and hands it to a source-only pipeline."""
+    from swarm.model.shard import Shard
+
+    shard = Shard.load(tiny_model_dir, 0, TINY_UNITS, max_slots=2, max_len=128)
+    async with Pipeline(config(tiny_model_dir, (Stage(None, 0, TINY_UNITS),), b=2), first_shard=shard) as pipe:
+        assert pipe.deployment.shard is shard
+        got = await bounded(pipe.generate_all(PROMPTS[:2], NEW), TIMEOUT_S)
+    assert got == tiny_reference(PROMPTS[:2], NEW)
+
+
 async def test_a_turn_cancelled_while_a_redeploy_forgets_its_step_lets_the_next_turn_start(tiny_model_dir,
                                                                                             tiny_reference):
     """Cancelled with its step out, then that step forgotten (a redeploy or a recovery): the step
