@@ -43,7 +43,8 @@ from swarm.planner.api import plan as plan_problem
 from swarm.planner.plan import Plan
 from swarm.planner.problem import InfeasibleError, Problem
 from swarm.runtime.wire import Kind
-from swarm.view.from_source import SourceState
+from swarm.sizes import format_bytes
+from swarm.source_state import SourceState
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ RECOVERIES_KEPT = 20
 
 def not_enough_memory(exc: InfeasibleError, live: int, diagnostic: str) -> str:
     """What a person reads when no plan fits: how much memory is missing, and what to do."""
-    from swarm.view.render import format_bytes
-
     if exc.needed_bytes > exc.available_bytes:
         missing = exc.needed_bytes - exc.available_bytes
         text = (f"not enough memory in the swarm: the model needs {format_bytes(exc.needed_bytes)}, "

@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from swarm.chat.engines import BackendError, TokenRate
 from swarm.cli.common import resolve_model_with_status
 from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_quant_option,
                               add_threads_option, interfaces_from)
@@ -33,6 +33,29 @@ if TYPE_CHECKING:
 
 STATUS_REFRESH_S = 0.2
 STATS_POLL_S = 0.5
+
+
+class BackendError(RuntimeError):
+    """Something a person can act on: no peers, not enough memory, a lost peer."""
+
+
+class TokenRate:
+    """Tokens per second over the last few tokens; None when idle (the chat's and views' figure)."""
+
+    WINDOW = 32
+    IDLE_S = 2.0
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+
+    def tick(self) -> None:
+        self._times = self._times[-(self.WINDOW - 1):] + [time.perf_counter()]
+
+    def value(self) -> float | None:
+        t = self._times
+        if len(t) < 2 or time.perf_counter() - t[-1] > self.IDLE_S:
+            return None
+        return (len(t) - 1) / (t[-1] - t[0])
 
 
 @dataclass

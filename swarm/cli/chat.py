@@ -23,8 +23,7 @@ from rich.live import Live
 from rich.text import Text
 
 from swarm.chat.conversation import DEFAULT_MAX_NEW_TOKENS, ContextFull, Conversation
-from swarm.chat.engines import TokenRate
-from swarm.cli.backend import BackendError, add_backend_arguments, history_path, open_backend
+from swarm.cli.backend import BackendError, TokenRate, add_backend_arguments, history_path, open_backend
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.view.live import refresh_forever
 from swarm.view.render import links_table, peers_table, plan_view, topology

@@ -24,8 +24,7 @@ from typing import AsyncIterator, Callable
 
 from rich.console import Console
 
-from swarm.chat.engines import BackendError
-from swarm.cli.backend import add_backend_arguments, source_config
+from swarm.cli.backend import BackendError, add_backend_arguments, source_config
 from swarm.cli.common import add_secret_arguments, check_device, resolve_model_or_exit, use_swarm_secret
 from swarm.cli.options import add_device_options, dtype_from
 

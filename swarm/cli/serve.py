@@ -19,8 +19,7 @@ import signal
 
 from rich.console import Console
 
-from swarm.chat.engines import BackendError
-from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
+from swarm.cli.backend import BackendError, add_backend_arguments, resolve_model_dir, source_config
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
 
 DEFAULT_PORT = 8000
