@@ -43,7 +43,8 @@ from swarm.planner.api import plan as plan_problem
 from swarm.planner.plan import Plan
 from swarm.planner.problem import InfeasibleError, Problem
 from swarm.runtime.wire import Kind
-from swarm.view.from_source import SourceState
+from swarm.sizes import format_bytes
+from swarm.source_state import SourceState
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ RECOVERIES_KEPT = 20
 
 def not_enough_memory(exc: InfeasibleError, live: int, diagnostic: str) -> str:
     """What a person reads when no plan fits: how much memory is missing, and what to do."""
-    from swarm.view.render import format_bytes
-
     if exc.needed_bytes > exc.available_bytes:
         missing = exc.needed_bytes - exc.available_bytes
         text = (f"not enough memory in the swarm: the model needs {format_bytes(exc.needed_bytes)}, "
@@ -340,7 +339,7 @@ class SwarmSource:
 
         A step that failed or came back late names no peer: wait, within the heartbeat
         bound, for the directory to drop a planned one, then plan over whoever is live."""
-        from swarm.runtime.engine import Replanned, StageLost
+        from swarm.runtime.recovery import Replanned, StageLost
 
         old = self.current
         by_address = old.peer_ids_by_address()
@@ -428,7 +427,7 @@ class SwarmSource:
                             got * 1e3, predicted * 1e3)
 
     async def open_session(self, sampling=None):
-        """A new sequence (swarm.runtime.engine.Session) on the deployed pipeline; ``async with`` closes it."""
+        """A new sequence (swarm.runtime.session.Session) on the deployed pipeline; ``async with`` closes it."""
         from swarm.model.sampling import GREEDY
 
         return await (await self._deployed()).open_session(sampling or GREEDY)
@@ -444,7 +443,7 @@ class SwarmSource:
 
     async def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling=None,
                            stop_ids: Sequence[int] = ()) -> list[list[int]]:
-        """Every prompt's tokens, admitted at once (a seeded ``sampling`` gives prompt i seed + i)."""
+        """Every prompt's tokens, admitted at once (a seeded ``sampling`` gives prompt i ``row_sampling(sampling, i)``)."""
         from swarm.model.sampling import GREEDY
 
         pipe = await self._deployed()

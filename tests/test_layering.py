@@ -3,7 +3,9 @@
 - swarm.planner and swarm.view pull in neither torch nor zmq nor transformers;
 - only swarm/model/hf.py imports transformers;
 - only swarm/cli touches the terminal (print, input, stdin/stdout, signals);
-- nothing imports pickle (the wire format is msgpack + raw buffers).
+- nothing imports pickle (the wire format is msgpack + raw buffers);
+- the source side (swarm/source.py, swarm/runtime, swarm/discovery) imports neither the
+  views (swarm.view, swarm.cli) nor rich: the views read ``SwarmSource.state()``.
 """
 
 from __future__ import annotations
@@ -122,6 +124,21 @@ def test_the_planner_has_no_import_cycle():
 
     for module in sorted(graph):
         visit(module)
+
+
+SOURCE_SIDE = ["source.py", "source_state.py", "runtime", "discovery"]
+
+
+def test_the_source_side_knows_nothing_of_the_views():
+    offenders = {}
+    for part in SOURCE_SIDE:
+        for path in ([PACKAGE / part] if part.endswith(".py") else sorted((PACKAGE / part).rglob("*.py"))):
+            tree = ast.parse(path.read_text())
+            bad = sorted(m for m in swarm_imports(path) if m.startswith(("swarm.view", "swarm.cli")))
+            bad += sorted(imported_roots(tree) & {"rich"})
+            if bad:
+                offenders[path.relative_to(PACKAGE).as_posix()] = bad
+    assert offenders == {}
 
 
 @pytest.mark.parametrize("module", ["swarm.model.dtypes", "swarm.model.units", "swarm.cli.options"])

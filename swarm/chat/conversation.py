@@ -5,7 +5,7 @@ model's chat template. Each turn only the text the template adds after what the
 sequence already holds (the end of the last answer, the new user message, the
 assistant header) is tokenized and fed; earlier turns stay in the cache.
 
-No torch here: the sequence is a ``swarm.runtime.engine.Session`` (or anything with
+No torch here: the sequence is a ``swarm.runtime.session.Session`` (or anything with
 its shape) opened by ``open_session``; the tokenizer is any object with
 ``apply_chat_template``, ``encode`` and ``decode``.
 """
@@ -17,19 +17,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from swarm.model.stopping import stop_token_ids
 from swarm.runtime.schedule import ContextFull
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ContextFull", "Conversation", "SessionLike", "Turn", "stop_token_ids"]
+__all__ = ["ContextFull", "Conversation", "SessionLike", "Turn"]
 
-# End-of-turn tokens of common chat templates; the answer stops at any that exist.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class SessionLike(Protocol):
-    """What a conversation needs of a sequence (swarm.runtime.engine.Session).
+    """What a conversation needs of a sequence (swarm.runtime.session.Session).
 
     ``generate`` feeds ``new_tokens`` and yields sampled tokens until a stop id (yielded
     last) or ``max_new_tokens``; every yielded token belongs to the sequence afterwards.
@@ -60,25 +59,16 @@ class Turn:
     recomputed: bool = False  # earlier turns had to be computed again (the template did not extend them, or after an error)
 
 
-def stop_token_ids(tokenizer: Any) -> frozenset[int]:
-    """The end-of-sequence id plus the chat template's end-of-turn ids that the vocabulary has."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    unknown = getattr(tokenizer, "unk_token_id", None)
-    for token in END_OF_TURN_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != unknown:
-            ids.add(token_id)
-    return frozenset(ids)
-
-
 class Conversation:
     """Messages, and the text of every token its session's sequence holds."""
 
     def __init__(self, open_session: Callable[[], Awaitable[SessionLike]], tokenizer: Any, *,
-                 system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+                 system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 stop_ids: Collection[int] | None = None) -> None:
         self._open_session, self.tokenizer = open_session, tokenizer
         self.system, self.max_new_tokens = system, max_new_tokens
-        self.stop_ids = stop_token_ids(tokenizer)
+        # stopping.stop_token_ids; give the model's (with hf.generation_eos_ids) where it is known
+        self.stop_ids = frozenset(stop_token_ids(tokenizer) if stop_ids is None else stop_ids)
         self.messages: list[dict[str, str]] = []
         self.session: SessionLike | None = None
         self._held_text = ""  # the text of every token in the session's sequence

@@ -12,23 +12,50 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from swarm.chat.engines import BackendError, TokenRate
 from swarm.cli.common import resolve_model_with_status
 from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_quant_option,
                               add_threads_option, interfaces_from)
+from swarm.model.stopping import stop_token_ids
 from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
 if TYPE_CHECKING:
-    from swarm.runtime.engine import RecoveryEvent, Session
+    from swarm.model.shard import Shard
+    from swarm.runtime.engine import Pipeline
+    from swarm.runtime.recovery import RecoveryEvent
+    from swarm.runtime.session import Session
 
 STATUS_REFRESH_S = 0.2
 STATS_POLL_S = 0.5
+
+
+class BackendError(RuntimeError):
+    """Something a person can act on: no peers, not enough memory, a lost peer."""
+
+
+class TokenRate:
+    """Tokens per second over the last few tokens; None when idle (the chat's and views' figure)."""
+
+    WINDOW = 32
+    IDLE_S = 2.0
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+
+    def tick(self) -> None:
+        self._times = self._times[-(self.WINDOW - 1):] + [time.perf_counter()]
+
+    def value(self) -> float | None:
+        t = self._times
+        if len(t) < 2 or time.perf_counter() - t[-1] > self.IDLE_S:
+            return None
+        return (len(t) - 1) / (t[-1] - t[0])
 
 
 @dataclass
@@ -41,6 +68,7 @@ class Backend:
     snapshot: Callable[[], SwarmSnapshot]
     recoveries: Callable[[], tuple["RecoveryEvent", ...]]
     rate: TokenRate
+    stop_ids: frozenset[int]  # stopping.stop_token_ids of the model: where every answer ends
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +211,7 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
 
     return Backend(open_session, tokenizer, model_dir.name,
                    lambda: snapshot_from_source(dataclasses.replace(source.state(), tokens_per_s=rate.value())),
-                   lambda: source.state().recoveries, rate)
+                   lambda: source.state().recoveries, rate, stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir)))
 
 
 async def _report_start(source, status) -> None:
@@ -195,19 +223,31 @@ async def _report_start(source, status) -> None:
         await asyncio.sleep(STATUS_REFRESH_S)
 
 
+def source_only_pipeline(model_dir: Path, *, max_len: int, slots: int = 1, dtype: str = "float32",
+                         quant: str | None = None, first_shard: "Shard | None" = None) -> "Pipeline":
+    """``--no-swarm``: a pipeline whose one stage is this process (every unit, no discovery, no
+    peers); the same Pipeline and Session path as over a swarm. ``first_shard``: that stage,
+    loaded by the caller (on its --device)."""
+    from swarm.model.units import ModelLayout
+    from swarm.runtime.deploy import StagePlacement
+    from swarm.runtime.engine import Pipeline, PipelineConfig
+    from swarm.runtime.schedule import Layout
+
+    plan = (StagePlacement(None, 0, ModelLayout.read(model_dir).num_units),)
+    config = PipelineConfig(model_dir, plan, layout=Layout(1, slots), max_len=max_len, dtype=dtype, quant=quant)
+    return Pipeline(config, first_shard=first_shard)
+
+
 async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console,
                           stack: contextlib.AsyncExitStack) -> Backend:
     """A source-only pipeline: this process holds every unit (no discovery, no peers)."""
     from swarm.model import hf
     from swarm.model.sampling import SamplingParams
-    from swarm.model.units import ModelLayout
-    from swarm.runtime.deploy import StagePlacement
-    from swarm.runtime.engine import Pipeline, PipelineConfig
 
-    units = ModelLayout.read(model_dir).num_units
     with console.status("loading the model"):
-        pipeline = await stack.enter_async_context(Pipeline(PipelineConfig(
-            model_dir, (StagePlacement(None, 0, units),), max_len=args.max_len, quant=args.quant)))
+        pipeline = await stack.enter_async_context(source_only_pipeline(model_dir, max_len=args.max_len,
+                                                                        quant=args.quant))
+    units = pipeline.config.plan[0].end
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     rate = TokenRate()
@@ -225,7 +265,8 @@ async def _single_process(args: argparse.Namespace, model_dir: Path, console: Co
     def snapshot() -> SwarmSnapshot:
         return single_process_snapshot(model_dir.name, units, pipeline, stats, rate.value())
 
-    return Backend(lambda: pipeline.open_session(sampling), tokenizer, model_dir.name, snapshot, lambda: (), rate)
+    return Backend(lambda: pipeline.open_session(sampling), tokenizer, model_dir.name, snapshot, lambda: (), rate,
+                   stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir)))
 
 
 def single_process_snapshot(model: str, units: int, pipeline, stats, tokens_per_s: float | None) -> SwarmSnapshot:

@@ -23,8 +23,7 @@ from rich.live import Live
 from rich.text import Text
 
 from swarm.chat.conversation import DEFAULT_MAX_NEW_TOKENS, ContextFull, Conversation
-from swarm.chat.engines import TokenRate
-from swarm.cli.backend import BackendError, add_backend_arguments, history_path, open_backend
+from swarm.cli.backend import BackendError, TokenRate, add_backend_arguments, history_path, open_backend
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.view.live import refresh_forever
 from swarm.view.render import links_table, peers_table, plan_view, topology
@@ -82,7 +81,7 @@ class ChatState:
 async def _chat(args: argparse.Namespace, console: Console) -> int:
     async with open_backend(args, console) as backend, _closing(Conversation(
             backend.open_session, backend.tokenizer, system=args.system,
-            max_new_tokens=args.max_new_tokens)) as conversation:
+            max_new_tokens=args.max_new_tokens, stop_ids=backend.stop_ids)) as conversation:
         state = ChatState(view=args.view, snapshot=backend.snapshot, recoveries=backend.recoveries,
                           rate=backend.rate)
         history = InMemoryHistory() if args.no_history_file else FileHistory(str(history_path()))

@@ -1,7 +1,8 @@
 """`swarm generate`: complete one or more prompts.
 
-Without swarm options the whole model runs in this process through the same
-shard code the peers run. With ``--local N`` it starts N peers on this machine;
+Every way runs the same Pipeline and Session path as chat and serve. Without swarm
+options (or with ``--no-swarm``) it is a source-only pipeline: the whole model in
+this process, on ``--device``. With ``--local N`` it starts N peers on this machine;
 with ``--interface`` and/or ``--peer`` it plans over the peers it finds there
 (this device keeps the first unit: the prompt's tokens never leave it).
 Several ``--prompt`` run as one batch (through the pipeline, several micro-batches
@@ -14,17 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 
 from rich.console import Console
 
-from swarm.chat.engines import BackendError
-from swarm.cli.backend import add_backend_arguments, source_config
+from swarm.cli.backend import BackendError, add_backend_arguments, source_config
 from swarm.cli.common import add_secret_arguments, check_device, resolve_model_or_exit, use_swarm_secret
 from swarm.cli.options import add_device_options, dtype_from
 
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from swarm.model import hf
     from swarm.model.sampling import SamplingParams
+    from swarm.model.stopping import stop_token_ids
 
     if args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be at least 1")
@@ -93,17 +94,16 @@ def run(args: argparse.Namespace) -> int:
         prompts = [hf.chat_token_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer(t)["input_ids"] for t in texts]
-    stop_ids = sorted(stop_token_ids(tokenizer, model_dir))
+    stop_ids = sorted(stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir)))
     stream = None if args.json or len(prompts) > 1 else TextStream(tokenizer)
     args.max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     if uses_swarm(args):
         use_swarm_secret(args)
-        try:
-            outcome = asyncio.run(generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stream, console))
-        except BackendError as err:
-            raise SystemExit(f"error: {err}") from None
-    else:
-        outcome = generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, console)
+    where = generate_over_swarm if uses_swarm(args) else generate_here
+    try:
+        outcome = asyncio.run(where(args, model_dir, prompts, sampling, stop_ids, stream, console))
+    except BackendError as err:
+        raise SystemExit(f"error: {err}") from None
     if stream:
         stream.finish()
     report(args, tokenizer, prompts, outcome)
@@ -113,16 +113,6 @@ def run(args: argparse.Namespace) -> int:
 def uses_swarm(args: argparse.Namespace) -> bool:
     """A one-shot command runs in this process unless told where a swarm is."""
     return not args.no_swarm and bool(args.local or args.interface or args.peer)
-
-
-def stop_token_ids(tokenizer, model_dir) -> set[int]:
-    """End-of-sequence ids: the tokenizer's, plus generation_config.json's (as generate does)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen_config = model_dir / "generation_config.json"
-    if gen_config.exists():
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 class TextStream:
@@ -144,28 +134,47 @@ class TextStream:
         sys.stdout.flush()
 
 
-def generate_in_process(args, model_dir, prompts, sampling, stop_ids, stream, console) -> Outcome:
-    from swarm.model.local import LocalChain, stream_generate
-    from swarm.model.units import ModelLayout
+async def run_prompts(generate: Callable[..., AsyncIterator[int]], prompts: list[list[int]], max_new_tokens: int,
+                      sampling, stop_ids, stream: TextStream | None) -> tuple[list[list[int]], float, float]:
+    """Every prompt through ``generate`` (``Pipeline.generate`` or ``SwarmSource.generate``), all
+    admitted at once, prompt i sampled with ``row_sampling(sampling, i)``: (tokens per prompt,
+    seconds to the first token, seconds in all)."""
+    from swarm.model.sampling import row_sampling
 
-    num_units = ModelLayout.read(model_dir).num_units
-    dtype = dtype_from(args)
-    with console.status("loading the model..."):
-        chain = LocalChain.load(model_dir, [(0, num_units)], max_slots=len(prompts),
-                                max_len=max(map(len, prompts)) + args.max_new_tokens, dtype=dtype, device=args.device,
-                                quant=args.quant)
     out: list[list[int]] = [[] for _ in prompts]
     began = time.perf_counter()
-    first = None
-    for step in stream_generate(chain, prompts, args.max_new_tokens, sampling, stop_ids):
-        first = first or time.perf_counter() - began
-        for row, token in step:
+    first: list[float] = []
+
+    async def one(row: int, prompt: list[int]) -> None:
+        async for token in generate(prompt, max_new_tokens, row_sampling(sampling, row), stop_ids):
+            first.append(first[0] if first else time.perf_counter() - began)
             out[row].append(token)
             if stream:
                 stream.push(token)
-    total = time.perf_counter() - began
-    plan = [{"device": "this process", "start": 0, "end": num_units}]
-    return Outcome(out, first or 0.0, total, plan)
+
+    async with asyncio.TaskGroup() as tasks:
+        for row, prompt in enumerate(prompts):
+            tasks.create_task(one(row, prompt))
+    return out, first[0] if first else 0.0, time.perf_counter() - began
+
+
+async def generate_here(args, model_dir, prompts, sampling, stop_ids, stream, console) -> Outcome:
+    """No swarm: a source-only pipeline, the whole model in this process (its stage loaded on --device)."""
+    from swarm.cli.backend import source_only_pipeline
+    from swarm.model.shard import Shard
+    from swarm.model.units import ModelLayout
+
+    units, dtype = ModelLayout.read(model_dir).num_units, dtype_from(args)
+    async with contextlib.AsyncExitStack() as stack:
+        with console.status("loading the model..."):
+            shard = await asyncio.to_thread(lambda: Shard.load(model_dir, 0, units, max_slots=len(prompts),
+                                                               max_len=args.max_len, dtype=dtype, device=args.device,
+                                                               quant=args.quant))
+            pipeline = await stack.enter_async_context(source_only_pipeline(
+                model_dir, max_len=args.max_len, slots=len(prompts), dtype=dtype, quant=args.quant, first_shard=shard))
+        out, first, total = await run_prompts(pipeline.generate, prompts, args.max_new_tokens, sampling, stop_ids,
+                                              stream)
+    return Outcome(out, first, total, [{"device": "this process", "start": 0, "end": units}])
 
 
 def workload(prompts: int) -> tuple[str, int, int]:
@@ -193,25 +202,11 @@ async def generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stre
         names = [d["name"] for d in planned.problem["devices"]]
         plan = [{"device": names[s.device], "start": s.start, "end": s.end} for s in planned.plan.stages]
         console.print("plan: " + ", ".join(f"{p['device']} [{p['start']}, {p['end']})" for p in plan), style="dim")
-        out: list[list[int]] = [[] for _ in prompts]
-        began = time.perf_counter()
-        first: list[float] = []
-
-        async def one(row: int, prompt: list[int]) -> None:
-            seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + row)
-            async for token in source.generate(prompt, args.max_new_tokens, seeded, stop_ids):
-                first.append(first[0] if first else time.perf_counter() - began)
-                out[row].append(token)
-                if stream:
-                    stream.push(token)
-
-        async with asyncio.TaskGroup() as tasks:
-            for row, prompt in enumerate(prompts):
-                tasks.create_task(one(row, prompt))
-        total = time.perf_counter() - began
+        out, first, total = await run_prompts(source.generate, prompts, args.max_new_tokens, sampling, stop_ids,
+                                              stream)
         predicted = predicted_figures(planned, max(map(len, prompts)))
         mode = f"swarm ({objective}, {micro_batches} x {batch_size} in flight)"
-        return Outcome(out, first[0] if first else 0.0, total, plan, mode, predicted)
+        return Outcome(out, first, total, plan, mode, predicted)
 
 
 def predicted_figures(planned, prompt_tokens: int) -> dict:

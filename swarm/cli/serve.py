@@ -19,8 +19,7 @@ import signal
 
 from rich.console import Console
 
-from swarm.chat.engines import BackendError
-from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
+from swarm.cli.backend import BackendError, add_backend_arguments, resolve_model_dir, source_config
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
 
 DEFAULT_PORT = 8000
@@ -71,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, console: Console) -> None:
     import torch
 
-    from swarm.chat.conversation import stop_token_ids
     from swarm.model import hf
     from swarm.model.sampling import SamplingParams
+    from swarm.model.stopping import stop_token_ids
     from swarm.planner.problem import InfeasibleError
     from swarm.serve.app import ApiServer, ServeConfig
     from swarm.serve.generation import no_swarm_reason
@@ -104,7 +103,7 @@ async def _serve(args: argparse.Namespace, console: Console) -> None:
             console.print("plan: " + "; ".join(planned.describe()), style="dim", markup=False)
         serve = ServeConfig(model=model_dir.name, max_len=args.max_len, host=args.host, port=args.port,
                             api_key=args.api_key, defaults=defaults, join_command=_join_command(args))
-        server = await stack.enter_async_context(ApiServer(serve, source, tokenizer, stop_token_ids(tokenizer)))
+        server = await stack.enter_async_context(ApiServer(serve, source, tokenizer, stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir))))
         console.print(f"[bold]swarm serve[/] {model_dir.name}: {args.micro_batches * args.batch_size} requests at "
                       f"once, {args.max_len} tokens each", markup=True)
         console.print(f"OpenAI-compatible API at {server.url}/v1, Ollama's at {server.url}/api, "

@@ -19,8 +19,7 @@ from rich.live import Live
 
 import dataclasses
 
-from swarm.chat.engines import BackendError
-from swarm.cli.backend import add_backend_arguments, resolve_model_dir, source_config
+from swarm.cli.backend import BackendError, add_backend_arguments, resolve_model_dir, source_config
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
 from swarm.view.from_source import snapshot_from_source
 from swarm.view.live import refresh_forever

@@ -110,6 +110,16 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
+def generation_eos_ids(model_path: Path) -> tuple[int, ...]:
+    """The end ids of a model folder's generation_config.json (none for a GGUF file, whose
+    tokenizer carries its end of sequence); feed them to ``stopping.stop_token_ids``."""
+    path = Path(model_path) / "generation_config.json"
+    if _is_gguf(Path(model_path)) or not path.exists():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

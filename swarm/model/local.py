@@ -1,7 +1,8 @@
 """A chain of shards in one process: the reference path every pipeline is checked against.
 
-Also what `swarm generate --no-swarm` and the benchmarks run: the same shard code
-the peers run, without sockets.
+What the tests and benchmarks compare the pipeline with: the same shard code the
+peers run, without sockets or an event loop. No command runs it (`swarm generate`
+without a swarm is a source-only pipeline, as chat and serve are).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from swarm.model.sampling import GREEDY, SamplingParams
+from swarm.model.sampling import GREEDY, SamplingParams, row_sampling
 from swarm.model.shard import Shard
+from swarm.model.stopping import turn_finished
 
 
 def even_cuts(num_units: int, num_shards: int) -> list[tuple[int, int]]:
@@ -70,8 +72,9 @@ class Request:
 
     @property
     def done(self) -> bool:
-        return len(self.generated) >= self.max_new_tokens or (
-            bool(self.generated) and self.generated[-1] in self.stop_ids)
+        if not self.generated:
+            return self.max_new_tokens <= 0
+        return turn_finished(len(self.generated), self.max_new_tokens, self.generated[-1], self.stop_ids)
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
@@ -96,8 +99,7 @@ def stream_generate(chain: LocalChain, prompts: Sequence[Sequence[int]], max_new
         raise ValueError("every prompt needs at least one token")
     requests = [Request(i, list(p), max_new_tokens, frozenset(stop_ids)) for i, p in enumerate(prompts)]
     for r in requests:
-        seed = None if sampling.seed is None else sampling.seed + r.slot
-        chain.open_slot(r.slot, SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, seed))
+        chain.open_slot(r.slot, row_sampling(sampling, r.slot))
     active = [r for r in requests if r.max_new_tokens > 0]
     inputs, lengths = pad_right([r.prompt for r in active])
     try:

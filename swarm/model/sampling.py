@@ -9,6 +9,7 @@ prefills the whole history at once and still draws the same tokens).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,6 +63,13 @@ _MASK64 = (1 << 64) - 1
 
 
 GREEDY = SamplingParams()
+
+
+def row_sampling(params: SamplingParams, row: int) -> SamplingParams:
+    """The one seed rule for a batch of prompts sharing ``params``: a seeded ``params`` gives
+    row ``row`` the seed ``seed + row`` (each prompt its own stream, the same in every run
+    and on every path); an unseeded one is left as it is."""
+    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + row)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

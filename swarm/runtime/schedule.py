@@ -89,12 +89,6 @@ def choose_slot(layout: Layout, free: Iterable[int], busy: Iterable[int]) -> int
     return candidates[0] if candidates else None
 
 
-def turn_finished(generated: int, max_new_tokens: int, token: int, stop_ids: Collection[int]) -> bool:
-    """The one stop rule: a turn ends after max_new_tokens tokens, or on a stop token
-    (which is still emitted, and is the turn's last token)."""
-    return generated >= max_new_tokens or token in stop_ids
-
-
 class ContextFull(ValueError):
     """A turn would overflow its sequence's KV slot (start a new sequence, or a longer cache)."""
 

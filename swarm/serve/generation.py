@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Collection
 
 from swarm.model import hf
 from swarm.model.sampling import SamplingParams
+from swarm.model.stopping import finish_reason
 from swarm.planner.problem import InfeasibleError
 from swarm.runtime.client import PeerError
 from swarm.serve.protocol import ApiError, GenerationRequest, bad_field, context_error
@@ -128,7 +129,8 @@ class Generator:
                      answer: Answer) -> AsyncIterator[str]:
         """Text deltas of one answer; ``answer`` holds the counts and finish reason at the end.
 
-        A stop string ends the turn at once (the slot is freed when the session closes)."""
+        The pipeline ends the turn on a stop token or at ``max_tokens`` (``stopping.finish_reason``
+        names which); a stop string ends it here at once (the slot is freed when the session closes)."""
         stop_ids = frozenset() if request.ignore_eos else self.stop_ids
         text = AnswerText(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), request.stop,
                           self.stop_ids)
@@ -142,9 +144,10 @@ class Generator:
                     self.generated += 1
                     if delta := text.push(token):
                         yield delta
-                    if token in stop_ids or text.stopped:
+                    if text.stopped:
                         answer.finish_reason = "stop"
                         break
+                    answer.finish_reason = finish_reason(answer.completion_tokens, max_tokens, token, stop_ids)
         except PeerError as exc:
             raise unavailable(f"a peer of the swarm was lost mid-answer: {exc}") from None
         finally:

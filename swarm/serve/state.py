@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from swarm.view.from_source import SourceState, snapshot_from_source
+from swarm.source_state import SourceState
+from swarm.view.from_source import snapshot_from_source
 from swarm.view.snapshot import SwarmSnapshot
 
 

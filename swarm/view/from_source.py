@@ -1,46 +1,16 @@
 """A SwarmSnapshot from what a source knows: announcements, its plan, stage statistics.
 
-Pure: the caller copies the live state into ``SourceState`` (plain values and frozen
-announcements) on the event loop, and this turns it into what the view draws.
+Pure: the source copies its live state into a ``SourceState`` (swarm/source_state.py:
+plain values and frozen announcements) on the event loop (``SwarmSource.state()``), and
+this turns it into what the view draws. The source knows nothing of the view.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
+from swarm.source_state import SourceState
 from swarm.view.snapshot import LinkState, PeerState, PlanState, StageState, SwarmSnapshot
-
-
-@dataclass(frozen=True)
-class SourceState:
-    """Everything a snapshot needs, copied from a SwarmSource at one instant.
-
-    announcements: peer id -> swarm.discovery.txt.Announcement of each live peer
-    source_links: peer id -> Link this source measured towards that peer
-    problem / plan: the current SourcePlan's problem JSON and planner Plan (or None)
-    stats: the pipeline's StageStats, in stage order (or empty)
-    """
-
-    source_id: str
-    source_name: str
-    source_profile: Mapping[str, Any]
-    source_mem: int
-    announcements: Mapping[str, Any] = field(default_factory=dict)
-    source_links: Mapping[str, Any] = field(default_factory=dict)
-    problem: Mapping[str, Any] | None = None
-    plan: Any = None
-    stats: Sequence[Any] = ()
-    micro_batches: int | None = None
-    tokens_per_s: float | None = None
-    model: str = ""
-    notes: tuple[str, ...] = ()
-    recoveries: tuple[Any, ...] = ()  # swarm.runtime.engine.RecoveryEvent, oldest first
-    deployed: bool = False
-    recovering: bool = False
-    diagnostic: str = ""  # what discovery tried and heard (for "no peers found")
-    links_measured: int = 0  # links from the source measured so far
-    peer_ids: frozenset[str] = frozenset()  # the peers the current plan was made over
 
 
 def decode_ms(decode_us: Sequence[int], num_units: int, summarised: bool) -> float | None:

@@ -11,6 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from swarm.sizes import format_bytes
 from swarm.view.snapshot import PlanState, StageState, SwarmSnapshot, unit_name
 
 # One colour per pipeline stage, cycled; chosen to stay readable on dark and light terminals.
@@ -18,15 +19,6 @@ STAGE_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cy
 STAGE_KEYS = "123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SHARE_BAR_WIDTH = 6
 LAYER_BAR_MAX_WIDTH = 96
-
-
-def format_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def format_bandwidth(bytes_per_s: float | None) -> str:

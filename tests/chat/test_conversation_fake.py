@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from swarm.chat.conversation import ContextFull, Conversation
-from swarm.runtime.schedule import check_turn_fits, turn_finished
+from swarm.model.stopping import turn_finished
+from swarm.runtime.schedule import check_turn_fits
 
 EOS = 0
 

@@ -223,7 +223,7 @@ async def test_too_little_memory_left_fails_at_once_naming_what_is_missing(tiny_
         others = [i for i in range(PEERS) if i not in stages]
         for index in others + stages[:-1]:  # one peer is left: it cannot hold the model alone
             peers.signal(index, signal.SIGKILL)
-        from swarm.runtime.engine import StageLost
+        from swarm.runtime.recovery import StageLost
 
         with pytest.raises(StageLost, match="missing"):
             async with asyncio.timeout(30):

@@ -10,39 +10,47 @@ import sys
 import pytest
 
 from swarm.model import hf
+from swarm.model.stopping import stop_token_ids
 from tests.model.reference import reference_generate
 
 pytestmark = pytest.mark.slow  # the real default model, and peer processes
 
-PROMPTS = ["The capital of France is", "1, 2, 3, 4,"]
+# Chat questions the default model answers, and ends with its end-of-turn token, well within
+# MAX_NEW tokens: the comparison covers where each answer stops (no stop handling, no pass).
+QUESTIONS = ["What is the capital of France?", "What is 2 + 2?"]
+MAX_NEW = 24
 
 
 def swarm_generate(*args: str) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "swarm", "generate", "--json", "--max-new-tokens", "24", *args],
-                          capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "swarm", "generate", "--json", "--max-new-tokens", str(MAX_NEW),
+                           "--chat", *args], capture_output=True, text=True, timeout=300, env=env,
+                          stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2_dir):
+def expected(smollm2_dir) -> list[list[int]]:
+    """transformers' greedy answers, each up to and including the first stop token."""
     tokenizer = hf.load_tokenizer(smollm2_dir)
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    return reference_generate(smollm2_dir, prompts, 24)
+    stop_ids = stop_token_ids(tokenizer, hf.generation_eos_ids(smollm2_dir))
+    prompts = [hf.chat_token_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    answers = reference_generate(smollm2_dir, prompts, MAX_NEW, sorted(stop_ids))
+    assert all(len(a) < MAX_NEW and a[-1] in stop_ids for a in answers)  # each one stops on its own
+    return answers
 
 
-def test_in_process_answer_is_generates(expected):
-    out = swarm_generate("--prompt", PROMPTS[0])
-    # generate stops at the end-of-sequence token; the reference was asked for exactly 24
-    assert out["token_ids"] == expected[0][: len(out["token_ids"])] and len(out["token_ids"]) > 4
-    assert out["text"].startswith(" Paris")
-    assert out["mode"] == "single-process" and out["timings"]["ms_per_token"] > 0
+def test_in_process_answer_is_generates_to_its_end(expected):
+    out = swarm_generate("--prompt", QUESTIONS[0])
+    assert out["token_ids"] == expected[0]  # the whole answer, its stop token last, nothing after it
+    assert out["text"] == "The capital of France is Paris."
+    assert out["timings"]["ms_per_token"] > 0
 
 
 def test_a_batch_over_two_local_peers_matches_generate(expected):
-    out = swarm_generate("--local", "2", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
-    assert [r["token_ids"] for r in out["results"]] == [e[: len(r["token_ids"])] for e, r in zip(expected, out["results"])]
+    out = swarm_generate("--local", "2", "--prompt", QUESTIONS[0], "--prompt", QUESTIONS[1])
+    assert [r["token_ids"] for r in out["results"]] == expected
     assert len(out["plan"]) >= 3  # the source keeps the embedding; two peers share the rest
     assert out["plan"][0]["start"] == 0 and out["plan"][-1]["end"] == 32
     assert out["mode"].startswith("swarm (cycle")

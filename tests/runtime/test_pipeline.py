@@ -148,6 +148,39 @@ async def test_source_only_plan_runs_without_peers(tiny_model_dir, tiny_referenc
     assert got == tiny_reference(PROMPTS, NEW)
 
 
+async def test_a_source_stage_loaded_by_the_caller_is_the_one_that_runs(tiny_model_dir, tiny_reference):
+    """`swarm generate` loads its stage on --device and hands it to a source-only pipeline."""
+    from swarm.model.shard import Shard
+
+    shard = Shard.load(tiny_model_dir, 0, TINY_UNITS, max_slots=2, max_len=128)
+    async with Pipeline(config(tiny_model_dir, (Stage(None, 0, TINY_UNITS),), b=2), first_shard=shard) as pipe:
+        assert pipe.deployment.shard is shard
+        got = await bounded(pipe.generate_all(PROMPTS[:2], NEW), TIMEOUT_S)
+    assert got == tiny_reference(PROMPTS[:2], NEW)
+
+
+async def test_a_turn_cancelled_while_a_redeploy_forgets_its_step_lets_the_next_turn_start(tiny_model_dir,
+                                                                                            tiny_reference):
+    """Cancelled with its step out, then that step forgotten (a redeploy or a recovery): the step
+    will never land, so the session is idle at once and its next turn starts (it used to stay
+    CANCELLING and refuse every turn)."""
+    plan = (Stage(None, 0, TINY_UNITS),)
+    async with Pipeline(config(tiny_model_dir, plan)) as pipe:
+        async with await pipe.open_session() as chat:
+            stream = chat.generate(PROMPTS[0], 50)
+            first = await anext(stream)  # its next step was launched before this token was handed over
+            assert pipe.micro_batches_in_flight == 1
+            chat.cancel()
+            await pipe.redeploy(plan)
+            more = await bounded(_collect(chat.generate([], 3)), TIMEOUT_S)
+            await stream.aclose()
+    assert [first, *more] == tiny_reference([PROMPTS[0]], 4)[0]
+
+
+async def _collect(stream) -> list[int]:
+    return [t async for t in stream]
+
+
 def test_bad_plans_are_refused(tiny_model_dir, peers):
     from swarm.runtime.deploy import check_plan
 
@@ -159,7 +192,7 @@ def test_bad_plans_are_refused(tiny_model_dir, peers):
 
 
 async def test_a_dead_stage_without_a_replanner_fails_the_turn_at_once(tiny_model_dir, tiny_reference):
-    from swarm.runtime.engine import StageLost
+    from swarm.runtime.recovery import StageLost
     from swarm.runtime.server import ServerConfig, ShardServer
 
     async with ShardServer(ServerConfig()) as doomed:
@@ -182,7 +215,7 @@ async def test_a_dead_stage_without_a_replanner_fails_the_turn_at_once(tiny_mode
 
 async def test_a_dead_stage_is_replaced_and_the_streams_go_on_exactly(tiny_model_dir, peers, tiny_reference):
     """The replanner moves the lost stage to a live peer; every stream continues, token-identical."""
-    from swarm.runtime.engine import Replanned
+    from swarm.runtime.recovery import Replanned
     from swarm.runtime.server import ServerConfig, ShardServer
 
     events, asked = [], []
@@ -223,7 +256,7 @@ async def test_a_stage_lost_while_the_pipeline_loads_is_replanned_at_once(tiny_m
     """The first deployment is a phase like any other: a peer gone before it answers its
     LOAD (reported by the owner's directory, or just silent past the control timeout)
     means a re-plan over the live peers, not a failed answer or a LOAD timeout of minutes."""
-    from swarm.runtime.engine import Replanned
+    from swarm.runtime.recovery import Replanned
     from swarm.runtime.server import ServerConfig, ShardServer
 
     events, asked = [], []
@@ -298,7 +331,7 @@ async def test_a_replay_mid_stream_continues_token_for_token(tiny_model_dir, sam
     """A loss mid-stream: every sequence's history is replayed as one prefill on the new
     deployment and the streams go on exactly as an undisturbed run (sampled ones too:
     each draw is seeded by the sequence's seed and position)."""
-    from swarm.runtime.engine import Replanned
+    from swarm.runtime.recovery import Replanned
 
     plan = (Stage(None, 0, TINY_UNITS),)
     async with Pipeline(config(tiny_model_dir, plan, m=2, b=2)) as pipe:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.runtime.schedule import Layout, Mode, build_step, choose_slot, groups_to_launch, turn_finished
+from swarm.model.stopping import turn_finished
+from swarm.runtime.schedule import Layout, Mode, build_step, choose_slot, groups_to_launch
 
 
 def test_no_bubbles_launches_every_returned_micro_batch_at_once():

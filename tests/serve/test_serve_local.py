@@ -22,7 +22,7 @@ import openai
 import psutil
 import pytest
 
-from swarm.chat.conversation import stop_token_ids
+from swarm.model.stopping import stop_token_ids
 from swarm.model import hf
 from swarm.serve.app import STATS_INTERVAL_S
 from tests.model.reference import reference_generate

@@ -12,7 +12,7 @@ import openai
 import psutil
 import pytest
 
-from swarm.chat.conversation import stop_token_ids
+from swarm.model.stopping import stop_token_ids
 from swarm.model import hf
 from tests.model.reference import reference_generate
 from tests.serve import browser

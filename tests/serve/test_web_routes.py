@@ -13,12 +13,13 @@ import pytest
 
 from swarm.model import hf
 from swarm.planner.plan import Plan, PlannedStage
-from swarm.runtime.engine import RecoveryEvent, StageStats
+from swarm.runtime.recovery import RecoveryEvent
+from swarm.runtime.stats import StageStats
 from swarm.serve.app import ApiServer, ServeConfig
 from swarm.serve.state import swarm_json
 from swarm.serve.web import STATIC_DIR, is_loopback
 from swarm.source import SourceConfig, SwarmSource
-from swarm.view.from_source import SourceState
+from swarm.source_state import SourceState
 
 KEY = "sk-web"
 JOIN = "swarm join --join-code abcd-efgh"

@@ -6,8 +6,9 @@ from swarm.discovery.problem import Device, Workload, build_problem, links_from_
 from swarm.discovery.txt import Announcement, Link
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.problem import Problem
-from swarm.runtime.engine import StageStats
-from swarm.view.from_source import SourceState, decode_ms, snapshot_from_source
+from swarm.runtime.stats import StageStats
+from swarm.source_state import SourceState
+from swarm.view.from_source import decode_ms, snapshot_from_source
 from swarm.view.render import topology
 
 from .test_render import cells, render_text

@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.live import Live
 
 from swarm.view.live import refresh_forever
-from swarm.view.render import format_bandwidth, format_bytes, topology, unit_range_name
+from swarm.sizes import format_bytes
+from swarm.view.render import format_bandwidth, topology, unit_range_name
 from swarm.view.snapshot import LinkState, PeerState, PlanState, StageState, SwarmSnapshot
 
 MIB = 1 << 20

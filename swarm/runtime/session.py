@@ -1,0 +1,154 @@
+"""One sequence of a Pipeline and the handle its user holds: ``Session``.
+
+A session owns its sequence: its tokens, how many of them the KV cache holds, its
+slot and its turn. Every change of its turn's state goes through the table of
+``swarm.runtime.turns``; ``apply`` carries out what the table says. The pipeline's
+step loop (swarm.runtime.engine) launches the sequence's steps and applies the
+events that come back (LAUNCH, TOKEN, FORGET, STEP_FAILED); the user's calls apply
+START, END and CLOSE. All of it runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Collection, Sequence
+
+from swarm.aio import wait_event
+from swarm.model.sampling import SamplingParams
+from swarm.model.stopping import turn_finished
+from swarm.runtime.schedule import check_turn_fits
+from swarm.runtime.turns import Action, TurnEvent, TurnState, transition
+
+if TYPE_CHECKING:
+    from swarm.runtime.engine import Pipeline
+
+log = logging.getLogger(__name__)
+
+_END = object()  # end of a turn's token stream
+
+
+@dataclass
+class _Turn:
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # tokens, then _END or an exception
+    generated: int = 0
+
+
+class Session:
+    """A handle on one sequence of a Pipeline, holding one KV slot across turns until ``aclose()``.
+
+    The token sampled last in a turn is fed at the start of the next one, so a new turn
+    computes only its new tokens (and the one sampled last). Made by ``Pipeline.open_session``.
+
+    For its user: ``generate``, ``cancel``, ``aclose``, ``history``, ``fed_tokens``. For the
+    pipeline's step loop: ``tokens[cached:]`` (what the next step feeds), ``sent``, ``back``.
+    """
+
+    def __init__(self, pipeline: Pipeline, slot: int, sampling: SamplingParams, one_shot: bool = False) -> None:
+        self._pipeline = pipeline
+        self.slot = slot
+        self.sampling = sampling
+        self.one_shot = one_shot  # closes itself when its one turn ends
+        self.tokens: list[int] = []  # everything fed or sampled, in order
+        self.cached = 0  # how many of ``tokens`` the KV cache of the current deployment holds
+        self.fed = 0  # tokens run through the model for this sequence (replays included)
+        self.state = TurnState.IDLE
+        self.idle = asyncio.Event()  # no step of this sequence out
+        self.idle.set()
+        self._turn: _Turn | None = None
+
+    @property
+    def history(self) -> tuple[int, ...]:
+        """Every token of the sequence: prompts, turns and sampled tokens, in order."""
+        return tuple(self.tokens)
+
+    @property
+    def fed_tokens(self) -> int:
+        """Tokens this sequence has run through the model (a replay after a lost stage counts)."""
+        return self.fed
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def sent(self) -> None:
+        """Its micro-batch step went out with every token the cache did not hold."""
+        self.fed += len(self.tokens) - self.cached
+        self.cached = len(self.tokens)
+        self.apply(TurnEvent.LAUNCH)
+        self.idle.clear()
+
+    def back(self, event: TurnEvent, token: int | None = None, error: BaseException | None = None) -> None:
+        """Its step is over (TOKEN, STEP_FAILED or FORGET): nothing of it is out any more."""
+        self.idle.set()
+        self.apply(event, token, error)
+
+    def apply(self, event: TurnEvent, token: int | None = None,
+              error: BaseException | None = None) -> tuple[Action, ...]:
+        """Move the turn by ``event`` and deliver or end its stream as the table says; returns
+        the actions. A TOKEN that finishes the turn (its max or a stop token) also ENDs it."""
+        step = transition(self.state, event)
+        self.state = step.state
+        for action in step.actions:
+            if action is Action.DELIVER:
+                self.tokens.append(token)
+                self._turn.generated += 1
+                self._turn.queue.put_nowait(token)
+                if turn_finished(self._turn.generated, self._turn.max_new_tokens, token, self._turn.stop_ids):
+                    self.apply(TurnEvent.END)
+            elif action is Action.END_STREAM:
+                turn, self._turn = self._turn, None
+                turn.queue.put_nowait(_END if error is None else error)
+        return step.actions
+
+    async def generate(self, new_tokens: Sequence[int], max_new_tokens: int,
+                       stop_ids: Collection[int] = ()) -> AsyncIterator[int]:
+        """Feed ``new_tokens`` and stream up to ``max_new_tokens`` sampled tokens; the stop
+        token, if hit, is the last one yielded. Raises ContextFull before computing when the
+        turn cannot fit the slot. Leaving the iteration early cancels the turn."""
+        pipeline = self._pipeline
+        if self.state is TurnState.CANCELLING:  # the last turn's cancelled step has not landed yet
+            await wait_event(self.idle, pipeline.config.step_timeout_s)
+        transition(self.state, TurnEvent.START)  # refuses a closed or busy session before anything else
+        pipeline.check_usable()
+        new_tokens = list(new_tokens)
+        if max_new_tokens < 1 or not (new_tokens or len(self.tokens) > self.cached):
+            raise ValueError("a turn needs at least one token to feed and max_new_tokens >= 1")
+        check_turn_fits(len(self.tokens) + len(new_tokens), max_new_tokens, pipeline.config.max_len)
+        self.tokens += new_tokens
+        turn = self._turn = _Turn(max_new_tokens, frozenset(stop_ids))
+        self.apply(TurnEvent.START)
+        pipeline.steps.launch()
+        try:
+            while (item := await turn.queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if self._turn is turn:  # the consumer left early: nothing more is computed for it
+                self.apply(TurnEvent.END)
+            if self.one_shot:
+                await self.aclose()
+
+    def cancel(self) -> None:
+        """End the running turn now; a token still in flight is dropped when it lands."""
+        self.apply(TurnEvent.END)
+
+    async def aclose(self) -> None:
+        """Free the slot on every stage; safe to call twice."""
+        actions = self.apply(TurnEvent.CLOSE)
+        if Action.RELEASE_SLOT not in actions:
+            return  # closed already
+        try:
+            if Action.AWAIT_STEP in actions:  # let the step land (or be forgotten) before the slot is freed
+                await wait_event(self.idle, self._pipeline.config.step_timeout_s)
+            await self._pipeline.close_slot(self.slot)
+        except Exception as exc:  # cleanup: a failure here must not cancel whoever owns the TaskGroup
+            log.warning("closing slot %d: %s", self.slot, exc)
+        finally:
+            await self._pipeline.release(self)
