@@ -23,7 +23,7 @@ from torch import nn
 from swarm.model.formats import BLOCK, QuantizedTensor, Weight
 
 # Bumped when the numbers a kernel computes change: profiles measured under another version are not reused.
-VERSION = "3"
+VERSION = "4"
 BF16_NATIVE_MAX_ROWS = 8  # bfloat16 products with at most this many rows of x use the native kernel (decode)
 
 CHUNK_ROWS = 2048  # rows dequantized at a time on the torch path (bounds the temporary)
@@ -42,7 +42,7 @@ def _native():
 
 
 def kernel_id() -> str:
-    """Which kernels this process computes with, e.g. "3-avx2" or "3-torch": the key profiles are cached under."""
+    """Which kernels this process computes with, e.g. "4-avx512", "4-avx2" or "4-torch": the key profiles are cached under."""
     lib = _native()
     return f"{VERSION}-{lib.simd.replace(' ', '-') if lib is not None else 'torch'}"
 

@@ -18,19 +18,25 @@
  * are a quarter of the matrix apart (rows g, g + N/4, g + N/2, g + 3N/4), so W is read
  * as four long sequential streams: four adjacent rows of 1 KB would be four short
  * streams in each page, which the hardware prefetchers follow at half the bandwidth
- * (measured: 9.6 against 19 GB/s on one core here). Blocks go eight at a time, their
- * fp16 scales converted as vectors. Row groups are split over OpenMP threads. bf16
+ * (measured: 9.6 against 19 GB/s on one core of an AMD EPYC). Blocks go eight (AVX2) or
+ * sixteen (AVX-512) at a time, their fp16 scales converted as vectors. Row groups are split over OpenMP threads. bf16
  * weights take the same path in float32 arithmetic (exact products of bf16 values,
  * float32 sums).
  *
- * AVX2 intrinsics where the compiler targets them (-march=native), plain C otherwise.
+ * Three builds of the same arithmetic, picked by what the compiler targets (-march=native):
+ * AVX-512 VNNI (vpdpbusd integer sums, sixteen blocks a chunk, software prefetch; bf16 by
+ * vdpbf16ps where AVX512_BF16 is there), AVX2 (maddubs/madd), and plain C.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+/* The AVX-512 paths need F/BW/VL/VNNI (Ice Lake, Sapphire Rapids, Zen 4 on): the integer block sums. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define SWARM_AVX512 1
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -39,10 +45,13 @@
 #define QK 32
 #define ROWS 4 /* weight rows per inner loop, sharing x's loads */
 
-int swarm_kernels_abi(void) { return 1; }
+int swarm_kernels_abi(void) { return 2; }
 
+/* 512: AVX-512 VNNI (and bf16 dot products where __AVX512BF16__), 2: AVX2, 0: plain C. */
 int swarm_kernels_simd(void) {
-#ifdef __AVX2__
+#ifdef SWARM_AVX512
+    return 512;
+#elif defined(__AVX2__)
     return 2;
 #else
     return 0;
@@ -76,7 +85,7 @@ static inline float fp16_to_float(uint16_t h) {
 /* ------------------------------------------------------------ activations */
 
 /* One row of x as int8 blocks: codes q, scale d (amax / 127) and d * sum(q) per block. */
-static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *s) {
+static __attribute__((unused)) void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *s) {
     for (int64_t b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
@@ -230,7 +239,7 @@ static inline __attribute__((always_inline)) void dot_rows_impl(int kind, int64_
 #endif
 }
 
-static void dot_rows(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
+static __attribute__((unused)) void dot_rows(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
                      int64_t r0, int64_t stride, int nr, const int8_t *xq, const float *xd, const float *xs, float *y) {
 #define CASE(k, n) dot_rows_impl(k, K, codes, scales, mins, r0, stride, n, xq, xd, xs, y)
     if (nr == ROWS) {
@@ -241,17 +250,177 @@ static void dot_rows(int kind, int64_t K, const uint8_t *codes, const uint16_t *
 #undef CASE
 }
 
+#ifdef SWARM_AVX512
+/* ------------------------------------------------------------ AVX-512 VNNI
+ *
+ * Sixteen blocks a chunk. Their fp16 scales are one 256-bit load, converted to 16 floats and
+ * multiplied by x's (dd = dw * dx). The integer block sums are vpdpbusd (u8 x s8, four
+ * products summed into each int32 lane), with the accumulator started at an x-side correction
+ * so that the lanes of a block sum to exactly the integer dot product of the format:
+ *  - 4-bit codes are unsigned already. One 512-bit load is four blocks: its low nibbles meet
+ *    the first 16 x codes of each of the four blocks, its high nibbles the last 16, so x is
+ *    laid out once per call as [first halves of 4 blocks | second halves] (prepare_x512) and
+ *    lanes 4j..4j+3 hold block j. q4_0's -8 offset: lane 4j starts at -8 * sum(qx of block j).
+ *  - q8_0 codes are signed: w ^ 0x80 is w + 128 as a u8 (llama.cpp's offset trick, with the
+ *    offset on the weight side), so lane 8j starts at -128 * sum(qx of block j). One load is
+ *    two blocks, lanes 8j..8j+7 block j.
+ * Each group's lanes become floats and meet their block's dd (a lane permute of the 16 dd).
+ * q4_1's m * dx * sum(qx) is one fma of 16 lanes a chunk. The last chunk of a row (K / 32
+ * not a multiple of 16) loads only the blocks it has (masked loads); x's buffers are padded
+ * with zero blocks to whole chunks. */
+#define CHUNK 16
+/* Each row's codes are prefetched this far ahead, a line per load: the hardware prefetchers
+ * alone left 12% of the bandwidth unused on a Xeon (1 KB ahead was the best of 0.5-4 KB). */
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
+
+/* One row of x for the AVX-512 kernels, nbp = K / 32 rounded up to whole chunks, the padding zero:
+ * codes q (q4 kinds: in the [first halves | second halves] order of 4-block groups), scales d,
+ * d * sum(q) per block, and the int32 accumulator starts c (8 a block). */
+static void prepare_x512(int kind, const float *x, int64_t K, int64_t nbp, int8_t *q, float *d, float *s, int32_t *c) {
+    const int64_t nb = K / QK;
+    memset(q, 0, (size_t)(nbp * QK));
+    memset(d, 0, sizeof(float) * (size_t)nbp);
+    memset(s, 0, sizeof(float) * (size_t)nbp);
+    memset(c, 0, sizeof(int32_t) * (size_t)(nbp * 8));
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const __m512 v0 = _mm512_loadu_ps(x + b * QK), v1 = _mm512_loadu_ps(x + b * QK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+        const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        /* vcvtps2dq rounds to nearest even, as nearbyintf does in the default mode */
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        const __m128i b0 = _mm512_cvtepi32_epi8(q0), b1 = _mm512_cvtepi32_epi8(q1);
+        if (kind == 0) {
+            _mm_storeu_si128((__m128i *)(q + b * QK), b0);
+            _mm_storeu_si128((__m128i *)(q + b * QK + 16), b1);
+            c[b * 8] = -128 * sum; /* lane 8j of the pair holding block b (8 lanes a block) */
+        } else {
+            const int64_t g = b / 4, j = b % 4;
+            _mm_storeu_si128((__m128i *)(q + g * 128 + j * 16), b0);
+            _mm_storeu_si128((__m128i *)(q + g * 128 + 64 + j * 16), b1);
+            if (kind == 1) c[g * 16 + j * 4] = -8 * sum; /* lane 4j of the group's 16 */
+        }
+        d[b] = scale;
+        s[b] = scale * (float)sum;
+    }
+}
+
+/* Blocks [b, b + CHUNK) of nr rows (only the first c of them when partial). */
+static inline __attribute__((always_inline)) void chunk512(int kind, int nr, int partial, int c, int64_t b,
+        const uint8_t *const rows[ROWS], const uint16_t *const srow[ROWS], const uint16_t *const mrow[ROWS],
+        const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, __m512 acc[ROWS]) {
+    const __m512 xd16 = _mm512_loadu_ps(xd + b);
+    const __mmask16 smask = partial ? (__mmask16)((1u << c) - 1) : (__mmask16)0xffff;
+    __m512 dd[ROWS];
+    for (int r = 0; r < nr; r++) {
+        const __m256i sraw = partial ? _mm256_maskz_loadu_epi16(smask, srow[r] + b)
+                                     : _mm256_loadu_si256((const __m256i *)(srow[r] + b));
+        dd[r] = _mm512_mul_ps(_mm512_cvtph_ps(sraw), xd16);
+        if (kind == 2) {
+            const __m256i mraw = partial ? _mm256_maskz_loadu_epi16(smask, mrow[r] + b)
+                                         : _mm256_loadu_si256((const __m256i *)(mrow[r] + b));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(mraw), _mm512_loadu_ps(xs + b), acc[r]);
+        }
+    }
+    if (kind == 0) {
+        const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        for (int p = 0; p < CHUNK / 2; p++) {
+            if (partial && 2 * p >= c) break;
+            const __mmask64 m = partial && 2 * p + 1 >= c ? 0xffffffffull : ~0ull;
+            const __m512i xv = _mm512_loadu_si512(xq + (b + 2 * p) * QK);
+            const __m512i cv = _mm512_loadu_si512(xc + (b + 2 * p) * 8);
+            const __m512i idx = _mm512_add_epi32(half, _mm512_set1_epi32(2 * p));
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *wp = rows[r] + (b + 2 * p) * QK;
+                _mm_prefetch((const char *)wp + PREFETCH, _MM_HINT_T0);
+                const __m512i w = partial ? _mm512_maskz_loadu_epi8(m, wp) : _mm512_loadu_si512(wp);
+                const __m512i sum = _mm512_dpbusd_epi32(cv, _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)), xv);
+                acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, dd[r]), _mm512_cvtepi32_ps(sum), acc[r]);
+            }
+        }
+        return;
+    }
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int g = 0; g < CHUNK / 4; g++) {
+        if (partial && 4 * g >= c) break;
+        const int have = partial ? c - 4 * g : 4;
+        const __mmask64 m = have >= 4 ? ~0ull : (1ull << (16 * have)) - 1;
+        const int64_t gi = b / 4 + g;
+        const __m512i xlo = _mm512_loadu_si512(xq + gi * 128), xhi = _mm512_loadu_si512(xq + gi * 128 + 64);
+        const __m512i cv = kind == 1 ? _mm512_loadu_si512(xc + gi * 16) : _mm512_setzero_si512();
+        const __m512i idx = _mm512_add_epi32(quarter, _mm512_set1_epi32(4 * g));
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *wp = rows[r] + (b + 4 * g) * (QK / 2);
+            _mm_prefetch((const char *)wp + PREFETCH, _MM_HINT_T0);
+            const __m512i raw = partial ? _mm512_maskz_loadu_epi8(m, wp) : _mm512_loadu_si512(wp);
+            const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cv, lo, xlo), hi, xhi);
+            acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, dd[r]), _mm512_cvtepi32_ps(sum), acc[r]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void dot_rows512_impl(int kind, int64_t K, const uint8_t *codes,
+        const uint16_t *scales, const uint16_t *mins, int64_t r0, int64_t stride, int nr,
+        const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, float *y) {
+    const int64_t nb = K / QK, row_bytes = kind == 0 ? K : K / 2;
+    __m512 acc[ROWS];
+    const uint8_t *rows[ROWS];
+    const uint16_t *srow[ROWS], *mrow[ROWS];
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm512_setzero_ps();
+        rows[r] = codes + (r0 + r * stride) * row_bytes;
+        srow[r] = scales + (r0 + r * stride) * nb;
+        mrow[r] = mins ? mins + (r0 + r * stride) * nb : NULL;
+    }
+    int64_t b = 0;
+    for (; b + CHUNK <= nb; b += CHUNK) chunk512(kind, nr, 0, CHUNK, b, rows, srow, mrow, xq, xd, xs, xc, acc);
+    if (b < nb) chunk512(kind, nr, 1, (int)(nb - b), b, rows, srow, mrow, xq, xd, xs, xc, acc);
+    for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+static void dot_rows512(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
+                        int64_t r0, int64_t stride, int nr, const int8_t *xq, const float *xd, const float *xs,
+                        const int32_t *xc, float *y) {
+#define CASE(k, n) dot_rows512_impl(k, K, codes, scales, mins, r0, stride, n, xq, xd, xs, xc, y)
+    if (nr == ROWS) {
+        if (kind == 0) CASE(0, ROWS); else if (kind == 1) CASE(1, ROWS); else CASE(2, ROWS);
+    } else {
+        if (kind == 0) CASE(0, nr); else if (kind == 1) CASE(1, nr); else CASE(2, nr);
+    }
+#undef CASE
+}
+#endif
+
 /* y [M, N] = x [M, K] @ W^T for a quantized W. Returns 0, or -1 when scratch memory is short. */
 int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uint8_t *codes,
                        const uint16_t *scales, const uint16_t *mins, int64_t N, float *y, int threads) {
     const int64_t nb = K / QK;
-    int8_t *xq = malloc((size_t)(M * K));
-    float *xd = malloc(sizeof(float) * (size_t)(M * nb)), *xs = malloc(sizeof(float) * (size_t)(M * nb));
-    if (!xq || !xd || !xs) {
-        free(xq), free(xd), free(xs);
+#ifdef SWARM_AVX512
+    const int64_t nbp = (nb + CHUNK - 1) / CHUNK * CHUNK; /* x padded to whole chunks */
+    int32_t *xc = malloc(sizeof(int32_t) * (size_t)(M * nbp * 8));
+#else
+    const int64_t nbp = nb;
+    int32_t *xc = NULL;
+#endif
+    int8_t *xq = malloc((size_t)(M * nbp * QK));
+    float *xd = malloc(sizeof(float) * (size_t)(M * nbp)), *xs = malloc(sizeof(float) * (size_t)(M * nbp));
+    if (!xq || !xd || !xs || (nbp != nb && !xc)) {
+        free(xq), free(xd), free(xs), free(xc);
         return -1;
     }
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xd + m * nb, xs + m * nb);
+    for (int64_t m = 0; m < M; m++) {
+#ifdef SWARM_AVX512
+        prepare_x512(kind, x + m * K, K, nbp, xq + m * nbp * QK, xd + m * nbp, xs + m * nbp, xc + m * nbp * 8);
+#else
+        quantize_row(x + m * K, K, xq + m * K, xd + m * nb, xs + m * nb);
+#endif
+    }
     /* Group g takes rows g, g + Q, g + 2Q, g + 3Q (Q = N / ROWS): four long sequential streams
      * through W, which the hardware prefetchers follow at full bandwidth (four rows side by side
      * would be four short streams per page, read at half of it). The last N % ROWS rows follow. */
@@ -262,17 +431,78 @@ int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uin
         const int nr = g < Q ? ROWS : (int)(N - ROWS * Q);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
+#ifdef SWARM_AVX512
+            dot_rows512(kind, K, codes, scales, mins, r0, stride, nr, xq + m * nbp * QK, xd + m * nbp, xs + m * nbp,
+                        xc + m * nbp * 8, out);
+#else
             dot_rows(kind, K, codes, scales, mins, r0, stride, nr, xq + m * K, xd + m * nb, xs + m * nb, out);
+#endif
             for (int r = 0; r < nr; r++) y[m * N + r0 + r * stride] = out[r];
         }
     }
-    free(xq), free(xd), free(xs);
+    free(xq), free(xd), free(xs), free(xc);
     return 0;
 }
 
 /* ------------------------------------------------------------ bfloat16 */
 
-static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int64_t stride, int nr, const float *x, float *y) {
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+#if defined(SWARM_AVX512) && defined(__AVX512BF16__)
+/* vdpbf16ps: each float lane adds the exact products of two bf16 pairs (x and w both bf16).
+ * A float32 x is first split into three bf16 parts whose sum is x exactly (hi = bf16(x), then
+ * the rest twice), so the products stay exact products of x's value; a bfloat16 x is one part. */
+#define SWARM_DPBF16 1
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even (finite values) */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void split_bf16(const float *x, int64_t K, uint16_t *parts) { /* parts [3, K] */
+    for (int64_t k = 0; k < K; k++) {
+        const uint16_t hi = float_to_bf16(x[k]);
+        const float rest = x[k] - bf16_to_float(hi);
+        const uint16_t mid = float_to_bf16(rest);
+        parts[k] = hi, parts[K + k] = mid, parts[2 * K + k] = float_to_bf16(rest - bf16_to_float(mid));
+    }
+}
+
+static inline __attribute__((always_inline)) void dot_rows_dpbf16_impl(int64_t K, const uint16_t *w, int64_t r0,
+        int64_t stride, int nr, const uint16_t *x, int parts, float *y) {
+    __m512 acc[ROWS], acc2[ROWS];
+    const uint16_t *rows[ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = acc2[r] = _mm512_setzero_ps(), rows[r] = w + (r0 + r * stride) * K;
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 m = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1;
+        const __m512bh x0 = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+        __m512bh x1 = x0, x2 = x0;
+        if (parts == 3) x1 = (__m512bh)_mm512_maskz_loadu_epi16(m, x + K + k), x2 = (__m512bh)_mm512_maskz_loadu_epi16(m, x + 2 * K + k);
+        for (int r = 0; r < nr; r++) {
+            _mm_prefetch((const char *)(rows[r] + k) + PREFETCH, _MM_HINT_T0);
+            const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, rows[r] + k);
+            acc[r] = _mm512_dpbf16_ps(acc[r], wv, x0);
+            if (parts == 3) acc2[r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc2[r], wv, x1), wv, x2);
+        }
+    }
+    for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(parts == 3 ? _mm512_add_ps(acc[r], acc2[r]) : acc[r]);
+}
+
+static void dot_rows_dpbf16(int64_t K, const uint16_t *w, int64_t r0, int64_t stride, int nr, const uint16_t *x,
+                            int parts, float *y) {
+    if (nr == ROWS && parts == 1) dot_rows_dpbf16_impl(K, w, r0, stride, ROWS, x, 1, y);
+    else if (nr == ROWS) dot_rows_dpbf16_impl(K, w, r0, stride, ROWS, x, 3, y);
+    else dot_rows_dpbf16_impl(K, w, r0, stride, nr, x, parts, y);
+}
+#endif
+
+static __attribute__((unused)) void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int64_t stride, int nr, const float *x, float *y) {
 #ifdef __AVX2__
     if (K % 16 == 0) {
         __m256 acc[ROWS];
@@ -292,18 +522,29 @@ static void dot_rows_bf16(int64_t K, const uint16_t *w, int64_t r0, int64_t stri
 #endif
     for (int r = 0; r < nr; r++) {
         float acc = 0.0f;
-        for (int64_t k = 0; k < K; k++) {
-            const uint32_t bits = (uint32_t)w[(r0 + r * stride) * K + k] << 16;
-            float v;
-            memcpy(&v, &bits, 4);
-            acc += v * x[k];
-        }
+        for (int64_t k = 0; k < K; k++) acc += bf16_to_float(w[(r0 + r * stride) * K + k]) * x[k];
         y[r] = acc;
     }
 }
 
-/* y [M, N] = x [M, K] @ W^T for bfloat16 W [N, K] and float32 x. */
-int swarm_matmul_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+/* y [M, N] = x [M, K] @ W^T for bfloat16 W [N, K] and x float32 (x_bf16 = 0) or bfloat16 (x_bf16 = 1).
+ * Returns 0, or -1 when scratch memory is short. */
+int swarm_matmul_bf16(const void *x, int x_bf16, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y,
+                      int threads) {
+#ifdef SWARM_DPBF16
+    const int parts = x_bf16 ? 1 : 3;
+    uint16_t *xs = x_bf16 ? NULL : malloc(sizeof(uint16_t) * (size_t)(3 * M * K));
+    if (!x_bf16 && !xs) return -1;
+    for (int64_t m = 0; m < M && !x_bf16; m++) split_bf16((const float *)x + m * K, K, xs + 3 * m * K);
+    const uint16_t *xp = x_bf16 ? (const uint16_t *)x : xs;
+#else
+    float *xf = NULL;
+    if (x_bf16) {
+        if (!(xf = malloc(sizeof(float) * (size_t)(M * K)))) return -1;
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_float(((const uint16_t *)x)[i]);
+    }
+    const float *xp = x_bf16 ? xf : (const float *)x;
+#endif
     const int64_t Q = N / ROWS, groups = Q + (N % ROWS != 0); /* rows as in swarm_matmul_quant */
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t g = 0; g < groups; g++) {
@@ -311,9 +552,18 @@ int swarm_matmul_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, i
         const int nr = g < Q ? ROWS : (int)(N - ROWS * Q);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-            dot_rows_bf16(K, w, r0, stride, nr, x + m * K, out);
+#ifdef SWARM_DPBF16
+            dot_rows_dpbf16(K, w, r0, stride, nr, xp + parts * m * K, parts, out);
+#else
+            dot_rows_bf16(K, w, r0, stride, nr, xp + m * K, out);
+#endif
             for (int r = 0; r < nr; r++) y[m * N + r0 + r * stride] = out[r];
         }
     }
+#ifdef SWARM_DPBF16
+    free(xs);
+#else
+    free(xf);
+#endif
     return 0;
 }

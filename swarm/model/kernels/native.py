@@ -3,7 +3,7 @@
 The shared library is built at first use into ``cache_root()/kernels/<hash>/``, the
 hash covering the source, the compiler's version and the flags, so an edited
 kernel or a new compiler gets a build of its own. ``-march=native`` makes the
-build this CPU's (AVX2 where it has it); OpenMP splits rows over threads where the
+build this CPU's (AVX-512 VNNI or AVX2 where it has them); OpenMP splits rows over threads where the
 compiler has it. Concurrent peers take a file lock, so one builds and the others
 load. With no compiler (or a failing build) ``library()`` returns None and
 ``swarm.model.kernels`` computes on its torch path instead.
@@ -29,7 +29,7 @@ from swarm.model.formats import QuantizedTensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 1  # swarm_kernels_abi() of the source this module calls
+ABI = 2  # swarm_kernels_abi() of the source this module calls
 KIND_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
@@ -44,9 +44,9 @@ class NativeKernels:
         self._quant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
         self._quant.restype = ctypes.c_int
         self._bf16 = lib.swarm_matmul_bf16
-        self._bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        self._bf16.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int]
         self._bf16.restype = ctypes.c_int
-        self.simd = {2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
+        self.simd = {512: "avx512", 2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
 
     def matmul(self, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] (float32 or bfloat16) @ W.T, in x's dtype."""
@@ -70,10 +70,15 @@ class NativeKernels:
     def matmul_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ W.T for a bfloat16 W [N, K]: float32 sums of exact bf16 products, out in x's dtype."""
         n, k = weight.shape
-        xf = x.to(torch.float32).contiguous()
-        out = torch.empty(xf.shape[0], n, dtype=torch.float32)
-        self._bf16(xf.data_ptr(), xf.shape[0], k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
-        return out.to(x.dtype)
+        # a bfloat16 x goes in as it is (the AVX-512 kernel multiplies bf16 pairs); anything else as float32
+        xc = x if x.dtype in (torch.bfloat16, torch.float32) else x.to(torch.float32)
+        xc = xc.contiguous()
+        out = torch.empty(xc.shape[0], n, dtype=torch.float32)
+        rc = self._bf16(xc.data_ptr(), int(xc.dtype == torch.bfloat16), xc.shape[0], k, weight.data_ptr(), n,
+                        out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"no memory for a [{xc.shape[0]}, {k}] activation buffer")
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def compiler() -> str | None:
