@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from swarm.model import hf, kernels
-from swarm.model.block import Block, BlockShape, rms_norm
+from swarm.model.block import Block, BlockShape, rms_norm, rope
 from swarm.model.dtypes import dtype_name, torch_dtype
 from swarm.model.checkpoint import open_checkpoint
 from swarm.model.formats import QuantizedTensor, Weight
@@ -286,9 +286,9 @@ class Shard:
 
         if w.blocks:
             self.cache.begin_step(slots, width)
-            cos, sin = self.rotary(hidden, plan.position_ids)
+            tables = rope(*self.rotary(hidden, plan.position_ids))
             for block in w.blocks:
-                hidden = block(hidden, cos, sin, self.cache, plan.mask)
+                hidden = block(hidden, tables, self.cache, plan.mask)
         for slot, n in zip(slots, real):
             self.cache.lengths[slot] += n
         self.prefilled_tokens += sum(real)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swarm.model import hf
-from swarm.model.block import Block, BlockShape
+from swarm.model.block import Block, BlockShape, rope
 from swarm.model.shard import SlotKVCache, plan_step
 
 
@@ -45,7 +45,7 @@ def test_the_block_is_the_library_layer_bit_for_bit(tiny_model_factory, family):
             cache.begin_step(slots, width)
         want = layer(x, attention_mask=plan.mask, position_ids=plan.position_ids,
                      position_embeddings=(cos, sin), cache=theirs)
-        got = block(x, cos, sin, ours, plan.mask)
+        got = block(x, rope(cos, sin), ours, plan.mask)
         assert torch.equal(got, want), (family, slots, width, (got - want).abs().max())
         for cache in (theirs, ours):
             for s, n in zip(slots, real):

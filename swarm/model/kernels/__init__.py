@@ -131,24 +131,24 @@ class Linear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.kind}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        # x [..., K] -> [..., N]. The native kernels take x's leading dimensions as rows (no reshapes:
+        # at 135M a decode step makes 120 of these calls, and each operator call costs microseconds).
         if not self.quantized:
             w = self.dense
-            if (w.dtype == torch.bfloat16 and x2.shape[0] <= BF16_NATIVE_MAX_ROWS and self.bias is None
-                    and w.device.type == "cpu"):
+            if (w.dtype == torch.bfloat16 and x.numel() <= BF16_NATIVE_MAX_ROWS * self.in_features
+                    and self.bias is None and w.device.type == "cpu"):
                 lib = _native()
                 if lib is not None:
-                    return lib.matmul_bf16(x2, w).reshape(*shape[:-1], self.out_features)
+                    return lib.matmul_bf16(x, w)
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)  # float16 weights with float32 x: a temporary, rare
-            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
-            return y.reshape(*shape[:-1], self.out_features)
+            # [..., K] as the library's nn.Linear calls it (the same BLAS call for float32)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         lib = _native()
         if lib is not None:
-            y = lib.matmul_parts(x2, self.kind, self.codes, self.scales, self.mins, self.bias)
-        else:
-            y = matmul_torch(x2, self.weight, self.bias)
+            return lib.matmul_parts(x, self.kind, self.codes, self.scales, self.mins, self.bias)
+        shape = x.shape
+        y = matmul_torch(x.reshape(-1, shape[-1]), self.weight, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
 

@@ -49,35 +49,38 @@ class NativeKernels:
         self.simd = {512: "avx512", 2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
 
     def matmul(self, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] (float32 or bfloat16) @ W.T, in x's dtype."""
+        """x [..., K] (float32 or bfloat16) @ W.T -> [..., N], in x's dtype."""
         return self.matmul_parts(x, weight.kind, weight.codes, weight.scales, weight.mins, bias)
 
     def matmul_parts(self, x: torch.Tensor, kind: str, codes: torch.Tensor, scales: torch.Tensor,
                      mins: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        """``matmul`` of a weight given as its contiguous parts (Linear's decode path: no objects built)."""
-        n, k = scales.shape[0], x.shape[1]
+        """``matmul`` of a weight given as its contiguous parts (Linear's decode path: no objects built,
+        x's leading dimensions taken as rows without a reshape)."""
+        n, k = scales.shape[0], x.shape[-1]
+        rows = x.numel() // k
         dtype = x.dtype
         xf = x if dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        out = torch.empty(xf.shape[0], n, dtype=torch.float32)
-        rc = self._quant(KIND_CODES[kind], xf.data_ptr(), xf.shape[0], k, codes.data_ptr(), scales.data_ptr(),
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+        rc = self._quant(KIND_CODES[kind], xf.data_ptr(), rows, k, codes.data_ptr(), scales.data_ptr(),
                          None if mins is None else mins.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
-            raise MemoryError(f"no memory for a [{xf.shape[0]}, {k}] activation buffer")
+            raise MemoryError(f"no memory for a [{rows}, {k}] activation buffer")
         if bias is not None:
             out += bias if bias.dtype == torch.float32 else bias.to(torch.float32)
         return out if dtype == torch.float32 else out.to(dtype)
 
     def matmul_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ W.T for a bfloat16 W [N, K]: float32 sums of exact bf16 products, out in x's dtype."""
+        """x [..., K] @ W.T for a bfloat16 W [N, K]: float32 sums of exact bf16 products, out in x's dtype."""
         n, k = weight.shape
+        rows = x.numel() // k
         # a bfloat16 x goes in as it is (the AVX-512 kernel multiplies bf16 pairs); anything else as float32
         xc = x if x.dtype in (torch.bfloat16, torch.float32) else x.to(torch.float32)
         xc = xc.contiguous()
-        out = torch.empty(xc.shape[0], n, dtype=torch.float32)
-        rc = self._bf16(xc.data_ptr(), int(xc.dtype == torch.bfloat16), xc.shape[0], k, weight.data_ptr(), n,
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+        rc = self._bf16(xc.data_ptr(), int(xc.dtype == torch.bfloat16), rows, k, weight.data_ptr(), n,
                         out.data_ptr(), torch.get_num_threads())
         if rc != 0:
-            raise MemoryError(f"no memory for a [{xc.shape[0]}, {k}] activation buffer")
+            raise MemoryError(f"no memory for a [{rows}, {k}] activation buffer")
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
