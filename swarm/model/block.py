@@ -21,8 +21,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from swarm.model import kernels
 from swarm.model.formats import QuantizedTensor, Weight
 from swarm.model.kernels import Linear
+from swarm.model.kernels.native import BlockDecoder
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,23 @@ class Block(torch.nn.Module):
                                    [w(mlp + "gate_proj.bias"), w(mlp + "up_proj.bias")])
         self.down = Linear(weights[mlp + "down_proj.weight"], w(mlp + "down_proj.bias"))
         self.scale = shape.head_dim ** -0.5
+        self.decoder = self._native_decoder()
+
+    def _native_decoder(self):
+        """The native kernels' one-call decode block where every product is quantized and fused and the
+        block computes in float32 (native.c's swarm_block_decode); None otherwise."""
+        linears = [self.qkv.parts[0], self.o, self.gate_up.parts[0], self.down]
+        if not (self.qkv.fused and self.gate_up.fused and all(lin.quantized for lin in linears)):
+            return None
+        tensors = [self.input_norm, self.post_norm] + [lin.bias for lin in linears if lin.bias is not None]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+            return None
+        lib = kernels._native()
+        if lib is None:
+            return None
+        s = self.shape
+        return BlockDecoder(lib, linears, self.input_norm.data, self.post_norm.data, s.num_heads, s.num_kv_heads,
+                            s.head_dim, s.rms_norm_eps, self.scale)
 
     @staticmethod
     def tensor_names(index: int) -> list[str]:
@@ -155,6 +174,10 @@ class Block(torch.nn.Module):
         """
         s = self.shape
         batch, width, _ = x.shape
+        if self.decoder is not None and batch == 1 and width == 1 and mask is None and x.dtype == torch.float32:
+            target = cache.decode_target(self.index)  # one token of one sequence: one native call
+            if target is not None:
+                return self.decoder(x, tables.cos, tables.sin, *target)
         heads, kv, dim = s.num_heads, s.num_kv_heads, s.head_dim
         h = rms_norm(x, self.input_norm, s.rms_norm_eps)
         if self.qkv.fused:  # one product [B, T, (H + 2 KV) D]: q and k rotate as one tensor of H + KV heads

@@ -7,6 +7,7 @@ import torch
 
 from swarm.model import hf
 from swarm.model.block import Block, BlockShape, rope
+from swarm.model.formats import quantize
 from swarm.model.shard import SlotKVCache, plan_step
 
 
@@ -51,3 +52,41 @@ def test_the_block_is_the_library_layer_bit_for_bit(tiny_model_factory, family):
             for s, n in zip(slots, real):
                 cache.lengths[s] += n
     assert torch.equal(theirs.keys[0], ours.keys[0]) and torch.equal(theirs.values[0], ours.values[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+@torch.inference_mode()
+def test_the_native_decode_block_is_the_torch_block(tiny_model_factory, family, kind):
+    """One token of one sequence goes through native.c's one-call block (quantized shards): its output
+    and the cache row it writes agree with the same block's torch operators (the same quantized
+    products) to float32 rounding, and each path reads what the other wrote."""
+    model, _, _ = _layer_and_block(tiny_model_factory(family), 1)
+    weights = {k: quantize(v, kind) if k.endswith("proj.weight") else v
+               for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    block = Block(1, BlockShape.from_config(model.config), weights)
+    assert block.decoder is not None, "a C compiler is here: quantized blocks decode natively"
+    rotary, caches = model.model.rotary_emb, (_cache(model, 1), _cache(model, 1))
+    torch.manual_seed(1)
+    slot, hidden = [2], model.config.hidden_size
+    steps = [torch.randn(1, 6, hidden)] + [torch.randn(1, 1, hidden) * 3 for _ in range(3)]
+    for n, x in enumerate(steps):
+        plan = plan_step([caches[0].lengths[2]], [x.shape[1]], x.shape[1], x.device)
+        tables = rope(*rotary(x, plan.position_ids))
+        outs = []
+        for path, cache in enumerate(caches):
+            cache.begin_step(slot, x.shape[1])
+            # path 0 native (where the step allows it), path 1 torch; at step 2 they swap caches' writers
+            native = block.decoder if (path == 0) != (n == 2) else None
+            block.decoder, saved = native, block.decoder or native
+            outs.append(block(x, tables, cache, plan.mask))
+            block.decoder = saved
+            cache.lengths[2] += x.shape[1]
+        assert relative_error(outs[0], outs[1]) < 1e-5, (family, kind, n)
+        assert relative_error(caches[0].keys[0], caches[1].keys[0]) < 1e-5
+        assert relative_error(caches[0].values[0], caches[1].values[0]) < 1e-5
+    assert caches[0].keys[0][2, :, 8].abs().sum() > 0 and caches[0].keys[0][:2].abs().sum() == 0  # slot 2's row 8
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

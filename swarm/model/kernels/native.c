@@ -567,3 +567,97 @@ int swarm_matmul_bf16(const void *x, int x_bf16, int64_t M, int64_t K, const uin
 #endif
     return 0;
 }
+
+/* ------------------------------------------------------------ one decode block
+ *
+ * A whole Llama-family decoder block for one token of one sequence, quantized weights and
+ * float32 activations: at 135M parameters the products of a step take a third of it and the
+ * ~50 torch operator calls a block around them (microseconds each) the rest, so a decode
+ * step calls this once per block instead. The arithmetic is swarm/model/block.py's in
+ * float32 (RMSNorm, fused q/k/v, rotary with the sign folded into sin, the KV cache write,
+ * softmax attention over the positions so far, o, RMSNorm, fused gate/up, SiLU, down), in
+ * another order of float32 operations than torch's, so not bit for bit: this path serves
+ * quantized shards only (float32 shards stay the library's arithmetic). */
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#ifdef SWARM_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    sum = hsum(acc);
+#endif
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void rms_norm_f32(const float *x, const float *w, int64_t n, float eps, float *out) {
+    const float r = 1.0f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* y [N] = x [K] @ W^T (+ bias) for weight number i of the block's parts. */
+static int product(int i, const int *kinds, const void *const *parts, const int64_t *shapes, const float *x,
+                   float *y, int threads) {
+    const int64_t n = shapes[2 * i], k = shapes[2 * i + 1];
+    const void *const *p = parts + 4 * i; /* codes, scales, mins, bias */
+    if (swarm_matmul_quant(kinds[i], x, 1, k, p[0], p[1], p[2], n, y, threads) != 0) return -1;
+    if (p[3]) for (int64_t j = 0; j < n; j++) y[j] += ((const float *)p[3])[j];
+    return 0;
+}
+
+/* x [H] <- block(x). Weights 0..3: q/k/v fused [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused
+ * [2 I, H], down [H, I], each as (codes, scales, mins or NULL, float32 bias or NULL) in parts and
+ * (N, K) in shapes. cos, sin [dim]: this position's rotary tables (sin's first half negated).
+ * keys, values: this sequence's cache [kv, max_len, dim]; the token is written at pos and
+ * attends to positions 0..pos. Returns 0, or -1 when scratch memory is short. */
+int swarm_block_decode(float *x, int64_t H, int heads, int kv, int dim, float eps, float scale,
+                       const float *norm1, const float *norm2, const int *kinds, const void *const *parts,
+                       const int64_t *shapes, const float *cos, const float *sin, float *keys, float *values,
+                       int64_t max_len, int64_t pos, int threads) {
+    const int64_t inter = shapes[4] / 2, nq = (int64_t)heads * dim, nkv = (int64_t)kv * dim, span = pos + 1;
+    const int64_t widest = inter > H ? inter : H;
+    float *buf = malloc(sizeof(float) * (size_t)(widest + nq + 2 * nkv + nq + 2 * inter + span));
+    if (!buf) return -1;
+    float *h = buf, *qkv = h + widest, *attn = qkv + nq + 2 * nkv, *gu = attn + nq, *scores = gu + 2 * inter;
+    int rc = 0;
+    rms_norm_f32(x, norm1, H, eps, h);
+    if ((rc = product(0, kinds, parts, shapes, h, qkv, threads))) goto done;
+    const int half = dim / 2;
+    for (int64_t head = 0; head < heads + kv; head++) { /* rotate q and k in place: v * cos + roll(v) * sin */
+        float *v = qkv + head * dim, rolled[dim];
+        for (int j = 0; j < dim; j++) rolled[j] = v[(j + half) % dim];
+        for (int j = 0; j < dim; j++) v[j] = v[j] * cos[j] + rolled[j] * sin[j];
+    }
+    for (int g = 0; g < kv; g++) {
+        memcpy(keys + ((int64_t)g * max_len + pos) * dim, qkv + nq + (int64_t)g * dim, sizeof(float) * (size_t)dim);
+        memcpy(values + ((int64_t)g * max_len + pos) * dim, qkv + nq + nkv + (int64_t)g * dim, sizeof(float) * (size_t)dim);
+    }
+    for (int head = 0; head < heads; head++) {
+        const int g = head / (heads / kv);
+        const float *q = qkv + (int64_t)head * dim, *kg = keys + (int64_t)g * max_len * dim, *vg = values + (int64_t)g * max_len * dim;
+        float top = -INFINITY, total = 0.0f, *out = attn + (int64_t)head * dim;
+        for (int64_t t = 0; t < span; t++) scores[t] = scale * dot_f32(q, kg + t * dim, dim), top = fmaxf(top, scores[t]);
+        for (int j = 0; j < dim; j++) out[j] = 0.0f;
+        for (int64_t t = 0; t < span; t++) {
+            const float p = expf(scores[t] - top);
+            total += p;
+            for (int j = 0; j < dim; j++) out[j] += p * vg[t * dim + j];
+        }
+        for (int j = 0; j < dim; j++) out[j] /= total;
+    }
+    if ((rc = product(1, kinds, parts, shapes, attn, h, threads))) goto done;
+    for (int64_t i = 0; i < H; i++) x[i] += h[i];
+    rms_norm_f32(x, norm2, H, eps, h);
+    if ((rc = product(2, kinds, parts, shapes, h, gu, threads))) goto done;
+    for (int64_t i = 0; i < inter; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[inter + i]; /* silu(gate) * up */
+    if ((rc = product(3, kinds, parts, shapes, gu, h, threads))) goto done;
+    for (int64_t i = 0; i < H; i++) x[i] += h[i];
+done:
+    free(buf);
+    return rc;
+}

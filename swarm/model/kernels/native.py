@@ -46,6 +46,10 @@ class NativeKernels:
         self._bf16 = lib.swarm_matmul_bf16
         self._bf16.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int]
         self._bf16.restype = ctypes.c_int
+        self._block = lib.swarm_block_decode
+        self._block.argtypes = [ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                                ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        self._block.restype = ctypes.c_int
         self.simd = {512: "avx512", 2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
 
     def matmul(self, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,6 +86,38 @@ class NativeKernels:
         if rc != 0:
             raise MemoryError(f"no memory for a [{rows}, {k}] activation buffer")
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+class BlockDecoder:
+    """swarm_block_decode's arguments for one decoder block, built once: a decode step of one
+    sequence then costs one call per block (see native.c). The tensors are kept referenced, so
+    the addresses handed to C stay valid for the decoder's life."""
+
+    def __init__(self, lib: NativeKernels, linears: list, norm1: torch.Tensor, norm2: torch.Tensor,
+                 heads: int, kv_heads: int, head_dim: int, eps: float, scale: float):
+        # linears: the block's fused q/k/v, o, fused gate/up and down Linears, all quantized
+        self._lib = lib
+        self._keep = [norm1, norm2] + [t for lin in linears for t in (lin.codes, lin.scales, lin.mins, lin.bias)
+                                       if t is not None]
+        self._kinds = (ctypes.c_int * 4)(*[KIND_CODES[lin.kind] for lin in linears])
+        self._parts = (ctypes.c_void_p * 16)(*[None if t is None else t.data_ptr() for lin in linears
+                                                for t in (lin.codes, lin.scales, lin.mins, lin.bias)])
+        self._shapes = (ctypes.c_int64 * 8)(*[d for lin in linears for d in (lin.out_features, lin.in_features)])
+        self._fixed = (heads, kv_heads, head_dim, eps, scale, norm1.data_ptr(), norm2.data_ptr())
+        self.hidden = norm1.shape[0]
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: int, values: int,
+                 max_len: int, pos: int) -> torch.Tensor:
+        """x [1, 1, H] float32 -> the block's output; keys, values: addresses of the sequence's cache
+        [kv, max_len, dim] (float32), the token written at ``pos``; cos, sin: contiguous [dim] tables."""
+        out = x.clone()
+        heads, kv, dim, eps, scale, n1, n2 = self._fixed
+        rc = self._lib._block(out.data_ptr(), self.hidden, heads, kv, dim, eps, scale, n1, n2, self._kinds,
+                              self._parts, self._shapes, cos.data_ptr(), sin.data_ptr(), keys, values, max_len,
+                              pos, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("no memory for a decode block's scratch buffers")
+        return out
 
 
 def compiler() -> str | None:
