@@ -309,37 +309,49 @@ static void prepare_x512(int kind, const float *x, int64_t K, int64_t nbp, int8_
     }
 }
 
-/* Blocks [b, b + CHUNK) of nr rows (only the first c of them when partial). */
-static inline __attribute__((always_inline)) void chunk512(int kind, int nr, int partial, int c, int64_t b,
+/* Blocks [b, b + CHUNK) of nr weight rows against nx rows of x (only the first c blocks when
+ * partial). A prefill takes x rows two at a time (MX): each weight load, its nibble unpacking and
+ * its scales then serve both. x row m's buffers are xq + m * xstride (codes, nbp * 32 bytes)
+ * and likewise for xd, xs (nbp floats) and xc (nbp * 8 ints). */
+#define MX 2
+static inline __attribute__((always_inline)) void chunk512(int kind, int nr, int nx, int partial, int c, int64_t b,
         const uint8_t *const rows[ROWS], const uint16_t *const srow[ROWS], const uint16_t *const mrow[ROWS],
-        const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, __m512 acc[ROWS]) {
-    const __m512 xd16 = _mm512_loadu_ps(xd + b);
+        const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, int64_t nbp, __m512 acc[ROWS][MX]) {
+    __m512 xd16[MX], dd[ROWS][MX];
+    for (int m = 0; m < nx; m++) xd16[m] = _mm512_loadu_ps(xd + m * nbp + b);
     const __mmask16 smask = partial ? (__mmask16)((1u << c) - 1) : (__mmask16)0xffff;
-    __m512 dd[ROWS];
     for (int r = 0; r < nr; r++) {
         const __m256i sraw = partial ? _mm256_maskz_loadu_epi16(smask, srow[r] + b)
                                      : _mm256_loadu_si256((const __m256i *)(srow[r] + b));
-        dd[r] = _mm512_mul_ps(_mm512_cvtph_ps(sraw), xd16);
+        const __m512 dw = _mm512_cvtph_ps(sraw);
+        for (int m = 0; m < nx; m++) dd[r][m] = _mm512_mul_ps(dw, xd16[m]);
         if (kind == 2) {
             const __m256i mraw = partial ? _mm256_maskz_loadu_epi16(smask, mrow[r] + b)
                                          : _mm256_loadu_si256((const __m256i *)(mrow[r] + b));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(mraw), _mm512_loadu_ps(xs + b), acc[r]);
+            const __m512 mw = _mm512_cvtph_ps(mraw);
+            for (int m = 0; m < nx; m++) acc[r][m] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(xs + m * nbp + b), acc[r][m]);
         }
     }
     if (kind == 0) {
         const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         for (int p = 0; p < CHUNK / 2; p++) {
             if (partial && 2 * p >= c) break;
-            const __mmask64 m = partial && 2 * p + 1 >= c ? 0xffffffffull : ~0ull;
-            const __m512i xv = _mm512_loadu_si512(xq + (b + 2 * p) * QK);
-            const __m512i cv = _mm512_loadu_si512(xc + (b + 2 * p) * 8);
+            const __mmask64 mask = partial && 2 * p + 1 >= c ? 0xffffffffull : ~0ull;
+            __m512i xv[MX], cv[MX];
+            for (int m = 0; m < nx; m++) {
+                xv[m] = _mm512_loadu_si512(xq + m * nbp * QK + (b + 2 * p) * QK);
+                cv[m] = _mm512_loadu_si512(xc + m * nbp * 8 + (b + 2 * p) * 8);
+            }
             const __m512i idx = _mm512_add_epi32(half, _mm512_set1_epi32(2 * p));
             for (int r = 0; r < nr; r++) {
                 const uint8_t *wp = rows[r] + (b + 2 * p) * QK;
                 _mm_prefetch((const char *)wp + PREFETCH, _MM_HINT_T0);
-                const __m512i w = partial ? _mm512_maskz_loadu_epi8(m, wp) : _mm512_loadu_si512(wp);
-                const __m512i sum = _mm512_dpbusd_epi32(cv, _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)), xv);
-                acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, dd[r]), _mm512_cvtepi32_ps(sum), acc[r]);
+                const __m512i w = partial ? _mm512_maskz_loadu_epi8(mask, wp) : _mm512_loadu_si512(wp);
+                const __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+                for (int m = 0; m < nx; m++) {
+                    const __m512i sum = _mm512_dpbusd_epi32(cv[m], wu, xv[m]);
+                    acc[r][m] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, dd[r][m]), _mm512_cvtepi32_ps(sum), acc[r][m]);
+                }
             }
         }
         return;
@@ -349,49 +361,59 @@ static inline __attribute__((always_inline)) void chunk512(int kind, int nr, int
     for (int g = 0; g < CHUNK / 4; g++) {
         if (partial && 4 * g >= c) break;
         const int have = partial ? c - 4 * g : 4;
-        const __mmask64 m = have >= 4 ? ~0ull : (1ull << (16 * have)) - 1;
+        const __mmask64 mask = have >= 4 ? ~0ull : (1ull << (16 * have)) - 1;
         const int64_t gi = b / 4 + g;
-        const __m512i xlo = _mm512_loadu_si512(xq + gi * 128), xhi = _mm512_loadu_si512(xq + gi * 128 + 64);
-        const __m512i cv = kind == 1 ? _mm512_loadu_si512(xc + gi * 16) : _mm512_setzero_si512();
+        __m512i xlo[MX], xhi[MX], cv[MX];
+        for (int m = 0; m < nx; m++) {
+            xlo[m] = _mm512_loadu_si512(xq + m * nbp * QK + gi * 128);
+            xhi[m] = _mm512_loadu_si512(xq + m * nbp * QK + gi * 128 + 64);
+            cv[m] = kind == 1 ? _mm512_loadu_si512(xc + m * nbp * 8 + gi * 16) : _mm512_setzero_si512();
+        }
         const __m512i idx = _mm512_add_epi32(quarter, _mm512_set1_epi32(4 * g));
         for (int r = 0; r < nr; r++) {
             const uint8_t *wp = rows[r] + (b + 4 * g) * (QK / 2);
             _mm_prefetch((const char *)wp + PREFETCH, _MM_HINT_T0);
-            const __m512i raw = partial ? _mm512_maskz_loadu_epi8(m, wp) : _mm512_loadu_si512(wp);
+            const __m512i raw = partial ? _mm512_maskz_loadu_epi8(mask, wp) : _mm512_loadu_si512(wp);
             const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-            const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cv, lo, xlo), hi, xhi);
-            acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, dd[r]), _mm512_cvtepi32_ps(sum), acc[r]);
+            for (int m = 0; m < nx; m++) {
+                const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cv[m], lo, xlo[m]), hi, xhi[m]);
+                acc[r][m] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, dd[r][m]), _mm512_cvtepi32_ps(sum), acc[r][m]);
+            }
         }
     }
 }
 
+/* y[m * ystride + r] for nr weight rows (r0 + r * stride) and nx x rows. */
 static inline __attribute__((always_inline)) void dot_rows512_impl(int kind, int64_t K, const uint8_t *codes,
-        const uint16_t *scales, const uint16_t *mins, int64_t r0, int64_t stride, int nr,
-        const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, float *y) {
+        const uint16_t *scales, const uint16_t *mins, int64_t r0, int64_t stride, int nr, int nx,
+        const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, int64_t nbp, float *y, int64_t ystride) {
     const int64_t nb = K / QK, row_bytes = kind == 0 ? K : K / 2;
-    __m512 acc[ROWS];
+    __m512 acc[ROWS][MX];
     const uint8_t *rows[ROWS];
     const uint16_t *srow[ROWS], *mrow[ROWS];
     for (int r = 0; r < nr; r++) {
-        acc[r] = _mm512_setzero_ps();
+        for (int m = 0; m < nx; m++) acc[r][m] = _mm512_setzero_ps();
         rows[r] = codes + (r0 + r * stride) * row_bytes;
         srow[r] = scales + (r0 + r * stride) * nb;
         mrow[r] = mins ? mins + (r0 + r * stride) * nb : NULL;
     }
     int64_t b = 0;
-    for (; b + CHUNK <= nb; b += CHUNK) chunk512(kind, nr, 0, CHUNK, b, rows, srow, mrow, xq, xd, xs, xc, acc);
-    if (b < nb) chunk512(kind, nr, 1, (int)(nb - b), b, rows, srow, mrow, xq, xd, xs, xc, acc);
-    for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+    for (; b + CHUNK <= nb; b += CHUNK) chunk512(kind, nr, nx, 0, CHUNK, b, rows, srow, mrow, xq, xd, xs, xc, nbp, acc);
+    if (b < nb) chunk512(kind, nr, nx, 1, (int)(nb - b), b, rows, srow, mrow, xq, xd, xs, xc, nbp, acc);
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < nx; m++) y[m * ystride + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
 static void dot_rows512(int kind, int64_t K, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
-                        int64_t r0, int64_t stride, int nr, const int8_t *xq, const float *xd, const float *xs,
-                        const int32_t *xc, float *y) {
-#define CASE(k, n) dot_rows512_impl(k, K, codes, scales, mins, r0, stride, n, xq, xd, xs, xc, y)
-    if (nr == ROWS) {
-        if (kind == 0) CASE(0, ROWS); else if (kind == 1) CASE(1, ROWS); else CASE(2, ROWS);
+                        int64_t r0, int64_t stride, int nr, int nx, const int8_t *xq, const float *xd, const float *xs,
+                        const int32_t *xc, int64_t nbp, float *y, int64_t ystride) {
+#define CASE(k, n, x) dot_rows512_impl(k, K, codes, scales, mins, r0, stride, n, x, xq, xd, xs, xc, nbp, y, ystride)
+    if (nr == ROWS && nx == 1) {
+        if (kind == 0) CASE(0, ROWS, 1); else if (kind == 1) CASE(1, ROWS, 1); else CASE(2, ROWS, 1);
+    } else if (nr == ROWS && nx == MX) {
+        if (kind == 0) CASE(0, ROWS, MX); else if (kind == 1) CASE(1, ROWS, MX); else CASE(2, ROWS, MX);
     } else {
-        if (kind == 0) CASE(0, nr); else if (kind == 1) CASE(1, nr); else CASE(2, nr);
+        if (kind == 0) CASE(0, nr, nx); else if (kind == 1) CASE(1, nr, nx); else CASE(2, nr, nx);
     }
 #undef CASE
 }
@@ -429,16 +451,22 @@ int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uin
     for (int64_t g = 0; g < groups; g++) {
         const int64_t r0 = g < Q ? g : ROWS * Q, stride = g < Q ? Q : 1;
         const int nr = g < Q ? ROWS : (int)(N - ROWS * Q);
+#ifdef SWARM_AVX512
+        float out[MX * ROWS];
+        for (int64_t m = 0; m < M; m += MX) { /* x rows two at a time: each weight load serves both */
+            const int nx = M - m >= MX ? MX : (int)(M - m);
+            dot_rows512(kind, K, codes, scales, mins, r0, stride, nr, nx, xq + m * nbp * QK, xd + m * nbp,
+                        xs + m * nbp, xc + m * nbp * 8, nbp, out, ROWS);
+            for (int i = 0; i < nx; i++)
+                for (int r = 0; r < nr; r++) y[(m + i) * N + r0 + r * stride] = out[i * ROWS + r];
+        }
+#else
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-#ifdef SWARM_AVX512
-            dot_rows512(kind, K, codes, scales, mins, r0, stride, nr, xq + m * nbp * QK, xd + m * nbp, xs + m * nbp,
-                        xc + m * nbp * 8, out);
-#else
             dot_rows(kind, K, codes, scales, mins, r0, stride, nr, xq + m * K, xd + m * nb, xs + m * nb, out);
-#endif
             for (int r = 0; r < nr; r++) y[m * N + r0 + r * stride] = out[r];
         }
+#endif
     }
     free(xq), free(xd), free(xs), free(xc);
     return 0;
