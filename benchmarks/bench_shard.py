@@ -153,15 +153,18 @@ def time_shard(chain: LocalChain, prompt: list[int]) -> tuple[float, list[int]]:
 
 
 def op_profile(chain: LocalChain, prompt: list[int]) -> list[dict]:
-    """ms per decode step of each torch operator (self time), heaviest first, over PROFILE_STEPS steps."""
+    """ms per decode step of each torch operator (self time), heaviest first, over PROFILE_STEPS steps, and the
+    step's CPU time outside them (the native kernels' calls; its share is of the whole profiled step)."""
     from torch.profiler import ProfilerActivity, profile
 
     shard = chain.shards[0]
     shard.open_slot(0)
     token = shard.step([0], torch.tensor([prompt]))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        began = time.perf_counter()  # the profiler's times are wall times too
         for _ in range(PROFILE_STEPS):
             token = shard.step([0], token[:, None])
+        step_ms = 1000 * (time.perf_counter() - began) / PROFILE_STEPS
     shard.free_slot(0)
     rows = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1000 / PROFILE_STEPS,
              "calls_per_step": e.count / PROFILE_STEPS} for e in prof.key_averages()]
@@ -170,7 +173,11 @@ def op_profile(chain: LocalChain, prompt: list[int]) -> list[dict]:
     top = [{**r, "ms_per_step": round(r["ms_per_step"], 3), "share": round(r["ms_per_step"] / total, 3)}
            for r in rows[:12]]
     rest = sum(r["ms_per_step"] for r in rows[12:])
-    return top + [{"op": "(all other ops)", "ms_per_step": round(rest, 3), "share": round(rest / total, 3)}]
+    # the native kernels (ctypes calls) and the Python between operators are no torch operator's self time
+    outside = max(0.0, step_ms - total)
+    return top + [{"op": "(all other ops)", "ms_per_step": round(rest, 3), "share": round(rest / total, 3)},
+                  {"op": "(outside torch operators: native kernels, Python)", "ms_per_step": round(outside, 3),
+                   "share": round(outside / step_ms, 3) if step_ms else 0.0}]
 
 
 # ------------------------------------------------------------------ llama.cpp

@@ -187,3 +187,21 @@ def test_the_torch_fallback_without_a_compiler_computes_the_same(tmp_path):
         assert fallback["id"] == f"{kernels.VERSION}-torch"
         assert relative_error(torch.tensor(fallback["y"]), torch.tensor(built["y"])) < 1e-5
     assert not (tmp_path / "b" / "kernels").exists() or not list((tmp_path / "b" / "kernels").rglob("*.so"))
+
+
+@pytest.mark.parametrize("kind", QUANT_KINDS + ("bf16",))
+def test_products_over_two_threads_are_the_one_thread_products(kind):
+    """OpenMP splits the rows over threads; each row is still computed by one thread, bit for bit."""
+    torch.manual_seed(8)
+    w = torch.randn(203, 576)
+    w = w.bfloat16() if kind == "bf16" else quantize(w, kind)
+    x = torch.randn(3, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = Linear(w)(x[:1]), Linear(w)(x)
+        torch.set_num_threads(2)
+        two = Linear(w)(x[:1]), Linear(w)(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
