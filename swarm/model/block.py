@@ -144,13 +144,18 @@ class Block(torch.nn.Module):
         self.decoder = self._native_decoder()
 
     def _native_decoder(self):
-        """The native kernels' one-call decode block where every product is quantized and fused and the
-        block computes in float32 (native.c's swarm_block_decode); None otherwise."""
+        """The native kernels' one-call decode block (native.c's swarm_block_decode) where every product is
+        fused and quantized or bfloat16 and the norms (and biases) are float32 or bfloat16; None otherwise
+        (float32 weights keep the library's arithmetic, bit for bit)."""
         linears = [self.qkv.parts[0], self.o, self.gate_up.parts[0], self.down]
-        if not (self.qkv.fused and self.gate_up.fused and all(lin.quantized for lin in linears)):
+        if not (self.qkv.fused and self.gate_up.fused):
+            return None
+        if not (all(lin.quantized for lin in linears) or all(lin.kind == "bfloat16" for lin in linears)):
             return None
         tensors = [self.input_norm, self.post_norm] + [lin.bias for lin in linears if lin.bias is not None]
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        dtype = self.input_norm.dtype
+        if dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != dtype or t.device.type != "cpu"
+                                                               or not t.is_contiguous() for t in tensors):
             return None
         lib = kernels._native()
         if lib is None:
@@ -174,8 +179,9 @@ class Block(torch.nn.Module):
         """
         s = self.shape
         batch, width, _ = x.shape
-        if self.decoder is not None and batch == 1 and width == 1 and mask is None and x.dtype == torch.float32:
-            target = cache.decode_target(self.index)  # one token of one sequence: one native call
+        if (self.decoder is not None and batch == 1 and width == 1 and mask is None
+                and x.dtype == self.decoder.dtype == tables.cos.dtype and x.device.type == "cpu"):
+            target = cache.decode_target(self.index, x.dtype)  # one token of one sequence: one native call
             if target is not None:
                 return self.decoder(x, tables.cos, tables.sin, *target)
         heads, kv, dim = s.num_heads, s.num_kv_heads, s.head_dim

@@ -81,15 +81,15 @@ class SlotKVCache:
             positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device))[:, None, :]
             self._write = (rows, heads, positions)
 
-    def decode_target(self, layer_idx: int) -> tuple[int, int, int, int] | None:
-        """For a one-token step of one sequence in a float32 CPU cache: (address of the slot's keys
+    def decode_target(self, layer_idx: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int] | None:
+        """For a one-token step of one sequence in a CPU cache of ``dtype``: (address of the slot's keys
         [kv_heads, max_len, head_dim], of its values, max_len, the token's position), for a native
         block to write and read the cache itself; None for any other step."""
         if self._one is None:
             return None
         i = self._index[layer_idx]
         keys, values = self.keys[i], self.values[i]
-        if keys.dtype != torch.float32 or keys.device.type != "cpu":
+        if keys.dtype != dtype or keys.device.type != "cpu":
             return None
         slot, position = self._one
         offset = slot * keys.stride(0) * keys.element_size()

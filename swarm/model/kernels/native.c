@@ -474,6 +474,12 @@ int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uin
 
 /* ------------------------------------------------------------ bfloat16 */
 
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even (finite values) */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 static inline float bf16_to_float(uint16_t h) {
     const uint32_t bits = (uint32_t)h << 16;
     float v;
@@ -487,11 +493,6 @@ static inline float bf16_to_float(uint16_t h) {
  * the rest twice), so the products stay exact products of x's value; a bfloat16 x is one part. */
 #define SWARM_DPBF16 1
 
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even (finite values) */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 static void split_bf16(const float *x, int64_t K, uint16_t *parts) { /* parts [3, K] */
     for (int64_t k = 0; k < K; k++) {
@@ -598,14 +599,18 @@ int swarm_matmul_bf16(const void *x, int x_bf16, int64_t M, int64_t K, const uin
 
 /* ------------------------------------------------------------ one decode block
  *
- * A whole Llama-family decoder block for one token of one sequence, quantized weights and
- * float32 activations: at 135M parameters the products of a step take a third of it and the
- * ~50 torch operator calls a block around them (microseconds each) the rest, so a decode
- * step calls this once per block instead. The arithmetic is swarm/model/block.py's in
- * float32 (RMSNorm, fused q/k/v, rotary with the sign folded into sin, the KV cache write,
- * softmax attention over the positions so far, o, RMSNorm, fused gate/up, SiLU, down), in
- * another order of float32 operations than torch's, so not bit for bit: this path serves
- * quantized shards only (float32 shards stay the library's arithmetic). */
+ * A whole Llama-family decoder block for one token of one sequence: at 135M parameters the
+ * products of a step take a third of it and the ~50 torch operator calls a block around them
+ * (microseconds each) the rest, so a decode step calls this once per block instead. The
+ * arithmetic is swarm/model/block.py's (RMSNorm, fused q/k/v, rotary with the sign folded
+ * into sin, the KV cache write, softmax attention over the positions so far, o, RMSNorm,
+ * fused gate/up, SiLU, down), in float32 and in another order than torch's, so not bit for
+ * bit: float32 shards with float32 weights stay the library's arithmetic and never come here.
+ * Weights are quantized (kinds 0-2) or bfloat16 (kind 3). Activations, norms, biases, rotary
+ * tables and the cache are float32, or bfloat16 with act_bf16 (a bfloat16 shard): then the
+ * block computes in float32 between a bf16 input and output, and rounds to bf16 what torch's
+ * bf16 block holds in bf16 between operators that matter here: the products' inputs (the bf16
+ * kernel takes bf16 x) and the keys and values it caches. */
 
 static float dot_f32(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
@@ -623,68 +628,95 @@ static float dot_f32(const float *a, const float *b, int64_t n) {
     return sum;
 }
 
-static void rms_norm_f32(const float *x, const float *w, int64_t n, float eps, float *out) {
-    const float r = 1.0f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+/* element i of a float32 or (bf) bfloat16 array, and a store to one */
+static inline float ld(const void *p, int64_t i, int bf) {
+    return bf ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void st(void *p, int64_t i, float v, int bf) {
+    if (bf) ((uint16_t *)p)[i] = float_to_bf16(v);
+    else ((float *)p)[i] = v;
 }
 
-/* y [N] = x [K] @ W^T (+ bias) for weight number i of the block's parts. */
-static int product(int i, const int *kinds, const void *const *parts, const int64_t *shapes, const float *x,
-                   float *y, int threads) {
+static void rms_norm_f32(const float *x, const void *w, int bf, int64_t n, float eps, float *out) {
+    const float r = 1.0f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = ld(w, i, bf) * (x[i] * r);
+}
+
+/* y [N] = x [K] @ W^T (+ bias) for weight number i of the block's parts; xb: scratch for x in bf16. */
+static int product(int i, const int *kinds, const void *const *parts, const int64_t *shapes, int bf, const float *x,
+                   uint16_t *xb, float *y, int threads) {
     const int64_t n = shapes[2 * i], k = shapes[2 * i + 1];
-    const void *const *p = parts + 4 * i; /* codes, scales, mins, bias */
-    if (swarm_matmul_quant(kinds[i], x, 1, k, p[0], p[1], p[2], n, y, threads) != 0) return -1;
-    if (p[3]) for (int64_t j = 0; j < n; j++) y[j] += ((const float *)p[3])[j];
+    const void *const *p = parts + 4 * i; /* codes (or the bf16 matrix), scales, mins, bias */
+    if (kinds[i] == 3) {
+        for (int64_t j = 0; j < k; j++) xb[j] = float_to_bf16(x[j]);
+        if (swarm_matmul_bf16(xb, 1, 1, k, p[0], n, y, threads) != 0) return -1;
+    } else if (swarm_matmul_quant(kinds[i], x, 1, k, p[0], p[1], p[2], n, y, threads) != 0) {
+        return -1;
+    }
+    if (p[3]) for (int64_t j = 0; j < n; j++) y[j] += ld(p[3], j, bf);
     return 0;
 }
 
 /* x [H] <- block(x). Weights 0..3: q/k/v fused [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused
- * [2 I, H], down [H, I], each as (codes, scales, mins or NULL, float32 bias or NULL) in parts and
- * (N, K) in shapes. cos, sin [dim]: this position's rotary tables (sin's first half negated).
- * keys, values: this sequence's cache [kv, max_len, dim]; the token is written at pos and
- * attends to positions 0..pos. Returns 0, or -1 when scratch memory is short. */
-int swarm_block_decode(float *x, int64_t H, int heads, int kv, int dim, float eps, float scale,
-                       const float *norm1, const float *norm2, const int *kinds, const void *const *parts,
-                       const int64_t *shapes, const float *cos, const float *sin, float *keys, float *values,
+ * [2 I, H], down [H, I], each as (codes or bf16 matrix, scales, mins or NULL, bias or NULL) in parts,
+ * kinds[i] (0-2 quantized, 3 bf16) and (N, K) in shapes. cos, sin [dim]: this position's rotary tables
+ * (sin's first half negated). keys, values: this sequence's cache [kv, max_len, dim]; the token is
+ * written at pos and attends to positions 0..pos. x, norms, biases, tables and cache are float32,
+ * or bfloat16 with act_bf16. Returns 0, or -1 when scratch memory is short. */
+int swarm_block_decode(void *x, int act_bf16, int64_t H, int heads, int kv, int dim, float eps, float scale,
+                       const void *norm1, const void *norm2, const int *kinds, const void *const *parts,
+                       const int64_t *shapes, const void *cos, const void *sin, void *keys, void *values,
                        int64_t max_len, int64_t pos, int threads) {
+    const int bf = act_bf16;
     const int64_t inter = shapes[4] / 2, nq = (int64_t)heads * dim, nkv = (int64_t)kv * dim, span = pos + 1;
-    const int64_t widest = inter > H ? inter : H;
-    float *buf = malloc(sizeof(float) * (size_t)(widest + nq + 2 * nkv + nq + 2 * inter + span));
+    const int64_t widest = inter > H ? inter : H, nqkv = nq + 2 * nkv;
+    float *buf = malloc(sizeof(float) * (size_t)(H + widest + nqkv + nq + 2 * inter + span + 2 * dim)
+                        + sizeof(uint16_t) * (size_t)(widest > nq ? widest : nq));
     if (!buf) return -1;
-    float *h = buf, *qkv = h + widest, *attn = qkv + nq + 2 * nkv, *gu = attn + nq, *scores = gu + 2 * inter;
+    float *xf = buf, *h = xf + H, *qkv = h + widest, *attn = qkv + nqkv, *gu = attn + nq, *scores = gu + 2 * inter;
+    float *row = scores + span, *rolled = row + dim;
+    uint16_t *xb = (uint16_t *)(rolled + dim);
     int rc = 0;
-    rms_norm_f32(x, norm1, H, eps, h);
-    if ((rc = product(0, kinds, parts, shapes, h, qkv, threads))) goto done;
+    for (int64_t i = 0; i < H; i++) xf[i] = ld(x, i, bf);
+    rms_norm_f32(xf, norm1, bf, H, eps, h);
+    if ((rc = product(0, kinds, parts, shapes, bf, h, xb, qkv, threads))) goto done;
     const int half = dim / 2;
     for (int64_t head = 0; head < heads + kv; head++) { /* rotate q and k in place: v * cos + roll(v) * sin */
-        float *v = qkv + head * dim, rolled[dim];
+        float *v = qkv + head * dim;
         for (int j = 0; j < dim; j++) rolled[j] = v[(j + half) % dim];
-        for (int j = 0; j < dim; j++) v[j] = v[j] * cos[j] + rolled[j] * sin[j];
+        for (int j = 0; j < dim; j++) v[j] = v[j] * ld(cos, j, bf) + rolled[j] * ld(sin, j, bf);
     }
-    for (int g = 0; g < kv; g++) {
-        memcpy(keys + ((int64_t)g * max_len + pos) * dim, qkv + nq + (int64_t)g * dim, sizeof(float) * (size_t)dim);
-        memcpy(values + ((int64_t)g * max_len + pos) * dim, qkv + nq + nkv + (int64_t)g * dim, sizeof(float) * (size_t)dim);
-    }
+    for (int64_t g = 0; g < kv; g++)
+        for (int j = 0; j < dim; j++) {
+            st(keys, (g * max_len + pos) * dim + j, qkv[nq + g * dim + j], bf);
+            st(values, (g * max_len + pos) * dim + j, qkv[nq + nkv + g * dim + j], bf);
+        }
     for (int head = 0; head < heads; head++) {
-        const int g = head / (heads / kv);
-        const float *q = qkv + (int64_t)head * dim, *kg = keys + (int64_t)g * max_len * dim, *vg = values + (int64_t)g * max_len * dim;
+        const int64_t g = head / (heads / kv);
+        const float *q = qkv + (int64_t)head * dim;
         float top = -INFINITY, total = 0.0f, *out = attn + (int64_t)head * dim;
-        for (int64_t t = 0; t < span; t++) scores[t] = scale * dot_f32(q, kg + t * dim, dim), top = fmaxf(top, scores[t]);
+        for (int64_t t = 0; t < span; t++) {
+            const int64_t at = (g * max_len + t) * dim;
+            if (bf) for (int j = 0; j < dim; j++) row[j] = ld(keys, at + j, 1);
+            scores[t] = scale * dot_f32(q, bf ? row : (const float *)keys + at, dim);
+            top = fmaxf(top, scores[t]);
+        }
         for (int j = 0; j < dim; j++) out[j] = 0.0f;
         for (int64_t t = 0; t < span; t++) {
             const float p = expf(scores[t] - top);
+            const int64_t at = (g * max_len + t) * dim;
             total += p;
-            for (int j = 0; j < dim; j++) out[j] += p * vg[t * dim + j];
+            for (int j = 0; j < dim; j++) out[j] += p * ld(values, at + j, bf);
         }
         for (int j = 0; j < dim; j++) out[j] /= total;
     }
-    if ((rc = product(1, kinds, parts, shapes, attn, h, threads))) goto done;
-    for (int64_t i = 0; i < H; i++) x[i] += h[i];
-    rms_norm_f32(x, norm2, H, eps, h);
-    if ((rc = product(2, kinds, parts, shapes, h, gu, threads))) goto done;
+    if ((rc = product(1, kinds, parts, shapes, bf, attn, xb, h, threads))) goto done;
+    for (int64_t i = 0; i < H; i++) xf[i] += h[i];
+    rms_norm_f32(xf, norm2, bf, H, eps, h);
+    if ((rc = product(2, kinds, parts, shapes, bf, h, xb, gu, threads))) goto done;
     for (int64_t i = 0; i < inter; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[inter + i]; /* silu(gate) * up */
-    if ((rc = product(3, kinds, parts, shapes, gu, h, threads))) goto done;
-    for (int64_t i = 0; i < H; i++) x[i] += h[i];
+    if ((rc = product(3, kinds, parts, shapes, bf, gu, xb, h, threads))) goto done;
+    for (int64_t i = 0; i < H; i++) st(x, i, xf[i] + h[i], bf);
 done:
     free(buf);
     return rc;

@@ -47,8 +47,8 @@ class NativeKernels:
         self._bf16.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int]
         self._bf16.restype = ctypes.c_int
         self._block = lib.swarm_block_decode
-        self._block.argtypes = [ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
-                                ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        self._block.argtypes = [ptr, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
         self._block.restype = ctypes.c_int
         self.simd = {512: "avx512", 2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
 
@@ -91,28 +91,33 @@ class NativeKernels:
 class BlockDecoder:
     """swarm_block_decode's arguments for one decoder block, built once: a decode step of one
     sequence then costs one call per block (see native.c). The tensors are kept referenced, so
-    the addresses handed to C stay valid for the decoder's life."""
+    the addresses handed to C stay valid for the decoder's life (a buffer replaced on the block
+    afterwards would not be seen: blocks are built once and never moved)."""
+
+    WEIGHT_KINDS = {**KIND_CODES, "bfloat16": 3}
 
     def __init__(self, lib: NativeKernels, linears: list, norm1: torch.Tensor, norm2: torch.Tensor,
                  heads: int, kv_heads: int, head_dim: int, eps: float, scale: float):
-        # linears: the block's fused q/k/v, o, fused gate/up and down Linears, all quantized
+        # linears: the block's fused q/k/v, o, fused gate/up and down Linears, quantized or bfloat16;
+        # the norms' dtype (float32 or bfloat16) is the activations', the biases' and the cache's
         self._lib = lib
-        self._keep = [norm1, norm2] + [t for lin in linears for t in (lin.codes, lin.scales, lin.mins, lin.bias)
-                                       if t is not None]
-        self._kinds = (ctypes.c_int * 4)(*[KIND_CODES[lin.kind] for lin in linears])
-        self._parts = (ctypes.c_void_p * 16)(*[None if t is None else t.data_ptr() for lin in linears
-                                                for t in (lin.codes, lin.scales, lin.mins, lin.bias)])
+        self.dtype = norm1.dtype
+        parts = [(lin.codes, lin.scales, lin.mins, lin.bias) if lin.quantized else (lin.dense, None, None, lin.bias)
+                 for lin in linears]
+        self._keep = [norm1, norm2] + [t for group in parts for t in group if t is not None]
+        self._kinds = (ctypes.c_int * 4)(*[self.WEIGHT_KINDS[lin.kind] for lin in linears])
+        self._parts = (ctypes.c_void_p * 16)(*[None if t is None else t.data_ptr() for group in parts for t in group])
         self._shapes = (ctypes.c_int64 * 8)(*[d for lin in linears for d in (lin.out_features, lin.in_features)])
-        self._fixed = (heads, kv_heads, head_dim, eps, scale, norm1.data_ptr(), norm2.data_ptr())
-        self.hidden = norm1.shape[0]
+        self._fixed = (int(self.dtype == torch.bfloat16), norm1.shape[0], heads, kv_heads, head_dim, eps, scale,
+                       norm1.data_ptr(), norm2.data_ptr())
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: int, values: int,
                  max_len: int, pos: int) -> torch.Tensor:
-        """x [1, 1, H] float32 -> the block's output; keys, values: addresses of the sequence's cache
-        [kv, max_len, dim] (float32), the token written at ``pos``; cos, sin: contiguous [dim] tables."""
+        """x [1, 1, H] in ``dtype`` -> the block's output; keys, values: addresses of the sequence's cache
+        [kv, max_len, dim] in ``dtype``, the token written at ``pos``; cos, sin: contiguous [dim] tables."""
         out = x.clone()
-        heads, kv, dim, eps, scale, n1, n2 = self._fixed
-        rc = self._lib._block(out.data_ptr(), self.hidden, heads, kv, dim, eps, scale, n1, n2, self._kinds,
+        bf16, hidden, heads, kv, dim, eps, scale, n1, n2 = self._fixed
+        rc = self._lib._block(out.data_ptr(), bf16, hidden, heads, kv, dim, eps, scale, n1, n2, self._kinds,
                               self._parts, self._shapes, cos.data_ptr(), sin.data_ptr(), keys, values, max_len,
                               pos, torch.get_num_threads())
         if rc != 0:
