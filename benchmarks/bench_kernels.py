@@ -83,7 +83,8 @@ class Build:
                                            dense.shape[0], out.data_ptr(), threads)
             else:
                 xf = x.float()
-                self.lib.swarm_matmul_bf16(xf.data_ptr(), m, k, dense.data_ptr(), dense.shape[0], out.data_ptr(), threads)
+                self.lib.swarm_matmul_bf16(xf.data_ptr(), m, k, dense.data_ptr(), dense.shape[0], out.data_ptr(),
+                                           threads)
             return
         mins = w.get("mins")
         self.lib.swarm_matmul_quant(native.KIND_CODES[kind], x.data_ptr(), m, k, w["codes"].data_ptr(),

@@ -179,8 +179,9 @@ class Block(torch.nn.Module):
         """
         s = self.shape
         batch, width, _ = x.shape
-        if (self.decoder is not None and batch == 1 and width == 1 and mask is None
-                and x.dtype == self.decoder.dtype == tables.cos.dtype and x.device.type == "cpu"):
+        if (self.decoder is not None and batch == 1 and width == 1 and mask is None and x.device.type == "cpu"
+                and x.dtype == self.decoder.dtype == tables.cos.dtype
+                and tables.cos.is_contiguous() and tables.sin.is_contiguous()):
             target = cache.decode_target(self.index, x.dtype)  # one token of one sequence: one native call
             if target is not None:
                 return self.decoder(x, tables.cos, tables.sin, *target)

@@ -64,8 +64,8 @@ def test_the_native_decode_block_is_the_torch_block(tiny_model_factory, family, 
     torch operators (the same products) to float32 rounding (bfloat16's where the block holds bfloat16),
     and each path reads what the other wrote."""
     model, _, _ = _layer_and_block(tiny_model_factory(family), 1)
-    weights = {k: (v.to(dtype) if kind == "bfloat16" else quantize(v, kind)) if k.endswith("proj.weight") else v.to(dtype)
-               for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    weights = {k: ((v.to(dtype) if kind == "bfloat16" else quantize(v, kind)) if k.endswith("proj.weight")
+                   else v.to(dtype)) for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
     block = Block(1, BlockShape.from_config(model.config), weights)
     assert block.decoder is not None, "a C compiler is here: quantized and bfloat16 blocks decode natively"
     rotary, caches = model.model.rotary_emb, (_cache(model, 1, dtype=dtype), _cache(model, 1, dtype=dtype))

@@ -42,7 +42,8 @@ def _native():
 
 
 def kernel_id() -> str:
-    """Which kernels this process computes with, e.g. "4-avx512", "4-avx2" or "4-torch": the key profiles are cached under."""
+    """Which kernels this process computes with, e.g. "4-avx512", "4-avx2" or "4-torch": the key profiles
+    are cached under."""
     lib = _native()
     return f"{VERSION}-{lib.simd.replace(' ', '-') if lib is not None else 'torch'}"
 

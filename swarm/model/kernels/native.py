@@ -115,7 +115,7 @@ class BlockDecoder:
                  max_len: int, pos: int) -> torch.Tensor:
         """x [1, 1, H] in ``dtype`` -> the block's output; keys, values: addresses of the sequence's cache
         [kv, max_len, dim] in ``dtype``, the token written at ``pos``; cos, sin: contiguous [dim] tables."""
-        out = x.clone()
+        out = x.clone(memory_format=torch.contiguous_format)
         bf16, hidden, heads, kv, dim, eps, scale, n1, n2 = self._fixed
         rc = self._lib._block(out.data_ptr(), bf16, hidden, heads, kv, dim, eps, scale, n1, n2, self._kinds,
                               self._parts, self._shapes, cos.data_ptr(), sin.data_ptr(), keys, values, max_len,
