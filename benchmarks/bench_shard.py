@@ -93,8 +93,19 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(tensors.values())
 
 
-def f32_gguf(model_dir: Path) -> Path:
-    """An F32 GGUF of ``model_dir`` beside it, written once."""
+def f32_gguf(model_dir: Path, bin_dir: Path) -> Path:
+    """An F32 GGUF of ``model_dir`` beside it, written once. A GGUF model (the default is the bundled
+    Q4_1 file, inside the installed package) is dequantized by llama-quantize into the cache instead."""
+    if model_dir.is_file():
+        out = cache_root() / "bench" / f"{model_dir.stem}-f32.gguf"
+        if not out.exists():
+            print(f"writing {out} for llama.cpp (once)", file=sys.stderr, flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_suffix(".partial")
+            subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(model_dir), str(partial), "F32"],
+                           check=True, capture_output=True)
+            partial.rename(out)
+        return out
     out = model_dir.with_name(model_dir.name + "-f32.gguf")
     if not out.exists():
         print(f"writing {out} for llama.cpp (once)", file=sys.stderr, flush=True)
@@ -240,7 +251,7 @@ def main() -> None:
     runners.update({name: (lambda c=chain: time_shard(c, prompt)) for name, chain in chains.items()})
     llama_skipped = None
     if args.llama_cpp:
-        for kind, path in llama_cpp_files(args.llama_cpp, args.gguf or f32_gguf(model_dir)).items():
+        for kind, path in llama_cpp_files(args.llama_cpp, args.gguf or f32_gguf(model_dir, args.llama_cpp)).items():
             if wanted is None or f"llama.cpp {kind}" in wanted:
                 runners[f"llama.cpp {kind}"] = lambda p=path: (time_llama_cpp(args.llama_cpp, p, args.threads), None)
                 read_bytes[f"llama.cpp {kind}"] = gguf_bytes_per_token(path)
