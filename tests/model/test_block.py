@@ -95,3 +95,19 @@ def test_the_native_decode_block_is_the_torch_block(tiny_model_factory, family, 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@torch.inference_mode()
+def test_without_native_kernels_a_quantized_block_decodes_on_torch(tiny_model_factory, monkeypatch):
+    """SWARM_KERNELS=torch (as with no C compiler): no native decoder, and the one-token step still runs."""
+    monkeypatch.setenv("SWARM_KERNELS", "torch")
+    model, _, _ = _layer_and_block(tiny_model_factory("llama"), 1)
+    weights = {k: quantize(v, "q4_1") if k.endswith("proj.weight") else v
+               for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    block = Block(1, BlockShape.from_config(model.config), weights)
+    assert block.decoder is None
+    cache, x = _cache(model, 1), torch.randn(1, 1, model.config.hidden_size)
+    plan = plan_step([0], [1], 1, x.device)
+    cache.begin_step([0], 1)
+    out = block(x, rope(*model.model.rotary_emb(x, plan.position_ids)), cache, plan.mask)
+    assert out.shape == x.shape and torch.isfinite(out).all() and cache.keys[0][0, :, 0].abs().sum() > 0
