@@ -93,8 +93,19 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(tensors.values())
 
 
-def f32_gguf(model_dir: Path) -> Path:
-    """An F32 GGUF of ``model_dir`` beside it, written once."""
+def f32_gguf(model_dir: Path, bin_dir: Path) -> Path:
+    """An F32 GGUF of ``model_dir`` beside it, written once. A GGUF model (the default is the bundled
+    Q4_1 file, inside the installed package) is dequantized by llama-quantize into the cache instead."""
+    if model_dir.is_file():
+        out = cache_root() / "bench" / f"{model_dir.stem}-f32.gguf"
+        if not out.exists():
+            print(f"writing {out} for llama.cpp (once)", file=sys.stderr, flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_suffix(".partial")
+            subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(model_dir), str(partial), "F32"],
+                           check=True, capture_output=True)
+            partial.rename(out)
+        return out
     out = model_dir.with_name(model_dir.name + "-f32.gguf")
     if not out.exists():
         print(f"writing {out} for llama.cpp (once)", file=sys.stderr, flush=True)
@@ -153,15 +164,18 @@ def time_shard(chain: LocalChain, prompt: list[int]) -> tuple[float, list[int]]:
 
 
 def op_profile(chain: LocalChain, prompt: list[int]) -> list[dict]:
-    """ms per decode step of each torch operator (self time), heaviest first, over PROFILE_STEPS steps."""
+    """ms per decode step of each torch operator (self time), heaviest first, over PROFILE_STEPS steps, and the
+    step's CPU time outside them (the native kernels' calls; its share is of the whole profiled step)."""
     from torch.profiler import ProfilerActivity, profile
 
     shard = chain.shards[0]
     shard.open_slot(0)
     token = shard.step([0], torch.tensor([prompt]))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        began = time.perf_counter()  # the profiler's times are wall times too
         for _ in range(PROFILE_STEPS):
             token = shard.step([0], token[:, None])
+        step_ms = 1000 * (time.perf_counter() - began) / PROFILE_STEPS
     shard.free_slot(0)
     rows = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1000 / PROFILE_STEPS,
              "calls_per_step": e.count / PROFILE_STEPS} for e in prof.key_averages()]
@@ -170,7 +184,11 @@ def op_profile(chain: LocalChain, prompt: list[int]) -> list[dict]:
     top = [{**r, "ms_per_step": round(r["ms_per_step"], 3), "share": round(r["ms_per_step"] / total, 3)}
            for r in rows[:12]]
     rest = sum(r["ms_per_step"] for r in rows[12:])
-    return top + [{"op": "(all other ops)", "ms_per_step": round(rest, 3), "share": round(rest / total, 3)}]
+    # the native kernels (ctypes calls) and the Python between operators are no torch operator's self time
+    outside = max(0.0, step_ms - total)
+    return top + [{"op": "(all other ops)", "ms_per_step": round(rest, 3), "share": round(rest / total, 3)},
+                  {"op": "(outside torch operators: native kernels, Python)", "ms_per_step": round(outside, 3),
+                   "share": round(outside / step_ms, 3) if step_ms else 0.0}]
 
 
 # ------------------------------------------------------------------ llama.cpp
@@ -233,7 +251,7 @@ def main() -> None:
     runners.update({name: (lambda c=chain: time_shard(c, prompt)) for name, chain in chains.items()})
     llama_skipped = None
     if args.llama_cpp:
-        for kind, path in llama_cpp_files(args.llama_cpp, args.gguf or f32_gguf(model_dir)).items():
+        for kind, path in llama_cpp_files(args.llama_cpp, args.gguf or f32_gguf(model_dir, args.llama_cpp)).items():
             if wanted is None or f"llama.cpp {kind}" in wanted:
                 runners[f"llama.cpp {kind}"] = lambda p=path: (time_llama_cpp(args.llama_cpp, p, args.threads), None)
                 read_bytes[f"llama.cpp {kind}"] = gguf_bytes_per_token(path)

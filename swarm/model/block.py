@@ -16,12 +16,15 @@ each dense or a ``QuantizedTensor``: whatever ``Checkpoint.read_unit`` returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from swarm.model import kernels
 from swarm.model.formats import QuantizedTensor, Weight
 from swarm.model.kernels import Linear
+from swarm.model.kernels.native import BlockDecoder
 
 
 @dataclass(frozen=True)
@@ -41,18 +44,35 @@ class BlockShape:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm, operation for operation."""
+    """LlamaRMSNorm, operation for operation (its casts skipped where x is float32 already: no-ops)."""
     dtype = x.dtype
-    h = x.to(torch.float32)
+    h = x if dtype == torch.float32 else x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    return weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_pos_emb for one tensor [B, heads, T, D] (cos, sin: [B, T, D])."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+class Rope(NamedTuple):
+    """One step's rotary tables, made once for all blocks (``rope``): [B, 1, T, D] each."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor  # the first half negated: see rotate
+
+
+def rope(cos: torch.Tensor, sin: torch.Tensor) -> Rope:
+    """The tables ``rotate`` takes, from the rotary embedding's cos and sin [B, T, D]."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return Rope(cos.unsqueeze(1), signed.unsqueeze(1))
+
+
+def rotate(x: torch.Tensor, tables: Rope) -> torch.Tensor:
+    """apply_rotary_pos_emb for one tensor [B, heads, T, D], bit for bit.
+
+    The library computes x * cos + cat(-x2, x1) * sin. cat(-x2, x1) is x rolled by half
+    with its first half negated, and (-a) * b is -(a * b) exactly, so the negation moves
+    onto sin once a step: four operator calls a tensor instead of seven.
+    """
+    return (x * tables.cos) + (x.roll(x.shape[-1] // 2, -1) * tables.sin)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -73,8 +93,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             v = v[:, :, None].expand(batch, v.shape[1], groups, *v.shape[2:]).reshape(batch, heads, -1, dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                          is_causal=width > 1 and mask is None, **kwargs)
-    out = out.reshape(batch, -1, width, dim).transpose(1, 2)
-    return out.reshape(batch, width, heads * dim)
+    if out.shape[1] != heads:  # the group's heads were query rows: [B, KV, groups, D] -> [B, H, 1, D]
+        out = out.reshape(batch, heads, width, dim)
+    return out.transpose(1, 2).reshape(batch, width, heads * dim)
 
 
 class Projections(torch.nn.Module):
@@ -90,13 +111,14 @@ class Projections(torch.nn.Module):
         super().__init__()
         kinds = {w.kind if isinstance(w, QuantizedTensor) else w.dtype for w in weights}
         self.sizes = [w.shape[0] for w in weights]
-        if len(kinds) == 1 and kinds.pop() not in (torch.float32, torch.float16):
+        self.fused = len(kinds) == 1 and kinds.pop() not in (torch.float32, torch.float16)
+        if self.fused:
             self.parts = torch.nn.ModuleList([Linear.fuse(weights, biases)])
         else:
             self.parts = torch.nn.ModuleList([Linear(w, b) for w, b in zip(weights, biases)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if len(self.parts) == 1:
+        if self.fused:
             return self.parts[0](x).split(self.sizes, dim=-1)
         return tuple(part(x) for part in self.parts)
 
@@ -119,6 +141,28 @@ class Block(torch.nn.Module):
                                    [w(mlp + "gate_proj.bias"), w(mlp + "up_proj.bias")])
         self.down = Linear(weights[mlp + "down_proj.weight"], w(mlp + "down_proj.bias"))
         self.scale = shape.head_dim ** -0.5
+        self.decoder = self._native_decoder()
+
+    def _native_decoder(self):
+        """The native kernels' one-call decode block (native.c's swarm_block_decode) where every product is
+        fused and quantized or bfloat16 and the norms (and biases) are float32 or bfloat16; None otherwise
+        (float32 weights keep the library's arithmetic, bit for bit)."""
+        linears = [self.qkv.parts[0], self.o, self.gate_up.parts[0], self.down]
+        if not (self.qkv.fused and self.gate_up.fused):
+            return None
+        if not (all(lin.quantized for lin in linears) or all(lin.kind == "bfloat16" for lin in linears)):
+            return None
+        tensors = [self.input_norm, self.post_norm] + [lin.bias for lin in linears if lin.bias is not None]
+        dtype = self.input_norm.dtype
+        if dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != dtype or t.device.type != "cpu"
+                                                               or not t.is_contiguous() for t in tensors):
+            return None
+        lib = kernels._native()
+        if lib is None:
+            return None
+        s = self.shape
+        return BlockDecoder(lib, linears, self.input_norm.data, self.post_norm.data, s.num_heads, s.num_kv_heads,
+                            s.head_dim, s.rms_norm_eps, self.scale)
 
     @staticmethod
     def tensor_names(index: int) -> list[str]:
@@ -128,16 +172,30 @@ class Block(torch.nn.Module):
                 *[p + f"self_attn.{n}_proj.weight" for n in "qkvo"],
                 *[p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, mask: torch.Tensor | None):
-        """x [B, T, hidden] -> [B, T, hidden]; ``cache.update`` stores this step's keys and values."""
+    def forward(self, x: torch.Tensor, tables: Rope, cache, mask: torch.Tensor | None):
+        """x [B, T, hidden] -> [B, T, hidden]; ``cache.update`` stores this step's keys and values.
+
+        ``tables``: ``rope(cos, sin)`` of the step's rotary embedding, made once for all blocks.
+        """
         s = self.shape
         batch, width, _ = x.shape
-        q, k, v = self.qkv(rms_norm(x, self.input_norm, s.rms_norm_eps))
-        q = q.view(batch, width, s.num_heads, s.head_dim).transpose(1, 2)
-        k = k.view(batch, width, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = v.view(batch, width, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if (self.decoder is not None and batch == 1 and width == 1 and mask is None and x.device.type == "cpu"
+                and x.dtype == self.decoder.dtype == tables.cos.dtype
+                and tables.cos.is_contiguous() and tables.sin.is_contiguous()):
+            target = cache.decode_target(self.index, x.dtype)  # one token of one sequence: one native call
+            if target is not None:
+                return self.decoder(x, tables.cos, tables.sin, *target)
+        heads, kv, dim = s.num_heads, s.num_kv_heads, s.head_dim
+        h = rms_norm(x, self.input_norm, s.rms_norm_eps)
+        if self.qkv.fused:  # one product [B, T, (H + 2 KV) D]: q and k rotate as one tensor of H + KV heads
+            qkv = self.qkv.parts[0](h).view(batch, width, heads + 2 * kv, dim).transpose(1, 2)
+            qk = rotate(qkv.narrow(1, 0, heads + kv), tables)
+            q, k, v = qk.narrow(1, 0, heads), qk.narrow(1, heads, kv), qkv.narrow(1, heads + kv, kv)
+        else:
+            q, k, v = self.qkv(h)
+            q = rotate(q.view(batch, width, heads, dim).transpose(1, 2), tables)
+            k = rotate(k.view(batch, width, kv, dim).transpose(1, 2), tables)
+            v = v.view(batch, width, kv, dim).transpose(1, 2)
         keys, values = cache.update(k, v, self.index)
         x = x + self.o(attend(q, keys, values, mask, self.scale).contiguous())
         gate, up = self.gate_up(rms_norm(x, self.post_norm, s.rms_norm_eps))

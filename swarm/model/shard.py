@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from swarm.model import hf, kernels
-from swarm.model.block import Block, BlockShape, rms_norm
+from swarm.model.block import Block, BlockShape, rms_norm, rope
 from swarm.model.dtypes import dtype_name, torch_dtype
 from swarm.model.checkpoint import open_checkpoint
 from swarm.model.formats import QuantizedTensor, Weight
@@ -56,6 +56,7 @@ class SlotKVCache:
         self._write: tuple | None = None
         self._read: slice | torch.Tensor | None = None
         self._span = 0
+        self._one: tuple[int, int] | None = None  # (slot, position) of a one-token step of one sequence
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +68,7 @@ class SlotKVCache:
         if self._span > self.max_len:
             raise ValueError(f"sequence would reach {self._span} tokens; the cache holds {self.max_len}")
         first = slots[0]
+        self._one = (first, starts[0]) if len(slots) == 1 and width == 1 else None
         contiguous = list(slots) == list(range(first, first + len(slots)))
         self._read = slice(first, first + len(slots)) if contiguous else torch.tensor(slots)
         if contiguous and len(set(starts)) == 1:
@@ -78,6 +80,20 @@ class SlotKVCache:
             heads = torch.arange(self.keys[0].shape[1], device=device)[None, :, None] if self.keys else None
             positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device))[:, None, :]
             self._write = (rows, heads, positions)
+
+    def decode_target(self, layer_idx: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int] | None:
+        """For a one-token step of one sequence in a CPU cache of ``dtype``: (address of the slot's keys
+        [kv_heads, max_len, head_dim], of its values, max_len, the token's position), for a native
+        block to write and read the cache itself; None for any other step."""
+        if self._one is None:
+            return None
+        i = self._index[layer_idx]
+        keys, values = self.keys[i], self.values[i]
+        if keys.dtype != dtype or keys.device.type != "cpu":
+            return None
+        slot, position = self._one
+        offset = slot * keys.stride(0) * keys.element_size()
+        return keys.data_ptr() + offset, values.data_ptr() + offset, self.max_len, position
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         i = self._index[layer_idx]
@@ -286,9 +302,9 @@ class Shard:
 
         if w.blocks:
             self.cache.begin_step(slots, width)
-            cos, sin = self.rotary(hidden, plan.position_ids)
+            tables = rope(*self.rotary(hidden, plan.position_ids))
             for block in w.blocks:
-                hidden = block(hidden, cos, sin, self.cache, plan.mask)
+                hidden = block(hidden, tables, self.cache, plan.mask)
         for slot, n in zip(slots, real):
             self.cache.lengths[slot] += n
         self.prefilled_tokens += sum(real)

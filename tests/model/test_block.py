@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from swarm.model import hf
-from swarm.model.block import Block, BlockShape
+from swarm.model.block import Block, BlockShape, rope
+from swarm.model.formats import quantize
 from swarm.model.shard import SlotKVCache, plan_step
 
 
@@ -22,10 +23,10 @@ def _layer_and_block(model_dir, index: int):
     return model, layer, Block(index, BlockShape.from_config(model.config), weights)
 
 
-def _cache(model, index: int, slots: int = 3) -> SlotKVCache:
+def _cache(model, index: int, slots: int = 3, dtype: torch.dtype = torch.float32) -> SlotKVCache:
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return SlotKVCache([index], slots, 32, c.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
+    return SlotKVCache([index], slots, 32, c.num_key_value_heads, head_dim, dtype, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -45,9 +46,68 @@ def test_the_block_is_the_library_layer_bit_for_bit(tiny_model_factory, family):
             cache.begin_step(slots, width)
         want = layer(x, attention_mask=plan.mask, position_ids=plan.position_ids,
                      position_embeddings=(cos, sin), cache=theirs)
-        got = block(x, cos, sin, ours, plan.mask)
+        got = block(x, rope(cos, sin), ours, plan.mask)
         assert torch.equal(got, want), (family, slots, width, (got - want).abs().max())
         for cache in (theirs, ours):
             for s, n in zip(slots, real):
                 cache.lengths[s] += n
     assert torch.equal(theirs.keys[0], ours.keys[0]) and torch.equal(theirs.values[0], ours.values[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind,dtype", [("q8_0", torch.float32), ("q4_0", torch.float32), ("q4_1", torch.float32),
+                                        ("bfloat16", torch.bfloat16), ("q4_1", torch.bfloat16)])
+@torch.inference_mode()
+def test_the_native_decode_block_is_the_torch_block(tiny_model_factory, family, kind, dtype):
+    """One token of one sequence goes through native.c's one-call block (quantized or bfloat16 weights,
+    float32 or bfloat16 activations): its output and the cache row it writes agree with the same block's
+    torch operators (the same products) to float32 rounding (bfloat16's where the block holds bfloat16),
+    and each path reads what the other wrote."""
+    model, _, _ = _layer_and_block(tiny_model_factory(family), 1)
+    weights = {k: ((v.to(dtype) if kind == "bfloat16" else quantize(v, kind)) if k.endswith("proj.weight")
+                   else v.to(dtype)) for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    block = Block(1, BlockShape.from_config(model.config), weights)
+    assert block.decoder is not None, "a C compiler is here: quantized and bfloat16 blocks decode natively"
+    rotary, caches = model.model.rotary_emb, (_cache(model, 1, dtype=dtype), _cache(model, 1, dtype=dtype))
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.manual_seed(1)
+    slot, hidden = [2], model.config.hidden_size
+    steps = [torch.randn(1, 6, hidden)] + [torch.randn(1, 1, hidden) * 3 for _ in range(3)]
+    for n, x in enumerate(steps):
+        x = x.to(dtype)
+        plan = plan_step([caches[0].lengths[2]], [x.shape[1]], x.shape[1], x.device)
+        tables = rope(*rotary(x, plan.position_ids))
+        outs = []
+        for path, cache in enumerate(caches):
+            cache.begin_step(slot, x.shape[1])
+            # path 0 native (where the step allows it), path 1 torch; at step 2 they swap caches' writers
+            native = block.decoder if (path == 0) != (n == 2) else None
+            block.decoder, saved = native, block.decoder or native
+            outs.append(block(x, tables, cache, plan.mask))
+            block.decoder = saved
+            cache.lengths[2] += x.shape[1]
+        assert outs[0].dtype == outs[1].dtype == dtype
+        assert relative_error(outs[0], outs[1]) < tolerance, (family, kind, n)
+        assert relative_error(caches[0].keys[0], caches[1].keys[0]) < tolerance
+        assert relative_error(caches[0].values[0], caches[1].values[0]) < tolerance
+    assert caches[0].keys[0][2, :, 8].abs().sum() > 0 and caches[0].keys[0][:2].abs().sum() == 0  # slot 2's row 8
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@torch.inference_mode()
+def test_without_native_kernels_a_quantized_block_decodes_on_torch(tiny_model_factory, monkeypatch):
+    """SWARM_KERNELS=torch (as with no C compiler): no native decoder, and the one-token step still runs."""
+    monkeypatch.setenv("SWARM_KERNELS", "torch")
+    model, _, _ = _layer_and_block(tiny_model_factory("llama"), 1)
+    weights = {k: quantize(v, "q4_1") if k.endswith("proj.weight") else v
+               for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    block = Block(1, BlockShape.from_config(model.config), weights)
+    assert block.decoder is None
+    cache, x = _cache(model, 1), torch.randn(1, 1, model.config.hidden_size)
+    plan = plan_step([0], [1], 1, x.device)
+    cache.begin_step([0], 1)
+    out = block(x, rope(*model.model.rotary_emb(x, plan.position_ids)), cache, plan.mask)
+    assert out.shape == x.shape and torch.isfinite(out).all() and cache.keys[0][0, :, 0].abs().sum() > 0

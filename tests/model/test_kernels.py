@@ -48,7 +48,10 @@ def relative_error(y, ref) -> float:
 
 @pytest.mark.parametrize("kind", QUANT_KINDS)
 @pytest.mark.parametrize("m,n", [(1, 64), (1, 5), (3, 37), (8, 100), (17, 6)])
-@pytest.mark.parametrize("k", [96, 288, 512])  # 3 blocks (one at a time), 9 (eight at once + one), 16
+# Blocks a row: 3 and 9 (AVX2: eight at once + one; AVX-512: one part chunk of 16), 16 (one whole chunk),
+# 17, 18 (SmolLM2's 576) and 22 (whole chunks + a part chunk of 1, 2, 6 blocks: q4 groups of 4 cut short,
+# q8 pairs cut after one block)
+@pytest.mark.parametrize("k", [96, 288, 512, 544, 576, 704])
 def test_quantized_product_is_its_exact_arithmetic(kind, m, n, k):
     torch.manual_seed(m * 100 + n + k)
     w = quantize(torch.randn(n, k), kind)
@@ -62,6 +65,24 @@ def test_quantized_product_is_its_exact_arithmetic(kind, m, n, k):
     assert relative_error(Linear(w)(x), x @ w.dequantize().T) < 2e-2
     yb = Linear(w)(x.bfloat16())
     assert yb.dtype == torch.bfloat16 and relative_error(yb, exact(x.bfloat16(), w)) < 1e-2
+
+
+@pytest.mark.parametrize("kind", QUANT_KINDS)
+def test_extreme_codes_and_zero_blocks(kind):
+    """Codes at both ends of their range (q8_0's -128 too, which a GGUF file may hold), x blocks of one
+    sign at full scale and all-zero x blocks: the integer sums neither overflow nor lose a bit."""
+    torch.manual_seed(6)
+    n, k = 9, 18 * BLOCK
+    w = quantize(torch.randn(n, k), kind)
+    if kind == "q8_0":
+        codes = torch.where(torch.rand(n, k) < 0.5, -128, 127).to(torch.int8)
+    else:
+        codes = torch.where(torch.rand(n, k // 2) < 0.5, 0x00, 0xff).to(torch.uint8)
+    w = type(w)(kind, codes, w.scales, w.mins)
+    x = torch.rand(2, k) * 100
+    x[0, :BLOCK] = 0  # a zero block: scale 0
+    x[1, 5 * BLOCK:6 * BLOCK] = -100  # one sign, all at amax
+    assert relative_error(Linear(w)(x), exact(x, w)) < 1e-5
 
 
 def test_native_kernels_are_built_here():
@@ -92,6 +113,19 @@ def test_bfloat16_product_sums_exact_products_in_float32(rows):
     assert relative_error(Linear(w)(x), want) < 1e-5  # native for few rows, torch's F.linear beyond
     yb = Linear(w)(x.bfloat16())
     assert yb.dtype == torch.bfloat16 and relative_error(yb, x.bfloat16().double() @ w.double().T) < 1e-2
+
+
+@pytest.mark.parametrize("k", [33, 50, 96, 576])  # K not a multiple of the 32 lanes of a vector, and 18 of them
+def test_bfloat16_products_of_float32_and_bfloat16_x(k):
+    """float32 x: exact products of x's float32 values (the AVX-512 kernel splits x into three bf16 parts);
+    bfloat16 x goes in as it is, and each output is the exact sum rounded once to bfloat16."""
+    torch.manual_seed(k)
+    w, x = torch.randn(37, k).bfloat16(), torch.randn(2, k)
+    assert relative_error(Linear(w)(x), x.double() @ w.double().T) < 1e-5
+    xb = x.bfloat16()
+    want = xb.double() @ w.double().T
+    got = Linear(w)(xb).double()
+    assert ((got - want).abs() <= want.abs() * 2 ** -8 + 1e-6 * want.abs().max()).all()
 
 
 def test_float16_weights_compute():
@@ -153,3 +187,21 @@ def test_the_torch_fallback_without_a_compiler_computes_the_same(tmp_path):
         assert fallback["id"] == f"{kernels.VERSION}-torch"
         assert relative_error(torch.tensor(fallback["y"]), torch.tensor(built["y"])) < 1e-5
     assert not (tmp_path / "b" / "kernels").exists() or not list((tmp_path / "b" / "kernels").rglob("*.so"))
+
+
+@pytest.mark.parametrize("kind", QUANT_KINDS + ("bf16",))
+def test_products_over_two_threads_are_the_one_thread_products(kind):
+    """OpenMP splits the rows over threads; each row is still computed by one thread, bit for bit."""
+    torch.manual_seed(8)
+    w = torch.randn(203, 576)
+    w = w.bfloat16() if kind == "bf16" else quantize(w, kind)
+    x = torch.randn(3, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = Linear(w)(x[:1]), Linear(w)(x)
+        torch.set_num_threads(2)
+        two = Linear(w)(x[:1]), Linear(w)(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

@@ -3,7 +3,7 @@
 The shared library is built at first use into ``cache_root()/kernels/<hash>/``, the
 hash covering the source, the compiler's version and the flags, so an edited
 kernel or a new compiler gets a build of its own. ``-march=native`` makes the
-build this CPU's (AVX2 where it has it); OpenMP splits rows over threads where the
+build this CPU's (AVX-512 VNNI or AVX2 where it has them); OpenMP splits rows over threads where the
 compiler has it. Concurrent peers take a file lock, so one builds and the others
 load. With no compiler (or a failing build) ``library()`` returns None and
 ``swarm.model.kernels`` computes on its torch path instead.
@@ -29,7 +29,7 @@ from swarm.model.formats import QuantizedTensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 1  # swarm_kernels_abi() of the source this module calls
+ABI = 2  # swarm_kernels_abi() of the source this module calls
 KIND_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
@@ -44,36 +44,85 @@ class NativeKernels:
         self._quant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
         self._quant.restype = ctypes.c_int
         self._bf16 = lib.swarm_matmul_bf16
-        self._bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        self._bf16.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int]
         self._bf16.restype = ctypes.c_int
-        self.simd = {2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
+        self._block = lib.swarm_block_decode
+        self._block.argtypes = [ptr, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        self._block.restype = ctypes.c_int
+        self.simd = {512: "avx512", 2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
 
     def matmul(self, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] (float32 or bfloat16) @ W.T, in x's dtype."""
+        """x [..., K] (float32 or bfloat16) @ W.T -> [..., N], in x's dtype."""
         return self.matmul_parts(x, weight.kind, weight.codes, weight.scales, weight.mins, bias)
 
     def matmul_parts(self, x: torch.Tensor, kind: str, codes: torch.Tensor, scales: torch.Tensor,
                      mins: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        """``matmul`` of a weight given as its contiguous parts (Linear's decode path: no objects built)."""
-        n, k = scales.shape[0], x.shape[1]
+        """``matmul`` of a weight given as its contiguous parts (Linear's decode path: no objects built,
+        x's leading dimensions taken as rows without a reshape)."""
+        n, k = scales.shape[0], x.shape[-1]
+        rows = x.numel() // k
         dtype = x.dtype
         xf = x if dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        out = torch.empty(xf.shape[0], n, dtype=torch.float32)
-        rc = self._quant(KIND_CODES[kind], xf.data_ptr(), xf.shape[0], k, codes.data_ptr(), scales.data_ptr(),
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+        rc = self._quant(KIND_CODES[kind], xf.data_ptr(), rows, k, codes.data_ptr(), scales.data_ptr(),
                          None if mins is None else mins.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
-            raise MemoryError(f"no memory for a [{xf.shape[0]}, {k}] activation buffer")
+            raise MemoryError(f"no memory for a [{rows}, {k}] activation buffer")
         if bias is not None:
             out += bias if bias.dtype == torch.float32 else bias.to(torch.float32)
         return out if dtype == torch.float32 else out.to(dtype)
 
     def matmul_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ W.T for a bfloat16 W [N, K]: float32 sums of exact bf16 products, out in x's dtype."""
+        """x [..., K] @ W.T for a bfloat16 W [N, K]: float32 sums of exact bf16 products, out in x's dtype."""
         n, k = weight.shape
-        xf = x.to(torch.float32).contiguous()
-        out = torch.empty(xf.shape[0], n, dtype=torch.float32)
-        self._bf16(xf.data_ptr(), xf.shape[0], k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
-        return out.to(x.dtype)
+        rows = x.numel() // k
+        # a bfloat16 x goes in as it is (the AVX-512 kernel multiplies bf16 pairs); anything else as float32
+        xc = x if x.dtype in (torch.bfloat16, torch.float32) else x.to(torch.float32)
+        xc = xc.contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+        rc = self._bf16(xc.data_ptr(), int(xc.dtype == torch.bfloat16), rows, k, weight.data_ptr(), n,
+                        out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"no memory for a [{rows}, {k}] activation buffer")
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+class BlockDecoder:
+    """swarm_block_decode's arguments for one decoder block, built once: a decode step of one
+    sequence then costs one call per block (see native.c). The tensors are kept referenced, so
+    the addresses handed to C stay valid for the decoder's life (a buffer replaced on the block
+    afterwards would not be seen: blocks are built once and never moved)."""
+
+    WEIGHT_KINDS = {**KIND_CODES, "bfloat16": 3}
+
+    def __init__(self, lib: NativeKernels, linears: list, norm1: torch.Tensor, norm2: torch.Tensor,
+                 heads: int, kv_heads: int, head_dim: int, eps: float, scale: float):
+        # linears: the block's fused q/k/v, o, fused gate/up and down Linears, quantized or bfloat16;
+        # the norms' dtype (float32 or bfloat16) is the activations', the biases' and the cache's
+        self._lib = lib
+        self.dtype = norm1.dtype
+        parts = [(lin.codes, lin.scales, lin.mins, lin.bias) if lin.quantized else (lin.dense, None, None, lin.bias)
+                 for lin in linears]
+        self._keep = [norm1, norm2] + [t for group in parts for t in group if t is not None]
+        self._kinds = (ctypes.c_int * 4)(*[self.WEIGHT_KINDS[lin.kind] for lin in linears])
+        self._parts = (ctypes.c_void_p * 16)(*[None if t is None else t.data_ptr() for group in parts for t in group])
+        self._shapes = (ctypes.c_int64 * 8)(*[d for lin in linears for d in (lin.out_features, lin.in_features)])
+        self._fixed = (int(self.dtype == torch.bfloat16), norm1.shape[0], heads, kv_heads, head_dim, eps, scale,
+                       norm1.data_ptr(), norm2.data_ptr())
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: int, values: int,
+                 max_len: int, pos: int) -> torch.Tensor:
+        """x [1, 1, H] in ``dtype`` -> the block's output; keys, values: addresses of the sequence's cache
+        [kv, max_len, dim] in ``dtype``, the token written at ``pos``; cos, sin: contiguous [dim] tables."""
+        out = x.clone(memory_format=torch.contiguous_format)
+        bf16, hidden, heads, kv, dim, eps, scale, n1, n2 = self._fixed
+        rc = self._lib._block(out.data_ptr(), bf16, hidden, heads, kv, dim, eps, scale, n1, n2, self._kinds,
+                              self._parts, self._shapes, cos.data_ptr(), sin.data_ptr(), keys, values, max_len,
+                              pos, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("no memory for a decode block's scratch buffers")
+        return out
 
 
 def compiler() -> str | None:
