@@ -3,7 +3,7 @@
     held = HeldModel(checkpoint_path, fingerprint, "float32", "int4")
     held.manifest()              # config and layout (no weights read)
     entry = held.ensure(3)       # unit 3's file exists (written now if it did not): UnitEntry(size, sha256)
-    data = held.read(3, offset, length)   # a chunk of it, for FETCH
+    held.read_size(3)            # its size (a FETCH reads unitfiles.unit_path(held.folder, 3) in chunks)
 
 What is written is ``Checkpoint.read_unit(unit, dtype, quant)`` (``unitfiles``): the
 holder never holds more than the unit it is writing. ``ensure(unit, verify=True)``
@@ -14,14 +14,13 @@ hashes the file again and rewrites it when it no longer matches its manifest ent
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 from swarm.model.checkpoint import open_checkpoint
 from swarm.model.dtypes import torch_dtype
 from swarm.model.unitfiles import (UnitEntry, entry_of, file_sha256, held_form, layout_dict, new_manifest,
-                                   read_manifest, unit_path, units_dir, with_entry, write_manifest, write_unit_file)
+                                   read_manifest, record_entry, start_manifest, unit_path, units_dir, write_unit_file)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +54,8 @@ class HeldModel:
             found = read_manifest(self.folder)
             if found is None or found.get("fingerprint") != self.fingerprint:
                 checkpoint = self._opened()
-                found = new_manifest(self.fingerprint, self.dtype, self.quant, checkpoint.config_dict(),
-                                     layout_dict(checkpoint.layout))
-                write_manifest(self.folder, found)
+                found = start_manifest(self.folder, new_manifest(self.fingerprint, self.dtype, self.quant,
+                                                                 checkpoint.config_dict(), layout_dict(checkpoint.layout)))
             self._manifest = found
         return self._manifest
 
@@ -78,21 +76,14 @@ class HeldModel:
             entry = write_unit_file(path, tensors)
             del tensors
             with self._lock:
-                self._manifest = with_entry(self._current(), unit, entry)
-                write_manifest(self.folder, self._manifest)
+                self._manifest = record_entry(self.folder, unit, entry)
             log.info("wrote %s (%d bytes)", path, entry.size)
             return entry
 
-    def read(self, unit: int, offset: int, length: int) -> bytes:
-        """``length`` bytes of a unit file from ``offset`` (fewer at its end); the unit must be ensured."""
+    def read_size(self, unit: int) -> int:
+        """The size of a unit file already written (ask ``ensure`` first)."""
         with self._lock:
             entry = entry_of(self._current(), unit)
         if entry is None:
             raise ValueError(f"unit {unit} has no file yet (ask for it first)")
-        if offset > entry.size:
-            raise ValueError(f"offset {offset} is past unit {unit}'s {entry.size} bytes")
-        fd = os.open(unit_path(self.folder, unit), os.O_RDONLY)
-        try:
-            return os.pread(fd, min(length, entry.size - offset), offset)
-        finally:
-            os.close(fd)
+        return entry.size

@@ -22,6 +22,8 @@ and sha256 of every unit file present. ``UnitsCheckpoint`` reads such a folder a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -202,7 +204,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     """Atomically: a reader sees the old manifest or the new one, never half of one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (MANIFEST + ".tmp")
+    tmp = folder / f"{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1))
     os.replace(tmp, folder / MANIFEST)
 
@@ -216,6 +218,40 @@ def with_entry(manifest: dict, unit: int, entry: UnitEntry) -> dict:
     units = dict(manifest.get("units", {}))
     units[str(unit)] = {"size": entry.size, "sha256": entry.sha256}
     return {**manifest, "units": units}
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Processes sharing a cache (peers on one machine) change a manifest one at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def start_manifest(folder: Path, fresh: dict) -> dict:
+    """The manifest on disk for ``fresh``'s weights, written from ``fresh`` if there is none (or
+    one for other weights): another process may have started it, with units already in it."""
+    folder = Path(folder)
+    with _locked(folder):
+        manifest = read_manifest(folder)
+        if manifest is None or any(manifest.get(k) != fresh[k] for k in ("fingerprint", "dtype", "quant")):
+            manifest = {**fresh, "units": {}}
+            write_manifest(folder, manifest)
+        return manifest
+
+
+def record_entry(folder: Path, unit: int, entry: UnitEntry) -> dict:
+    """Add a unit's entry to the manifest on disk and return it (read, changed and replaced
+    under the lock: processes sharing a cache keep each other's entries)."""
+    folder = Path(folder)
+    with _locked(folder):
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise UnitFileError(f"{folder}: no manifest to record unit {unit} in")
+        manifest = with_entry(manifest, unit, entry)
+        write_manifest(folder, manifest)
+        return manifest
 
 
 def holds_units(folder: Path, units: range) -> bool:
