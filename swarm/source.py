@@ -35,7 +35,7 @@ from swarm.discovery.directory import SEED_REFRESH_S, Directory, DirectoryConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import activation_bytes, measure_profile, new_peer_id
-from swarm.discovery.problem import (Device, Workload, build_problem, device_from_announcement,
+from swarm.discovery.problem import (Device, Workload, build_problem, device_for_model, device_from_announcement,
                                      device_from_profile, links_from_announcements)
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
@@ -232,13 +232,17 @@ class SwarmSource:
         return build_problem(self.profile, devices, links, self.config.workload)
 
     async def _device(self, rec) -> Device:
-        if not rec.announcement.summarised:
-            return device_from_announcement(rec.announcement)
-        # The TXT record only had room for a summary: fetch the full profile over INFO.
+        a = rec.announcement
+        other_model = a.fingerprint != short_fingerprint(self.profile["model"]["fingerprint"])
+        if not a.summarised and not other_model:
+            return device_from_announcement(a)
+        # The TXT record only had room for a summary, or an open peer measured another model:
+        # fetch its full profile over INFO.
         client = self.directory.client(rec.host, rec.port)
         info = (await client.request(Kind.INFO)).get("info") or {}
-        return device_from_profile(info["profile"], rec.announcement.peer_id, rec.announcement.name,
-                                   rec.announcement.mem_bytes)
+        if other_model:
+            return device_for_model(info["profile"], self.profile, a.peer_id, a.name, a.mem_bytes)
+        return device_from_profile(info["profile"], a.peer_id, a.name, a.mem_bytes)
 
     async def plan(self, gather: bool = True) -> SourcePlan:
         """Gather, build the problem and plan (raises InfeasibleError when nothing fits)."""

@@ -187,11 +187,22 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
 
 
 async def _report_start(source, status) -> None:
-    """Keep the spinner's text on what the source is doing while it gathers and deploys."""
+    """Keep the spinner's text on what the source is doing while it gathers and deploys
+    (and, while peers receive their weights from here, on their bytes, rate and time left)."""
+    from swarm.runtime.transfer import describe
+
     while True:
         state = source.state()
-        status.update(f"{len(state.announcements)} peer(s) live, {state.links_measured} link(s) from here measured; "
-                      "planning and loading shards when every link is measured")
+        text = (f"{len(state.announcements)} peer(s) live, {state.links_measured} link(s) from here measured; "
+                "planning and loading shards when every link is measured")
+        if state.plan is not None:
+            counters = await source.peer_counters(timeout=STATUS_REFRESH_S)
+            moving = [(state.announcements[pid].name, c["transfer"]) for pid, c in sorted(counters.items())
+                      if c.get("transfer") and pid in state.announcements]
+            if moving:
+                text = "loading shards; receiving weights: " + "; ".join(
+                    f"{name} {describe(t['done'], t['total'], t['rate_bps'])}" for name, t in moving)
+        status.update(text)
         await asyncio.sleep(STATUS_REFRESH_S)
 
 

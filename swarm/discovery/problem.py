@@ -46,6 +46,16 @@ def device_from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int |
     return Device(peer_id, name, int(mem), tuple(float(u["time_s"]) for u in profile["units"]))
 
 
+def device_for_model(peer_profile: dict, model_profile: dict, peer_id: str, name: str, mem_bytes: int) -> Device:
+    """A peer that profiled another model (an open peer, `swarm join` without --model), with
+    times for this one: its measured seconds per weight byte over its decoder blocks, times
+    each of this model's units' bytes (decode streams the weights: its time follows their size)."""
+    blocks = peer_profile["units"][1:-1] or peer_profile["units"]
+    weight = sum(u["weight_bytes"] for u in blocks)
+    per_byte = sum(float(u["time_s"]) for u in blocks) / weight if weight else 0.0
+    return Device(peer_id, name, int(mem_bytes), tuple(per_byte * u["weight_bytes"] for u in model_profile["units"]))
+
+
 def device_from_announcement(a: Announcement) -> Device:
     times = a.unit_times()
     if times is None:

@@ -105,6 +105,10 @@ class Announcement:
     summarised: bool = False  # per-unit tables did not fit; fetch the profile over INFO
     protocol: int = PROTOCOL_VERSION
     quant: str = ""  # "int8" | "int4" weights ("" = unquantized); the fingerprint covers it too
+    # Offers its memory for any model (`swarm join` without --model): it fetches the weights a
+    # plan gives it. Its times were measured on its own model (``fingerprint``); a source of
+    # another model scales them (swarm.discovery.problem.device_for_model).
+    open: bool = False
 
     def unit_times(self) -> list[float] | None:
         """Per-unit time in seconds as the planner uses it (mean of prefill and decode),
@@ -118,7 +122,7 @@ FINGERPRINT_CHARS = 16
 
 
 def from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None = None,
-                 links: dict[str, Link] | None = None, seq: int = 0) -> Announcement:
+                 links: dict[str, Link] | None = None, seq: int = 0, open: bool = False) -> Announcement:
     """The announcement for a device profile (the JSON of swarm.model.profile)."""
     dev, units = profile["device"], profile["units"]
     return Announcement(
@@ -134,6 +138,7 @@ def from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None =
         links=dict(links or {}),
         seq=seq,
         quant=str(profile["model"].get("quant") or ""),
+        open=open,
     )
 
 
@@ -162,6 +167,8 @@ def _encode(a: Announcement, max_bytes: int) -> dict[str, str]:
     }
     if a.quant:
         base["q"] = a.quant
+    if a.open:
+        base["any"] = "1"
     links = ",".join(f"{pid}:{round(l.bandwidth / 1000)}:{_us(l.rtt)}" for pid, l in sorted(a.links.items()))
     full = {**base, **_chunked("pf", _ints(a.prefill_us)), **_chunked("dc", _ints(a.decode_us)),
             **_chunked("lk", links)}
@@ -197,7 +204,7 @@ def decode(props: dict, key: bytes | None = None) -> Announcement:
             peer_id=p["id"], name=p.get("n", p["id"]), fingerprint=p["fp"], mem_bytes=int(p["mem"]),
             threads=int(p.get("thr", "1")), kind=p.get("k", "cpu"), prefill_us=pf, decode_us=dc,
             num_units=num_units, links=links, seq=int(p.get("seq", "0")), summarised=summarised,
-            protocol=protocol, quant=p.get("q", ""),
+            protocol=protocol, quant=p.get("q", ""), open=p.get("any") == "1",
         )
     except TxtError:
         raise
