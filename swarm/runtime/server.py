@@ -39,6 +39,7 @@ import zmq
 from swarm.aio import wait_event
 from swarm.model.dtypes import FLOAT_DTYPES, torch_dtype
 from swarm.model.unitfiles import held_form, holds_units, units_dir
+from swarm.model.units import QUANT_MODES
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.holder import WEIGHT_KINDS, WeightsHolder, answer_weights
@@ -375,7 +376,11 @@ class ShardServer:
         fingerprint, path, start, end = message.get("fp"), message["model"], message["start"], message["end"]
         if fingerprint and fingerprint in self.config.models:
             return Path(self.config.models[fingerprint]), self.config.quant
-        quant = message.get("quant")
+        # The form the loader holds these weights in (its fingerprint covers it); a loader that
+        # does not say (an older one) gets this peer's own setting.
+        quant = message.get("quant") if "quant" in message.fields else self.config.quant
+        if quant not in (None, *QUANT_MODES):
+            raise WireError(f"quant {quant!r} is not one of {', '.join(QUANT_MODES)}")
         cached = units_dir(fingerprint, held_form(message["dtype"], quant)) if fingerprint and fingerprint.isalnum() else None
         if cached is not None and await asyncio.to_thread(holds_units, cached, range(start, end)):
             return cached, quant
@@ -386,11 +391,11 @@ class ShardServer:
             if not (self.config.local_paths and Path(path).exists()):
                 raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer, "
                                 "and the LOAD names no holder to fetch its weights from")
-            return Path(path), self.config.quant
+            return Path(path), quant
         if cached is None:
             raise WireError(f"fingerprint {fingerprint!r} is not a fingerprint")
         if self.config.local_paths and Path(path).exists():
-            return Path(path), self.config.quant
+            return Path(path), quant
         return await self._fetch(identity, message, holder, quant), quant
 
     async def _fetch(self, identity: bytes, message: Message, holder: str, quant: str | None) -> Path:
