@@ -215,3 +215,15 @@ async def test_a_peer_without_the_model_and_without_a_holder_says_so(tiny_model_
         async with PeerClient(peers[0]) as peer:
             with pytest.raises(Exception, match="names no holder"):
                 await peer.load(tiny_model_dir, 2, 4, slots=1, max_len=16, fingerprint=weights_fingerprint(tiny_model_dir))
+
+
+def test_progress_reads_bytes_rate_and_time_left():
+    from swarm.cli.top import transfer_note
+    from swarm.runtime.transfer import Progress, describe
+
+    p = Progress(total_bytes=40_000_000, done_bytes=12_000_000, fetched_bytes=8_000_000, started=100.0)
+    assert p.rate_bps(now=101.0) == 8e6 and p.eta_s(now=101.0) == 3.5
+    assert describe(12_000_000, 40_000_000, 8e6) == "12.0 MB / 40.0 MB at 8.0 MB/s, 4 s left"
+    assert describe(0, 40_000_000, 0.0) == "0.0 MB / 40.0 MB"  # nothing moved yet: no rate to promise
+    assert transfer_note("local-1", {"done": 12_000_000, "total": 40_000_000, "rate_bps": 8e6}) == \
+        "local-1 receiving weights: 12.0 MB / 40.0 MB at 8.0 MB/s, 4 s left"
