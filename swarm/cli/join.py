@@ -36,9 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-port", type=int,
                    help="port pipeline steps arrive on (default: --port + 1 when --port is given, else any free port)")
     p.add_argument("--profile", type=Path, help="use this measured profile JSON instead of profiling")
-    p.add_argument("--no-local-paths", action="store_true",
-                   help="never read a source's model from this machine's disk, even when its path exists here: "
-                        "weights come over the swarm as they would to another machine")
+    p.add_argument("--local-paths", action="store_true",
+                   help="read a source's model in place when its path exists on this machine (a peer beside "
+                        "its source); by default the weights of a model this peer does not hold come over "
+                        "the swarm into its cache, as on any other device")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
     p.add_argument("--probe-interval", type=float, help="seconds between link measurements (default 30)")
     p.add_argument("--leave-timeout", type=float, default=LEAVE_TIMEOUT_S, metavar="S",
@@ -86,7 +87,7 @@ def run(args) -> int:
                         data_port=args.data_port if args.data_port is not None else (args.port + 1 if args.port else 0),
                         seeds=tuple(args.peer),
                         mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
-                        quant=profile["model"].get("quant"), open=open_peer, local_paths=not args.no_local_paths,
+                        quant=profile["model"].get("quant"), open=open_peer, local_paths=args.local_paths,
                         liveness=liveness, probe=probe)
     # Weights on their way here are logged (bytes, rate, time left) whatever the verbosity.
     logging.getLogger("swarm.runtime.server").setLevel(logging.INFO)

@@ -35,7 +35,9 @@ class PeerConfig:
     # Offers its memory for any model: announced so, it hears peers of every model, and a LOAD of
     # weights it does not hold fetches them from the LOAD's holder (``runtime.transfer``).
     open: bool = False
-    local_paths: bool = True  # a LOAD's path that exists on this machine is read in place (ServerConfig)
+    # A LOAD's path that exists on this machine is read in place (ServerConfig); `swarm join`
+    # turns it off unless --local-paths: a model it does not hold comes over the swarm.
+    local_paths: bool = True
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 

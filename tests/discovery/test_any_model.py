@@ -47,9 +47,10 @@ def test_the_announcement_says_a_peer_is_open():
 
 
 def _join_open(profile_path, name: str, cache) -> subprocess.Popen:
+    """`swarm join` without --model: the source's file is on this machine, but is not read in place."""
     return subprocess.Popen(
         [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", name, "--profile",
-         str(profile_path), "--no-local-paths", "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
+         str(profile_path), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "SWARM_CACHE_DIR": str(cache)})
 
