@@ -137,6 +137,7 @@ async def fetch_units(holder: PeerClient, fingerprint: str, dtype: str, quant: s
             progress.done_bytes += min(part.stat().st_size, entries[unit].size) if part.exists() else 0
             if on_progress is not None:  # the holder may take seconds a unit to write: the LOAD lives on
                 on_progress(progress)
+        progress.started = time.monotonic()  # the rate counts the bytes' own time, not the holder writing its files
         for unit in missing:
             entry = await _fetch_unit(holder, held, folder, unit, entries[unit], config, progress, on_progress)
             manifest = await asyncio.to_thread(record_entry, folder, unit, entry)
