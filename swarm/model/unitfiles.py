@@ -267,6 +267,22 @@ def holds_units(folder: Path, units: range) -> bool:
     return True
 
 
+def cached_units(root: Path | None = None) -> dict[str, dict[str, list[int]]]:
+    """Every unit file in the cache: {fingerprint: {held form: [units]}} (what a peer reports, so
+    that a planner can leave units where they are)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for path in sorted(((root or cache_root()) / "units").glob(f"*/*/{MANIFEST}")):
+        try:
+            manifest = read_manifest(path.parent)
+        except UnitFileError:
+            continue
+        units = sorted(int(u) for u in manifest.get("units", {})
+                       if unit_path(path.parent, int(u)).exists())
+        if units:
+            out.setdefault(path.parent.parent.name, {})[path.parent.name] = units
+    return out
+
+
 # ---------------------------------------------------------------- a folder of unit files as a checkpoint
 
 def is_units_dir(path: Path) -> bool:

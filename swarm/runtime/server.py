@@ -38,7 +38,7 @@ import zmq
 
 from swarm.aio import wait_event
 from swarm.model.dtypes import FLOAT_DTYPES, torch_dtype
-from swarm.model.unitfiles import held_form, holds_units, units_dir
+from swarm.model.unitfiles import cached_units, held_form, holds_units, units_dir
 from swarm.model.units import QUANT_MODES
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
@@ -113,6 +113,7 @@ class ShardServer:
         self._unloaded.set()
         self.weights = WeightsHolder(config.models, config.quant)  # answers MANIFEST / UNIT / FETCH
         self._transfer: dict[str, Any] | None = None  # weights on their way here (PING shows it)
+        self._cached: dict[str, dict[str, list[int]]] = {}  # unit files in the cache (PING shows it)
         self._tg: asyncio.TaskGroup | None = None  # serve_forever's: weight requests run in it
         self._load_timeout = None  # the running LOAD's bound: a transfer's progress pushes it on
 
@@ -127,6 +128,7 @@ class ShardServer:
                 max_frame_bytes=limits.max_frame_bytes)
             self._worker = TorchWorker(self._data_ctx, self.config.threads, limits)
             self._worker.start(self.config.bind_host, self.config.data_port)
+            self._cached = await asyncio.to_thread(cached_units)
         except BaseException:
             await self.aclose()
             raise
@@ -210,6 +212,7 @@ class ShardServer:
             "received": self._control_received + (c.received if c else 0),
             "uptime_s": time.monotonic() - self._started,
             "transfer": self._transfer,  # {fp, holder, done, total, rate_bps, eta_s, ...} while weights arrive
+            "cached": self._cached,  # {fingerprint: {held form: [units]}}: a planner leaves warm units in place
             "sent_weight_bytes": self.weights.sent_bytes,
         }
 
@@ -426,6 +429,7 @@ class ShardServer:
                                          config=self.config.transfer, on_progress=on_progress)
         finally:
             self._transfer = None
+            self._cached = await asyncio.to_thread(cached_units)
 
     async def _load(self, identity: bytes, message: Message) -> Message:
         start, end, dtype = message["start"], message["end"], message["dtype"]

@@ -19,6 +19,8 @@ from swarm.model.local import LocalChain, generate
 from swarm.model.store import weights_fingerprint
 from swarm.model.unitfiles import holds_units, units_dir
 from swarm.model.units import ModelLayout
+from swarm.planner.api import plan as plan_problem
+from swarm.planner.problem import Problem
 from swarm.source import SourceConfig, SwarmSource
 from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
 
@@ -46,8 +48,9 @@ def test_the_announcement_says_a_peer_is_open():
     assert not decode(encode(from_profile(fixture_profile(), "p2", "fixed"), b"k" * 32), b"k" * 32).open
 
 
-def _join_open(profile_path, name: str, cache) -> subprocess.Popen:
+def _join_open(profile_path, name: str, cache, block_decode_s: float = 0.001) -> subprocess.Popen:
     """`swarm join` without --model: the source's file is on this machine, but is not read in place."""
+    profile_path.write_text(json.dumps(fixture_profile(name=name, block_decode_s=block_decode_s)))
     return subprocess.Popen(
         [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", name, "--profile",
          str(profile_path), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
@@ -58,10 +61,8 @@ def _join_open(profile_path, name: str, cache) -> subprocess.Popen:
 @pytest.mark.slow
 async def test_a_peer_joined_without_a_model_is_planned_in_and_fetches_its_units(tiny_model_dir, tmp_path):
     expected = generate(LocalChain.load(tiny_model_dir, [(0, 6)], max_slots=2, max_len=64), PROMPTS, NEW_TOKENS)
-    profile = tmp_path / "open.json"
-    profile.write_text(json.dumps(fixture_profile(name="open")))  # measured on another model
     cache = tmp_path / "peer-cache"
-    proc = _join_open(profile, "open-1", cache)
+    proc = _join_open(tmp_path / "open.json", "open-1", cache)  # its profile: measured on another model
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready, "swarm join did not start"
@@ -83,3 +84,48 @@ async def test_a_peer_joined_without_a_model_is_planned_in_and_fetches_its_units
     folder = units_dir(weights_fingerprint(tiny_model_dir), "float32", cache)
     assert holds_units(folder, range(1, 6)) and not holds_units(folder, range(0, 1))
     assert "receiving weights" in log and "MB/s" in log  # the join's progress lines
+
+
+def _source_config(model, min_peers: int) -> SourceConfig:
+    embed_bytes = ModelLayout.read(model).unit_weight_bytes("float32")[0]
+    # A move must repay itself within one token: B's gain (a tenth of a tiny model's compute,
+    # ~0.3 ms) against moving ~0.7 MB over loopback; the links' noise is far below the gain.
+    return SourceConfig(interfaces=["127.0.0.1"], model=model, mem_bytes=embed_bytes, min_peers=min_peers, max_len=64,
+                        liveness=LivenessConfig(interval_s=HEARTBEAT_S), probe=ProbeConfig(interval_s=60),
+                        warm_horizon_tokens=1)
+
+
+def _started(proc) -> dict:
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    assert ready, "swarm join did not start"
+    return json.loads(proc.stdout.readline())
+
+
+@pytest.mark.slow
+async def test_a_warm_peer_keeps_its_units_when_a_cold_one_is_barely_faster(tiny_model_dir, tmp_path):
+    """Peer A receives the units; B joins, faster but with an empty cache: the next plan leaves
+    the units on A (moving them would not pay back within the horizon), where a plain plan takes B."""
+    warm = _join_open(tmp_path / "a.json", "warm-a", tmp_path / "a-cache")
+    procs = [warm]
+    try:
+        a = _started(warm)
+        async with SwarmSource(_source_config(tiny_model_dir, 1)) as source:
+            first = [t async for t in source.generate(PROMPTS[0], NEW_TOKENS)]
+            assert source.current.stages[1].address == a["address"]
+        cold = _join_open(tmp_path / "b.json", "cold-b", tmp_path / "b-cache", block_decode_s=0.0009)
+        procs.append(cold)
+        b = _started(cold)
+        async with SwarmSource(_source_config(tiny_model_dir, 2)) as source:
+            planned = await source.plan()
+            plain = plan_problem(Problem.from_json(planned.problem), objective="latency")
+            names = planned.problem["peer_ids"]
+            second = [t async for t in source.generate(PROMPTS[0], NEW_TOKENS)]
+            stages = source.current.stages
+    finally:
+        stop_processes(procs)
+        for proc in procs:
+            proc.stderr.close()
+    assert [names[s.device] for s in plain.stages][1] == b["joined"]  # without the units in view: B
+    assert stages[1].address == a["address"] and second == first  # with them: A, warm, same tokens
+    assert not (tmp_path / "b-cache" / "units").exists()
+    assert "kept the units in place" in " ".join(planned.plan.notes)
