@@ -23,6 +23,7 @@ is open to every member: that is how a new plan takes a peer over.)
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import time
@@ -62,6 +63,37 @@ def _sendable(info: Mapping[str, Any]) -> None:
         raise ValueError(str(exc)) from None
 
 
+class WeightsFrom(enum.Enum):
+    OWN = "own"  # this peer's own copy of the model (ServerConfig.models)
+    CACHE = "cache"  # unit files already in its cache
+    PATH = "path"  # the LOAD's path, on this machine's disk
+    HOLDER = "holder"  # unit files fetched from the LOAD's holder
+
+
+def weights_from(fingerprint: str | None, *, own: bool, cached: bool, path_exists: bool, local_paths: bool,
+                 holder: str | None, models: list[str], path: str) -> WeightsFrom:
+    """Where a LOAD's weights come from: this peer's own copy of the fingerprint; else its unit
+    cache, when that holds the whole range; else the path sent, when it exists here, this peer
+    serves no model of its own (peers with other weights never mix), and either it may read
+    local paths (``ServerConfig.local_paths``) or there is no holder to fetch from; else the
+    holder the LOAD names. Raises WireError saying what is missing."""
+    fetchable = bool(fingerprint and holder)
+    if own:
+        return WeightsFrom.OWN
+    if cached:
+        return WeightsFrom.CACHE
+    if path_exists and not (fingerprint and models) and (local_paths or not fetchable):
+        return WeightsFrom.PATH
+    if fetchable:
+        if not fingerprint.isalnum():
+            raise WireError(f"fingerprint {fingerprint!r} is not a fingerprint")
+        return WeightsFrom.HOLDER
+    if fingerprint and models:
+        raise WireError(f"this peer holds model(s) {models}, not {fingerprint!r}, and the LOAD names no holder")
+    raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer, "
+                    "and the LOAD names no holder to fetch its weights from")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     bind_host: str = "127.0.0.1"
@@ -73,8 +105,9 @@ class ServerConfig:
     models: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
     quant: str | None = None  # int8 | int4: every shard this peer loads from its own models is quantized so
-    # A LOAD's path that exists here is read in place (peers on the source's machine, a shared disk).
-    # False: weights come only from this peer's own models, its unit cache, or the LOAD's holder.
+    # A LOAD's path that exists here is read in place (peers on the source's machine, a shared disk)
+    # rather than fetched from the LOAD's holder. False: fetched (a path is still read when the
+    # LOAD names no holder: it is all there is).
     local_paths: bool = True
     transfer: TransferConfig = field(default_factory=TransferConfig)
     limits: WireLimits = DEFAULT_LIMITS
@@ -372,40 +405,32 @@ class ShardServer:
         return Message(Kind.OK, re=message.id)
 
     async def _weights_for(self, identity: bytes, message: Message) -> tuple[Path, str | None]:
-        """Where this LOAD's weights are read from, and their quantization: this peer's own copy
-        of the fingerprint; else its unit cache, when it holds the range already; else the path
-        sent, when it exists here (and ``local_paths``); else unit files fetched from the LOAD's
-        holder into the cache."""
+        """Where this LOAD's weights are read from (``weights_from`` decides), and their quantization."""
         fingerprint, path, start, end = message.get("fp"), message["model"], message["start"], message["end"]
-        if fingerprint and fingerprint in self.config.models:
-            return Path(self.config.models[fingerprint]), self.config.quant
+        own = bool(fingerprint) and fingerprint in self.config.models
         # The form the loader holds these weights in (its fingerprint covers it); a loader that
-        # does not say (an older one) gets this peer's own setting.
-        quant = message.get("quant") if "quant" in message.fields else self.config.quant
+        # does not say (an older one) gets this peer's own setting, as its own copy always does.
+        quant = message.get("quant") if "quant" in message.fields and not own else self.config.quant
         if quant not in (None, *QUANT_MODES):
             raise WireError(f"quant {quant!r} is not one of {', '.join(QUANT_MODES)}")
-        cached = units_dir(fingerprint, held_form(message["dtype"], quant)) if fingerprint and fingerprint.isalnum() else None
-        if cached is not None and await asyncio.to_thread(holds_units, cached, range(start, end)):
-            return cached, quant
-        holder = message.get("holder")
-        if not (fingerprint and holder):
-            if fingerprint and self.config.models:
-                raise WireError(f"this peer holds model(s) {sorted(self.config.models)}, not {fingerprint!r}")
-            if not (self.config.local_paths and Path(path).exists()):
-                raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer, "
-                                "and the LOAD names no holder to fetch its weights from")
+        cache = units_dir(fingerprint, held_form(message["dtype"], quant)) if fingerprint and fingerprint.isalnum() else None
+        source = weights_from(
+            fingerprint, own=own, cached=cache is not None and await asyncio.to_thread(holds_units, cache, range(start, end)),
+            path_exists=Path(path).exists(), local_paths=self.config.local_paths, holder=message.get("holder"),
+            models=sorted(self.config.models), path=path)
+        if source is WeightsFrom.OWN:
+            return Path(self.config.models[fingerprint]), quant
+        if source is WeightsFrom.CACHE:
+            return cache, quant
+        if source is WeightsFrom.PATH:
             return Path(path), quant
-        if cached is None:
-            raise WireError(f"fingerprint {fingerprint!r} is not a fingerprint")
-        if self.config.local_paths and Path(path).exists():
-            return Path(path), quant
-        return await self._fetch(identity, message, holder, quant), quant
+        return await self._fetch(identity, message, message["holder"], quant), quant
 
     async def _fetch(self, identity: bytes, message: Message, holder: str, quant: str | None) -> Path:
         """The LOAD's units fetched from ``holder`` into the cache, with progress logged, shown in
         PING and sent to the loader; each chunk that lands pushes the LOAD's bound on."""
         fingerprint, dtype = message["fp"], message["dtype"]
-        last = [0.0]
+        last = [0.0, -1]  # when the last line went out, and the bytes it said
         loop = asyncio.get_running_loop()
 
         def on_progress(p: Progress) -> None:
@@ -414,8 +439,9 @@ class ShardServer:
             if self._load_timeout is not None:
                 self._load_timeout.reschedule(loop.time() + self.config.limits.load_timeout_s)
             now = time.monotonic()
-            if now - last[0] >= PROGRESS_EVERY_S or p.done_bytes >= p.total_bytes:
-                last[0] = now
+            finished = p.total_bytes and p.done_bytes >= p.total_bytes and p.done_bytes != last[1]
+            if now - last[0] >= PROGRESS_EVERY_S or finished:
+                last[:] = [now, p.done_bytes]
                 log.info("receiving weights %s for units [%d, %d): %s", fingerprint, message["start"],
                          message["end"], describe(p.done_bytes, p.total_bytes, p.rate_bps()))
                 self._tg.create_task(self._send(identity, Message(Kind.PROGRESS, {

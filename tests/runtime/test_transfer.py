@@ -214,7 +214,8 @@ async def test_a_peer_without_the_model_and_without_a_holder_says_so(tiny_model_
     with local_peers(1, args=["--no-local-paths"], env={"SWARM_CACHE_DIR": str(tmp_path / "c")}) as peers:
         async with PeerClient(peers[0]) as peer:
             with pytest.raises(Exception, match="names no holder"):
-                await peer.load(tiny_model_dir, 2, 4, slots=1, max_len=16, fingerprint=weights_fingerprint(tiny_model_dir))
+                await peer.load(tmp_path / "not-here.gguf", 2, 4, slots=1, max_len=16,
+                                fingerprint=weights_fingerprint(tiny_model_dir))
 
 
 def test_progress_reads_bytes_rate_and_time_left():
@@ -227,3 +228,26 @@ def test_progress_reads_bytes_rate_and_time_left():
     assert describe(0, 40_000_000, 0.0) == "0.0 MB / 40.0 MB"  # nothing moved yet: no rate to promise
     assert transfer_note("local-1", {"done": 12_000_000, "total": 40_000_000, "rate_bps": 8e6}) == \
         "local-1 receiving weights: 12.0 MB / 40.0 MB at 8.0 MB/s, 4 s left"
+
+
+@pytest.mark.parametrize("case,want", [
+    (dict(own=True, cached=True, path_exists=True, local_paths=True, holder="h", models=["fp1"]), "own"),
+    (dict(own=False, cached=True, path_exists=True, local_paths=True, holder="h", models=[]), "cache"),
+    (dict(own=False, cached=False, path_exists=True, local_paths=True, holder="h", models=[]), "path"),
+    (dict(own=False, cached=False, path_exists=True, local_paths=False, holder="h", models=[]), "holder"),
+    (dict(own=False, cached=False, path_exists=True, local_paths=False, holder=None, models=[]), "path"),
+    (dict(own=False, cached=False, path_exists=True, local_paths=True, holder="h", models=["other"]), "holder"),
+    (dict(own=False, cached=False, path_exists=False, local_paths=True, holder="h", models=[]), "holder"),
+    (dict(own=False, cached=False, path_exists=False, local_paths=True, holder=None, models=["other"]), "holds model"),
+    (dict(own=False, cached=False, path_exists=True, local_paths=True, holder=None, models=["other"]), "holds model"),
+    (dict(own=False, cached=False, path_exists=False, local_paths=True, holder=None, models=[]), "names no holder"),
+])
+def test_where_a_loads_weights_come_from(case, want):
+    from swarm.runtime.server import weights_from
+    from swarm.runtime.wire import WireError
+
+    if want in ("own", "cache", "path", "holder"):
+        assert weights_from("ab12", path="/m.gguf", **case).value == want
+    else:
+        with pytest.raises(WireError, match=want):
+            weights_from("ab12", path="/m.gguf", **case)
