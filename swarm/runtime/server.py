@@ -73,23 +73,24 @@ class WeightsFrom(enum.Enum):
 def weights_from(fingerprint: str | None, *, own: bool, cached: bool, path_exists: bool, local_paths: bool,
                  holder: str | None, models: list[str], path: str) -> WeightsFrom:
     """Where a LOAD's weights come from: this peer's own copy of the fingerprint; else its unit
-    cache, when that holds the whole range; else the path sent, when it exists here, this peer
-    serves no model of its own (peers with other weights never mix), and either it may read
-    local paths (``ServerConfig.local_paths``) or there is no holder to fetch from; else the
-    holder the LOAD names. Raises WireError saying what is missing."""
-    fetchable = bool(fingerprint and holder)
+    cache, when that holds the whole range; else, when the LOAD names a holder, the path sent if
+    it exists here and may be read (``ServerConfig.local_paths``), or the holder. A LOAD without
+    a holder (an older source) gets the path, unless this peer serves a model of its own (peers
+    with other weights never mix). Raises WireError saying what is missing."""
     if own:
         return WeightsFrom.OWN
     if cached:
         return WeightsFrom.CACHE
-    if path_exists and not (fingerprint and models) and (local_paths or not fetchable):
-        return WeightsFrom.PATH
-    if fetchable:
+    if fingerprint and holder:
+        if path_exists and local_paths:
+            return WeightsFrom.PATH
         if not fingerprint.isalnum():
             raise WireError(f"fingerprint {fingerprint!r} is not a fingerprint")
         return WeightsFrom.HOLDER
     if fingerprint and models:
         raise WireError(f"this peer holds model(s) {models}, not {fingerprint!r}, and the LOAD names no holder")
+    if path_exists:
+        return WeightsFrom.PATH
     raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer, "
                     "and the LOAD names no holder to fetch its weights from")
 
