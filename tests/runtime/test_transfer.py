@@ -9,7 +9,9 @@ start peer processes that never read the source's file (``--no-local-paths``).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 
 import psutil
@@ -110,18 +112,8 @@ async def test_the_receivers_memory_stays_bounded_while_a_large_unit_arrives(tmp
     """A 268 MB embedding unit moves in 1 MiB chunks, 4 outstanding: the peak resident size
     (holder and receiver both in this process) grows by a small fraction of it (about 35 MB:
     the window, zmq's buffers, and freed buffers between two trims)."""
-    model = tmp_path / "wide"
-    model.mkdir()
-    vocab, hidden = 65536, 1024
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=hidden,
-                  intermediate_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
-                  max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True, torch_dtype="float32")
-    (model / "config.json").write_text(json.dumps(config))
-    g = torch.Generator().manual_seed(0)
-    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g), "model.norm.weight": torch.ones(hidden)}
-    save_file(tensors, str(model / "model.safetensors"))
-    unit_bytes = tensors["model.embed_tokens.weight"].numel() * 4
-    del tensors, g
+    model = write_wide_model(tmp_path / "wide", vocab=65536)
+    unit_bytes = 65536 * 1024 * 4
     holder, fp = holder_for(model, tmp_path)
     cfg = TransferConfig()  # the defaults: 1 MiB chunks, 4 outstanding
     async with HolderServer(holder) as server, PeerClient(server.address) as client:
@@ -134,6 +126,26 @@ async def test_the_receivers_memory_stays_bounded_while_a_large_unit_arrives(tmp
     peak = _peak_rss()
     assert unit_path(folder, 0).stat().st_size == reply["size"]
     assert peak - base < unit_bytes / 4, f"peak grew by {(peak - base) / 1e6:.0f} MB for a {unit_bytes / 1e6:.0f} MB unit"
+
+
+def write_wide_model(folder, vocab: int, hidden: int = 1024):
+    """A one-layer Llama whose embedding (and tied head) is vocab x hidden float32: big units, fast to write."""
+    folder.mkdir()
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=hidden,
+                  intermediate_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
+                  max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True, torch_dtype="float32")
+    (folder / "config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
+               "model.norm.weight": torch.ones(hidden)}
+    for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
+                        ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+                        ("mlp.gate_proj", (64, hidden)), ("mlp.up_proj", (64, hidden)), ("mlp.down_proj", (hidden, 64))]:
+        tensors[f"model.layers.0.{name}.weight"] = torch.randn(*shape, generator=g) * 0.02
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        tensors[f"model.layers.0.{name}.weight"] = torch.ones(hidden)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
 
 
 def _peak_rss() -> int:
@@ -252,3 +264,49 @@ def test_where_a_loads_weights_come_from(case, want):
     else:
         with pytest.raises(WireError, match=want):
             weights_from("ab12", path="/m.gguf", **case)
+
+
+@pytest.mark.slow
+async def test_a_peer_killed_while_receiving_resumes_after_a_restart(tmp_path):
+    """A real peer process is SIGKILLed mid-transfer; a new one on the same cache asks only for the rest."""
+    import signal
+
+    model = write_wide_model(tmp_path / "wide", vocab=32768)  # the tied head's unit: 134 MB
+    holder, fp = holder_for(model, tmp_path)
+    env = {"SWARM_CACHE_DIR": str(tmp_path / "peer-cache")}
+    folder = units_dir(fp, "float32", tmp_path / "peer-cache")
+    async with HolderServer(holder) as server:
+        async with PeerClient(server.address) as member:  # the holder writes its files before the clock
+            for unit in (1, 2):
+                await member.request(Kind.UNIT, {"fp": fp, "dtype": "float32", "quant": None, "unit": unit}, timeout=120)
+        total = sum(read_manifest(units_dir(fp, "float32", tmp_path / "holder"))["units"][str(u)]["size"] for u in (1, 2))
+        with local_peers(1, args=["--no-local-paths"], env=env) as (address,):
+            async with PeerClient(address) as peer:
+                loading = asyncio.create_task(peer.load(model, 1, 3, slots=1, max_len=8, fingerprint=fp,
+                                                        holder=server.address))
+                try:
+                    while ((await peer.ping()).get("transfer") or {}).get("done", 0) < 40e6:
+                        assert not loading.done(), "the transfer ended before it could be interrupted"
+                        await asyncio.sleep(0.02)
+                    os.kill(_pid_of(address), signal.SIGKILL)
+                finally:
+                    loading.cancel()  # a killed peer never answers
+                    await asyncio.gather(loading, return_exceptions=True)
+        kept = sum(p.stat().st_size for p in folder.glob("*.part")) + sum(
+            p.stat().st_size for p in folder.glob("unit-*.bin"))
+        assert 0 < kept < total
+        sent_before = -1
+        while sent_before != holder.sent_bytes:  # chunks asked for before the kill may still be answered
+            sent_before = holder.sent_bytes
+            await asyncio.sleep(0.3)
+        with local_peers(1, args=["--no-local-paths"], env=env) as (address,):
+            async with PeerClient(address) as peer:
+                ready = await peer.load(model, 1, 3, slots=1, max_len=8, fingerprint=fp, holder=server.address)
+    assert ready.weight_bytes > 0
+    assert holder.sent_bytes - sent_before == total - kept  # resumed, not restarted
+    assert holds_units(folder, range(1, 3))
+
+
+def _pid_of(address: str) -> int:
+    port = sockets.port_of(address)
+    return next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN")
