@@ -157,7 +157,7 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
     source = await stack.enter_async_context(SwarmSource(config))
     with console.status("looking for peers") as status:
         async with asyncio.TaskGroup() as tasks:
-            watcher = tasks.create_task(_report_start(source, status))
+            watcher = tasks.create_task(report_start(source, status))
             try:
                 await source.deploy()
             except InfeasibleError as exc:
@@ -186,7 +186,7 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
                    lambda: source.state().recoveries, rate)
 
 
-async def _report_start(source, status) -> None:
+async def report_start(source, status) -> None:
     """Keep the spinner's text on what the source is doing while it gathers and deploys
     (and, while peers receive their weights from here, on their bytes, rate and time left)."""
     from swarm.runtime.transfer import describe
