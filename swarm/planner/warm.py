@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-
 from swarm.planner.plan import Plan, PlannedStage, evaluate
 from swarm.planner.problem import InfeasibleError, Problem
 
