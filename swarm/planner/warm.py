@@ -74,7 +74,11 @@ def prefer_warm(problem: Problem, best: Plan, held: Sequence[frozenset[int]], un
                     method=best.method)
     gain = objective_of(warm) - objective_of(best)
     if gain * horizon_tokens < move:
-        why = (f"kept the units in place: moving {move:.1f} s of weights for {gain * 1e3:.2f} ms/token "
+        why = (f"kept the units in place: moving weights ({_seconds(move)}) for {gain * 1e3:.2f} ms/token "
                f"would not pay back within {horizon_tokens} tokens")
         return WarmChoice(replace(warm, notes=warm.notes + (why,)), 0.0, why)
-    return WarmChoice(best, move, f"moving {move:.1f} s of weights gains {gain * 1e3:.2f} ms/token")
+    return WarmChoice(best, move, f"moving weights ({_seconds(move)}) gains {gain * 1e3:.2f} ms/token")
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
