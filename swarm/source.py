@@ -35,13 +35,16 @@ from swarm.discovery.directory import SEED_REFRESH_S, Directory, DirectoryConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import activation_bytes, measure_profile, new_peer_id
-from swarm.discovery.problem import (Device, Workload, build_problem, device_from_announcement,
+from swarm.discovery.problem import (Device, Workload, build_problem, device_for_model, device_from_announcement,
                                      device_from_profile, links_from_announcements)
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
+from swarm.model.unitfiles import held_form
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.plan import Plan
 from swarm.planner.problem import InfeasibleError, Problem
+from swarm.planner.replan import objective_value
+from swarm.planner.warm import HORIZON_TOKENS, prefer_warm
 from swarm.runtime.wire import Kind
 from swarm.sizes import format_bytes
 from swarm.source_state import SourceState
@@ -105,6 +108,8 @@ class SourceConfig:
     step_timeout_s: float = 30.0  # a step not back within this counts as a lost stage (see PipelineConfig)
     seed_refresh_s: float = SEED_REFRESH_S  # between INFO requests to seeds (a restarted seed is found this late)
     stats_interval_s: float = STATS_INTERVAL_S
+    # A plan that moves weights must repay the transfer within this many tokens (swarm.planner.warm).
+    warm_horizon_tokens: int = HORIZON_TOKENS
 
     @property
     def workload(self) -> Workload:
@@ -158,6 +163,7 @@ class SwarmSource:
         self._recoveries: collections.deque = collections.deque(maxlen=RECOVERIES_KEPT)
         self.hop_overhead_s = 0.0  # what a hop costs this device (swarm.runtime.hopcost), measured on open
         self._drift_warned: set[tuple[int, int]] = set()  # (plan, stage) already warned about (profile drift)
+        self._held: dict[str, frozenset[int]] = {}  # open peers: the units of this model in their cache
 
     async def __aenter__(self) -> SwarmSource:
         self._stack = contextlib.AsyncExitStack()
@@ -246,22 +252,42 @@ class SwarmSource:
         return build_problem(self.profile, devices, links, self.config.workload)
 
     async def _device(self, rec) -> Device:
-        if not rec.announcement.summarised:
-            return device_from_announcement(rec.announcement)
-        # The TXT record only had room for a summary: fetch the full profile over INFO.
+        a = rec.announcement
+        other_model = a.fingerprint != short_fingerprint(self.profile["model"]["fingerprint"])
+        if not a.summarised and not other_model:
+            return device_from_announcement(a)
+        # The TXT record only had room for a summary, or an open peer measured another model:
+        # fetch its full profile over INFO.
         client = self.directory.client(rec.host, rec.port)
         info = (await client.request(Kind.INFO)).get("info") or {}
-        return device_from_profile(info["profile"], rec.announcement.peer_id, rec.announcement.name,
-                                   rec.announcement.mem_bytes, rec.announcement.hop_overhead_us / 1e6)
+        if other_model:
+            # The units of this model it already holds (its unit cache), so a plan can leave them there.
+            cached = (await client.ping()).get("cached") or {}
+            units = cached.get(short_fingerprint(self.profile["model"]["fingerprint"]), {})
+            self._held[a.peer_id] = frozenset(units.get(held_form(self.config.dtype, self.config.quant), []))
+            return device_for_model(info["profile"], self.profile, a.peer_id, a.name, a.mem_bytes,
+                                    a.hop_overhead_us / 1e6)
+        return device_from_profile(info["profile"], a.peer_id, a.name, a.mem_bytes, a.hop_overhead_us / 1e6)
 
     async def plan(self, gather: bool = True) -> SourcePlan:
         """Gather, build the problem and plan (raises InfeasibleError when nothing fits)."""
         from swarm.runtime.deploy import StagePlacement
 
         data = await self.problem(gather)
-        plan = plan_problem(Problem.from_json(data), objective=OBJECTIVES[self.config.objective],
-                            inflight=self.config.micro_batches)
+        problem = Problem.from_json(data)
+        objective, inflight = OBJECTIVES[self.config.objective], self.config.micro_batches
+        best = plan_problem(problem, objective=objective, inflight=inflight)
         ids = data["peer_ids"]
+        # Units already in place stay there unless moving them pays back (swarm.planner.warm).
+        every = frozenset(range(problem.n_units))
+        held = [every] + [self._held.get(pid, every) for pid in ids[1:]]
+        choice = prefer_warm(problem, best, held, [u["weight_bytes"] for u in self.profile["units"]],
+                             lambda p: objective_value(p, objective),
+                             lambda p: plan_problem(p, objective=objective, inflight=inflight),
+                             self.config.warm_horizon_tokens)
+        if choice.plan is not best or choice.move_s:
+            log.info("weights: %s", choice.reason)
+        plan = choice.plan
         live = self.directory.live
         stages = tuple(StagePlacement(None if s.device == 0 else f"tcp://{live[ids[s.device]].host}:{live[ids[s.device]].port}",
                              s.start, s.end) for s in plan.stages)

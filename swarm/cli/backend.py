@@ -185,7 +185,7 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
     source = await stack.enter_async_context(SwarmSource(config))
     with console.status("looking for peers") as status:
         async with asyncio.TaskGroup() as tasks:
-            watcher = tasks.create_task(_report_start(source, status))
+            watcher = tasks.create_task(report_start(source, status))
             try:
                 await source.deploy()
             except InfeasibleError as exc:
@@ -214,12 +214,23 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
                    lambda: source.state().recoveries, rate, stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir)))
 
 
-async def _report_start(source, status) -> None:
-    """Keep the spinner's text on what the source is doing while it gathers and deploys."""
+async def report_start(source, status) -> None:
+    """Keep the spinner's text on what the source is doing while it gathers and deploys
+    (and, while peers receive their weights from here, on their bytes, rate and time left)."""
+    from swarm.runtime.transfer import describe
+
     while True:
         state = source.state()
-        status.update(f"{len(state.announcements)} peer(s) live, {state.links_measured} link(s) from here measured; "
-                      "planning and loading shards when every link is measured")
+        text = (f"{len(state.announcements)} peer(s) live, {state.links_measured} link(s) from here measured; "
+                "planning and loading shards when every link is measured")
+        if state.plan is not None:
+            counters = await source.peer_counters(timeout=STATUS_REFRESH_S)
+            moving = [(state.announcements[pid].name, c["transfer"]) for pid, c in sorted(counters.items())
+                      if c.get("transfer") and pid in state.announcements]
+            if moving:
+                text = "loading shards; receiving weights: " + "; ".join(
+                    f"{name} {describe(t['done'], t['total'], t['rate_bps'])}" for name, t in moving)
+        status.update(text)
         await asyncio.sleep(STATUS_REFRESH_S)
 
 

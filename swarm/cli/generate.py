@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable
 
 from rich.console import Console
 
-from swarm.cli.backend import BackendError, add_backend_arguments, source_config
+from swarm.cli.backend import BackendError, add_backend_arguments, report_start, source_config
 from swarm.cli.common import add_secret_arguments, check_device, resolve_model_or_exit, use_swarm_secret
 from swarm.cli.options import add_device_options, dtype_from
 
@@ -197,8 +197,13 @@ async def generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stre
         config = await source_config(args, model_dir, console, stack, objective=objective,
                                      micro_batches=micro_batches, batch_size=batch_size)
         source = await stack.enter_async_context(SwarmSource(config))
-        with console.status("finding peers, measuring links, planning and loading shards..."):
-            planned = await source.deploy()
+        with console.status("finding peers, measuring links, planning and loading shards...") as status:
+            async with asyncio.TaskGroup() as tasks:
+                watcher = tasks.create_task(report_start(source, status))  # weights moving: bytes, rate, time left
+                try:
+                    planned = await source.deploy()
+                finally:
+                    watcher.cancel()
         names = [d["name"] for d in planned.problem["devices"]]
         plan = [{"device": names[s.device], "start": s.start, "end": s.end} for s in planned.plan.stages]
         console.print("plan: " + ", ".join(f"{p['device']} [{p['start']}, {p['end']})" for p in plan), style="dim")

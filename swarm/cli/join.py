@@ -1,10 +1,15 @@
-"""`swarm join`: profile this device for the model (cached), serve shards, announce it."""
+"""`swarm join`: profile this device for the model (cached), serve shards, announce it.
+
+Without --model the peer offers its memory for any model: a source of another model
+plans with its measured speed scaled to that model, and the units the plan gives it
+travel from the source (``swarm.runtime.transfer``) into its cache."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import socket
 import sys
@@ -20,7 +25,7 @@ LEAVE_TIMEOUT_S = 10.0  # on Ctrl-C / SIGTERM: longest wait for the source to mo
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("join", help="profile this device, serve shards and announce it",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.split("\n\n")[0])
     add_model_option(p)
     p.add_argument("--name", default=socket.gethostname(), help="name shown to other peers")
     add_memory_option(p)
@@ -31,6 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-port", type=int,
                    help="port pipeline steps arrive on (default: --port + 1 when --port is given, else any free port)")
     p.add_argument("--profile", type=Path, help="use this measured profile JSON instead of profiling")
+    p.add_argument("--local-paths", action="store_true",
+                   help="read a source's model in place when its path exists on this machine (a peer beside "
+                        "its source); by default the weights of a model this peer does not hold come over "
+                        "the swarm into its cache, as on any other device")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
     p.add_argument("--probe-interval", type=float, help="seconds between link measurements (default 30)")
     p.add_argument("--leave-timeout", type=float, default=LEAVE_TIMEOUT_S, metavar="S",
@@ -63,6 +72,9 @@ def run(args) -> int:
 
     from swarm.cli.common import resolve_model_or_exit
 
+    # Without --model this peer offers its memory for any model: it profiles (and holds) the
+    # default model, and fetches the units of any other that a plan gives it from the source.
+    open_peer = args.model is None
     model_dir = resolve_model_or_exit(args.model, Console(stderr=True))
     profile = load_profile(args, model_dir)
     if args.profile and args.quant != profile["model"].get("quant"):
@@ -75,14 +87,17 @@ def run(args) -> int:
                         data_port=args.data_port if args.data_port is not None else (args.port + 1 if args.port else 0),
                         seeds=tuple(args.peer),
                         mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
-                        quant=profile["model"].get("quant"),
+                        quant=profile["model"].get("quant"), open=open_peer, local_paths=args.local_paths,
                         liveness=liveness, probe=probe)
+    # Weights on their way here are logged (bytes, rate, time left) whatever the verbosity.
+    logging.getLogger("swarm.runtime.server").setLevel(logging.INFO)
 
     async def main() -> None:
         async with SwarmPeer(config, profile) as peer:
             print(json.dumps({"joined": peer.peer_id, "name": config.name, "address": peer.server.address,
                               "data_port": peer.server.data_port,
-                              "mem_bytes": mem, "fingerprint": profile["model"]["fingerprint"]}), flush=True)
+                              "mem_bytes": mem, "fingerprint": profile["model"]["fingerprint"],
+                              "any_model": open_peer}), flush=True)
             task = asyncio.current_task()
             loop = asyncio.get_running_loop()
             leave = asyncio.Event()

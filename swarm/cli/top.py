@@ -90,6 +90,13 @@ def stage_load(before: dict, after: dict, seconds: float) -> StageLoad:
                      max(0.0, (after["steps"] - before["steps"]) / span), int(after.get("queued", 0)))
 
 
+def transfer_note(name: str, transfer: dict) -> str:
+    """'local-1 receiving weights: 12.0 MB / 40.0 MB at 8.1 MB/s, 3 s left' (a peer's PING ``transfer``)."""
+    from swarm.runtime.transfer import describe
+
+    return f"{name} receiving weights: {describe(transfer['done'], transfer['total'], transfer['rate_bps'])}"
+
+
 class Observer:
     """Re-plans when peers come or go and reads every planned peer's counters."""
 
@@ -116,12 +123,16 @@ class Observer:
             except InfeasibleError as exc:
                 self.planned = None
                 self.notes = (not_enough_memory(exc, len(state.announcements), state.diagnostic),)
+        moving = []
         for pid, status in (await self.source.peer_counters(PING_TIMEOUT_S)).items():
             now = time.monotonic()
             if pid in self._last:
                 then, before = self._last[pid]
                 self.loads[pid] = stage_load(before, status, now - then)
             self._last[pid] = (now, status)
+            if status.get("transfer") and pid in state.announcements:
+                moving.append(transfer_note(state.announcements[pid].name, status["transfer"]))
+        self.notes = tuple(n for n in self.notes if " receiving weights: " not in n) + tuple(sorted(moving))
 
     def snapshot(self) -> SwarmSnapshot:
         planned = self.planned

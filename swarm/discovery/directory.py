@@ -150,7 +150,7 @@ class Directory:
             a = rec.announcement
             if a.peer_id == self.own_id:
                 continue
-            if self.config.fingerprint and a.fingerprint != self.config.fingerprint:
+            if self.config.fingerprint and a.fingerprint != self.config.fingerprint and not a.open:
                 self.mdns.heard.rejected[rec.service_name or a.peer_id] = f"model {a.fingerprint}, not ours"
                 continue
             usable.append((rec, at))

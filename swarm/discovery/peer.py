@@ -32,6 +32,12 @@ class PeerConfig:
     mem_bytes: int | None = None  # usable memory to announce; None = the profile's
     model_dir: str | None = None  # this peer's own copy of the profiled model, loaded on LOAD
     quant: str | None = None  # int8 | int4: the weights it serves (the profile's fingerprint says so too)
+    # Offers its memory for any model: announced so, it hears peers of every model, and a LOAD of
+    # weights it does not hold fetches them from the LOAD's holder (``runtime.transfer``).
+    open: bool = False
+    # A LOAD's path that exists on this machine is read in place (ServerConfig); `swarm join`
+    # turns it off unless --local-paths: a model it does not hold comes over the swarm.
+    local_paths: bool = True
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -82,10 +88,11 @@ class SwarmPeer:
         models = {profile["model"]["fingerprint"]: config.model_dir} if config.model_dir else {}
         self.server = ShardServer(ServerConfig(bind_host=bind_host(config.interfaces), port=config.port,
                                                data_port=config.data_port, threads=config.threads, info={"profile": profile},
-                                               models=models, quant=config.quant))
+                                               models=models, quant=config.quant, local_paths=config.local_paths))
         self.directory = Directory(DirectoryConfig(
             interfaces=config.interfaces, seeds=config.seeds, mdns=config.mdns, liveness=config.liveness,
-            fingerprint=short_fingerprint(profile["model"]["fingerprint"])), own_id=self.peer_id)
+            fingerprint=None if config.open else short_fingerprint(profile["model"]["fingerprint"])),
+            own_id=self.peer_id)
         self._steps_seen = 0
         self.prober = LinkProber(self.directory, activation_bytes(profile), config.probe, self.republish,
                                  busy=self._served_steps_since_last_asked)
@@ -97,7 +104,8 @@ class SwarmPeer:
 
     def announcement(self):
         return from_profile(self.profile, self.peer_id, self.config.name, self.config.mem_bytes,
-                            links=self.prober.links, seq=self.seq, hop_overhead_s=self.hop_overhead_s)
+                            links=self.prober.links, seq=self.seq, hop_overhead_s=self.hop_overhead_s,
+                            open=self.config.open)
 
     async def __aenter__(self) -> SwarmPeer:
         await self.server.__aenter__()

@@ -52,6 +52,25 @@ def device_from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int |
                   float(profile.get("step_decode_s", 0.0)), float(hop_overhead))
 
 
+def device_for_model(peer_profile: dict, model_profile: dict, peer_id: str, name: str, mem_bytes: int,
+                     hop_overhead: float = 0.0) -> Device:
+    """A peer that profiled another model (an open peer, `swarm join` without --model), with
+    times for this one: its measured seconds per weight byte over its decoder blocks, times
+    each of this model's units' bytes (decode streams the weights: its time follows their size).
+    Its per-step constant and hop overhead are its own, whatever the model."""
+    blocks = peer_profile["units"][1:-1] or peer_profile["units"]
+    weight = sum(u["weight_bytes"] for u in blocks)
+
+    def per_byte(key: str) -> float:
+        return sum(float(u[key]) for u in blocks) / weight if weight else 0.0
+
+    decode, prefill = per_byte("decode_s"), per_byte("prefill_s")
+    units = model_profile["units"]
+    return Device(peer_id, name, int(mem_bytes), tuple(decode * u["weight_bytes"] for u in units),
+                  tuple(prefill * u["weight_bytes"] for u in units), float(peer_profile.get("step_decode_s", 0.0)),
+                  float(hop_overhead))
+
+
 def device_from_announcement(a: Announcement) -> Device:
     times = a.unit_times()
     if times is None:

@@ -108,6 +108,10 @@ class Announcement:
     # Issue 26 (keys "so", "ho"; 0 in records from before): fixed costs per step, in microseconds.
     step_overhead_us: int = 0  # the shard's per-step constant (profile: units back to back vs alone)
     hop_overhead_us: int = 0  # a hop's wake-up, decode and encode on this peer (swarm.runtime.hopcost)
+    # Offers its memory for any model (`swarm join` without --model): it fetches the weights a
+    # plan gives it. Its times were measured on its own model (``fingerprint``); a source of
+    # another model scales them (swarm.discovery.problem.device_for_model).
+    open: bool = False
 
     def unit_times(self) -> list[float] | None:
         """Per-unit decode time in seconds, as the planner uses it (a plan's R is then the
@@ -125,7 +129,8 @@ FINGERPRINT_CHARS = 16
 
 
 def from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None = None,
-                 links: dict[str, Link] | None = None, seq: int = 0, hop_overhead_s: float = 0.0) -> Announcement:
+                 links: dict[str, Link] | None = None, seq: int = 0, hop_overhead_s: float = 0.0,
+                 open: bool = False) -> Announcement:
     """The announcement for a device profile (the JSON of swarm.model.profile) and the hop
     overhead this peer measured on its own data path."""
     dev, units = profile["device"], profile["units"]
@@ -144,6 +149,7 @@ def from_profile(profile: dict, peer_id: str, name: str, mem_bytes: int | None =
         quant=str(profile["model"].get("quant") or ""),
         step_overhead_us=_us(profile.get("step_decode_s", 0.0)),
         hop_overhead_us=_us(hop_overhead_s),
+        open=open,
     )
 
 
@@ -172,6 +178,8 @@ def _encode(a: Announcement, max_bytes: int) -> dict[str, str]:
     }
     if a.quant:
         base["q"] = a.quant
+    if a.open:
+        base["any"] = "1"
     links = ",".join(f"{pid}:{round(l.bandwidth / 1000)}:{_us(l.rtt)}" for pid, l in sorted(a.links.items()))
     full = {**base, **_chunked("pf", _ints(a.prefill_us)), **_chunked("dc", _ints(a.decode_us)),
             **_chunked("lk", links)}
@@ -207,7 +215,7 @@ def decode(props: dict, key: bytes | None = None) -> Announcement:
             peer_id=p["id"], name=p.get("n", p["id"]), fingerprint=p["fp"], mem_bytes=int(p["mem"]),
             threads=int(p.get("thr", "1")), kind=p.get("k", "cpu"), prefill_us=pf, decode_us=dc,
             num_units=num_units, links=links, seq=int(p.get("seq", "0")), summarised=summarised,
-            protocol=protocol, quant=p.get("q", ""),
+            protocol=protocol, quant=p.get("q", ""), open=p.get("any") == "1",
             step_overhead_us=int(p.get("so", "0")), hop_overhead_us=int(p.get("ho", "0")),
         )
     except TxtError:

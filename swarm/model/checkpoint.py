@@ -24,6 +24,7 @@ from safetensors import safe_open
 from swarm.model import formats
 from swarm.model.formats import Weight
 from swarm.model.store import ModelNotFoundError, is_gguf_file, model_fingerprint
+from swarm.model.unitfiles import UnitsCheckpoint, is_units_dir
 from swarm.model.units import (
     SUPPORTED_MODEL_TYPES, ModelLayout, UnsupportedModelError, held_kind, safetensors_files, unit_of_tensor,
 )
@@ -93,8 +94,10 @@ class HFCheckpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A Hugging Face model folder or a GGUF file."""
+    """A Hugging Face model folder, a GGUF file, or a folder of unit files (``unitfiles``)."""
     path = Path(path).expanduser()
+    if is_units_dir(path):
+        return UnitsCheckpoint(path)
     if is_gguf_file(path):
         from swarm.model.gguf import GGUFCheckpoint
 

@@ -22,7 +22,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +34,7 @@ from gguf.quants import dequantize
 from swarm.model import formats
 from swarm.model.formats import QuantizedTensor, Weight
 from swarm.model.units import (
-    KEPT_BLOCKS, ModelLayout, UnsupportedModelError, held_kind, unit_of_tensor,
+    KEPT_BLOCKS, ListedLayout, UnsupportedModelError, held_kind, unit_of_tensor,
 )
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")  # llama.cpp's names; a Mistral file says "llama"
@@ -155,20 +155,8 @@ def tensor_data(buf, info: TensorInfo) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(*rows, -1)
 
 
-@dataclass(frozen=True)
-class GGUFLayout(ModelLayout):
+class GGUFLayout(ListedLayout):
     """A GGUF file's layout: sizes from its tensor infos, weight bytes as ``read_unit`` holds them."""
-
-    tensor_types: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (HF name, torch shape, GGUF type name)
-
-    @cached_property
-    def tensor_locations(self) -> dict[str, tuple[Path, dict]]:
-        return {name: (self.model_dir, {"dtype": kind, "shape": list(shape)})
-                for name, shape, kind in self.tensor_types}
-
-    def unit_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
-        """Bytes each unit's weights occupy as ``read_unit(unit, dtype, quant)`` returns them."""
-        return self.held_weight_bytes(dtype, quant)
 
 
 class GGUFFile:

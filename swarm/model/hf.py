@@ -24,6 +24,7 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from swarm.model.unitfiles import MANIFEST
 from swarm.model.units import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def load_config(model_dir: Path) -> PretrainedConfig:
         from swarm.model import gguf
 
         return config_from_dict(gguf.open_file(model_dir).config, model_dir)
+    if (model_dir / MANIFEST).is_file():  # unit files fetched from a holder: the manifest has the config
+        return config_from_dict(json.loads((model_dir / MANIFEST).read_text())["config"], model_dir)
     return _checked(AutoConfig.from_pretrained(model_dir), model_dir)
 
 

@@ -207,7 +207,7 @@ class Shard:
             del tensors
             # The float tensors a unit was read (and quantized) from would otherwise stay in the heap,
             # in pieces the next unit's tensors do not fit: the peak would grow by them.
-            _return_freed_memory()
+            return_freed_memory()
         rotary = hf.build_rotary(config, device)
         block_ids = [block.index for block in weights.blocks]
         cache = SlotKVCache(block_ids, max_slots, max_len, layout.num_kv_heads, layout.head_dim, dtype, device)
@@ -343,7 +343,7 @@ def _tensors_of(weight: Weight) -> list[torch.Tensor]:
     return list(weight.tensors().values()) if isinstance(weight, QuantizedTensor) else [weight]
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise), so the resident size is the
     shard's, as the planner counts it. A no-op where there is no glibc."""
     try:

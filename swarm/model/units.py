@@ -243,3 +243,20 @@ class ModelLayout:
         """Bytes sent per token when the model is cut after each unit."""
         hidden = self.hidden_size * DTYPE_BYTES[dtype]
         return [hidden] * (self.num_layers + 1) + [TOKEN_ID_BYTES]
+
+
+@dataclass(frozen=True)
+class ListedLayout(ModelLayout):
+    """A layout whose tensors are listed (a GGUF file's header, a unit cache's manifest):
+    weight bytes as ``Checkpoint.read_unit`` holds them."""
+
+    tensor_types: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (HF name, torch shape, stored type name)
+
+    @cached_property
+    def tensor_locations(self) -> dict[str, tuple[Path, dict]]:
+        return {name: (self.model_dir, {"dtype": kind, "shape": list(shape)})
+                for name, shape, kind in self.tensor_types}
+
+    def unit_weight_bytes(self, dtype: str, quant: str | None = None) -> list[int]:
+        """Bytes each unit's weights occupy as ``read_unit(unit, dtype, quant)`` returns them."""
+        return self.held_weight_bytes(dtype, quant)

@@ -74,6 +74,7 @@ class PeerClient:
         self._sock = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._progress: dict[int, Callable[[Message], None]] = {}  # request id -> its PROGRESS handler
         self._reader: asyncio.Task | None = None
         # Told when an established connection closes: a killed or stopped peer's kernel closes
         # its sockets at once, long before a heartbeat could miss (a frozen one's does not).
@@ -139,7 +140,11 @@ class PeerClient:
                     log.warning("bad message from %s: %s", self.address, exc)
                     continue
                 future = self._pending.pop(message.re, None) if message.re else None
-                if future is not None:
+                if message.kind is Kind.PROGRESS:
+                    on_progress = self._progress.get(message["of"])
+                    if on_progress is not None:
+                        on_progress(message)
+                elif future is not None:
                     if not future.done():
                         future.set_result(message)
                 elif self._on_message is not None:
@@ -159,25 +164,37 @@ class PeerClient:
         await self._sock.send_multipart(encode(message), copy=False)
 
     async def request(self, kind: Kind, fields: dict[str, Any] | None = None,
-                      tensors: tuple[torch.Tensor, ...] = (), timeout: float = REQUEST_TIMEOUT_S) -> Message:
-        """Send a request and wait for its reply; an ERROR reply raises PeerError."""
+                      tensors: tuple[torch.Tensor, ...] = (), timeout: float = REQUEST_TIMEOUT_S,
+                      on_progress: Callable[[Message], None] | None = None) -> Message:
+        """Send a request and wait for its reply; an ERROR reply raises PeerError.
+
+        With ``on_progress``, each PROGRESS message the peer sends about this request is
+        handed to it and gives the reply ``timeout`` more seconds (weights on the move)."""
         if self._broken is not None:
             raise self._broken
         if self._sock is None:
             raise PeerError(f"client for {self.address} is not open")
         msg_id = next(self._ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Message] = loop.create_future()
         self._pending[msg_id] = future
         try:
             # The send is inside the deadline too: to a peer that stopped reading, a full
             # queue would otherwise block it for ever.
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as deadline:
+                if on_progress is not None:
+                    def progressed(message: Message) -> None:
+                        deadline.reschedule(loop.time() + timeout)
+                        on_progress(message)
+
+                    self._progress[msg_id] = progressed
                 await self.send(Message(kind, fields or {}, tensors, id=msg_id))
                 reply = await future
         except TimeoutError:
             raise PeerError(f"{kind.value} to {self.address}: no reply in {timeout} s") from None
         finally:
             self._pending.pop(msg_id, None)
+            self._progress.pop(msg_id, None)
         if reply.kind is Kind.ERROR:
             raise PeerRefused(f"{kind.value} to {self.address}: {reply['error']}")
         return reply
@@ -200,13 +217,18 @@ class PeerClient:
 
     async def load(self, model_dir: Path | str, start: int, end: int, *, slots: int, max_len: int,
                    dtype: str = "float32", next_address: str | None = None, dep: int = 0,
-                   fingerprint: str | None = None, timeout: float = LOAD_TIMEOUT_S) -> Ready:
+                   fingerprint: str | None = None, timeout: float = LOAD_TIMEOUT_S, quant: str | None = None,
+                   holder: str | None = None, on_progress: Callable[[Message], None] | None = None) -> Ready:
         """Load units [start, end). A peer that holds a model with ``fingerprint`` loads its
-        own copy; otherwise ``model_dir`` must be a folder on the peer (same machine, shared disk)."""
+        own copy; otherwise its unit cache, or ``model_dir`` on its disk (same machine, shared
+        disk), or the units (held as ``quant``) fetched from ``holder`` (a weights server's
+        address). While weights move, ``on_progress`` gets each PROGRESS message, and each
+        keeps the LOAD alive for ``timeout`` more seconds."""
         reply = await self.request(Kind.LOAD, {
             "dep": dep, "model": str(model_dir), "start": start, "end": end, "slots": slots,
             "max_len": max_len, "dtype": dtype, "next": next_address, "fp": fingerprint,
-        }, timeout=timeout)
+            "quant": quant, "holder": holder,
+        }, timeout=timeout, on_progress=on_progress)
         return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"])
 
     async def unload(self, timeout: float = REQUEST_TIMEOUT_S, dep: int | None = None) -> None:

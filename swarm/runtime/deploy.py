@@ -7,8 +7,10 @@
         await dep.open_slots([3], GREEDY)
         out, compute_s = await dep.submit_first_stage(mb, step, slots, tokens, lengths)   # hidden sent on to stage 1
 
-Each peer loads its own unit range from its own copy of the model and is told
-where to forward its results (the next stage's data socket). The source holds unit
+Each peer loads its own unit range from its own copy of the model, or from its unit
+cache, or from unit files it fetches from this source (which serves them on a
+weights socket of its own while the deployment lives, ``runtime.holder``), and is
+told where to forward its results (the next stage's data socket). The source holds unit
 0, so raw token ids never leave this process; only hidden states do. Its torch
 thread sends them to stage 1's data socket; token ids (and any step's error) come
 home over the source's connection to each peer's data socket.
@@ -36,6 +38,8 @@ from swarm.model.shard import Shard
 from swarm.model.store import weights_fingerprint
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, Ready
+from swarm.runtime.holder import HolderServer, WeightsHolder
+from swarm.runtime.transfer import describe
 from swarm.runtime.wire import Kind, Message, encode
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,7 @@ class Deployment:
         self.peers: list[PeerClient] = []  # control: LOAD, OPEN, CLOSE, PING
         self._returns: list[PeerClient] = []  # each peer's data socket: tokens and step errors come home here
         self.lost: frozenset[str] = frozenset()  # addresses of peers given up: unloaded with a short bound
+        self.transfers: dict[str, dict] = {}  # peer address -> weights received so far (done, total, rate_bps)
 
     @classmethod
     async def load(cls, model_dir: Path, plan: Sequence[StagePlacement], **kwargs) -> "Deployment":
@@ -159,9 +164,11 @@ class Deployment:
         nexts = data[1:] + [None]
         # A peer serving other weights (another checkpoint or --quant) refuses this LOAD.
         fingerprint = await asyncio.to_thread(weights_fingerprint, Path(self.model_dir), self.quant)
+        holders = await self._serve_weights(fingerprint)
         remote = [peer.load(self.model_dir, s.start, s.end, slots=self.slots, max_len=self.max_len,
-                            dtype=self.dtype, next_address=nxt, dep=self.dep_id, fingerprint=fingerprint)
-                  for peer, s, nxt in zip(self.peers, self.plan[1:], nexts)]
+                            dtype=self.dtype, next_address=nxt, dep=self.dep_id, fingerprint=fingerprint,
+                            quant=self.quant, holder=holder, on_progress=self._progress_of(peer.address, s))
+                  for peer, s, nxt, holder in zip(self.peers, self.plan[1:], nexts, holders)]
         self.shard, *peer_ready = await asyncio.gather(local, *remote)
         self._stack.push_async_callback(self._unload_peers)
         mine = Ready(time.perf_counter() - began, self.shard.weight_bytes, self.shard.kv_cache_bytes,
@@ -169,6 +176,27 @@ class Deployment:
         self.ready = [mine, *peer_ready]
         stages = (f"[{s.start},{s.end})@{s.address or 'source'} {r.load_s:.2f}s" for s, r in zip(self.plan, self.ready))
         log.info("deployment %d ready: %s", self.dep_id, ", ".join(stages))
+
+    async def _serve_weights(self, fingerprint: str) -> list[str]:
+        """Serve this model's unit files to the peers that lack them (``runtime.holder``), on the
+        interface that reaches them; returns the address each peer's LOAD names as its holder."""
+        if not self.peers:
+            return []
+        hosts = [sockets.local_host_towards(p.address) for p in self.peers]
+        bind = hosts[0] if len(set(hosts)) == 1 else "0.0.0.0"
+        holder = WeightsHolder({fingerprint: str(self.model_dir)}, self.quant)
+        server = await self._stack.enter_async_context(HolderServer(holder, bind))
+        port = sockets.port_of(server.address)
+        return [f"tcp://[{h}]:{port}" if ":" in h else f"tcp://{h}:{port}" for h in hosts]
+
+    def _progress_of(self, address: str, stage: StagePlacement) -> Callable[[Message], None]:
+        """The source's line while a peer receives its weights (and what views read)."""
+        def on_progress(message: Message) -> None:
+            self.transfers[address] = {"done": message["done"], "total": message["total"], "rate_bps": message["rate"]}
+            log.info("stage [%d, %d) on %s: receiving weights, %s", stage.start, stage.end, address,
+                     describe(message["done"], message["total"], message["rate"]))
+
+        return on_progress
 
     async def _unload_peers(self) -> None:
         # A lost peer gets a short bound: one leaving gracefully answers at once (and may then

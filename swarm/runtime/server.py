@@ -23,6 +23,7 @@ is open to every member: that is how a new plan takes a peer over.)
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import time
@@ -38,13 +39,19 @@ import zmq
 
 from swarm.aio import wait_event
 from swarm.model.dtypes import FLOAT_DTYPES, torch_dtype
+from swarm.model.unitfiles import cached_units, held_form, holds_units, units_dir
+from swarm.model.units import QUANT_MODES
 from swarm.runtime import sockets
+from swarm.runtime.client import PeerClient
+from swarm.runtime.holder import WEIGHT_KINDS, WeightsHolder, answer_weights
+from swarm.runtime.transfer import Progress, TransferConfig, describe, fetch_units
 from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode, error_reply
 from swarm.runtime.worker import TorchWorker
 
 log = logging.getLogger(__name__)
 
 CONTROL_KINDS = frozenset({Kind.PING, Kind.PROBE, Kind.INFO})
+PROGRESS_EVERY_S = 1.0  # between a transfer's log lines and PROGRESS messages to its loader
 JOB_KINDS = frozenset({Kind.LOAD, Kind.UNLOAD, Kind.OPEN, Kind.CLOSE})
 
 
@@ -54,6 +61,38 @@ def _sendable(info: Mapping[str, Any]) -> None:
         msgpack.packb(dict(info), use_bin_type=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
+
+
+class WeightsFrom(enum.Enum):
+    OWN = "own"  # this peer's own copy of the model (ServerConfig.models)
+    CACHE = "cache"  # unit files already in its cache
+    PATH = "path"  # the LOAD's path, on this machine's disk
+    HOLDER = "holder"  # unit files fetched from the LOAD's holder
+
+
+def weights_from(fingerprint: str | None, *, own: bool, cached: bool, path_exists: bool, local_paths: bool,
+                 holder: str | None, models: list[str], path: str) -> WeightsFrom:
+    """Where a LOAD's weights come from: this peer's own copy of the fingerprint; else its unit
+    cache, when that holds the whole range; else, when the LOAD names a holder, the path sent if
+    it exists here and may be read (``ServerConfig.local_paths``), or the holder. A LOAD without
+    a holder (an older source) gets the path, unless this peer serves a model of its own (peers
+    with other weights never mix). Raises WireError saying what is missing."""
+    if own:
+        return WeightsFrom.OWN
+    if cached:
+        return WeightsFrom.CACHE
+    if fingerprint and holder:
+        if path_exists and local_paths:
+            return WeightsFrom.PATH
+        if not fingerprint.isalnum():
+            raise WireError(f"fingerprint {fingerprint!r} is not a fingerprint")
+        return WeightsFrom.HOLDER
+    if fingerprint and models:
+        raise WireError(f"this peer holds model(s) {models}, not {fingerprint!r}, and the LOAD names no holder")
+    if path_exists:
+        return WeightsFrom.PATH
+    raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer, "
+                    "and the LOAD names no holder to fetch its weights from")
 
 
 @dataclass(frozen=True)
@@ -66,7 +105,12 @@ class ServerConfig:
     # Models this peer holds, by fingerprint: a LOAD naming one loads this peer's own copy.
     models: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
-    quant: str | None = None  # int8 | int4: every shard this peer loads is quantized so (its fingerprint says so)
+    quant: str | None = None  # int8 | int4: every shard this peer loads from its own models is quantized so
+    # A LOAD's path that exists here is read in place (peers on the source's machine, a shared disk)
+    # rather than fetched from the LOAD's holder. False: fetched (a path is still read when the
+    # LOAD names no holder: it is all there is).
+    local_paths: bool = True
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     limits: WireLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -101,6 +145,11 @@ class ShardServer:
         self.leaving = False  # announced in every PONG: sources move their stages away
         self._unloaded = asyncio.Event()  # set while no shard is loaded
         self._unloaded.set()
+        self.weights = WeightsHolder(config.models, config.quant)  # answers MANIFEST / UNIT / FETCH
+        self._transfer: dict[str, Any] | None = None  # weights on their way here (PING shows it)
+        self._cached: dict[str, dict[str, list[int]]] = {}  # unit files in the cache (PING shows it)
+        self._tg: asyncio.TaskGroup | None = None  # serve_forever's: weight requests run in it
+        self._load_timeout = None  # the running LOAD's bound: a transfer's progress pushes it on
 
     async def __aenter__(self) -> "ShardServer":
         torch.set_num_threads(self.config.threads)
@@ -113,6 +162,7 @@ class ShardServer:
                 max_frame_bytes=limits.max_frame_bytes)
             self._worker = TorchWorker(self._data_ctx, self.config.threads, limits)
             self._worker.start(self.config.bind_host, self.config.data_port)
+            self._cached = await asyncio.to_thread(cached_units)
         except BaseException:
             await self.aclose()
             raise
@@ -150,6 +200,7 @@ class ShardServer:
         self._idle.clear()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tasks = [tg.create_task(self._receive_loop()), tg.create_task(self._job_loop())]
                 await self._stop.wait()
                 for task in tasks:
@@ -194,6 +245,9 @@ class ShardServer:
             # every message a handler saw, on both sockets (a stranger's never get this far)
             "received": self._control_received + (c.received if c else 0),
             "uptime_s": time.monotonic() - self._started,
+            "transfer": self._transfer,  # {fp, holder, done, total, rate_bps, eta_s, ...} while weights arrive
+            "cached": self._cached,  # {fingerprint: {held form: [units]}}: a planner leaves warm units in place
+            "sent_weight_bytes": self.weights.sent_bytes,
         }
 
     # ------------------------------------------------------------ the control socket
@@ -224,6 +278,13 @@ class ShardServer:
                 continue
             if message.kind in CONTROL_KINDS:
                 await self._send(identity, self._answer_control(message))
+            elif message.kind in WEIGHT_KINDS:  # disk reads in threads, answered when done, any order
+                if self._requests[identity] >= limits.max_requests_per_client:
+                    await self._refuse(identity, f"too many requests in flight from this client "
+                                                 f"(limit {limits.max_requests_per_client})", message)
+                else:
+                    self._requests[identity] += 1
+                    self._tg.create_task(self._answer_weights(identity, message))
             elif message.kind in JOB_KINDS:
                 if message.tensors:  # nothing to queue but the header: a job's memory stays small
                     await self._refuse(identity, f"{message.kind.value!r} carries no tensors", message)
@@ -249,6 +310,17 @@ class ShardServer:
             return error_reply(f"reply_bytes {size} over the limit of {self.config.limits.max_tensor_bytes}", message)
         return Message(Kind.PROBE, {"reply_bytes": 0}, (torch.zeros(size, dtype=torch.uint8),), re=message.id)
 
+    async def _answer_weights(self, identity: bytes, message: Message) -> None:
+        try:
+            reply = await answer_weights(self.weights, message)
+        finally:
+            self._requests[identity] -= 1
+            if not self._requests[identity]:
+                del self._requests[identity]
+        if reply.kind is Kind.ERROR:
+            self._control_errors += 1
+        await self._send(identity, reply)
+
     # ------------------------------------------------------------ shard jobs (run on the torch thread)
 
     async def _job_loop(self) -> None:
@@ -269,7 +341,7 @@ class ShardServer:
             bound = limits.load_timeout_s if message.kind is Kind.LOAD else limits.request_timeout_s
             try:
                 # The bound counts from arrival: a request stuck behind a flood expires in the queue.
-                async with asyncio.timeout(arrived + bound - time.monotonic()):
+                async with asyncio.timeout(arrived + bound - time.monotonic()) as self._load_timeout:
                     reply = await self._job(identity, message)
             except TimeoutError:
                 self._control_errors += 1
@@ -281,6 +353,7 @@ class ShardServer:
                         "%s failed: %s", message.kind.value, exc)
                 reply = error_reply(f"{message.kind.value} failed: {exc}", message)
             finally:
+                self._load_timeout = None
                 self._requests[identity] -= 1
                 if not self._requests[identity]:
                     del self._requests[identity]
@@ -298,7 +371,7 @@ class ShardServer:
     async def _job(self, identity: bytes, message: Message) -> Message:
         worker = self._worker
         if message.kind is Kind.LOAD:
-            ready = await self._load(message)
+            ready = await self._load(identity, message)
             self._deployer, self._open_slots = identity, set()  # the new shard's slots are its loader's
             return ready
         if message.kind is Kind.UNLOAD:
@@ -332,17 +405,60 @@ class ShardServer:
             self._open_slots.difference_update(slots)
         return Message(Kind.OK, re=message.id)
 
-    def _model_folder(self, path: str, fingerprint: str | None) -> Path:
-        """This peer's own copy of the model (a folder or a GGUF file) with that fingerprint, else the path sent."""
-        if fingerprint and fingerprint in self.config.models:
-            return Path(self.config.models[fingerprint])
-        if fingerprint and self.config.models:
-            raise WireError(f"this peer holds model(s) {sorted(self.config.models)}, not {fingerprint!r}")
-        if not Path(path).exists():
-            raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer")
-        return Path(path)
+    async def _weights_for(self, identity: bytes, message: Message) -> tuple[Path, str | None]:
+        """Where this LOAD's weights are read from (``weights_from`` decides), and their quantization."""
+        fingerprint, path, start, end = message.get("fp"), message["model"], message["start"], message["end"]
+        own = bool(fingerprint) and fingerprint in self.config.models
+        # The form the loader holds these weights in (its fingerprint covers it); a loader that
+        # does not say (an older one) gets this peer's own setting, as its own copy always does.
+        quant = message.get("quant") if "quant" in message.fields and not own else self.config.quant
+        if quant not in (None, *QUANT_MODES):
+            raise WireError(f"quant {quant!r} is not one of {', '.join(QUANT_MODES)}")
+        cache = units_dir(fingerprint, held_form(message["dtype"], quant)) if fingerprint and fingerprint.isalnum() else None
+        source = weights_from(
+            fingerprint, own=own, cached=cache is not None and await asyncio.to_thread(holds_units, cache, range(start, end)),
+            path_exists=Path(path).exists(), local_paths=self.config.local_paths, holder=message.get("holder"),
+            models=sorted(self.config.models), path=path)
+        if source is WeightsFrom.OWN:
+            return Path(self.config.models[fingerprint]), quant
+        if source is WeightsFrom.CACHE:
+            return cache, quant
+        if source is WeightsFrom.PATH:
+            return Path(path), quant
+        return await self._fetch(identity, message, message["holder"], quant), quant
 
-    async def _load(self, message: Message) -> Message:
+    async def _fetch(self, identity: bytes, message: Message, holder: str, quant: str | None) -> Path:
+        """The LOAD's units fetched from ``holder`` into the cache, with progress logged, shown in
+        PING and sent to the loader; each chunk that lands pushes the LOAD's bound on."""
+        fingerprint, dtype = message["fp"], message["dtype"]
+        last = [0.0, -1]  # when the last line went out, and the bytes it said
+        loop = asyncio.get_running_loop()
+
+        def on_progress(p: Progress) -> None:
+            self._transfer = {"fp": fingerprint, "holder": holder, "start": message["start"], "end": message["end"],
+                              **p.to_json()}
+            if self._load_timeout is not None:
+                self._load_timeout.reschedule(loop.time() + self.config.limits.load_timeout_s)
+            now = time.monotonic()
+            finished = p.total_bytes and p.done_bytes >= p.total_bytes and p.done_bytes != last[1]
+            if now - last[0] >= PROGRESS_EVERY_S or finished:
+                last[:] = [now, p.done_bytes]
+                log.info("receiving weights %s for units [%d, %d): %s", fingerprint, message["start"],
+                         message["end"], describe(p.done_bytes, p.total_bytes, p.rate_bps()))
+                self._tg.create_task(self._send(identity, Message(Kind.PROGRESS, {
+                    "of": message.id, "done": p.done_bytes, "total": p.total_bytes, "rate": p.rate_bps()})))
+
+        log.info("fetching weights %s (%s) units [%d, %d) from %s", fingerprint, held_form(dtype, quant),
+                 message["start"], message["end"], holder)
+        try:
+            async with PeerClient(holder, limits=self.config.limits) as client:
+                return await fetch_units(client, fingerprint, dtype, quant, range(message["start"], message["end"]),
+                                         config=self.config.transfer, on_progress=on_progress)
+        finally:
+            self._transfer = None
+            self._cached = await asyncio.to_thread(cached_units)
+
+    async def _load(self, identity: bytes, message: Message) -> Message:
         start, end, dtype = message["start"], message["end"], message["dtype"]
         if not start < end:
             raise WireError(f"empty unit range [{start}, {end})")
@@ -352,7 +468,7 @@ class ShardServer:
             raise WireError(f"dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
         if not (message["slots"] >= 1 and message["max_len"] >= 1):
             raise WireError("slots and max_len must be at least 1")
-        model_dir = self._model_folder(message["model"], message.get("fp"))
+        model_dir, quant = await self._weights_for(identity, message)
         from swarm.model.shard import Shard
 
         worker, nxt = self._worker, message.get("next")
@@ -361,7 +477,7 @@ class ShardServer:
         began = time.perf_counter()
         shard = await worker.call(
             lambda: Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
-                               dtype=torch_dtype(dtype), device=self.config.device, quant=self.config.quant)
+                               dtype=torch_dtype(dtype), device=self.config.device, quant=quant)
         )
         load_s = time.perf_counter() - began
         await worker.call(worker.install, message["dep"], shard, nxt)

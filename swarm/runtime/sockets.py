@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import socket
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -127,6 +128,24 @@ def data_address(control_address: str, data_port: int) -> str:
     peer sees itself bound to, such as 0.0.0.0, means nothing to others.)
     """
     return f"{control_address.rsplit(':', 1)[0]}:{data_port}"
+
+
+def host_of(address: str) -> str:
+    """"10.0.0.2" for tcp://10.0.0.2:5555 ("::1" for tcp://[::1]:5555)."""
+    return address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+
+
+def local_host_towards(address: str) -> str:
+    """This machine's address on the interface that reaches ``address``'s host: where a
+    socket that peer must connect back to (the source's weights server) is bound.
+    Asks the routing table (a UDP connect sends nothing)."""
+    host = host_of(address)
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return probe.getsockname()[0]
 
 
 def connect_dealer(ctx: zmq.Context, address: str, identity: bytes | None = None) -> zmq.Socket:

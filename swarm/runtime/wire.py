@@ -48,6 +48,14 @@ class Kind(str, enum.Enum):
     INFO = "info"  # reply INFO with the dict the peer was started with
     OK = "ok"
     ERROR = "error"
+    # Weights over the swarm (swarm.runtime.transfer): a receiver asks a holder, chunk by chunk.
+    MANIFEST = "manifest"  # a model's config and layout in one held form; reply MODEL
+    MODEL = "model"
+    UNIT = "unit"  # one unit file's size and sha256 (the holder writes it first if it must); reply UNIT_FILE
+    UNIT_FILE = "unit_file"
+    FETCH = "fetch"  # bytes [offset, offset + length) of a unit file; reply CHUNK (one uint8 tensor)
+    CHUNK = "chunk"
+    PROGRESS = "progress"  # a LOAD's weights on the move (unsolicited, to the loader; keeps its LOAD alive)
 
 
 DTYPES: dict[str, torch.dtype] = {name: torch_dtype(name, WIRE_DTYPES) for name in WIRE_DTYPES}
@@ -142,6 +150,18 @@ def _map(name: str, value: Any, limits: WireLimits) -> dict:
     return value
 
 
+def _bool(name: str, value: Any, limits: WireLimits) -> bool:
+    if not isinstance(value, bool):
+        raise WireError(f"field {name!r}: expected true or false")
+    return value
+
+
+def _sha256(name: str, value: Any, limits: WireLimits) -> str:
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise WireError(f"field {name!r}: expected a sha256 as 64 lowercase hex digits")
+    return value
+
+
 def _optional(inner: Validator) -> Validator:
     def check(name: str, value: Any, limits: WireLimits) -> Any:
         return None if value is None else inner(name, value, limits)
@@ -150,6 +170,7 @@ def _optional(inner: Validator) -> Validator:
 
 
 # kind -> {field: (validator, required)}; fields not listed are dropped on decode.
+_HELD = {"fp": (_str, True), "dtype": (_str, True), "quant": (_optional(_str), False)}  # which weights, held how
 _STEP_IDS = {"dep": (_int, True), "mb": (_int, True), "step": (_int, True), "slots": (_int_list, True)}
 SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
     Kind.STEP: {**_STEP_IDS, "lengths": (_optional(_int_list), False), "src": (_bytes, True)},
@@ -164,6 +185,8 @@ SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
         "dtype": (_str, True),
         "next": (_optional(_str), False),
         "fp": (_optional(_str), False),  # model fingerprint: the peer loads its own copy
+        "quant": (_optional(_str), False),  # the held form's quantization (int8 | int4), for fetched weights
+        "holder": (_optional(_str), False),  # where a peer without these weights fetches them (control address)
     },
     Kind.READY: {"load_s": (_float, True), "weight_bytes": (_int, True), "kv_bytes": (_int, True),
                  "rss_bytes": (_int, True)},
@@ -177,9 +200,17 @@ SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
     Kind.INFO: {"info": (_optional(_map), False)},
     Kind.OK: {},
     Kind.ERROR: {"error": (_str, True), "dep": (_int, False), "mb": (_int, False), "step": (_int, False)},
+    Kind.MANIFEST: dict(_HELD),
+    Kind.MODEL: {"manifest": (_map, True)},
+    Kind.UNIT: {**_HELD, "unit": (_int, True), "verify": (_bool, False)},
+    Kind.UNIT_FILE: {"unit": (_int, True), "size": (_int, True), "sha256": (_sha256, True)},
+    Kind.FETCH: {**_HELD, "unit": (_int, True), "offset": (_int, True), "length": (_int, True)},
+    Kind.CHUNK: {"unit": (_int, True), "offset": (_int, True)},
+    Kind.PROGRESS: {"of": (_int, True), "done": (_int, True), "total": (_int, True), "rate": (_float, True)},
 }
 # kind -> (min tensors, max tensors)
-TENSOR_COUNTS: dict[Kind, tuple[int, int]] = {Kind.STEP: (1, 1), Kind.TOKENS: (1, 1), Kind.PROBE: (0, 1)}
+TENSOR_COUNTS: dict[Kind, tuple[int, int]] = {Kind.STEP: (1, 1), Kind.TOKENS: (1, 1), Kind.PROBE: (0, 1),
+                                             Kind.CHUNK: (1, 1)}
 
 
 # ---------------------------------------------------------------- encode

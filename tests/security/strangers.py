@@ -33,7 +33,7 @@ def stranger_dealer(ctx: zmq.Context, address: str, how: str, member_keys: Curve
 
 
 def every_request() -> list[Message]:
-    """PING, INFO, LOAD, OPEN and STEP, each well formed: a member would answer every one."""
+    """PING, INFO, LOAD, OPEN, STEP and the weight requests, each well formed: a member would answer every one."""
     return [
         Message(Kind.PING, id=1),
         Message(Kind.INFO, id=2),
@@ -42,6 +42,9 @@ def every_request() -> list[Message]:
         Message(Kind.OPEN, {"slots": [0], "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None}, id=4),
         Message(Kind.STEP, {"dep": 9, "mb": 0, "step": 0, "slots": [0], "src": b"stranger"},
                 (torch.tensor([[1, 2, 3]]),), id=5),
+        Message(Kind.MANIFEST, {"fp": "ab" * 8, "dtype": "float32", "quant": None}, id=6),
+        Message(Kind.FETCH, {"fp": "ab" * 8, "dtype": "float32", "quant": None, "unit": 1, "offset": 0,
+                             "length": 1 << 20}, id=7),
     ]
 
 

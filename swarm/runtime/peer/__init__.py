@@ -31,14 +31,15 @@ async def serve(config: ServerConfig, on_ready: Callable[[ShardServer], None] | 
 
 @contextmanager
 def local_peers(count: int, threads: int = 1, info: dict | None = None, args: Sequence[str] = (),
-                secret: str | None = None) -> Iterator[list[str]]:
+                secret: str | None = None, env: dict[str, str] | None = None) -> Iterator[list[str]]:
     """Start ``count`` peer processes on 127.0.0.1; yields their addresses; stops them on exit.
 
     They join this process's swarm (SWARM_SECRET, inherited), or the one whose join code is
-    ``secret``; ``args`` are more peer options (``--insecure``, limits)."""
+    ``secret``; ``args`` are more peer options (``--insecure``, limits, ``--no-local-paths``);
+    ``env``, more environment variables (``SWARM_CACHE_DIR``: a cache of their own)."""
     from swarm.secret import ENV_VARIABLE
 
-    env = None if secret is None else {**os.environ, ENV_VARIABLE: secret}
+    env = {**os.environ, **(env or {}), **({} if secret is None else {ENV_VARIABLE: secret})}
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(count):

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest tensor (and frame) accepted; a larger frame drops its sender")
     parser.add_argument("--max-queued-bytes", type=int, default=DEFAULT_LIMITS.max_queued_bytes_per_client,
                         help="bytes one client may have queued on the data socket")
+    parser.add_argument("--no-local-paths", action="store_true",
+                        help="never read a LOAD's model path from this machine's disk: weights come from this "
+                             "peer's unit cache or from the LOAD's holder (as on another machine)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = dataclasses.replace(DEFAULT_LIMITS, max_tensor_bytes=args.max_tensor_bytes,
                                  max_queued_bytes_per_client=args.max_queued_bytes)
     config = ServerConfig(bind_host=args.host, port=args.port, data_port=args.data_port, threads=args.threads,
-                          info=json.loads(args.info), limits=limits)
+                          info=json.loads(args.info), limits=limits, local_paths=not args.no_local_paths)
     asyncio.run(serve(config, lambda server: announce(server, args.exit_on_eof)))
     return 0
 
