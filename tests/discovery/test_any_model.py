@@ -36,8 +36,10 @@ def test_an_open_peers_times_are_scaled_to_the_models_unit_bytes():
         u["weight_bytes"] = int(size)
     device = device_for_model(peer, model, "p", "open", 1 << 30)
     blocks = peer["units"][1:-1]
-    per_byte = sum(u["time_s"] for u in blocks) / sum(u["weight_bytes"] for u in blocks)
-    assert device.times == pytest.approx([per_byte * u["weight_bytes"] for u in model["units"]])
+    weight = sum(u["weight_bytes"] for u in blocks)
+    for times, key in ((device.times, "decode_s"), (device.prefill_times, "prefill_s")):  # decode: what R sums
+        per_byte = sum(u[key] for u in blocks) / weight
+        assert times == pytest.approx([per_byte * u["weight_bytes"] for u in model["units"]])
     assert device.times[1] == pytest.approx(2 * device.times[0])  # twice the bytes, twice the time
     assert device.mem_bytes == 1 << 30
 
