@@ -160,6 +160,7 @@ class SwarmSource:
         self._started = 0.0
         self._deploying = asyncio.Lock()
         self._stats: tuple = ()  # the pipeline's StageStats at the last poll
+        self._transfers: dict[str, dict] = {}  # peer name -> weights it is receiving (done, total, rate_bps)
         self._recoveries: collections.deque = collections.deque(maxlen=RECOVERIES_KEPT)
         self.hop_overhead_s = 0.0  # what a hop costs this device (swarm.runtime.hopcost), measured on open
         self._drift_warned: set[tuple[int, int]] = set()  # (plan, stage) already warned about (profile drift)
@@ -422,11 +423,21 @@ class SwarmSource:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             if self._pipeline is not None and not self._pipeline.recovering:
+                self._transfers = {}
                 try:
                     self._stats = tuple(await self._pipeline.stage_stats())
                 except (PeerError, TimeoutError):
                     self._stats = ()
                 self._check_profiles()
+            elif self.current is not None:  # a plan is loading: its peers may be receiving weights
+                self._transfers = await self._receiving_weights()
+
+    async def _receiving_weights(self) -> dict[str, dict]:
+        """Peer name -> the weights it is receiving (its PING's ``transfer``), for the views."""
+        counters = await self.peer_counters(timeout=self.config.stats_interval_s)
+        live = self.directory.live
+        return {live[pid].announcement.name: dict(c["transfer"]) for pid, c in sorted(counters.items())
+                if c.get("transfer") and pid in live}
 
     def _check_profiles(self) -> None:
         """Warn, once per plan and stage, when a stage's live decode steps take more than
@@ -509,4 +520,5 @@ class SwarmSource:
             deployed=pipeline is not None, recovering=pipeline is not None and pipeline.recovering,
             diagnostic=self.directory.diagnostic() if self.directory is not None else "discovery not started",
             links_measured=len(self.prober.links) if self.prober is not None else 0,
-            peer_ids=frozenset(current.peer_ids) if current else frozenset())
+            peer_ids=frozenset(current.peer_ids) if current else frozenset(),
+            transfers=dict(self._transfers))

@@ -19,6 +19,7 @@ class SourceState:
     source_links: peer id -> Link this source measured towards that peer
     problem / plan: the current SourcePlan's problem JSON and planner Plan (or None)
     stats: the pipeline's StageStats, in stage order (or empty)
+    transfers: peer name -> the weights it is receiving while a plan loads (done, total, rate_bps)
     """
 
     source_id: str
@@ -40,3 +41,4 @@ class SourceState:
     diagnostic: str = ""  # what discovery tried and heard (for "no peers found")
     links_measured: int = 0  # links from the source measured so far
     peer_ids: frozenset[str] = frozenset()  # the peers the current plan was made over
+    transfers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

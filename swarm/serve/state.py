@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from swarm.runtime.transfer import describe
 from swarm.source_state import SourceState
 from swarm.view.from_source import snapshot_from_source
 from swarm.view.snapshot import SwarmSnapshot
@@ -23,7 +24,7 @@ def snapshot_json(snapshot: SwarmSnapshot, requests: dict[str, int]) -> dict:
 
 def swarm_json(state: SourceState, requests: dict[str, int]) -> dict:
     """snapshot_json of the state, with what the planner predicted beside what was measured,
-    the recoveries in words, and whether the swarm is deployed."""
+    the recoveries and the weights moving to peers in words, and whether the swarm is deployed."""
     body = snapshot_json(snapshot_from_source(state), requests)
     plan = state.plan
     if body["plan"] is not None and plan is not None:
@@ -33,6 +34,9 @@ def swarm_json(state: SourceState, requests: dict[str, int]) -> dict:
         body["plan"]["predicted_tokens_per_s"] = 1.0 / plan.latency_s if plan.latency_s > 0 else None
     body["recoveries"] = [{"text": event.describe(), "lost": list(event.lost), "peers": event.peers,
                            "failed": event.error is not None} for event in state.recoveries]
+    body["transfers"] = [{"peer": name, **t, "text": f"{name} receiving weights: "
+                                                     f"{describe(t['done'], t['total'], t['rate_bps'])}"}
+                         for name, t in sorted(state.transfers.items())]
     body["deployed"], body["recovering"] = state.deployed, state.recovering
     body["diagnostic"] = "" if state.announcements else state.diagnostic
     return body

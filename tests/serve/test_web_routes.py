@@ -4,6 +4,7 @@ only), the join command and its QR code for key holders, and the state's JSON.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -132,3 +133,12 @@ def test_the_state_json_puts_predictions_beside_measurements_and_recoveries_in_w
     assert [r["text"] for r in body["recoveries"]] == ["peer pi lost; re-planned over 1 peer in 1.2 s",
                                                        "peer pi lost; recovery failed: boom"]
     assert body["deployed"] is True and body["peers"][1]["alive"] is False  # planned, not announced: lost
+
+
+def test_the_state_json_shows_the_weights_moving_to_peers_in_words():
+    state = SourceState(source_id="s", source_name="laptop", source_profile={"units": []}, source_mem=100,
+                        transfers={"pi": {"done": 12_000_000, "total": 40_000_000, "rate_bps": 8_000_000.0}})
+    assert swarm_json(state, {})["transfers"] == [
+        {"peer": "pi", "done": 12_000_000, "total": 40_000_000, "rate_bps": 8_000_000.0,
+         "text": "pi receiving weights: 12.0 MB / 40.0 MB at 8.0 MB/s, 4 s left"}]
+    assert swarm_json(dataclasses.replace(state, transfers={}), {})["transfers"] == []

@@ -368,6 +368,15 @@ function renderSwarm(swarm) {
     el("td", {}, l.rtt_s ? `${(l.rtt_s * 1000).toFixed(2)} ms` : "–")))
     : [el("tr", {}, el("td", { colspan: "3" }, "no links measured yet"))]));
 
+  const moving = swarm.transfers || [];
+  $("transfers").replaceChildren(...(moving.length
+    ? moving.map((t) => {
+      const item = el("li", {}, t.text);
+      item.append(el("progress", { max: String(t.total), value: String(t.done), "aria-label": `${t.peer}'s weights` }));
+      return item;
+    })
+    : [el("li", { class: "quiet" }, "none: every peer holds its weights")]));
+
   $("recoveries").replaceChildren(...(swarm.recoveries.length
     ? swarm.recoveries.slice().reverse().map((r) => el("li", { class: r.failed ? "error" : "" }, r.text))
     : [el("li", { class: "quiet" }, "none: no peer was lost")]));
