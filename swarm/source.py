@@ -36,17 +36,26 @@ from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import activation_bytes, measure_profile, new_peer_id
 from swarm.discovery.problem import (Device, Workload, build_problem, device_for_model, device_from_announcement,
-                                     device_from_profile, links_from_announcements)
+                                     device_from_profile, link_matrices, links_from_announcements)
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
+from swarm.model.sampling import GREEDY, SamplingParams
+from swarm.model.store import resolve_model
 from swarm.model.unitfiles import held_form
 from swarm.planner.api import plan as plan_problem
-from swarm.planner.plan import Plan
 from swarm.planner.problem import InfeasibleError, Problem
-from swarm.planner.replan import objective_value
+from swarm.planner.replan import decide, objective_value, profile_drift
 from swarm.planner.warm import HORIZON_TOKENS, prefer_warm
+from swarm.runtime.client import PeerError
+from swarm.runtime.engine import Pipeline, PipelineConfig
+from swarm.runtime.hopcost import measure_local_hop_overhead
+from swarm.runtime.recovery import RecoveryEvent, Replanned, StageLost
+from swarm.runtime.schedule import Layout, Mode
+from swarm.runtime.session import Session
+from swarm.runtime.stats import StageStats
 from swarm.runtime.wire import Kind
 from swarm.sizes import format_bytes
+from swarm.source_plan import SourcePlan
 from swarm.source_state import SourceState
 
 log = logging.getLogger(__name__)
@@ -75,8 +84,6 @@ def not_enough_memory(exc: InfeasibleError, live: int, diagnostic: str) -> str:
 
 def _own_hop_overhead(threads: int) -> float:
     """The source's hop overhead: a torch worker of its own on loopback (0 if that fails)."""
-    from swarm.runtime.hopcost import measure_local_hop_overhead
-
     try:
         return measure_local_hop_overhead(threads)
     except (TimeoutError, RuntimeError, OSError) as exc:
@@ -116,30 +123,6 @@ class SourceConfig:
         return Workload(self.micro_batches, self.batch_size, self.max_len)
 
 
-@dataclass(frozen=True)
-class SourcePlan:
-    """A plan over the live swarm: the problem it solved, the planner's answer, and the
-    stages in the runtime's terms (address None = this process)."""
-
-    problem: dict
-    plan: Plan
-    stages: tuple  # tuple[swarm.runtime.deploy.StagePlacement, ...]
-    peer_ids: frozenset[str]  # the live peers the problem was built from
-
-    def describe(self) -> list[str]:
-        names = [d["name"] for d in self.problem["devices"]]
-        return [f"{names[s.device]}: units [{s.start}, {s.end})" for s in self.plan.stages]
-
-    def names_by_address(self) -> dict[str, str]:
-        """Peer name of every remote stage's address."""
-        names = [d["name"] for d in self.problem["devices"]]
-        return {stage.address: names[s.device] for stage, s in zip(self.stages, self.plan.stages) if stage.address}
-
-    def peer_ids_by_address(self) -> dict[str, str]:
-        ids = self.problem["peer_ids"]
-        return {stage.address: ids[s.device] for stage, s in zip(self.stages, self.plan.stages) if stage.address}
-
-
 class SwarmSource:
     """Discovery, link probes, planning and the pipeline of one source. ``async with`` only."""
 
@@ -153,15 +136,15 @@ class SwarmSource:
         self.directory: Directory | None = None
         self.prober: LinkProber | None = None
         self.current: SourcePlan | None = None
-        self._pipeline = None  # swarm.runtime.engine.Pipeline, its lifetime an entry of _stack
-        self._starting = None  # the Pipeline whose first deployment is loading
+        self._pipeline: Pipeline | None = None  # its lifetime an entry of _stack
+        self._starting: Pipeline | None = None  # the Pipeline whose first deployment is loading
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: list[asyncio.Task] = []  # discovery, probes, watchers: owned by the TaskGroup in _stack
         self._started = 0.0
         self._deploying = asyncio.Lock()
-        self._stats: tuple = ()  # the pipeline's StageStats at the last poll
+        self._stats: tuple[StageStats, ...] = ()  # the pipeline's at the last poll
+        self._recoveries: collections.deque[RecoveryEvent] = collections.deque(maxlen=RECOVERIES_KEPT)
         self._transfers: dict[str, dict] = {}  # peer name -> weights it is receiving (done, total, rate_bps)
-        self._recoveries: collections.deque = collections.deque(maxlen=RECOVERIES_KEPT)
         self.hop_overhead_s = 0.0  # what a hop costs this device (swarm.runtime.hopcost), measured on open
         self._drift_warned: set[tuple[int, int]] = set()  # (plan, stage) already warned about (profile drift)
         self._held: dict[str, frozenset[int]] = {}  # open peers: the units of this model in their cache
@@ -177,8 +160,6 @@ class SwarmSource:
 
     async def _open(self) -> None:
         if self.config.model is not None or self.profile is None:
-            from swarm.model.store import resolve_model
-
             self.model_dir = await asyncio.to_thread(resolve_model, self.config.model)
         if self.profile is None:
             self.profile = await asyncio.to_thread(measure_profile, self.model_dir, self.config.threads,
@@ -272,8 +253,6 @@ class SwarmSource:
 
     async def plan(self, gather: bool = True) -> SourcePlan:
         """Gather, build the problem and plan (raises InfeasibleError when nothing fits)."""
-        from swarm.runtime.deploy import StagePlacement
-
         data = await self.problem(gather)
         problem = Problem.from_json(data)
         objective, inflight = OBJECTIVES[self.config.objective], self.config.micro_batches
@@ -289,10 +268,8 @@ class SwarmSource:
         if choice.plan is not best or choice.move_s:
             log.info("weights: %s", choice.reason)
         plan = choice.plan
-        live = self.directory.live
-        stages = tuple(StagePlacement(None if s.device == 0 else f"tcp://{live[ids[s.device]].host}:{live[ids[s.device]].port}",
-                             s.start, s.end) for s in plan.stages)
-        result = SourcePlan(data, plan, stages, frozenset(ids[1:]))
+        result = SourcePlan.build(data, plan, {pid: f"tcp://{rec.host}:{rec.port}"
+                                               for pid, rec in self.directory.live.items()})
         log.info("plan (%s, %.2f ms/token predicted): %s", plan.objective, plan.latency_s * 1e3,
                  "; ".join(result.describe()))
         return result
@@ -308,9 +285,6 @@ class SwarmSource:
 
     def _links_changed_the_plan(self) -> bool:
         """The deployed plan's problem with the links measured now: does the best plan change?"""
-        from swarm.discovery.problem import link_matrices
-        from swarm.planner.replan import decide
-
         links = links_from_announcements([r.announcement for r in self.directory.live.values()])
         links.update({(self.peer_id, pid): link for pid, link in self.prober.links.items()})
         links.update({(pid, self.peer_id): link for pid, link in self.prober.links_back.items()})
@@ -324,9 +298,6 @@ class SwarmSource:
     async def deploy(self) -> SourcePlan:
         """Plan over the live swarm and (re)deploy if the stages changed; open sequences
         continue on the new stages (their histories are replayed)."""
-        from swarm.runtime.engine import Pipeline, PipelineConfig
-        from swarm.runtime.schedule import Layout, Mode
-
         async with self._deploying:
             planned = await self.plan()
             if self._pipeline is None:
@@ -351,7 +322,7 @@ class SwarmSource:
                 self.current = planned
             return self.current  # _replan's, where a peer was lost while the plan loaded
 
-    async def _deployed(self):
+    async def _deployed(self) -> Pipeline:
         """The pipeline, deployed (and re-planned first if a peer joined or left); after a
         loss it could not recover from, a new one over whoever is live now."""
         if self._pipeline is not None and self._pipeline.broken:
@@ -361,13 +332,11 @@ class SwarmSource:
             await self.deploy()
         return self._pipeline
 
-    async def _replan(self, suspects: frozenset[str]):
+    async def _replan(self, suspects: frozenset[str]) -> Replanned:
         """The pipeline lost a stage: a plan over the peers still alive (the Pipeline's ``replan``).
 
         A step that failed or came back late names no peer: wait, within the heartbeat
         bound, for the directory to drop a planned one, then plan over whoever is live."""
-        from swarm.runtime.recovery import Replanned, StageLost
-
         old = self.current
         by_address = old.peer_ids_by_address()
         names = old.names_by_address()
@@ -418,8 +387,6 @@ class SwarmSource:
                 pipeline.stage_lost(gone, f"peer {', '.join(names[a] for a in gone)} left the swarm")
 
     async def _poll_stats(self) -> None:
-        from swarm.runtime.client import PeerError
-
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             if self._pipeline is not None and not self._pipeline.recovering:
@@ -442,8 +409,6 @@ class SwarmSource:
     def _check_profiles(self) -> None:
         """Warn, once per plan and stage, when a stage's live decode steps take more than
         PROFILE_DRIFT from what its profile predicted (a profile taken under load, say)."""
-        from swarm.planner.replan import profile_drift
-
         current, stats = self.current, self._stats
         if current is None or len(stats) != len(current.plan.stages):
             return
@@ -463,35 +428,27 @@ class SwarmSource:
                             "re-profile it on a quiet device (swarm profile)", k, names[current.plan.stages[k].device],
                             got * 1e3, predicted * 1e3)
 
-    async def open_session(self, sampling=None):
-        """A new sequence (swarm.runtime.session.Session) on the deployed pipeline; ``async with`` closes it."""
-        from swarm.model.sampling import GREEDY
+    async def open_session(self, sampling: SamplingParams = GREEDY) -> Session:
+        """A new sequence on the deployed pipeline; ``async with`` closes it."""
+        return await (await self._deployed()).open_session(sampling)
 
-        return await (await self._deployed()).open_session(sampling or GREEDY)
-
-    async def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling=None,
+    async def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams = GREEDY,
                        stop_ids: Sequence[int] = ()) -> AsyncIterator[int]:
         """Stream one request's token ids through the swarm."""
-        from swarm.model.sampling import GREEDY
-
         pipe = await self._deployed()
-        async for token in pipe.generate(prompt, max_new_tokens, sampling or GREEDY, stop_ids):
+        async for token in pipe.generate(prompt, max_new_tokens, sampling, stop_ids):
             yield token
 
-    async def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling=None,
-                           stop_ids: Sequence[int] = ()) -> list[list[int]]:
+    async def generate_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                           sampling: SamplingParams = GREEDY, stop_ids: Sequence[int] = ()) -> list[list[int]]:
         """Every prompt's tokens, admitted at once (a seeded ``sampling`` gives prompt i ``row_sampling(sampling, i)``)."""
-        from swarm.model.sampling import GREEDY
-
         pipe = await self._deployed()
-        return await pipe.generate_all(prompts, max_new_tokens, sampling or GREEDY, stop_ids)
+        return await pipe.generate_all(prompts, max_new_tokens, sampling, stop_ids)
 
     # ------------------------------------------------------------ what views read
 
     async def peer_counters(self, timeout: float) -> dict[str, dict]:
         """Every live peer's own counters (its PING status) by peer id; silent peers left out."""
-        from swarm.runtime.client import PeerError
-
         async def one(rec) -> dict | None:
             try:
                 return await self.directory.client(rec.host, rec.port).ping(timeout=timeout)

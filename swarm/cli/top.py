@@ -102,7 +102,7 @@ class Observer:
 
     def __init__(self, source, model: str) -> None:
         self.source, self.model = source, model
-        self.planned = None  # swarm.source.SourcePlan
+        self.planned = None  # swarm.source_plan.SourcePlan
         self.loads: dict[str, StageLoad] = {}  # peer id -> load
         self.notes: tuple[str, ...] = ()
         self._last: dict[str, tuple[float, dict]] = {}

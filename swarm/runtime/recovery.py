@@ -180,7 +180,9 @@ class Recovery:
             asked = time.perf_counter()
             replanned = await self.replan(suspects)
             log.info("re-planned in %.2f s", time.perf_counter() - asked)
-            self._lost = replanned.lost or self._lost or tuple(sorted(suspects))
+            # Every peer given up over the attempts: a second plan that gives up another (a
+            # peer lost while the first loaded) does not hide the first loss from the report.
+            self._lost = tuple(dict.fromkeys((*self._lost, *replanned.lost))) or tuple(sorted(suspects))
             try:
                 await self._pipeline.switch(replanned.stages, suspects)
             except _DEPLOY_ERRORS as exc:

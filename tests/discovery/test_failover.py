@@ -28,7 +28,7 @@ from swarm.discovery.liveness import LivenessConfig
 from swarm.localswarm import LocalSwarm, LocalSwarmConfig, local_budgets, unit_memory
 from swarm.model import hf
 from swarm.model.local import LocalChain, generate
-from swarm.model.sampling import SamplingParams
+from swarm.model.sampling import GREEDY, SamplingParams, row_sampling
 from swarm.source import SourceConfig, SwarmSource
 
 pytestmark = pytest.mark.slow
@@ -145,7 +145,7 @@ async def all_live(source: SwarmSource, count: int) -> None:
 
 
 async def disturbed_round(source: SwarmSource, peers: ChaosPeers, rng: random.Random, sig: int,
-                          sampling: SamplingParams | None = None) -> tuple[list[list[int]], int]:
+                          sampling: SamplingParams = GREEDY) -> tuple[list[list[int]], int]:
     """One batch; at a random token of the first stream a stage's peer gets ``sig``. Returns
     the answers and the index of the peer disturbed."""
     await source.deploy()  # plan over all three before the round (a peer that came back included)
@@ -155,9 +155,7 @@ async def disturbed_round(source: SwarmSource, peers: ChaosPeers, rng: random.Ra
 
     async def stream(row: int) -> None:
         nonlocal victim
-        own = sampling if sampling is None or sampling.seed is None else SamplingParams(
-            sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + row)
-        async for token in source.generate(PROMPTS[row], NEW, own):
+        async for token in source.generate(PROMPTS[row], NEW, row_sampling(sampling, row)):
             outs[row].append(token)
             if row == 0 and len(outs[0]) == at:
                 # A peer of the plan running now (the one deploy() made may have been re-planned since).
