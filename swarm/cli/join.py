@@ -42,6 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "the swarm into its cache, as on any other device")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
     p.add_argument("--probe-interval", type=float, help="seconds between link measurements (default 30)")
+    p.add_argument("--hop-overhead", type=float, metavar="S",
+                   help="use this per-hop cost in seconds (wake-up, decode, encode of a step) instead of "
+                        "measuring it, as --profile does for the per-unit times")
     p.add_argument("--leave-timeout", type=float, default=LEAVE_TIMEOUT_S, metavar="S",
                    help="on Ctrl-C or SIGTERM, wait at most this long for the source to move this peer's "
                         "stages away, so an answer in progress goes on (default: %(default)s; a second "
@@ -88,7 +91,7 @@ def run(args) -> int:
                         seeds=tuple(args.peer),
                         mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
                         quant=profile["model"].get("quant"), open=open_peer, local_paths=args.local_paths,
-                        liveness=liveness, probe=probe)
+                        hop_overhead_s=args.hop_overhead, liveness=liveness, probe=probe)
     # Weights on their way here are logged (bytes, rate, time left) whatever the verbosity.
     logging.getLogger("swarm.runtime.server").setLevel(logging.INFO)
 

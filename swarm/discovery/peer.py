@@ -38,6 +38,8 @@ class PeerConfig:
     # A LOAD's path that exists on this machine is read in place (ServerConfig); `swarm join`
     # turns it off unless --local-paths: a model it does not hold comes over the swarm.
     local_paths: bool = True
+    # What a hop costs this peer (swarm.runtime.hopcost); None: measured on its data socket at start.
+    hop_overhead_s: float | None = None
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -111,8 +113,10 @@ class SwarmPeer:
         await self.server.__aenter__()
         try:
             host = bind_host(self.config.interfaces)
-            self.hop_overhead_s = await measure_own_hop_overhead(
-                f"tcp://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.server.data_port}")
+            self.hop_overhead_s = self.config.hop_overhead_s
+            if self.hop_overhead_s is None:
+                self.hop_overhead_s = await measure_own_hop_overhead(
+                    f"tcp://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.server.data_port}")
             await self.directory.__aenter__()
             self._refresh_info()
             if self.config.mdns:

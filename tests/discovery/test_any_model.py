@@ -55,7 +55,9 @@ def _join_open(profile_path, name: str, cache, block_decode_s: float = 0.001) ->
     profile_path.write_text(json.dumps(fixture_profile(name=name, block_decode_s=block_decode_s)))
     return subprocess.Popen(
         [sys.executable, "-m", "swarm", "join", "--interface", "127.0.0.1", "--name", name, "--profile",
-         str(profile_path), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60"],
+         str(profile_path), "--heartbeat", str(HEARTBEAT_S), "--probe-interval", "60",
+         # Both peers' hops cost the same: their measured costs differ by more than B's gain.
+         "--hop-overhead", "0.0001"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "SWARM_CACHE_DIR": str(cache)})
 
@@ -90,8 +92,9 @@ async def test_a_peer_joined_without_a_model_is_planned_in_and_fetches_its_units
 
 def _source_config(model, min_peers: int) -> SourceConfig:
     embed_bytes = ModelLayout.read(model).unit_weight_bytes("float32")[0]
-    # A move must repay itself within one token: B's gain (a tenth of a tiny model's compute,
-    # ~0.3 ms) against moving ~0.7 MB over loopback; the links' noise is far below the gain.
+    # A move must repay itself within one token: B's gain (half of A's compute for the tiny
+    # model's 0.66 MB of blocks, ~0.33 ms) against moving those 0.66 MB over loopback (~1 GB/s
+    # measured: ~0.7 ms); the links' noise is below the gain.
     return SourceConfig(interfaces=["127.0.0.1"], model=model, mem_bytes=embed_bytes, min_peers=min_peers, max_len=64,
                         liveness=LivenessConfig(interval_s=HEARTBEAT_S), probe=ProbeConfig(interval_s=60),
                         warm_horizon_tokens=1)
@@ -114,7 +117,7 @@ async def test_a_warm_peer_keeps_its_units_when_a_cold_one_is_barely_faster(tiny
         async with SwarmSource(_source_config(tiny_model_dir, 1)) as source:
             first = [t async for t in source.generate(PROMPTS[0], NEW_TOKENS)]
             assert source.current.stages[1].address == a["address"]
-        cold = _join_open(tmp_path / "b.json", "cold-b", tmp_path / "b-cache", block_decode_s=0.0009)
+        cold = _join_open(tmp_path / "b.json", "cold-b", tmp_path / "b-cache", block_decode_s=0.0005)
         procs.append(cold)
         b = _started(cold)
         async with SwarmSource(_source_config(tiny_model_dir, 2)) as source:
