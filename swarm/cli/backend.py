@@ -217,7 +217,7 @@ async def _swarm(args: argparse.Namespace, model_dir: Path, console: Console,
 async def report_start(source, status) -> None:
     """Keep the spinner's text on what the source is doing while it gathers and deploys
     (and, while peers receive their weights from here, on their bytes, rate and time left)."""
-    from swarm.runtime.transfer import describe
+    from swarm.sizes import describe_transfer as describe
 
     while True:
         state = source.state()

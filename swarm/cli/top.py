@@ -92,7 +92,7 @@ def stage_load(before: dict, after: dict, seconds: float) -> StageLoad:
 
 def transfer_note(name: str, transfer: dict) -> str:
     """'local-1 receiving weights: 12.0 MB / 40.0 MB at 8.1 MB/s, 3 s left' (a peer's PING ``transfer``)."""
-    from swarm.runtime.transfer import describe
+    from swarm.sizes import describe_transfer as describe
 
     return f"{name} receiving weights: {describe(transfer['done'], transfer['total'], transfer['rate_bps'])}"
 

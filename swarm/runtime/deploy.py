@@ -39,7 +39,7 @@ from swarm.model.store import weights_fingerprint
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient, Ready
 from swarm.runtime.holder import HolderServer, WeightsHolder
-from swarm.runtime.transfer import describe
+from swarm.sizes import describe_transfer as describe
 from swarm.runtime.wire import Kind, Message, encode
 
 log = logging.getLogger(__name__)

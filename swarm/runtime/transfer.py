@@ -34,6 +34,7 @@ from swarm.model.unitfiles import (UnitEntry, UnitFileError, entry_of, held_form
                                    record_entry, start_manifest, unit_path, units_dir)
 from swarm.runtime.client import PeerClient, PeerError
 from swarm.runtime.wire import Kind
+from swarm.sizes import describe_transfer as describe
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,6 @@ class Progress:
         eta = self.eta_s()
         return {"done": self.done_bytes, "total": self.total_bytes, "fetched": self.fetched_bytes,
                 "rate_bps": self.rate_bps(), "eta_s": eta, "units_left": self.units_left}
-
-
-def describe(done: int, total: int, rate_bps: float) -> str:
-    """'12.0 MB / 40.0 MB at 8.1 MB/s, 3 s left' (the join's log line, the source's progress line)."""
-    text = f"{done / 1e6:.1f} MB / {total / 1e6:.1f} MB"
-    if rate_bps > 0:
-        text += f" at {rate_bps / 1e6:.1f} MB/s, {max(0.0, total - done) / rate_bps:.0f} s left"
-    return text
 
 
 def _held_fields(fingerprint: str, dtype: str, quant: str | None) -> dict:

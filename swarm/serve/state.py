@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from swarm.runtime.transfer import describe
 from swarm.source_state import SourceState
 from swarm.view.from_source import snapshot_from_source
 from swarm.view.snapshot import SwarmSnapshot
@@ -34,9 +33,8 @@ def swarm_json(state: SourceState, requests: dict[str, int]) -> dict:
         body["plan"]["predicted_tokens_per_s"] = 1.0 / plan.latency_s if plan.latency_s > 0 else None
     body["recoveries"] = [{"text": event.describe(), "lost": list(event.lost), "peers": event.peers,
                            "failed": event.error is not None} for event in state.recoveries]
-    body["transfers"] = [{"peer": name, **t, "text": f"{name} receiving weights: "
-                                                     f"{describe(t['done'], t['total'], t['rate_bps'])}"}
-                         for name, t in sorted(state.transfers.items())]
+    snapshot_lines = dict(zip(sorted(state.transfers), body["transfers"]))  # the view's own words
+    body["transfers"] = [{"peer": name, **t, "text": snapshot_lines[name]} for name, t in sorted(state.transfers.items())]
     body["deployed"], body["recovering"] = state.deployed, state.recovering
     body["diagnostic"] = "" if state.announcements else state.diagnostic
     return body

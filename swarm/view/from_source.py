@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from swarm.sizes import describe_transfer
 from swarm.source_state import SourceState
 from swarm.view.snapshot import LinkState, PeerState, PlanState, StageState, SwarmSnapshot
 
@@ -71,4 +72,6 @@ def snapshot_from_source(state: SourceState) -> SwarmSnapshot:
         peers=tuple(peers), links=tuple(links.values()), plan=plan_state, source=state.source_name,
         tokens_per_s=state.tokens_per_s, micro_batches=state.micro_batches,
         notes=state.notes + tuple(f"peer {names[pid]} was lost; re-planning without it"
-                                  for pid in planned_but_gone))
+                                  for pid in planned_but_gone),
+        transfers=tuple(f"{name} receiving weights: {describe_transfer(t['done'], t['total'], t['rate_bps'])}"
+                        for name, t in sorted(state.transfers.items())))

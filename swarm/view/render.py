@@ -168,6 +168,7 @@ def topology(snapshot: SwarmSnapshot, title: str = "swarm", compact: bool = Fals
         summary.append(f"{snapshot.micro_batches} micro-batch{plural} in flight")
     if summary:
         parts.append(Text("pipeline: " + ", ".join(summary), style="bold"))
+    parts.extend(Text(line, style="cyan") for line in snapshot.transfers)
     parts.extend(Text(note, style="bold red") for note in snapshot.notes)
     return Panel(Group(*parts), title=title, title_align="left")
 

@@ -69,6 +69,7 @@ class SwarmSnapshot:
     tokens_per_s: float | None = None  # whole-pipeline generation rate
     micro_batches: int | None = None  # micro-batches in flight in the whole pipeline
     notes: tuple[str, ...] = field(default=())  # problems a person can act on
+    transfers: tuple[str, ...] = field(default=())  # "pi receiving weights: 12.0 MB / 40.0 MB at ..."
 
 
 def unit_name(unit: int, num_units: int) -> str:

@@ -8,6 +8,8 @@ import io
 from rich.console import Console
 from rich.live import Live
 
+from swarm.source_state import SourceState
+from swarm.view.from_source import snapshot_from_source
 from swarm.view.live import refresh_forever
 from swarm.sizes import format_bytes
 from swarm.view.render import format_bandwidth, topology, unit_range_name
@@ -139,3 +141,12 @@ async def test_live_refresh_task_redraws_new_snapshots():
         finally:
             task.cancel()
     assert "peer-1" in out.getvalue() and "peer-2" in out.getvalue()
+
+
+def test_weights_moving_to_a_peer_show_in_the_view():
+    state = SourceState(source_id="s", source_name="laptop", source_profile={"units": []}, source_mem=100,
+                        transfers={"desktop": {"done": 12_000_000, "total": 40_000_000, "rate_bps": 8_000_000.0}})
+    snapshot = snapshot_from_source(state)
+    assert snapshot.transfers == ("desktop receiving weights: 12.0 MB / 40.0 MB at 8.0 MB/s, 4 s left",)
+    assert "desktop receiving weights: 12.0 MB / 40.0 MB at 8.0 MB/s, 4 s left" in render_text(topology(snapshot))
+    assert "receiving weights" not in render_text(topology(SNAPSHOT))
