@@ -92,12 +92,14 @@ async def test_a_peer_joined_without_a_model_is_planned_in_and_fetches_its_units
 
 def _source_config(model, min_peers: int) -> SourceConfig:
     embed_bytes = ModelLayout.read(model).unit_weight_bytes("float32")[0]
-    # A move must repay itself within one token: B's gain (half of A's compute for the tiny
-    # model's 0.66 MB of blocks, ~0.33 ms) against moving those 0.66 MB over loopback (~1 GB/s
-    # measured: ~0.7 ms); the links' noise is below the gain.
+    # B computes ten times faster than A, a gain (~0.6 ms a token) well above the loopback links'
+    # noise, so a plain plan takes B. Whether a move repays itself depends on the loopback's
+    # measured bandwidth, which swings with the machine's load: a horizon of 0 tokens (never
+    # move for speed while a plan that moves nothing fits) keeps the decision off that noise;
+    # the pure rule with real horizons is tests/planner/test_warm.py's.
     return SourceConfig(interfaces=["127.0.0.1"], model=model, mem_bytes=embed_bytes, min_peers=min_peers, max_len=64,
                         liveness=LivenessConfig(interval_s=HEARTBEAT_S), probe=ProbeConfig(interval_s=60),
-                        warm_horizon_tokens=1)
+                        warm_horizon_tokens=0)
 
 
 def _started(proc) -> dict:
@@ -107,7 +109,7 @@ def _started(proc) -> dict:
 
 
 @pytest.mark.slow
-async def test_a_warm_peer_keeps_its_units_when_a_cold_one_is_barely_faster(tiny_model_dir, tmp_path):
+async def test_a_warm_peer_keeps_its_units_when_moving_them_would_not_pay_back(tiny_model_dir, tmp_path):
     """Peer A receives the units; B joins, faster but with an empty cache: the next plan leaves
     the units on A (moving them would not pay back within the horizon), where a plain plan takes B."""
     warm = _join_open(tmp_path / "a.json", "warm-a", tmp_path / "a-cache")
@@ -117,7 +119,7 @@ async def test_a_warm_peer_keeps_its_units_when_a_cold_one_is_barely_faster(tiny
         async with SwarmSource(_source_config(tiny_model_dir, 1)) as source:
             first = [t async for t in source.generate(PROMPTS[0], NEW_TOKENS)]
             assert source.current.stages[1].address == a["address"]
-        cold = _join_open(tmp_path / "b.json", "cold-b", tmp_path / "b-cache", block_decode_s=0.0005)
+        cold = _join_open(tmp_path / "b.json", "cold-b", tmp_path / "b-cache", block_decode_s=0.0001)
         procs.append(cold)
         b = _started(cold)
         async with SwarmSource(_source_config(tiny_model_dir, 2)) as source:
