@@ -30,26 +30,12 @@ import torch
 from swarm.model.formats import BLOCK
 from swarm.model.kernels import native
 
+from bench_shard import read_bandwidth  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+
 SHAPES = {  # hidden, q/k/v outputs, MLP width, blocks
     "smollm2-135m": (576, 576 + 2 * 192, 1536, 30),
     "llama-1b": (2048, 2048 + 2 * 512, 8192, 16),
 }
-BANDWIDTH_BYTES = 1 << 30
-
-
-def read_bandwidth(repeats: int = 5) -> float:
-    """Bytes/s of summing a 1 GiB buffer (as benchmarks/bench_shard.py measures it)."""
-    buffer = torch.ones(BANDWIDTH_BYTES // 4)
-    buffer.sum()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        buffer.sum()
-        times.append(time.perf_counter() - began)
-    del buffer
-    return BANDWIDTH_BYTES / statistics.median(times)
-
-
 def weight(kind: str, n: int, k: int) -> dict[str, torch.Tensor]:
     """Random codes and float16 scales (and mins) of a [n, k] matrix, or a bfloat16 one."""
     if kind == "bf16":
@@ -119,7 +105,7 @@ def main() -> None:
         builds.append(build_other(source, Path(scratch.name) / str(i)))
     hidden, qkv, mlp, blocks = SHAPES[args.shape]
     sizes = [(qkv, hidden), (hidden, hidden), (2 * mlp, hidden), (hidden, mlp)]
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(torch.get_num_threads())
     print(f"{args.shape}, {args.threads} thread(s), x rows {args.rows}, {args.rounds} rounds; "
           f"load average {os.getloadavg()[0]:.2f}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
     for kind in args.formats.split(","):

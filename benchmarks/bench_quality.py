@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -70,22 +69,11 @@ def held_quant(gguf_type: str) -> str:
 
 
 def gguf_type_files(model: Path, types: list[str], bin_dir: Path) -> dict[str, Path]:
-    """One GGUF file per type, made once by llama-quantize from the model's F32 GGUF."""
+    """One GGUF file per type, made once by llama-quantize from the model's F32 GGUF (bench_shard's files)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_shard import f32_gguf
+    from bench_shard import f32_gguf, llama_cpp_files
 
-    f32 = f32_gguf(model, bin_dir)
-    files = {}
-    for kind in types:
-        if kind == "F32":
-            files[kind] = f32
-            continue
-        out = f32.with_name(f32.stem.replace("f32", "").rstrip("-") + f"-{kind.lower()}.gguf")
-        if not out.exists():
-            subprocess.run([str(bin_dir / "llama-quantize"), str(f32), str(out), kind], check=True,
-                           capture_output=True)
-        files[kind] = out
-    return files
+    return llama_cpp_files(bin_dir, f32_gguf(model, bin_dir), types)
 
 
 def gguf_types_report(model: Path, types: list[str], bin_dir: Path, ids: list[int]) -> dict:

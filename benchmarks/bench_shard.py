@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import gguf
 import torch
@@ -192,11 +193,11 @@ def op_profile(chain: LocalChain, prompt: list[int]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ llama.cpp
-def llama_cpp_files(bin_dir: Path, f32: Path) -> dict[str, Path]:
-    """The F32 GGUF and Q8_0/Q4_0 files quantized from it (made once, beside it)."""
-    files = {"F32": f32}
-    for kind in LLAMA_CPP_TYPES[1:]:
-        out = f32.with_name(f32.stem.replace("f32", "").rstrip("-") + f"-{kind.lower()}.gguf")
+def llama_cpp_files(bin_dir: Path, f32: Path, kinds: Sequence[str] = LLAMA_CPP_TYPES) -> dict[str, Path]:
+    """The F32 GGUF and files of the other ``kinds`` quantized from it by llama-quantize (made once, beside it)."""
+    files = {}
+    for kind in kinds:
+        out = f32 if kind == "F32" else f32.with_name(f32.stem.replace("f32", "").rstrip("-") + f"-{kind.lower()}.gguf")
         if not out.exists():
             subprocess.run([str(bin_dir / "llama-quantize"), str(f32), str(out), kind], check=True,
                            capture_output=True)
