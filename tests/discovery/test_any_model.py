@@ -93,7 +93,8 @@ async def test_a_peer_joined_without_a_model_is_planned_in_and_fetches_its_units
 def _source_config(model, min_peers: int) -> SourceConfig:
     embed_bytes = ModelLayout.read(model).unit_weight_bytes("float32")[0]
     # B computes 200 times faster than A, a gain (~13 ms a token) far above the loopback links'
-    # noise, so a plain plan takes B (a gain of 0.6 ms once lost to a link measured under load). Whether a move repays itself depends on the loopback's
+    # noise, so a plain plan takes B (a gain of 0.6 ms once lost to a link measured under load).
+    # Whether a move repays itself depends on the loopback's
     # measured bandwidth, which swings with the machine's load: a horizon of 0 tokens (never
     # move for speed while a plan that moves nothing fits) keeps the decision off that noise;
     # the pure rule with real horizons is tests/planner/test_warm.py's.
