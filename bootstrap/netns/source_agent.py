@@ -70,22 +70,25 @@ async def run_stages(source: SwarmSource, req: dict) -> dict:
                                                    ModelLayout.read(source.model_dir).vocab_size)
     config = PipelineConfig(source.model_dir, stages, layout=Layout(m, b), mode=Mode(req.get("mode", "no-bubbles")),
                             max_len=len(prompts[0]) + new + 8)
-    async with Pipeline(config) as pipe:
-        await pipe.stage_stats()  # from here on
-        began = time.perf_counter()
-        stamps: list[list[float]] = [[] for _ in prompts]
-        tokens: list[list[int]] = [[] for _ in prompts]
+    # The source's prober does not see this pipeline's steps (SwarmSource defers its refreshes
+    # only while its own pipeline runs): pause it, or its probes queue in front of the tokens.
+    with source.prober.paused():
+        async with Pipeline(config) as pipe:
+            await pipe.stage_stats()  # from here on
+            began = time.perf_counter()
+            stamps: list[list[float]] = [[] for _ in prompts]
+            tokens: list[list[int]] = [[] for _ in prompts]
 
-        async def one(i: int) -> None:
-            async for token in pipe.generate(prompts[i], new):
-                stamps[i].append(time.perf_counter() - began)
-                tokens[i].append(token)
+            async def one(i: int) -> None:
+                async for token in pipe.generate(prompts[i], new):
+                    stamps[i].append(time.perf_counter() - began)
+                    tokens[i].append(token)
 
-        async with asyncio.TaskGroup() as tg:
-            for i in range(len(prompts)):
-                tg.create_task(one(i))
-        elapsed = time.perf_counter() - began
-        stats = await pipe.stage_stats()
+            async with asyncio.TaskGroup() as tg:
+                for i in range(len(prompts)):
+                    tg.create_task(one(i))
+            elapsed = time.perf_counter() - began
+            stats = await pipe.stage_stats()
     per_token = [(s[-1] - s[0]) / (len(s) - 1) for s in stamps if len(s) > 1]
     return {"tokens": tokens, "elapsed_s": elapsed, "first_token_s": [s[0] for s in stamps],
             "decode_s_per_token": per_token, "tokens_per_s": sum(map(len, tokens)) / elapsed,

@@ -6,11 +6,12 @@ with activations. A new peer is always measured at once."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from collections import deque
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 from swarm.discovery.directory import Directory
 from swarm.discovery.links import ProbeConfig, best_of, link_from_timings, probe_sizes
@@ -20,11 +21,13 @@ from swarm.runtime.client import PeerClient, PeerError
 log = logging.getLogger(__name__)
 
 
-async def measure_link(client: PeerClient, activation_bytes: int, config: ProbeConfig, down: bool = False) -> Link:
+async def measure_link(client: PeerClient, activation_bytes: int, config: ProbeConfig, down: bool = False,
+                       known: Link | None = None) -> Link:
     """RTT from empty probes, bandwidth from the slope between two payload sizes: sent to
-    the peer (up), or with down=True asked back from it (the link from the peer to us)."""
+    the peer (up), or with down=True asked back from it (the link from the peer to us).
+    ``known``: the link's last figure, which keeps a refresh's payloads light on a slow link."""
     rtts = [await client.probe(timeout=config.timeout_s) for _ in range(config.ping_rounds)]
-    small, large = probe_sizes(activation_bytes, config)
+    small, large = probe_sizes(activation_bytes, config, known.bandwidth if known is not None else 0.0)
     t_small, t_large = [], []
     for _ in range(config.rounds):
         for size, times in ((small, t_small), (large, t_large)):
@@ -50,6 +53,7 @@ class LinkProber:
         self._due_at: dict[str, float] = {}
         self._deferred: dict[str, int] = {}
         self._busy = busy or (lambda: False)
+        self._paused = 0  # paused() blocks held: refreshes wait, as while busy, without a bound
         self.measurements = 0  # completed link measurements (one per peer per refresh)
         self._on_update = on_update
         self._random = random.Random()
@@ -71,8 +75,22 @@ class LinkProber:
             soonest = min(self._due_at.values(), default=time.monotonic() + self.config.interval_s)
             version = await self.directory.wait_change(version, max(0.05, soonest - time.monotonic()))
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No refresh of a measured link inside this block (a new peer is still measured): for
+        a tool that runs its own pipeline, which ``busy`` does not see (the testbed's source)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def _defer(self, pid: str) -> bool:
-        """Postpone refreshing a measured link while a generation runs, a bounded number of times."""
+        """Postpone refreshing a measured link while a generation runs, a bounded number of times
+        (while paused, without a bound)."""
+        if pid in self.links and self._paused:
+            self._schedule(pid)
+            return True
         if pid not in self.links or self._deferred.get(pid, 0) >= self.config.max_defer or not self._busy():
             self._deferred[pid] = 0
             return False
@@ -107,7 +125,8 @@ class LinkProber:
         try:
             client = self.directory.client(rec.host, rec.port)
             for down in (False, True) if self.both_ways else (False,):
-                link = await measure_link(client, self.activation_bytes, self.config, down=down)
+                known = (self.links_back if down else self.links).get(pid)
+                link = await measure_link(client, self.activation_bytes, self.config, down=down, known=known)
                 history = self._history.setdefault((pid, down), deque(maxlen=self.config.history))
                 history.append(link)
                 (self.links_back if down else self.links)[pid] = best_of(list(history))

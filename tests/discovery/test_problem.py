@@ -100,3 +100,28 @@ def test_a_peer_restarted_on_the_same_port_replaces_its_old_record():
     out = freshest(heard)
     assert set(out) == {"new", "b"}
     assert out["b"].announcement.seq == 2
+
+
+def test_a_refresh_keeps_its_probes_within_a_slow_links_time_budget():
+    config = ProbeConfig(min_bytes=16_384, max_bytes=16_384)
+    assert probe_sizes(2_304, config) == (16_384, 65_536)  # first measurement: the configured sizes
+    assert probe_sizes(2_304, config, known_bandwidth=6.25e6) == (16_384, 65_536)  # 50 Mbit/s: within 50 ms already
+    small, large = probe_sizes(2_304, config, known_bandwidth=125_000)  # 1 Mbit/s
+    assert (small, large) == (config.floor_bytes, 4 * config.floor_bytes)
+    assert large / 125_000 < 0.15  # was 0.52 s a payload, 2 s a direction with three rounds
+    small, large = probe_sizes(2_304, config, known_bandwidth=1.25e6)  # 10 Mbit/s: large = 50 ms of the link
+    assert large == 4 * (int(1.25e6 * config.link_time_s) // 4)
+
+
+def test_a_paused_prober_waits_to_refresh_measured_links_but_measures_new_ones():
+    from types import SimpleNamespace
+
+    from swarm.discovery.prober import LinkProber
+    from swarm.discovery.txt import Link
+
+    prober = LinkProber(SimpleNamespace(live={}), 2_304, ProbeConfig(max_defer=2))
+    prober.links["known"] = Link(bandwidth=1e6, rtt=1e-3)
+    with prober.paused():
+        assert all(prober._defer("known") for _ in range(10))  # beyond max_defer: paused has no bound
+        assert not prober._defer("new")  # never measured: measured at once
+    assert not prober._defer("known")  # not busy, not paused: refreshed when due
