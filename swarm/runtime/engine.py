@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import secrets
 import time
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Collection, Sequence
@@ -42,6 +41,7 @@ from swarm.runtime.deploy import Deployment, StagePlacement, check_plan
 from swarm.runtime.recovery import Recovery, RecoveryEvent, Replan, StageLost
 from swarm.runtime.schedule import Layout, Mode, choose_slot
 from swarm.runtime.session import Session
+from swarm.runtime.speculate import DraftLength, Drafter, LookupDrafter, Speculation, SpeculationStats, Speculator
 from swarm.runtime.stats import StageCounters, StageStats
 from swarm.runtime.steps import StepLoop
 from swarm.runtime.turns import TurnEvent
@@ -63,6 +63,10 @@ class PipelineConfig:
     step_timeout_s: float = 30.0
     control_timeout_s: float = 10.0  # OPEN / CLOSE / UNLOAD replies
     recovery_attempts: int = 3  # re-plan + deploy tries before every running turn fails
+    # Speculative decoding (swarm.runtime.speculate): drafts by prompt lookup ("ngram") or by a
+    # draft model (Pipeline's ``drafter``), verified k + 1 at a time with exactly the plain tokens.
+    speculate: Speculation = Speculation.OFF
+    max_draft: int = 8  # drafts per step at most (adaptive k stays within it)
 
 
 class Pipeline:
@@ -74,12 +78,17 @@ class Pipeline:
     ``first_shard``: the source's stage of the config's plan, already loaded by the caller
     (on a device of its choosing, with ``layout.slots`` slots and ``max_len``); the first
     deployment takes it instead of loading its own.
+    ``drafter``: makes each session's ``Drafter`` when ``config.speculate`` is MODEL
+    (swarm.model.draft); lookup needs none.
     """
 
     def __init__(self, config: PipelineConfig, replan: Replan | None = None,
                  on_recovery: Callable[[RecoveryEvent], None] | None = None, *,
-                 first_shard: Shard | None = None) -> None:
+                 first_shard: Shard | None = None, drafter: Callable[[int], Drafter] | None = None) -> None:
+        if config.speculate is Speculation.MODEL and drafter is None:
+            raise ValueError("speculating with a draft model needs its drafter")
         self.config = config
+        self._drafter = drafter
         self._first_shard = first_shard
         self.layout = config.layout
         self.mode = config.mode  # may be switched between steps (the benchmark compares both)
@@ -219,7 +228,7 @@ class Pipeline:
                     and self._stack is not None:
                 await self._slot_freed.wait()  # woken by a freed slot, or by aclose()
             self.check_usable()
-            session = self._seqs[slot] = Session(self, slot, sampling, one_shot)
+            session = self._seqs[slot] = Session(self, slot, sampling, one_shot, self._speculator(slot))
         try:
             try:
                 async with self._control:
@@ -234,6 +243,19 @@ class Pipeline:
             await self.release(session)
             raise
         return session
+
+    def _speculator(self, slot: int) -> Speculator | None:
+        """A new sequence's drafting (its own adaptive k), or None without speculation."""
+        mode = Speculation(self.config.speculate)
+        if mode is Speculation.OFF or self.config.max_draft <= 0:
+            return None
+        drafter = LookupDrafter() if mode is Speculation.NGRAM else self._drafter(slot)
+        return Speculator(drafter, DraftLength(max_k=self.config.max_draft))
+
+    @property
+    def speculation(self) -> SpeculationStats:
+        """Drafts verified and accepted so far (every session of this pipeline)."""
+        return self.steps.speculation
 
     def check_usable(self) -> None:
         if self._stack is None:
