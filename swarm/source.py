@@ -39,6 +39,7 @@ from swarm.discovery.problem import (Device, Workload, build_problem, device_for
                                      device_from_profile, link_matrices, links_from_announcements)
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
+from swarm.model.draft import load_drafter
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.model.store import resolve_model
 from swarm.model.unitfiles import held_form
@@ -52,6 +53,7 @@ from swarm.runtime.hopcost import measure_local_hop_overhead
 from swarm.runtime.recovery import RecoveryEvent, Replanned, StageLost
 from swarm.runtime.schedule import Layout, Mode
 from swarm.runtime.session import Session
+from swarm.runtime.speculate import DEFAULT_SPECULATION, Speculation
 from swarm.runtime.stats import StageStats
 from swarm.runtime.wire import Kind
 from swarm.sizes import format_bytes
@@ -117,6 +119,8 @@ class SourceConfig:
     stats_interval_s: float = STATS_INTERVAL_S
     # A plan that moves weights must repay the transfer within this many tokens (swarm.planner.warm).
     warm_horizon_tokens: int = HORIZON_TOKENS
+    speculate: str = DEFAULT_SPECULATION  # off | ngram | model (swarm.runtime.speculate)
+    speculate_model: str | Path | None = None  # the draft model with speculate "model", on this device's CPU
 
     @property
     def workload(self) -> Workload:
@@ -306,11 +310,16 @@ class SwarmSource:
                 config = PipelineConfig(
                     self.model_dir, planned.stages, layout=Layout(self.config.micro_batches, self.config.batch_size),
                     mode=Mode.NO_BUBBLES, max_len=self.config.max_len, dtype=self.config.dtype, quant=self.config.quant,
-                    step_timeout_s=self.config.step_timeout_s)
+                    step_timeout_s=self.config.step_timeout_s, speculate=Speculation(self.config.speculate))
+                drafter = None
+                if config.speculate is Speculation.MODEL:
+                    drafter = await asyncio.to_thread(load_drafter, self.config.speculate_model, self.model_dir,
+                                                      slots=config.layout.slots, max_len=config.max_len)
                 self.current = planned  # the replanner reads it as soon as the pipeline runs
                 # _watch_stages tells it of a peer lost while it loads: it re-plans at once
                 # rather than wait out a LOAD that a dead peer never answers.
-                self._starting = Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append)
+                self._starting = Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append,
+                                          drafter=drafter)
                 try:
                     self._pipeline = await self._stack.enter_async_context(self._starting)
                 finally:

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from swarm.cli.backend import BackendError, add_backend_arguments, report_start, source_config
 from swarm.cli.common import add_secret_arguments, check_device, resolve_model_or_exit, use_swarm_secret
-from swarm.cli.options import add_device_options, dtype_from
+from swarm.cli.options import add_device_options, dtype_from, speculation_from
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_MICRO_BATCHES = 4
@@ -170,8 +170,9 @@ async def generate_here(args, model_dir, prompts, sampling, stop_ids, stream, co
             shard = await asyncio.to_thread(lambda: Shard.load(model_dir, 0, units, max_slots=len(prompts),
                                                                max_len=args.max_len, dtype=dtype, device=args.device,
                                                                quant=args.quant))
-            pipeline = await stack.enter_async_context(source_only_pipeline(
-                model_dir, max_len=args.max_len, slots=len(prompts), dtype=dtype, quant=args.quant, first_shard=shard))
+            pipeline = await stack.enter_async_context(await asyncio.to_thread(
+                source_only_pipeline, model_dir, max_len=args.max_len, slots=len(prompts), dtype=dtype,
+                quant=args.quant, first_shard=shard, speculation=speculation_from(args)))
         out, first, total = await run_prompts(pipeline.generate, prompts, args.max_new_tokens, sampling, stop_ids,
                                               stream)
     return Outcome(out, first, total, [{"device": "this process", "start": 0, "end": units}])

@@ -128,3 +128,49 @@ async def test_a_replay_mid_verification_replays_the_accepted_history_only(tiny_
     (out,) = histories
     plain = [tuple(p) + tuple(w) for p, w in zip(SPEC_PROMPTS, want)]
     assert out and all(any(full[:len(history)] == history for full in plain) for history, _ in out)
+
+
+@pytest.fixture(scope="module")
+def random_drafter_dir(tmp_path_factory):
+    """Another tiny random model (another seed, the same vocabulary): its drafts are mostly wrong."""
+    from swarm.model import hf
+
+    return hf.save_tiny_llama(tmp_path_factory.mktemp("tiny-draft"), seed=1)
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)
+async def test_a_random_draft_model_gives_the_plain_tokens(tiny_model_dir, random_drafter_dir, sampling):
+    from swarm.model.draft import load_drafter
+
+    plan = (Stage(None, 0, TINY_UNITS),)
+    drafter = load_drafter(random_drafter_dir, tiny_model_dir, slots=4, max_len=128)
+    async with Pipeline(cfg(tiny_model_dir, plan)) as pipe:
+        want = await bounded(pipe.generate_all(SPEC_PROMPTS, NEW, sampling), TIMEOUT_S)
+    async with Pipeline(cfg(tiny_model_dir, plan, Speculation.MODEL), drafter=drafter) as pipe:
+        got = await bounded(pipe.generate_all(SPEC_PROMPTS, NEW, sampling), TIMEOUT_S)
+        stats = pipe.speculation
+    assert got == want
+    assert stats.drafted > stats.accepted  # rejections: the drafter is another random model
+
+
+async def test_the_model_drafting_for_itself_is_always_right(tiny_model_dir):
+    """The target as its own draft model: greedy drafts are the verifier's draws, all accepted,
+    and the drafter's own cache follows the history across verify steps."""
+    from swarm.model.draft import load_drafter
+
+    plan = (Stage(None, 0, TINY_UNITS),)
+    async with Pipeline(cfg(tiny_model_dir, plan)) as pipe:
+        want = await bounded(pipe.generate_all(SPEC_PROMPTS, NEW), TIMEOUT_S)
+    drafter = load_drafter(tiny_model_dir, tiny_model_dir, slots=4, max_len=128)
+    async with Pipeline(cfg(tiny_model_dir, plan, Speculation.MODEL), drafter=drafter) as pipe:
+        got = await bounded(pipe.generate_all(SPEC_PROMPTS, NEW), TIMEOUT_S)
+        stats = pipe.speculation
+    assert got == want
+    assert stats.drafted > 0 and stats.accepted == stats.drafted
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(tiny_model_dir, smollm2_dir):
+    from swarm.model.draft import load_drafter
+
+    with pytest.raises(ValueError, match="same tokenizer"):
+        load_drafter(tiny_model_dir, smollm2_dir, slots=1, max_len=16)
