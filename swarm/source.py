@@ -36,7 +36,8 @@ from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import activation_bytes, measure_profile, new_peer_id
 from swarm.discovery.problem import (Device, Workload, build_problem, device_for_model, device_from_announcement,
-                                     device_from_profile, link_matrices, links_from_announcements)
+                                     device_from_profile, link_matrices, links_from_announcements,
+                                     predicted_step_costs)
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
 from swarm.model.draft import load_drafter
@@ -329,6 +330,9 @@ class SwarmSource:
                 await self._pipeline.redeploy(planned.stages)
             else:
                 self.current = planned
+            # A verify step's cost by width, as the plan predicts it: new sequences draft by it.
+            self._pipeline.step_costs = predicted_step_costs(self.current.problem, self.current.plan.stages,
+                                                             self._pipeline.config.max_draft + 1)
             return self.current  # _replan's, where a peer was lost while the plan loaded
 
     async def _deployed(self) -> Pipeline:

@@ -89,6 +89,9 @@ class Pipeline:
             raise ValueError("speculating with a draft model needs its drafter")
         self.config = config
         self._drafter = drafter
+        # A step's cost by width relative to width 1 (the plan's figure, set by the owner):
+        # caps each new sequence's drafts (speculate.best_draft). None: adaptive k alone.
+        self.step_costs: tuple[float, ...] | None = None
         self._first_shard = first_shard
         self.layout = config.layout
         self.mode = config.mode  # may be switched between steps (the benchmark compares both)
@@ -255,7 +258,7 @@ class Pipeline:
         if mode is Speculation.MODEL and self._drafter is None:
             raise ValueError("this pipeline has no draft model")
         drafter = LookupDrafter() if mode is Speculation.NGRAM else self._drafter(slot)
-        return Speculator(drafter, DraftLength(max_k=self.config.max_draft))
+        return Speculator(drafter, DraftLength(max_k=self.config.max_draft, costs=self.step_costs))
 
     @property
     def speculation(self) -> SpeculationStats:

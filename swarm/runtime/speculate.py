@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 MAX_DRAFT = 8  # drafts per step at most: a wider step costs more than its likely gain
-START_DRAFT = 4  # the first step's drafts, before any acceptance is known
+START_DRAFT = 2  # the first step's drafts, before any acceptance is known (k doubles from here)
 MAX_NGRAM = 3  # the longest suffix looked up in the history
 MIN_NGRAM = 2  # a single token matches too often to predict anything (measured: free writing slowed)
 REST_STEPS = 4  # after a step with nothing accepted at k = 1: steps without drafts before trying again
@@ -82,6 +82,24 @@ def accept(drafts: Sequence[int], draws: Sequence[int]) -> list[int]:
     return list(draws[:n + 1])
 
 
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens a verify step of ``k`` drafts yields when each draft is accepted with probability
+    ``rate`` (given the ones before it): 1 + rate + ... + rate^k."""
+    return sum(rate ** i for i in range(k + 1))
+
+
+def best_draft(rate: float, costs: Sequence[float], max_k: int) -> int:
+    """The number of drafts that gives the most tokens per second: ``costs[k]`` is what a step
+    of width k + 1 costs (the plan's figure, ``discovery.problem.predicted_step_s``: on a
+    CPU a wider step costs far less than k + 1 steps; over hops, less still)."""
+    top = min(max_k, len(costs) - 1)
+    return max(range(top + 1), key=lambda k: (expected_tokens(rate, k) / costs[k], -k))
+
+
+RATE_WEIGHT = 0.3  # of the last verify step in a sequence's acceptance estimate
+START_RATE = 0.6  # a new sequence's acceptance estimate
+
+
 @dataclass
 class DraftLength:
     """Adaptive k for one sequence, from its recent acceptance.
@@ -89,10 +107,14 @@ class DraftLength:
     Everything accepted: k doubles (up to ``max_k``); some: k becomes what was accepted plus
     one; none: k halves, and at k = 1 the sequence drafts nothing for ``rest`` steps, a rest
     that doubles with every fruitless try. So a text with nothing to look up soon runs plain
-    steps only, and still gets a rare probe in case it starts repeating itself."""
+    steps only, and still gets a rare probe in case it starts repeating itself. With
+    ``costs`` (a step's cost by width), k is also capped where a wider step would cost more
+    than the tokens the sequence's acceptance rate promises (``best_draft``)."""
 
     max_k: int = MAX_DRAFT
     k: int = START_DRAFT
+    costs: tuple[float, ...] | None = None
+    rate: float = START_RATE  # drafts accepted per draft sent, recently
     rest: int = 0  # steps left without drafts
     next_rest: int = REST_STEPS
 
@@ -106,12 +128,15 @@ class DraftLength:
         if self.rest > 0:
             self.rest -= 1
             return 0
+        if self.costs:
+            return min(self.k, max(1, best_draft(self.rate, self.costs, self.max_k)))
         return self.k
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A verify step of ``drafted`` drafts came back with ``accepted`` of them accepted."""
         if drafted <= 0:
             return
+        self.rate += RATE_WEIGHT * (accepted / drafted - self.rate)
         if accepted > 0:
             self.next_rest = REST_STEPS
         if accepted >= drafted:

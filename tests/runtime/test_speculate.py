@@ -7,7 +7,7 @@ import random
 import pytest
 
 from swarm.runtime.speculate import (MAX_REST_STEPS, REST_STEPS, DraftLength, LookupDrafter, Speculator, accept,
-                                     lookup_draft)
+                                     best_draft, expected_tokens, lookup_draft)
 
 
 # ---------------------------------------------------------------- prompt lookup
@@ -142,3 +142,28 @@ def test_speculator_respects_the_limit_and_max_k_zero():
     assert Speculator(LookupDrafter()).propose(tokens, 2) == [3, 4]
     assert Speculator(LookupDrafter()).propose(tokens, 0) == []
     assert Speculator(LookupDrafter(), DraftLength(max_k=0)).propose(tokens, 5) == []
+
+
+# ---------------------------------------------------------------- what a wider step costs
+
+def test_best_draft_weighs_expected_tokens_against_the_cost_of_width():
+    linear = [1.0 + i for i in range(9)]  # as if width k + 1 cost k + 1 decode steps: never worth it
+    assert best_draft(0.9, linear, 8) == 0
+    flat = [1.0] * 9  # a step costs the same at any width (weight-bound, or hops dominate)
+    assert best_draft(0.5, flat, 8) == 8
+    assert best_draft(0.0, flat, 8) == 0  # nothing would be accepted: no drafts
+    cpu = [1.0 + 0.25 * i for i in range(9)]  # each extra position a quarter of a step
+    assert best_draft(0.2, cpu, 8) == 0
+    assert 2 <= best_draft(0.8, cpu, 8) <= 8
+    assert best_draft(0.8, cpu, 3) <= 3
+    assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(0.0, 5) == 1.0
+
+
+def test_step_costs_cap_k_by_the_sequences_acceptance():
+    cpu = tuple(1.0 + 0.25 * i for i in range(9))
+    length = DraftLength(max_k=8, k=8, costs=cpu, rate=0.9)
+    assert length.next() == best_draft(0.9, cpu, 8) >= 4
+    for _ in range(6):
+        length.verified(4, 1)  # a quarter accepted: the rate falls, and with it k
+    assert length.rate < 0.35 and length.next() <= 2
+    assert DraftLength(costs=tuple(1.0 + i for i in range(9)), rate=0.9).next() == 1  # probes, never 0 unasked
