@@ -21,8 +21,9 @@ from tests.discovery.test_failover import LIVENESS, PEERS, ChaosPeers, recoverie
 
 pytestmark = pytest.mark.slow
 
-# The last prompt repeats itself: lookup drafts from its first step on.
-PROMPTS = [[1, 17, 42, 99, 7, 3, 12], [1, 5], [1, 30, 31, 32, 33, 30, 31, 32, 33, 30, 31], [1, 9, 8, 7]]
+# The third prompt repeats itself: lookup drafts from its first step on (and is wrong); the
+# tiny model answers the last one with 22, 22, 22, 22: lookup drafts right.
+PROMPTS = [[1, 17, 42, 99, 7, 3, 12], [1, 5], [1, 30, 31, 32, 33, 30, 31, 32, 33, 30, 31], [5, 6, 7, 8, 9]]
 NEW = 40
 
 
@@ -83,7 +84,7 @@ async def test_lookup_and_a_draft_model_give_the_plain_answers_over_three_peers(
             before = source.speculation.accepted, source.speculation.drafted
             assert await answers(source, GREEDY, mode) == expected, mode
             accepted, drafted = source.speculation.accepted - before[0], source.speculation.drafted - before[1]
-            assert drafted > accepted > 0 if mode is Speculation.MODEL else accepted > 0, (mode, accepted, drafted)
+            assert drafted > accepted and (accepted > 0 or mode is Speculation.MODEL), (mode, accepted, drafted)
         plain = await answers(source, seeded, Speculation.OFF)
         assert plain != await answers(source, SamplingParams(0.9, 20, 0.95, seed=12), Speculation.OFF)
         for mode in (Speculation.NGRAM, Speculation.MODEL):
