@@ -150,6 +150,15 @@ class DraftLength:
             self.rest, self.next_rest = self.next_rest, min(MAX_REST_STEPS, self.next_rest * 2)
 
 
+def fit_drafts(rows: Sequence[tuple[int, int, Sequence[int]]], max_len: int) -> list[list[int]]:
+    """Each row's drafts, cut so that the step fits every row's slot. ``rows``: (positions the
+    slot holds, tokens the row feeds, its drafts). Rows are right-padded to the widest, and a
+    padded row's cache writes reach as far as the width: so the width may not pass what the
+    fullest slot has left (``max_len`` positions a slot)."""
+    widest = min(max_len - cached for cached, _, _ in rows)
+    return [list(drafts[:max(0, widest - fed)]) for _, fed, drafts in rows]
+
+
 @dataclass
 class SpeculationStats:
     """Drafts sent and accepted, over every verify step (the acceptance rate's parts)."""

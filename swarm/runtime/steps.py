@@ -22,9 +22,9 @@ import torch
 import zmq
 
 from swarm.runtime.deploy import Deployment
-from swarm.runtime.schedule import build_step, groups_to_launch
+from swarm.runtime.schedule import build_step, groups_to_launch, rows_that_fit
 from swarm.runtime.session import Session
-from swarm.runtime.speculate import SpeculationStats, accept
+from swarm.runtime.speculate import SpeculationStats, accept, fit_drafts
 from swarm.runtime.stats import StageCounters
 from swarm.runtime.turns import TurnEvent, TurnState
 from swarm.runtime.wire import Kind, Message
@@ -76,8 +76,14 @@ class StepLoop:
         loop = asyncio.get_running_loop()
         for group in groups_to_launch(pipeline.mode, ready, self._flights.keys()):
             rows = {s.slot: s for s in waiting if layout.group_of(s.slot) == group}
-            drafts = {slot: s.draft() for slot, s in rows.items()}
-            step = build_step({slot: s.tokens[s.cached:] + list(drafts[slot]) for slot, s in rows.items()})
+            fits = rows_that_fit({slot: (s.cached, len(s.tokens) - s.cached) for slot, s in rows.items()},
+                                 pipeline.config.max_len)
+            rows = {slot: rows[slot] for slot in fits}
+            feeds = {slot: s.tokens[s.cached:] for slot, s in rows.items()}
+            fitted = fit_drafts([(s.cached, len(feeds[slot]), s.draft()) for slot, s in rows.items()],
+                                pipeline.config.max_len)
+            drafts = {slot: tuple(d) for slot, d in zip(rows, fitted)}
+            step = build_step({slot: feeds[slot] + list(drafts[slot]) for slot in rows})
             sessions = tuple(rows[slot] for slot in step.slots)
             # Every stage sets each slot back to what its session holds (a rejected draft's
             # positions dropped), and draws after each draft where a row verifies some.

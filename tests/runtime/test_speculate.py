@@ -7,7 +7,7 @@ import random
 import pytest
 
 from swarm.runtime.speculate import (MAX_REST_STEPS, REST_STEPS, DraftLength, LookupDrafter, Speculator, accept,
-                                     best_draft, expected_tokens, lookup_draft)
+                                     best_draft, expected_tokens, fit_drafts, lookup_draft)
 
 
 # ---------------------------------------------------------------- prompt lookup
@@ -167,3 +167,11 @@ def test_step_costs_cap_k_by_the_sequences_acceptance():
         length.verified(4, 1)  # a quarter accepted: the rate falls, and with it k
     assert length.rate < 0.35 and length.next() <= 2
     assert DraftLength(costs=tuple(1.0 + i for i in range(9)), rate=0.9).next() == 1  # probes, never 0 unasked
+
+
+def test_drafts_are_cut_so_a_padded_row_stays_inside_its_slot():
+    # Slot lengths 60 and 10 of 64: the step may be 4 wide at most (the first row's padding).
+    assert fit_drafts([(60, 1, [7, 7]), (10, 1, [1, 2, 3, 4, 5, 6, 7, 8])], 64) == [[7, 7], [1, 2, 3]]
+    assert fit_drafts([(10, 1, [1, 2]), (20, 1, [3])], 64) == [[1, 2], [3]]  # room enough
+    assert fit_drafts([(63, 1, [9])], 64) == [[]]  # the last position: no draft fits
+    assert fit_drafts([(0, 30, [1]), (40, 1, [2])], 64) == [[], [2]]  # a long prompt already fills the width

@@ -34,8 +34,8 @@ class NoisyOracle:
     """A drafter that knows the answers and gets every third draft wrong: verify steps that
     accept some drafts and reject the rest, at positions no lookup would choose."""
 
-    def __init__(self, answers: dict[tuple[int, ...], list[int]]):
-        self.answers = answers
+    def __init__(self, answers: dict[tuple[int, ...], list[int]], wrong: float = 0.33):
+        self.answers, self.wrong = answers, wrong
         self.rng = random.Random(7)
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
@@ -43,7 +43,7 @@ class NoisyOracle:
             if tuple(tokens[:len(prompt)]) == prompt:
                 done = len(tokens) - len(prompt)
                 drafts = answer[done:done + k]
-                return [(t + 1) % 256 if self.rng.random() < 0.33 else t for t in drafts]
+                return [(t + 1) % 256 if self.rng.random() < self.wrong else t for t in drafts]
         return []
 
 
@@ -174,3 +174,27 @@ def test_a_draft_model_of_another_vocabulary_is_refused(tiny_model_dir, smollm2_
 
     with pytest.raises(ValueError, match="same tokenizer"):
         load_drafter(tiny_model_dir, smollm2_dir, slots=1, max_len=16)
+
+
+async def test_a_full_slot_beside_a_drafting_row_keeps_the_step_inside_the_cache(tiny_model_dir):
+    """Two rows of one micro-batch: the long one ends at its slot's last position while the
+    short one verifies 8 drafts a step; the step's width (its padding) is kept within the
+    long row's slot."""
+    plan = (Stage(None, 0, TINY_UNITS),)
+    long, short = list(range(3, 60)), [5, 6, 7, 8, 9]
+    max_len = len(long) + 4 - 1  # exactly what the long one needs for 4 tokens (check_turn_fits)
+    sizes = [4, max_len - len(short)]
+
+    async def both(speculate, drafter=None):
+        config = PipelineConfig(tiny_model_dir, plan, layout=Layout(1, 2), max_len=max_len, speculate=speculate)
+        async with Pipeline(config, drafter=drafter) as pipe:
+            async def run(prompt, n):
+                return [t async for t in pipe.generate(prompt, n)]
+
+            out = await bounded(asyncio.gather(run(long, sizes[0]), run(short, sizes[1])), TIMEOUT_S)
+            return list(out), pipe.speculation
+
+    want, _ = await both(Speculation.OFF)
+    oracle = NoisyOracle({(*short,): want[1]}, wrong=0.0)  # always right: k grows to 8 and stays
+    got, stats = await both(Speculation.MODEL, lambda slot: oracle)
+    assert got == want and stats.accepted == stats.drafted > 0
