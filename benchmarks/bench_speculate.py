@@ -112,10 +112,15 @@ async def run(args: argparse.Namespace) -> dict:
         drafted = sum(o["drafted"] for o in by_mode["ngram"])
         accepted = sum(o["accepted"] for o in by_mode["ngram"])
         same = all(a["tokens"] == b["tokens"] for a, b in zip(by_mode["off"], by_mode["ngram"]))
+        tokens = sum(len(o["tokens"]) for o in by_mode["ngram"])
         results[name] = {"lookup_helps": WORKLOADS[name][1], "tokens": len(by_mode["off"][0]["tokens"]),
                          "off_tokens_per_s": round(off, 2), "ngram_tokens_per_s": round(on, 2),
                          "speedup": round(on / off, 3), "acceptance": round(accepted / drafted, 3) if drafted else 0.0,
-                         "drafted": drafted, "accepted": accepted, "identical": same}
+                         "drafted": drafted, "accepted": accepted, "identical": same,
+                         # Load-independent: passes through the pipeline per token (1 without
+                         # speculation) and the extra positions the wider steps computed per token.
+                         "passes_per_token": round((tokens - accepted) / tokens, 3),
+                         "extra_positions_per_token": round(drafted / tokens, 3)}
     return {"model": model_dir.name, "peers": args.peers, "plan": plan, "rounds": args.rounds,
             "max_new_tokens": args.max_new_tokens, "load": uptime_load(), "workloads": results}
 
@@ -137,10 +142,12 @@ def main() -> int:
         print(json.dumps(body))
         return 0
     print(f"{body['model']} over {body['peers']} local peers, {body['rounds']} rounds, {body['load']}")
-    print(f"{'workload':10s} {'off tok/s':>9s} {'ngram tok/s':>11s} {'speed-up':>8s} {'accepted':>8s} identical")
+    print(f"{'workload':10s} {'off tok/s':>9s} {'ngram tok/s':>11s} {'speed-up':>8s} {'accepted':>8s} "
+          f"{'passes/token':>12s} {'extra pos/token':>15s} identical")
     for name, r in body["workloads"].items():
         print(f"{name:10s} {r['off_tokens_per_s']:9.2f} {r['ngram_tokens_per_s']:11.2f} {r['speedup']:8.2f} "
-              f"{r['acceptance']:8.0%} {r['identical']}")
+              f"{r['acceptance']:8.0%} {r['passes_per_token']:12.2f} {r['extra_positions_per_token']:15.2f} "
+              f"{r['identical']}")
     return 0
 
 
