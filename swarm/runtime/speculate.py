@@ -23,7 +23,7 @@ from typing import Protocol, Sequence
 MAX_DRAFT = 8  # drafts per step at most: a wider step costs more than its likely gain
 START_DRAFT = 2  # the first step's drafts, before any acceptance is known (k doubles from here)
 MAX_NGRAM = 3  # the longest suffix looked up in the history
-MIN_NGRAM = 2  # a single token matches too often to predict anything (measured: free writing slowed)
+MIN_NGRAM = 2  # a single token (" the", a comma) recurs everywhere and predicts little of what follows
 REST_STEPS = 4  # after a step with nothing accepted at k = 1: steps without drafts before trying again
 MAX_REST_STEPS = 64  # the rest doubles on every fruitless try, up to this
 DEFAULT_SPECULATION = "off"  # --speculate's default (docs/speculative.md says why)
