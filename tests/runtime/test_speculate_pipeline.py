@@ -198,3 +198,24 @@ async def test_a_full_slot_beside_a_drafting_row_keeps_the_step_inside_the_cache
     oracle = NoisyOracle({(*short,): want[1]}, wrong=0.0)  # always right: k grows to 8 and stays
     got, stats = await both(Speculation.MODEL, lambda slot: oracle)
     assert got == want and stats.accepted == stats.drafted > 0
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)
+async def test_turns_that_end_inside_accepted_drafts_continue_exactly(tiny_model_dir, sampling):
+    """A chat's turns: one ends on a stop token that arrives among accepted drafts (the rest
+    are dropped), the next feeds its new tokens after exactly the kept positions."""
+    plan = (Stage(None, 0, TINY_UNITS),)
+    turns = [([5, 6, 7, 8, 9], 6, {14}), ([5, 6, 7, 8, 9, 22, 22], 10, set()), ([7, 8, 9], 12, {181})]
+
+    async def chat(speculate):
+        async with Pipeline(cfg(tiny_model_dir, plan, speculate)) as pipe:
+            async with await pipe.open_session(sampling) as session:
+                out = [[t async for t in session.generate(new, n, stop)] for new, n, stop in turns]
+                return out, session.history, pipe.speculation
+
+    want, history, _ = await bounded(chat(Speculation.OFF), TIMEOUT_S)
+    got, spec_history, stats = await bounded(chat(Speculation.NGRAM), TIMEOUT_S)
+    assert got == want and spec_history == history
+    assert stats.verify_steps > 0
+    if sampling.greedy:
+        assert want[0][-1] == 14 and len(want[0]) == 5  # 22, 22, 22, 22, 14: the stop token ends the turn
