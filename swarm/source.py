@@ -36,9 +36,11 @@ from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import activation_bytes, measure_profile, new_peer_id
 from swarm.discovery.problem import (Device, Workload, build_problem, device_for_model, device_from_announcement,
-                                     device_from_profile, link_matrices, links_from_announcements)
+                                     device_from_profile, link_matrices, links_from_announcements,
+                                     predicted_step_costs)
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
+from swarm.model.draft import load_drafter
 from swarm.model.sampling import GREEDY, SamplingParams
 from swarm.model.store import resolve_model
 from swarm.model.unitfiles import held_form
@@ -52,6 +54,7 @@ from swarm.runtime.hopcost import measure_local_hop_overhead
 from swarm.runtime.recovery import RecoveryEvent, Replanned, StageLost
 from swarm.runtime.schedule import Layout, Mode
 from swarm.runtime.session import Session
+from swarm.runtime.speculate import DEFAULT_SPECULATION, Speculation, SpeculationStats
 from swarm.runtime.stats import StageStats
 from swarm.runtime.wire import Kind
 from swarm.sizes import format_bytes
@@ -117,6 +120,8 @@ class SourceConfig:
     stats_interval_s: float = STATS_INTERVAL_S
     # A plan that moves weights must repay the transfer within this many tokens (swarm.planner.warm).
     warm_horizon_tokens: int = HORIZON_TOKENS
+    speculate: str = DEFAULT_SPECULATION  # off | ngram | model (swarm.runtime.speculate)
+    speculate_model: str | Path | None = None  # the draft model with speculate "model", on this device's CPU
 
     @property
     def workload(self) -> Workload:
@@ -306,11 +311,16 @@ class SwarmSource:
                 config = PipelineConfig(
                     self.model_dir, planned.stages, layout=Layout(self.config.micro_batches, self.config.batch_size),
                     mode=Mode.NO_BUBBLES, max_len=self.config.max_len, dtype=self.config.dtype, quant=self.config.quant,
-                    step_timeout_s=self.config.step_timeout_s)
+                    step_timeout_s=self.config.step_timeout_s, speculate=Speculation(self.config.speculate))
+                drafter = None
+                if config.speculate is Speculation.MODEL:
+                    drafter = await asyncio.to_thread(load_drafter, self.config.speculate_model, self.model_dir,
+                                                      slots=config.layout.slots, max_len=config.max_len)
                 self.current = planned  # the replanner reads it as soon as the pipeline runs
                 # _watch_stages tells it of a peer lost while it loads: it re-plans at once
                 # rather than wait out a LOAD that a dead peer never answers.
-                self._starting = Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append)
+                self._starting = Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append,
+                                          drafter=drafter)
                 try:
                     self._pipeline = await self._stack.enter_async_context(self._starting)
                 finally:
@@ -320,6 +330,9 @@ class SwarmSource:
                 await self._pipeline.redeploy(planned.stages)
             else:
                 self.current = planned
+            # A verify step's cost by width, as the plan predicts it: new sequences draft by it.
+            self._pipeline.step_costs = predicted_step_costs(self.current.problem, self.current.plan.stages,
+                                                             self._pipeline.config.max_draft + 1)
             return self.current  # _replan's, where a peer was lost while the plan loaded
 
     async def _deployed(self) -> Pipeline:
@@ -429,9 +442,10 @@ class SwarmSource:
                                         "re-profile it on a quiet device (swarm profile)")
                 log.info("%s", self._drift_notes[key])
 
-    async def open_session(self, sampling: SamplingParams = GREEDY) -> Session:
-        """A new sequence on the deployed pipeline; ``async with`` closes it."""
-        return await (await self._deployed()).open_session(sampling)
+    async def open_session(self, sampling: SamplingParams = GREEDY, *, speculate: Speculation | None = None) -> Session:
+        """A new sequence on the deployed pipeline; ``async with`` closes it. ``speculate``:
+        this sequence's drafting in place of the config's (``Pipeline.open_session``)."""
+        return await (await self._deployed()).open_session(sampling, speculate=speculate)
 
     async def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams = GREEDY,
                        stop_ids: Sequence[int] = ()) -> AsyncIterator[int]:
@@ -447,6 +461,11 @@ class SwarmSource:
         return await pipe.generate_all(prompts, max_new_tokens, sampling, stop_ids)
 
     # ------------------------------------------------------------ what views read
+
+    @property
+    def speculation(self) -> SpeculationStats:
+        """Drafts verified and accepted on the deployed pipeline so far (zeros before one)."""
+        return SpeculationStats() if self._pipeline is None else self._pipeline.speculation
 
     async def peer_counters(self, timeout: float) -> dict[str, dict]:
         """Every live peer's own counters (its PING status) by peer id; silent peers left out."""

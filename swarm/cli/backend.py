@@ -21,7 +21,7 @@ from rich.console import Console
 
 from swarm.cli.common import resolve_model_with_status
 from swarm.cli.options import (add_memory_option, add_model_option, add_network_options, add_quant_option,
-                              add_threads_option, interfaces_from)
+                              add_speculate_options, add_threads_option, interfaces_from, speculation_from)
 from swarm.model.stopping import stop_token_ids
 from swarm.view.snapshot import PeerState, PlanState, StageState, SwarmSnapshot
 
@@ -85,6 +85,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    add_speculate_options(parser)
     add_memory_option(parser, help="memory this device offers to the plan (e.g. 200M): less makes the swarm "
                                    "take more")
     # Extra `swarm join` options for --local peers (tests shorten heartbeats with it).
@@ -167,6 +168,7 @@ async def source_config(args: argparse.Namespace, model_dir: Path, console: Cons
     settings = {"interfaces": interfaces_from(args), "seeds": tuple(args.peer), "mdns": args.mdns, **local_settings}
     if args.mem is not None:
         settings["mem_bytes"] = args.mem
+    settings["speculate"], settings["speculate_model"] = speculation_from(args)
     return SourceConfig(model=model_dir, name=socket.gethostname(), threads=args.threads, profile=profile,
                         max_len=args.max_len, quant=args.quant, objective=objective, micro_batches=micro_batches,
                         batch_size=batch_size, **settings)
@@ -235,18 +237,24 @@ async def report_start(source, status) -> None:
 
 
 def source_only_pipeline(model_dir: Path, *, max_len: int, slots: int = 1, dtype: str = "float32",
-                         quant: str | None = None, first_shard: "Shard | None" = None) -> "Pipeline":
+                         quant: str | None = None, first_shard: "Shard | None" = None,
+                         speculation: tuple[str, str | None] = ("off", None)) -> "Pipeline":
     """``--no-swarm``: a pipeline whose one stage is this process (every unit, no discovery, no
     peers); the same Pipeline and Session path as over a swarm. ``first_shard``: that stage,
-    loaded by the caller (on its --device)."""
+    loaded by the caller (on its --device). ``speculation``: ``options.speculation_from``'s."""
+    from swarm.model.draft import load_drafter
     from swarm.model.units import ModelLayout
     from swarm.runtime.deploy import StagePlacement
     from swarm.runtime.engine import Pipeline, PipelineConfig
     from swarm.runtime.schedule import Layout
+    from swarm.runtime.speculate import Speculation
 
     plan = (StagePlacement(None, 0, ModelLayout.read(model_dir).num_units),)
-    config = PipelineConfig(model_dir, plan, layout=Layout(1, slots), max_len=max_len, dtype=dtype, quant=quant)
-    return Pipeline(config, first_shard=first_shard)
+    mode, draft_model = Speculation(speculation[0]), speculation[1]
+    config = PipelineConfig(model_dir, plan, layout=Layout(1, slots), max_len=max_len, dtype=dtype, quant=quant,
+                            speculate=mode)
+    drafter = None if draft_model is None else load_drafter(draft_model, model_dir, slots=slots, max_len=max_len)
+    return Pipeline(config, first_shard=first_shard, drafter=drafter)
 
 
 async def _single_process(args: argparse.Namespace, model_dir: Path, console: Console,
@@ -256,8 +264,9 @@ async def _single_process(args: argparse.Namespace, model_dir: Path, console: Co
     from swarm.model.sampling import SamplingParams
 
     with console.status("loading the model"):
-        pipeline = await stack.enter_async_context(source_only_pipeline(model_dir, max_len=args.max_len,
-                                                                        quant=args.quant))
+        pipeline = await stack.enter_async_context(await asyncio.to_thread(
+            source_only_pipeline, model_dir, max_len=args.max_len, quant=args.quant,
+            speculation=speculation_from(args)))
     units = pipeline.config.plan[0].end
     tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)

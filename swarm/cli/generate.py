@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -26,7 +27,7 @@ from rich.console import Console
 
 from swarm.cli.backend import BackendError, add_backend_arguments, report_start, source_config
 from swarm.cli.common import add_secret_arguments, check_device, resolve_model_or_exit, use_swarm_secret
-from swarm.cli.options import add_device_options, dtype_from
+from swarm.cli.options import add_device_options, dtype_from, speculation_from
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_MICRO_BATCHES = 4
@@ -58,6 +59,7 @@ class Outcome:
     plan: list[dict] = field(default_factory=list)
     mode: str = "single-process"
     predicted: dict = field(default_factory=dict)  # the planner's figures for the plan
+    speculation: dict = field(default_factory=dict)  # drafts verified and accepted (--speculate)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -170,11 +172,13 @@ async def generate_here(args, model_dir, prompts, sampling, stop_ids, stream, co
             shard = await asyncio.to_thread(lambda: Shard.load(model_dir, 0, units, max_slots=len(prompts),
                                                                max_len=args.max_len, dtype=dtype, device=args.device,
                                                                quant=args.quant))
-            pipeline = await stack.enter_async_context(source_only_pipeline(
-                model_dir, max_len=args.max_len, slots=len(prompts), dtype=dtype, quant=args.quant, first_shard=shard))
+            pipeline = await stack.enter_async_context(await asyncio.to_thread(
+                source_only_pipeline, model_dir, max_len=args.max_len, slots=len(prompts), dtype=dtype,
+                quant=args.quant, first_shard=shard, speculation=speculation_from(args)))
         out, first, total = await run_prompts(pipeline.generate, prompts, args.max_new_tokens, sampling, stop_ids,
                                               stream)
-    return Outcome(out, first, total, [{"device": "this process", "start": 0, "end": units}])
+        drafts = dataclasses.asdict(pipeline.speculation)
+    return Outcome(out, first, total, [{"device": "this process", "start": 0, "end": units}], speculation=drafts)
 
 
 def workload(prompts: int) -> tuple[str, int, int]:
@@ -211,7 +215,7 @@ async def generate_over_swarm(args, model_dir, prompts, sampling, stop_ids, stre
                                               stream)
         predicted = predicted_figures(planned, max(map(len, prompts)))
         mode = f"swarm ({objective}, {micro_batches} x {batch_size} in flight)"
-        return Outcome(out, first, total, plan, mode, predicted)
+        return Outcome(out, first, total, plan, mode, predicted, dataclasses.asdict(source.speculation))
 
 
 def predicted_figures(planned, prompt_tokens: int) -> dict:
@@ -246,7 +250,7 @@ def report(args, tokenizer, prompts, outcome: Outcome) -> None:
         results = [{"token_ids": ids, "text": text, "prompt_tokens": len(p)}
                    for ids, text, p in zip(outcome.token_ids, texts, prompts)]
         body = {**results[0], "results": results, "mode": outcome.mode, "plan": outcome.plan,
-                "predicted": outcome.predicted, "timings": timings}
+                "predicted": outcome.predicted, "timings": timings, "speculation": outcome.speculation}
         print(json.dumps(body))
         return
     if len(prompts) > 1:

@@ -12,6 +12,7 @@ import re
 
 from swarm.model.dtypes import FLOAT_DTYPES
 from swarm.model.units import QUANT_MODES
+from swarm.runtime.speculate import DEFAULT_SPECULATION
 
 DEFAULT_THREADS = 1
 
@@ -52,6 +53,25 @@ def add_quant_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default=None, choices=QUANT_MODES,
                         help="weight-only quantization on CPU: int8 per output channel, int4 in groups of 32 "
                              "(default: none, the checkpoint's weights in --dtype); peers mix only with the same")
+
+
+def add_speculate_options(parser: argparse.ArgumentParser) -> None:
+    """--speculate and --speculate-model (speculative decoding: docs/speculative.md)."""
+    parser.add_argument("--speculate", choices=["ngram", "off"], default=None,
+                        help="draft tokens and verify several per step, with exactly the same answer: ngram "
+                             "looks the last words up earlier in the prompt and answer (default: "
+                             f"{DEFAULT_SPECULATION}; 'model' with --speculate-model)")
+    parser.add_argument("--speculate-model", default=None, metavar="PATH",
+                        help="a small model with the same tokenizer that drafts on this device's CPU")
+
+
+def speculation_from(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(the Speculation mode's value, the draft model's path or None) from the parsed options."""
+    if args.speculate_model:
+        if args.speculate == "off":
+            raise SystemExit("error: --speculate off and --speculate-model contradict each other")
+        return "model", args.speculate_model
+    return args.speculate or DEFAULT_SPECULATION, None
 
 
 def add_network_options(parser: argparse.ArgumentParser) -> None:

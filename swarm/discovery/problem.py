@@ -124,6 +124,14 @@ def links_from_announcements(announcements: list[Announcement]) -> dict[tuple[st
     return {(a.peer_id, other): link for a in announcements for other, link in a.links.items()}
 
 
+def predicted_step_costs(problem: dict, stages, widths: int) -> tuple[float, ...]:
+    """What a step of width 1 .. ``widths`` costs over ``stages`` relative to a plain (width 1)
+    one, by ``predicted_first_token_s``'s line: a speculative verify step of k drafts is a step
+    of width k + 1, not k + 1 decode steps (swarm.runtime.speculate.best_draft weighs it)."""
+    one = predicted_first_token_s(problem, stages, 1)
+    return tuple(predicted_first_token_s(problem, stages, w) / one for w in range(1, widths + 1))
+
+
 def predicted_first_token_s(problem: dict, stages, prompt_tokens: int) -> float:
     """The planner's figure for the first token of a prompt of ``prompt_tokens`` tokens over
     ``stages`` (planner stages of ``problem``): each stage's prefill, its fixed per-step costs,

@@ -53,10 +53,12 @@ class LocalChain:
         for shard in self.shards:
             shard.free_slot(slot)
 
-    def step(self, slots: Sequence[int], token_ids: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
+    def step(self, slots: Sequence[int], token_ids: torch.Tensor, lengths: Sequence[int] | None = None,
+             keep: Sequence[int] | None = None, draws: Sequence[int] | None = None) -> torch.Tensor:
+        """One step through every shard (``Shard.step``'s arguments and result)."""
         data = token_ids
         for shard in self.shards:
-            data = shard.step(slots, data, lengths)
+            data = shard.step(slots, data, lengths, keep, draws)
         return data
 
 

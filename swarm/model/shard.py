@@ -272,12 +272,18 @@ class Shard:
 
     # ---------------------------------------------------------------- compute
     @torch.inference_mode()
-    def step(self, slots: Sequence[int], inputs: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
+    def step(self, slots: Sequence[int], inputs: torch.Tensor, lengths: Sequence[int] | None = None,
+             keep: Sequence[int] | None = None, draws: Sequence[int] | None = None) -> torch.Tensor:
         """Run one step for a batch of slots.
 
         inputs: int64 [B, T] token ids on the first shard, else hidden states [B, T, H].
         lengths: the real new tokens of each row (rows are right-padded to T); None = all T.
-        Returns int64 [B] next tokens on the last shard, else hidden states [B, T, H].
+        keep: per row, how many cached positions the row keeps before its new tokens (at most
+            what the slot holds; fewer drops what a rejected draft left); None = all of them.
+        draws: per row, at how many of its last real positions the last shard draws (1 for plain
+            decoding, k + 1 to verify k drafted tokens); None = 1 each.
+        Returns, on the last shard, int64 [B] next tokens (``draws`` None) or int64 [B, max(draws)]
+        (row i's draws in its first draws[i] columns, -1 after); else hidden states [B, T, H].
         """
         slots = list(slots)
         batch, width = inputs.shape[0], inputs.shape[1]
@@ -288,6 +294,10 @@ class Shard:
             raise ValueError(f"lengths must be in [1, {width}], got {real}")
         for slot in slots:
             self._check_slot(slot)
+        if draws is not None and (len(draws) != batch or any(not 1 <= d <= n for d, n in zip(draws, real))):
+            raise ValueError(f"draws must be {batch} values, each in [1, the row's length], got {draws}")
+        if keep is not None:
+            self._keep(slots, keep)
         plan = plan_step([self.cache.lengths[s] for s in slots], real, width, self.device)
 
         w = self.weights
@@ -311,12 +321,48 @@ class Shard:
 
         if not self.is_last:
             return hidden
+        if draws is not None:
+            return self._draw_many(slots, hidden, real, draws)
         last = hidden[torch.arange(batch, device=self.device), plan.last_index]  # [B, H]
         logits = self.logits(last)
         # Each draw is seeded by its position (the slot's length now): a replayed history draws the same.
         params = [self._sampling[s] for s in slots]
         generators = [p.generator_at(self.cache.lengths[s], self.device) for p, s in zip(params, slots)]
         return sample_next(logits, params, generators)
+
+    def _keep(self, slots: Sequence[int], keep: Sequence[int]) -> None:
+        """Set each slot back to ``keep`` cached positions: what lies beyond (a rejected draft's
+        keys and values) is never attended to again and is overwritten by the next tokens."""
+        if len(keep) != len(slots):
+            raise ValueError(f"keep needs one value per row, got {len(keep)} for {len(slots)} rows")
+        for slot, n in zip(slots, keep):
+            if not 0 <= n <= self.cache.lengths[slot]:
+                raise ValueError(f"slot {slot} holds {self.cache.lengths[slot]} positions; cannot keep {n}")
+        for slot, n in zip(slots, keep):
+            self.cache.lengths[slot] = n
+
+    def _draw_many(self, slots: Sequence[int], hidden: torch.Tensor, real: Sequence[int],
+                   draws: Sequence[int]) -> torch.Tensor:
+        """Draws at each row's last ``draws[i]`` real positions -> int64 [B, max(draws)], -1 padded.
+
+        The draw after position p is seeded by (seed, p + 1), as plain decoding seeds it: a
+        verified draft gets exactly the token one-at-a-time decoding would have drawn there."""
+        rows, columns, params, generators = [], [], [], []
+        for i, (slot, n, d) in enumerate(zip(slots, real, draws)):
+            end = self.cache.lengths[slot]  # the slot's length after this step: position of row's last token + 1
+            for j in range(d):
+                rows.append(i)
+                columns.append(n - d + j)
+                params.append(self._sampling[slot])
+                generators.append(self._sampling[slot].generator_at(end - d + j + 1, self.device))
+        picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(columns, device=self.device)]  # [N, H]
+        tokens = sample_next(self.logits(picked), params, generators).cpu()  # [N]
+        out = torch.full((len(slots), max(draws)), -1, dtype=torch.int64)
+        flat = 0
+        for i, d in enumerate(draws):
+            out[i, :d] = tokens[flat:flat + d]
+            flat += d
+        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [..., vocab] of hidden states [..., H] (the last shard only)."""

@@ -258,18 +258,21 @@ class Deployment:
                              *(p.close_slots(slots, self.control_timeout_s) for p in self.peers))
 
     def submit_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
-                           lengths: list[int] | None) -> asyncio.Future:
+                           lengths: list[int] | None, keep: list[int] | None = None,
+                           draws: list[int] | None = None) -> asyncio.Future:
         """Queue the local stage's step on the torch thread at once; it sends its hidden states on.
 
+        ``keep`` and ``draws`` as ``Shard.step`` takes them; every stage gets them with the step.
         Resolves to (token ids, or None when sent on; seconds the shard computed). Steps
         run in the order submitted (one torch thread; an embedding-only stage at once, inline)."""
-        header = {"dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "src": self.identity}
+        header = {"dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "keep": keep,
+                  "draws": draws, "src": self.identity}
         return self._run_shard_job(self._compute, header, tokens)
 
     def _compute(self, header: dict, tokens: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         # On the torch thread (or inline): the hidden states leave from here at once.
         began = time.perf_counter()
-        out = self.shard.step(header["slots"], tokens, header["lengths"])
+        out = self.shard.step(header["slots"], tokens, header["lengths"], header["keep"], header["draws"])
         compute_s = time.perf_counter() - began
         if self._data_sock is None:
             return out, compute_s

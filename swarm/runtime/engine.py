@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import secrets
 import time
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Collection, Sequence
@@ -42,6 +41,7 @@ from swarm.runtime.deploy import Deployment, StagePlacement, check_plan
 from swarm.runtime.recovery import Recovery, RecoveryEvent, Replan, StageLost
 from swarm.runtime.schedule import Layout, Mode, choose_slot
 from swarm.runtime.session import Session
+from swarm.runtime.speculate import DraftLength, Drafter, LookupDrafter, Speculation, SpeculationStats, Speculator
 from swarm.runtime.stats import StageCounters, StageStats
 from swarm.runtime.steps import StepLoop
 from swarm.runtime.turns import TurnEvent
@@ -63,6 +63,10 @@ class PipelineConfig:
     step_timeout_s: float = 30.0
     control_timeout_s: float = 10.0  # OPEN / CLOSE / UNLOAD replies
     recovery_attempts: int = 3  # re-plan + deploy tries before every running turn fails
+    # Speculative decoding (swarm.runtime.speculate): drafts by prompt lookup ("ngram") or by a
+    # draft model (Pipeline's ``drafter``), verified k + 1 at a time with exactly the plain tokens.
+    speculate: Speculation = Speculation.OFF
+    max_draft: int = 8  # drafts per step at most (adaptive k stays within it)
 
 
 class Pipeline:
@@ -74,12 +78,20 @@ class Pipeline:
     ``first_shard``: the source's stage of the config's plan, already loaded by the caller
     (on a device of its choosing, with ``layout.slots`` slots and ``max_len``); the first
     deployment takes it instead of loading its own.
+    ``drafter``: makes each session's ``Drafter`` when ``config.speculate`` is MODEL
+    (swarm.model.draft); lookup needs none.
     """
 
     def __init__(self, config: PipelineConfig, replan: Replan | None = None,
                  on_recovery: Callable[[RecoveryEvent], None] | None = None, *,
-                 first_shard: Shard | None = None) -> None:
+                 first_shard: Shard | None = None, drafter: Callable[[int], Drafter] | None = None) -> None:
+        if config.speculate is Speculation.MODEL and drafter is None:
+            raise ValueError("speculating with a draft model needs its drafter")
         self.config = config
+        self._drafter = drafter
+        # A step's cost by width relative to width 1 (the plan's figure, set by the owner):
+        # caps each new sequence's drafts (speculate.best_draft). None: adaptive k alone.
+        self.step_costs: tuple[float, ...] | None = None
         self._first_shard = first_shard
         self.layout = config.layout
         self.mode = config.mode  # may be switched between steps (the benchmark compares both)
@@ -207,11 +219,13 @@ class Pipeline:
 
     # ------------------------------------------------------------ sessions
 
-    async def open_session(self, sampling: SamplingParams = GREEDY, *, one_shot: bool = False) -> Session:
+    async def open_session(self, sampling: SamplingParams = GREEDY, *, one_shot: bool = False,
+                           speculate: Speculation | None = None) -> Session:
         """A new sequence with its own KV slot; waits while every slot is taken.
 
         An unseeded sampled sequence gets a random seed here, so a replay after a lost
-        stage draws the same tokens."""
+        stage draws the same tokens. ``speculate``: this sequence's drafting, in place of
+        the config's (a draft model only where the pipeline has its drafter)."""
         if not sampling.greedy and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         async with self._slot_freed:
@@ -219,7 +233,8 @@ class Pipeline:
                     and self._stack is not None:
                 await self._slot_freed.wait()  # woken by a freed slot, or by aclose()
             self.check_usable()
-            session = self._seqs[slot] = Session(self, slot, sampling, one_shot)
+            speculator = self._speculator(slot, self.config.speculate if speculate is None else speculate)
+            session = self._seqs[slot] = Session(self, slot, sampling, one_shot, speculator)
         try:
             try:
                 async with self._control:
@@ -234,6 +249,21 @@ class Pipeline:
             await self.release(session)
             raise
         return session
+
+    def _speculator(self, slot: int, mode: Speculation) -> Speculator | None:
+        """A new sequence's drafting (its own adaptive k), or None without speculation."""
+        mode = Speculation(mode)
+        if mode is Speculation.OFF or self.config.max_draft <= 0:
+            return None
+        if mode is Speculation.MODEL and self._drafter is None:
+            raise ValueError("this pipeline has no draft model")
+        drafter = LookupDrafter() if mode is Speculation.NGRAM else self._drafter(slot)
+        return Speculator(drafter, DraftLength(max_k=self.config.max_draft, costs=self.step_costs))
+
+    @property
+    def speculation(self) -> SpeculationStats:
+        """Drafts verified and accepted so far (every session of this pipeline)."""
+        return self.steps.speculation
 
     def check_usable(self) -> None:
         if self._stack is None:

@@ -80,6 +80,16 @@ def build_step(pending: Mapping[int, Sequence[int]]) -> StepRows:
     )
 
 
+def rows_that_fit(rows: Mapping[int, tuple[int, int]], max_len: int) -> list[int]:
+    """The slots whose rows go into the step now. ``rows``: slot -> (positions its cache holds,
+    tokens it feeds). Rows are right-padded to the widest and a padded row's cache writes
+    reach as far as the width, so a row wider than what the fullest slot has left (a new
+    prompt beside a sequence near ``max_len``) waits for a later step; that sequence ends
+    within the few tokens it has left. The fullest row itself always fits."""
+    room = min(max_len - cached for cached, _ in rows.values())
+    return sorted(slot for slot, (_, fed) in rows.items() if fed <= room)
+
+
 def choose_slot(layout: Layout, free: Iterable[int], busy: Iterable[int]) -> int | None:
     """A free slot in the micro-batch with the fewest busy slots (keeps micro-batches balanced)."""
     load = [0] * layout.micro_batches

@@ -19,6 +19,7 @@ from swarm.aio import wait_event
 from swarm.model.sampling import SamplingParams
 from swarm.model.stopping import turn_finished
 from swarm.runtime.schedule import check_turn_fits
+from swarm.runtime.speculate import Speculator
 from swarm.runtime.turns import Action, TurnEvent, TurnState, transition
 
 if TYPE_CHECKING:
@@ -44,16 +45,26 @@ class Session:
     computes only its new tokens (and the one sampled last). Made by ``Pipeline.open_session``.
 
     For its user: ``generate``, ``cancel``, ``aclose``, ``history``, ``fed_tokens``. For the
-    pipeline's step loop: ``tokens[cached:]`` (what the next step feeds), ``sent``, ``back``.
+    pipeline's step loop: ``tokens[cached:]`` and ``draft()`` (what the next step feeds),
+    ``sent``, ``back``.
+
+    With a ``speculator``, a step may also feed drafted tokens (``drafts``); they are never
+    part of ``tokens``, which holds only what the verifier accepted (so a replay after a lost
+    stage feeds the accepted history only).
     """
 
-    def __init__(self, pipeline: Pipeline, slot: int, sampling: SamplingParams, one_shot: bool = False) -> None:
+    def __init__(self, pipeline: Pipeline, slot: int, sampling: SamplingParams, one_shot: bool = False,
+                 speculator: Speculator | None = None) -> None:
         self._pipeline = pipeline
         self.slot = slot
         self.sampling = sampling
         self.one_shot = one_shot  # closes itself when its one turn ends
-        self.tokens: list[int] = []  # everything fed or sampled, in order
-        self.cached = 0  # how many of ``tokens`` the KV cache of the current deployment holds
+        self.speculator = speculator
+        self.tokens: list[int] = []  # everything fed or sampled (and accepted), in order
+        # How many of ``tokens`` the KV cache of the current deployment holds; the stages may
+        # hold more (a rejected draft's positions): each step tells them to keep this many.
+        self.cached = 0
+        self.drafts: tuple[int, ...] = ()  # the drafts of the step out (the verifier draws after each)
         self.fed = 0  # tokens run through the model for this sequence (replays included)
         self.state = TurnState.IDLE
         self.idle = asyncio.Event()  # no step of this sequence out
@@ -76,31 +87,51 @@ class Session:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def sent(self) -> None:
-        """Its micro-batch step went out with every token the cache did not hold."""
-        self.fed += len(self.tokens) - self.cached
+    def draft(self) -> tuple[int, ...]:
+        """Drafts for the next step to verify (none without a speculator, or when the turn has
+        room for one token only): the step of a turn can never yield more than the turn takes,
+        nor reach past the slot (``check_turn_fits`` counted the turn's tokens)."""
+        if self.speculator is None or self._turn is None:
+            return ()
+        room = self._turn.max_new_tokens - self._turn.generated - 1
+        return tuple(self.speculator.propose(self.tokens, room)) if room > 0 else ()
+
+    def sent(self, drafts: tuple[int, ...] = ()) -> None:
+        """Its micro-batch step went out with every token the cache did not hold, and ``drafts``."""
+        self.fed += len(self.tokens) - self.cached + len(drafts)
         self.cached = len(self.tokens)
+        self.drafts = drafts
         self.apply(TurnEvent.LAUNCH)
         self.idle.clear()
 
-    def back(self, event: TurnEvent, token: int | None = None, error: BaseException | None = None) -> None:
-        """Its step is over (TOKEN, STEP_FAILED or FORGET): nothing of it is out any more."""
+    def back(self, event: TurnEvent, tokens: Sequence[int] = (), error: BaseException | None = None) -> None:
+        """Its step is over (TOKEN, STEP_FAILED or FORGET): nothing of it is out any more.
+        With TOKEN, ``tokens`` are the step's accepted tokens (one, or more after a verify step)."""
         self.idle.set()
-        self.apply(event, token, error)
+        self.drafts = ()
+        before = len(self.tokens)
+        self.apply(event, tokens, error)
+        delivered = len(self.tokens) - before
+        # The cache holds the accepted drafts delivered, not the last token (fed next, as after
+        # a plain step); anything beyond is dropped by the next step's ``keep``.
+        self.cached += max(0, delivered - 1)
 
-    def apply(self, event: TurnEvent, token: int | None = None,
+    def apply(self, event: TurnEvent, tokens: Sequence[int] = (),
               error: BaseException | None = None) -> tuple[Action, ...]:
         """Move the turn by ``event`` and deliver or end its stream as the table says; returns
-        the actions. A TOKEN that finishes the turn (its max or a stop token) also ENDs it."""
+        the actions. A TOKEN delivers its tokens in order until one finishes the turn (its max
+        or a stop token), which also ENDs it; the tokens after that one are dropped."""
         step = transition(self.state, event)
         self.state = step.state
         for action in step.actions:
             if action is Action.DELIVER:
-                self.tokens.append(token)
-                self._turn.generated += 1
-                self._turn.queue.put_nowait(token)
-                if turn_finished(self._turn.generated, self._turn.max_new_tokens, token, self._turn.stop_ids):
-                    self.apply(TurnEvent.END)
+                for token in tokens:
+                    self.tokens.append(token)
+                    self._turn.generated += 1
+                    self._turn.queue.put_nowait(token)
+                    if turn_finished(self._turn.generated, self._turn.max_new_tokens, token, self._turn.stop_ids):
+                        self.apply(TurnEvent.END)
+                        break
             elif action is Action.END_STREAM:
                 turn, self._turn = self._turn, None
                 turn.queue.put_nowait(_END if error is None else error)

@@ -1,7 +1,8 @@
 """The step loop: micro-batch steps out to the first stage, tokens back to their sessions.
 
 Each launch sends every micro-batch the schedule (swarm.runtime.schedule) allows,
-with the rows of its WAITING sessions; a step's end (its tokens, its error, or a
+with the rows of its WAITING sessions, each row its tokens to feed and its drafts to
+verify (speculative decoding: swarm.runtime.speculate); a step's end (its tokens, its error, or a
 recovery forgetting it) goes back to those sessions as one turn event each
 (swarm.runtime.turns), and the next steps launch at once. A step that will not come
 back (overdue, unsendable, failed on a peer) is a lost stage: the pipeline recovers.
@@ -21,8 +22,9 @@ import torch
 import zmq
 
 from swarm.runtime.deploy import Deployment
-from swarm.runtime.schedule import build_step, groups_to_launch
+from swarm.runtime.schedule import build_step, groups_to_launch, rows_that_fit
 from swarm.runtime.session import Session
+from swarm.runtime.speculate import SpeculationStats, accept, fit_drafts
 from swarm.runtime.stats import StageCounters
 from swarm.runtime.turns import TurnEvent, TurnState
 from swarm.runtime.wire import Kind, Message
@@ -57,6 +59,7 @@ class StepLoop:
         self._flights: dict[int, _Flight] = {}  # micro-batch -> step in flight
         self._next_step = 1
         self.paused = False  # a deployment is being replaced: nothing launches
+        self.speculation = SpeculationStats()
 
     @property
     def in_flight(self) -> int:
@@ -73,10 +76,21 @@ class StepLoop:
         loop = asyncio.get_running_loop()
         for group in groups_to_launch(pipeline.mode, ready, self._flights.keys()):
             rows = {s.slot: s for s in waiting if layout.group_of(s.slot) == group}
-            step = build_step({slot: s.tokens[s.cached:] for slot, s in rows.items()})
+            fits = rows_that_fit({slot: (s.cached, len(s.tokens) - s.cached) for slot, s in rows.items()},
+                                 pipeline.config.max_len)
+            rows = {slot: rows[slot] for slot in fits}
+            feeds = {slot: s.tokens[s.cached:] for slot, s in rows.items()}
+            fitted = fit_drafts([(s.cached, len(feeds[slot]), s.draft()) for slot, s in rows.items()],
+                                pipeline.config.max_len)
+            drafts = {slot: tuple(d) for slot, d in zip(rows, fitted)}
+            step = build_step({slot: feeds[slot] + list(drafts[slot]) for slot in rows})
             sessions = tuple(rows[slot] for slot in step.slots)
+            # Every stage sets each slot back to what its session holds (a rejected draft's
+            # positions dropped), and draws after each draft where a row verifies some.
+            keep = [s.cached for s in sessions]
+            draws = [len(drafts[s.slot]) + 1 for s in sessions] if any(drafts.values()) else None
             for session in sessions:
-                session.sent()
+                session.sent(drafts[session.slot])
             number = self._next_step
             self._next_step += 1
             timeout = pipeline.config.step_timeout_s
@@ -86,7 +100,7 @@ class StepLoop:
             lengths = None if step.uniform else list(step.lengths)
             tokens = torch.tensor(step.tokens)
             # Straight to the torch thread: the step starts while this loop goes on.
-            done = deployment.submit_first_stage(group, number, list(step.slots), tokens, lengths)
+            done = deployment.submit_first_stage(group, number, list(step.slots), tokens, lengths, keep, draws)
             self._stats.queued += 1
             done.add_done_callback(functools.partial(self._first_stage_done, deployment, group, number,
                                                      sum(lengths) if lengths else tokens.numel()))
@@ -118,25 +132,39 @@ class StepLoop:
             self._step_lost(message["mb"], message["step"], f"a stage failed a step: {message['error']}")
 
     def _on_tokens(self, group: int, step: int, tokens: torch.Tensor) -> None:
+        """A step's draws: int64 [B] (one per row), or [B, D] when some row verified drafts."""
         flight = self._flights.get(group)
-        if flight is None or flight.step != step or tokens.shape != (len(flight.sessions),):
+        if flight is not None:
+            widest = 1 + max(len(s.drafts) for s in flight.sessions)
+            expected = (len(flight.sessions),) if widest == 1 else (len(flight.sessions), widest)
+        if flight is None or flight.step != step or tuple(tokens.shape) != expected:
             log.warning("dropping tokens for micro-batch %d step %d: not in flight", group, step)
             return
-        self._land(group, step, TurnEvent.TOKEN, tokens.tolist())
+        draws = tokens.tolist() if tokens.dim() == 2 else [[t] for t in tokens.tolist()]
+        accepted = []
+        for session, row in zip(flight.sessions, draws):
+            got = accept(session.drafts, row[:len(session.drafts) + 1])
+            if session.drafts:
+                session.speculator.verified(len(session.drafts), len(got) - 1)
+                self.speculation.verify_steps += 1
+                self.speculation.drafted += len(session.drafts)
+                self.speculation.accepted += len(got) - 1
+            accepted.append(got)
+        self._land(group, step, TurnEvent.TOKEN, accepted)
         self._landed()
 
-    def _land(self, group: int, step: int, event: TurnEvent, tokens: Sequence[int] | None = None,
+    def _land(self, group: int, step: int, event: TurnEvent, tokens: Sequence[Sequence[int]] | None = None,
               error: BaseException | None = None) -> None:
         """Step ``step`` of micro-batch ``group`` is over: each of its sessions takes ``event``
-        (with its token, or the error), then the next steps launch (No-Bubbles: the moment the
-        tokens are back; the consumers, woken here, run while that step computes)."""
+        (with its accepted tokens, or the error), then the next steps launch (No-Bubbles: the
+        moment the tokens are back; the consumers, woken here, run while that step computes)."""
         flight = self._flights.get(group)
         if flight is None or flight.step != step:
             return
         del self._flights[group]
         flight.overdue.cancel()
         for i, session in enumerate(flight.sessions):
-            session.back(event, None if tokens is None else tokens[i], error)
+            session.back(event, () if tokens is None else tokens[i], error)
         self.launch()
 
     def _step_lost(self, group: int, step: int, reason: str) -> None:

@@ -30,7 +30,7 @@ class TurnState(enum.Enum):
 class TurnEvent(enum.Enum):
     START = "start"  # a turn begins (Session.generate)
     LAUNCH = "launch"  # the sequence's micro-batch step was sent
-    TOKEN = "token"  # that step's token landed
+    TOKEN = "token"  # that step's token landed (or its accepted tokens, after a verify step)
     END = "end"  # the turn's stream ends: its last token, the consumer left or cancelled, an error
     STEP_FAILED = "step failed"  # the step failed in the source for a reason of its own: the turn fails
     FORGET = "forget"  # the step was forgotten by a recovery (the replay computes its token again)

@@ -173,7 +173,10 @@ def _optional(inner: Validator) -> Validator:
 _HELD = {"fp": (_str, True), "dtype": (_str, True), "quant": (_optional(_str), False)}  # which weights, held how
 _STEP_IDS = {"dep": (_int, True), "mb": (_int, True), "step": (_int, True), "slots": (_int_list, True)}
 SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
-    Kind.STEP: {**_STEP_IDS, "lengths": (_optional(_int_list), False), "src": (_bytes, True)},
+    # keep: per row, the cached positions kept before its tokens (a rejected draft's dropped);
+    # draws: per row, at how many last positions the last stage draws (k + 1 to verify k drafts).
+    Kind.STEP: {**_STEP_IDS, "lengths": (_optional(_int_list), False), "keep": (_optional(_int_list), False),
+                "draws": (_optional(_int_list), False), "src": (_bytes, True)},
     Kind.TOKENS: dict(_STEP_IDS),
     Kind.LOAD: {
         "dep": (_int, True),

@@ -244,6 +244,7 @@ class TorchWorker:
             self._reply(message["src"], error_reply(f"step failed: {exc}", message))
 
     def _check_step(self, message: Message) -> tuple[HostedStage, list[int], torch.Tensor, list[int] | None]:
+        # keep and draws are checked by Shard.step, before it computes.
         stage = self.stage
         if stage is None:
             raise WireError("no shard loaded (send LOAD first)")
@@ -270,8 +271,9 @@ class TorchWorker:
         """Compute one step and send it straight on: to the next stage, or as token ids to the source."""
         stage, slots, x, lengths = self._check_step(message)
         ids = {k: message[k] for k in ("dep", "mb", "step", "slots")}
+        keep, draws = message.get("keep"), message.get("draws")  # speculative decoding's (swarm.runtime.speculate)
         began = time.perf_counter()
-        out = stage.shard.step(slots, x, lengths)
+        out = stage.shard.step(slots, x, lengths, keep, draws)
         c = self.counters
         c.busy_s += time.perf_counter() - began
         c.steps += 1
@@ -280,7 +282,8 @@ class TorchWorker:
         if stage.next_sock is None:
             self._reply(message["src"], Message(Kind.TOKENS, ids, (out,)))
             return
-        forward = Message(Kind.STEP, {**ids, "lengths": lengths, "src": message["src"]}, (out,))
+        forward = Message(Kind.STEP, {**ids, "lengths": lengths, "keep": keep, "draws": draws, "src": message["src"]},
+                          (out,))
         # NOBLOCK: a next stage that stopped reading must fail this step, not hang the thread.
         stage.next_sock.send_multipart(encode(forward), copy=False, flags=zmq.NOBLOCK)
 

@@ -125,3 +125,24 @@ def test_a_paused_prober_waits_to_refresh_measured_links_but_measures_new_ones()
         assert all(prober._defer("known") for _ in range(10))  # beyond max_defer: paused has no bound
         assert not prober._defer("new")  # never measured: measured at once
     assert not prober._defer("known")  # not busy, not paused: refreshed when due
+
+
+def test_a_wider_step_costs_what_the_prefill_line_says_not_width_decode_steps():
+    """Speculative decoding (issue 23): a verify step of k drafts is one step of width k + 1."""
+    from swarm.discovery.problem import predicted_step_costs
+
+    src, peer = fixture_profile(), fixture_profile(name="peer")
+    devices = [device_from_profile(src, "aaaaaaaaaaaa", "source"),
+               device_from_announcement(decode(encode(from_profile(peer, "bbbbbbbbbbbb", "peer"))))]
+    data = build_problem(src, devices, {("aaaaaaaaaaaa", "bbbbbbbbbbbb"): Link(1e6, 0.002)})
+
+    class S:  # a planner stage
+        def __init__(self, device, start, end):
+            self.device, self.start, self.end = device, start, end
+
+    stages = [S(0, 0, 3), S(1, 3, 6)]
+    costs = predicted_step_costs(data, stages, 5)
+    one = predicted_first_token_s(data, stages, 1)
+    assert costs[0] == 1.0 and list(costs) == sorted(costs) and costs[4] < 5.0  # less than five steps
+    for w in range(1, 6):
+        assert abs(costs[w - 1] - predicted_first_token_s(data, stages, w) / one) < 1e-12

@@ -58,3 +58,14 @@ def test_a_batch_over_two_local_peers_matches_generate(expected):
     p = out["predicted"]
     assert p["ms_per_token"] >= 1e3 * p["latency_s"] - 0.01 and p["time_to_first_token_s"] > 0
     assert p["overhead_ms_per_token"] > 0 and p["compute_ms_per_token"] > 0
+
+
+def test_speculation_gives_the_same_answers_in_process_and_over_two_local_peers(expected):
+    """--speculate ngram (issue 23): the answers of decoding without it, token for token; the
+    question's words come back in the answer, so lookup drafts and some drafts are accepted."""
+    questions = ["--prompt", QUESTIONS[0], "--prompt", QUESTIONS[1]]
+    for where in ((), ("--local", "2")):
+        out = swarm_generate("--speculate", "ngram", *where, *questions)
+        assert [r["token_ids"] for r in out["results"]] == expected, where
+        assert out["speculation"]["accepted"] > 0, out["speculation"]
+    assert swarm_generate("--speculate", "off", *questions)["speculation"]["drafted"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from swarm.model.stopping import turn_finished
-from swarm.runtime.schedule import Layout, Mode, build_step, choose_slot, groups_to_launch
+from swarm.runtime.schedule import Layout, Mode, build_step, choose_slot, groups_to_launch, rows_that_fit
 
 
 def test_no_bubbles_launches_every_returned_micro_batch_at_once():
@@ -39,3 +39,11 @@ def test_turn_finishes_on_count_or_stop_token():
     assert turn_finished(3, 3, 10, ())
     assert turn_finished(1, 3, 2, {2})
     assert not turn_finished(1, 3, 10, {2})
+
+
+def test_a_row_wider_than_the_fullest_slot_has_left_waits():
+    # Slot 0 holds 62 of 64 positions: a 5-token prompt in slot 1 would pad slot 0 past its end.
+    assert rows_that_fit({0: (62, 1), 1: (0, 5)}, 64) == [0]
+    assert rows_that_fit({0: (59, 1), 1: (0, 5)}, 64) == [0, 1]
+    assert rows_that_fit({0: (10, 1), 1: (0, 30), 2: (20, 1)}, 64) == [0, 1, 2]
+    assert rows_that_fit({3: (0, 64)}, 64) == [3]  # alone, a row that fills its slot goes
