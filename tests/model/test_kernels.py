@@ -99,10 +99,28 @@ def test_activation_rounding_moves_each_value_by_at_most_half_a_step():
     assert (moved <= step / 2 + 1e-7).all()
 
 
-def test_float32_is_bitwise_f_linear():
+def test_a_float32_prefill_is_bitwise_f_linear():
+    """More than NATIVE_MAX_ROWS rows of x: the library's own call (float32 prefill stays its bits)."""
     torch.manual_seed(2)
     w, b, x = torch.randn(33, 40), torch.randn(33), torch.randn(2, 7, 40)
+    assert x.numel() > kernels.NATIVE_MAX_ROWS * 40
     assert torch.equal(Linear(w, b)(x), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("k", [7, 33, 50, 96, 576, 1536])  # tails of the 32-float step, and whole steps
+def test_float32_decode_product_is_the_float_product(k):
+    """A few rows of x (decode): the native float32 kernel, its own summation order, so within float32
+    rounding of the exact product (not F.linear's bits); each row of a batch is summed as if alone."""
+    torch.manual_seed(k)
+    w, b, x = torch.randn(203, k), torch.randn(203), torch.randn(3, 1, k)
+    lin = Linear(w, b)
+    assert lin.takes_native(x)
+    got = lin(x)
+    assert got.shape == (3, 1, 203)
+    want = x.double() @ w.double().T + b.double()
+    assert ((got.double() - want).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T + b.double().abs())).all()
+    for i in range(3):
+        assert torch.equal(lin(x[i]), got[i])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 20])
@@ -189,12 +207,12 @@ def test_the_torch_fallback_without_a_compiler_computes_the_same(tmp_path):
     assert not (tmp_path / "b" / "kernels").exists() or not list((tmp_path / "b" / "kernels").rglob("*.so"))
 
 
-@pytest.mark.parametrize("kind", QUANT_KINDS + ("bf16",))
+@pytest.mark.parametrize("kind", QUANT_KINDS + ("bf16", "f32"))
 def test_products_over_two_threads_are_the_one_thread_products(kind):
     """OpenMP splits the rows over threads; each row is still computed by one thread, bit for bit."""
     torch.manual_seed(8)
     w = torch.randn(203, 576)
-    w = w.bfloat16() if kind == "bf16" else quantize(w, kind)
+    w = w.bfloat16() if kind == "bf16" else w if kind == "f32" else quantize(w, kind)
     x = torch.randn(3, 576)
     threads = torch.get_num_threads()
     try:

@@ -45,7 +45,7 @@
 #define QK 32
 #define ROWS 4 /* weight rows per inner loop, sharing x's loads */
 
-int swarm_kernels_abi(void) { return 2; }
+int swarm_kernels_abi(void) { return 3; }
 
 /* 512: AVX-512 VNNI (and bf16 dot products where __AVX512BF16__), 2: AVX2, 0: plain C. */
 int swarm_kernels_simd(void) {
@@ -597,6 +597,88 @@ int swarm_matmul_bf16(const void *x, int x_bf16, int64_t M, int64_t K, const uin
     return 0;
 }
 
+/* ------------------------------------------------------------ float32
+ *
+ * Decode products of float32 weights (y = x @ W^T for a few rows of x), the bytes a float32 step
+ * reads: MKL's one-token sgemv reads the small matrices of a 135M model at about 11 GB/s on one
+ * core, this loop at the machine's bandwidth. Rows are taken as above (four streams a quarter of
+ * the matrix apart, prefetched ahead), each with two accumulators of 16 lanes (eight independent
+ * fma chains hide the fma latency), summed at the end. The sums are float32 in another order than
+ * the BLAS's, so the products agree with torch's to float32 rounding, not bit for bit. */
+#ifndef PREFETCH_F32
+#define PREFETCH_F32 2048
+#endif
+
+static inline __attribute__((always_inline)) void dot_rows_f32_impl(int64_t K, const float *w, int64_t r0,
+        int64_t stride, int nr, const float *x, float *y) {
+    const float *rows[ROWS];
+    for (int r = 0; r < nr; r++) rows[r] = w + (r0 + r * stride) * K;
+#ifdef SWARM_AVX512
+    __m512 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nr; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        for (int r = 0; r < nr; r++) {
+            _mm_prefetch((const char *)(rows[r] + k) + PREFETCH_F32, _MM_HINT_T0);
+            _mm_prefetch((const char *)(rows[r] + k) + PREFETCH_F32 + 64, _MM_HINT_T0);
+            a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[r] + k), x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[r] + k + 16), x1, a1[r]);
+        }
+    }
+    for (; k < K; k += 16) { /* the last K % 32: masked loads */
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int r = 0; r < nr; r++) a0[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rows[r] + k), xv, a0[r]);
+    }
+    for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+#elif defined(__AVX2__)
+    __m256 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nr; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < nr; r++) {
+            a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k), x0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k + 8), x1, a1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float rest = 0.0f;
+        for (int64_t j = k; j < K; j++) rest += rows[r][j] * x[j];
+        y[r] = hsum(_mm256_add_ps(a0[r], a1[r])) + rest;
+    }
+#else
+    for (int r = 0; r < nr; r++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < K; j++) acc += rows[r][j] * x[j];
+        y[r] = acc;
+    }
+#endif
+}
+
+static void dot_rows_f32(int64_t K, const float *w, int64_t r0, int64_t stride, int nr, const float *x, float *y) {
+    if (nr == ROWS) dot_rows_f32_impl(K, w, r0, stride, ROWS, x, y);
+    else dot_rows_f32_impl(K, w, r0, stride, nr, x, y);
+}
+
+/* y [M, N] = x [M, K] @ W^T for float32 W [N, K] and x. Each row of x is summed alone, in the same
+ * order whatever M is (a batch's rows equal the same rows decoded one by one). Returns 0. */
+int swarm_matmul_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int threads) {
+    const int64_t Q = N / ROWS, groups = Q + (N % ROWS != 0); /* rows as in swarm_matmul_quant */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t r0 = g < Q ? g : ROWS * Q, stride = g < Q ? Q : 1;
+        const int nr = g < Q ? ROWS : (int)(N - ROWS * Q);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            dot_rows_f32(K, w, r0, stride, nr, x + m * K, out);
+            for (int r = 0; r < nr; r++) y[m * N + r0 + r * stride] = out[r];
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------ one decode block
  *
  * A whole Llama-family decoder block for one token of one sequence: at 135M parameters the
@@ -605,9 +687,10 @@ int swarm_matmul_bf16(const void *x, int x_bf16, int64_t M, int64_t K, const uin
  * arithmetic is swarm/model/block.py's (RMSNorm, fused q/k/v, rotary with the sign folded
  * into sin, the KV cache write, softmax attention over the positions so far, o, RMSNorm,
  * fused gate/up, SiLU, down), in float32 and in another order than torch's, so not bit for
- * bit: float32 shards with float32 weights stay the library's arithmetic and never come here.
- * Weights are quantized (kinds 0-2) or bfloat16 (kind 3). Activations, norms, biases, rotary
- * tables and the cache are float32, or bfloat16 with act_bf16 (a bfloat16 shard): then the
+ * bit (float32 weights: within float32 rounding of the library's layer; their tokens are
+ * checked against transformers' by tests/model/test_shard.py and benchmarks/bench_f32_identity.py).
+ * Weights are quantized (kinds 0-2), bfloat16 (kind 3) or float32 (kind 4). Activations, norms,
+ * biases, rotary tables and the cache are float32, or bfloat16 with act_bf16 (a bfloat16 shard): then the
  * block computes in float32 between a bf16 input and output, and rounds to bf16 what torch's
  * bf16 block holds in bf16 between operators that matter here: the products' inputs (the bf16
  * kernel takes bf16 x) and the keys and values it caches. */
@@ -647,7 +730,9 @@ static int product(int i, const int *kinds, const void *const *parts, const int6
                    uint16_t *xb, float *y, int threads) {
     const int64_t n = shapes[2 * i], k = shapes[2 * i + 1];
     const void *const *p = parts + 4 * i; /* codes (or the bf16 matrix), scales, mins, bias */
-    if (kinds[i] == 3) {
+    if (kinds[i] == 4) {
+        swarm_matmul_f32(x, 1, k, p[0], n, y, threads);
+    } else if (kinds[i] == 3) {
         for (int64_t j = 0; j < k; j++) xb[j] = float_to_bf16(x[j]);
         if (swarm_matmul_bf16(xb, 1, 1, k, p[0], n, y, threads) != 0) return -1;
     } else if (swarm_matmul_quant(kinds[i], x, 1, k, p[0], p[1], p[2], n, y, threads) != 0) {
@@ -659,7 +744,7 @@ static int product(int i, const int *kinds, const void *const *parts, const int6
 
 /* x [H] <- block(x). Weights 0..3: q/k/v fused [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused
  * [2 I, H], down [H, I], each as (codes or bf16 matrix, scales, mins or NULL, bias or NULL) in parts,
- * kinds[i] (0-2 quantized, 3 bf16) and (N, K) in shapes. cos, sin [dim]: this position's rotary tables
+ * kinds[i] (0-2 quantized, 3 bf16, 4 float32) and (N, K) in shapes. cos, sin [dim]: this position's rotary tables
  * (sin's first half negated). keys, values: this sequence's cache [kv, max_len, dim]; the token is
  * written at pos and attends to positions 0..pos. x, norms, biases, tables and cache are float32,
  * or bfloat16 with act_bf16. Returns 0, or -1 when scratch memory is short. */
