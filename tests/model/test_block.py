@@ -86,7 +86,9 @@ def test_the_native_decode_block_is_the_torch_block(tiny_model_factory, family, 
     block = Block(1, BlockShape.from_config(model.config), weights)
     assert block.decoder is not None, "a C compiler is here: quantized, float32 and bfloat16 blocks decode natively"
     rotary, caches = model.model.rotary_emb, (_cache(model, 1, dtype=dtype), _cache(model, 1, dtype=dtype))
-    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    # float32: 1e-5, but q8_0 rounds x's residual to int8 blocks too, at steps of max|x| / 127^2 of a block,
+    # where the two paths' float32 differences (1e-7) flip a code now and then
+    tolerance = (1e-4 if kind == "q8_0" else 1e-5) if dtype == torch.float32 else 3e-2
     torch.manual_seed(1)
     slot, hidden = [2], model.config.hidden_size
     steps = [torch.randn(1, 6, hidden)] + [torch.randn(1, 1, hidden) * 3 for _ in range(3)]

@@ -18,7 +18,15 @@ from swarm.model.kernels.native import library
 
 def exact(x: torch.Tensor, weight) -> torch.Tensor:
     """The kernels' arithmetic in float64: x rounded to int8 blocks (scale amax / 127), each block's
-    dot product an integer, scaled by the weight's and x's block scales (q4_1 adds min * scale * sum)."""
+    dot product an integer, scaled by the weight's and x's block scales (q4_1 adds min * scale * sum).
+    q8_0 weights take x and its rounding's residual (float32, as the kernels compute it) and sum both."""
+    x = x.float()
+    if weight.kind == "q8_0":
+        return exact_once(x, weight) + exact_once(x - kernels.round_to_blocks(x), weight)
+    return exact_once(x, weight)
+
+
+def exact_once(x: torch.Tensor, weight) -> torch.Tensor:
     x = x.float()
     m, k = x.shape
     xb = x.reshape(m, -1, BLOCK)
@@ -61,8 +69,9 @@ def test_quantized_product_is_its_exact_arithmetic(kind, m, n, k):
     assert relative_error(kernels.matmul_torch(x, w), want) < 1e-5
     bias = torch.randn(n)
     assert relative_error(Linear(w, bias)(x), want + bias.double()) < 1e-5
-    # and it is the dequantized product up to rounding x to int8 blocks (half a step of max|x| / 127)
-    assert relative_error(Linear(w)(x), x @ w.dequantize().T) < 2e-2
+    # and it is the dequantized product up to rounding x to int8 blocks (half a step of max|x| / 127; q8_0
+    # takes the rounding's residual too: half a step of that step / 127)
+    assert relative_error(Linear(w)(x), x @ w.dequantize().T) < (2e-4 if kind == "q8_0" else 2e-2)
     yb = Linear(w)(x.bfloat16())
     assert yb.dtype == torch.bfloat16 and relative_error(yb, exact(x.bfloat16(), w)) < 1e-2
 
@@ -95,8 +104,10 @@ def test_activation_rounding_moves_each_value_by_at_most_half_a_step():
     torch.manual_seed(9)
     x = torch.randn(4, 128)
     step = x.reshape(4, -1, BLOCK).abs().amax(-1, keepdim=True) / 127
-    moved = (quantize_activations(x) - x).reshape(4, -1, BLOCK).abs()
+    moved = (quantize_activations(x, "q4_0") - x).reshape(4, -1, BLOCK).abs()
     assert (moved <= step / 2 + 1e-7).all()
+    finer = (quantize_activations(x, "q8_0") - x).reshape(4, -1, BLOCK).abs()  # the residual's step is step / 127
+    assert (finer <= step / 254 + 1e-7).all()
 
 
 def test_a_float32_prefill_is_bitwise_f_linear():

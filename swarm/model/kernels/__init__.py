@@ -51,22 +51,32 @@ def kernel_id() -> str:
     return f"{VERSION}-{lib.simd.replace(' ', '-') if lib is not None else 'torch'}"
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] rounded as the kernels round it: int8 blocks of 32, scale amax / 127, returned dequantized.
-
-    The products of quantized weights take x in this form (llama.cpp does the same), so
-    each block's dot product is an exact integer sum in the native kernels.
-    """
+def round_to_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded to int8 blocks of 32 (scale amax / 127, to nearest even), returned dequantized."""
     blocks = x.float().reshape(x.shape[0], -1, BLOCK)
     scale = blocks.abs().amax(-1, keepdim=True) / 127.0
     inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
     return (torch.round(blocks * inverse) * scale).reshape(x.shape)
 
 
+def quantize_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [M, K] as the kernels take it for a weight of ``kind``, returned dequantized: rounded to int8 blocks
+    of 32, as llama.cpp does, so each block's dot product is an exact integer sum in the native kernels.
+
+    For q8_0 weights the kernels also take what that rounding left out, rounded to int8 blocks of its
+    own, and sum the two products (native.c's swarm_matmul_quant: x's rounding would otherwise cost more
+    perplexity than the weights' own); the sum is returned here.
+    """
+    xq = round_to_blocks(x)
+    if kind != "q8_0":
+        return xq
+    return xq + round_to_blocks(x.float() - xq)
+
+
 def matmul_torch(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W.T with the native kernels' rounding of x, dequantizing CHUNK_ROWS rows of W at a time."""
     n, _ = weight.shape
-    xq = quantize_activations(x)
+    xq = quantize_activations(x, weight.kind)
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
     for start in range(0, n, CHUNK_ROWS):
         part = _slice(weight, start, min(n, start + CHUNK_ROWS))
