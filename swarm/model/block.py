@@ -191,12 +191,14 @@ class Block(torch.nn.Module):
         """
         s = self.shape
         batch, width, _ = x.shape
-        if (self.decoder is not None and batch == 1 and width == 1 and mask is None and x.device.type == "cpu"
+        if (self.decoder is not None and width == 1 and x.device.type == "cpu"
                 and x.dtype == self.decoder.dtype == tables.cos.dtype
                 and tables.cos.is_contiguous() and tables.sin.is_contiguous()):
-            target = cache.decode_target(self.index, x.dtype)  # one token of one sequence: one native call
+            # one token of each sequence: one native call (each row attends to its own positions, as the mask
+            # of rows of different lengths says)
+            target = cache.decode_target(self.index, x.dtype)
             if target is not None:
-                return self.decoder(x, tables.cos, tables.sin, *target)
+                return self.decoder(x, tables.cos, tables.sin, target)
         heads, kv, dim = s.num_heads, s.num_kv_heads, s.head_dim
         h = rms_norm(x, self.input_norm, s.rms_norm_eps)
         if self.qkv.fused and self.qkv.views is None:

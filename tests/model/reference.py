@@ -34,17 +34,6 @@ def reference_generate(model_dir: Path, prompts: list[list[int]], max_new_tokens
     return out
 
 
-def dequantized_reference_generate(model_dir: Path, mode: str, prompts: list[list[int]],
-                                   max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy tokens on ``dequantized_reference_model``, one prompt at a time."""
-    model = dequantized_reference_model(model_dir, mode)
-    out = []
-    for prompt in prompts:
-        ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(ids[0, len(prompt):].tolist())
-    return out
-
-
 def dequantized_reference_model(model_dir: Path, mode: str):
     """transformers' model with every weight replaced by what ``--quant mode`` holds, dequantized,
     and every linear taking its input rounded to int8 blocks as swarm's kernels round it for the weight's

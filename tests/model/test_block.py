@@ -130,3 +130,52 @@ def test_without_native_kernels_a_quantized_block_decodes_on_torch(tiny_model_fa
     cache.begin_step([0], 1)
     out = block(x, rope(*model.model.rotary_emb(x, plan.position_ids)), cache, plan.mask)
     assert out.shape == x.shape and torch.isfinite(out).all() and cache.keys[0][0, :, 0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["float32", "q8_0", "q4_1"])
+@torch.inference_mode()
+def test_a_batch_decodes_natively_each_row_as_if_alone(tiny_model_factory, kind):
+    """One new token of each of three sequences of different lengths (slots out of order) is one native call:
+    each row is bit for bit its sequence decoded alone (output and cache row), and the torch block (with the
+    mask such a batch needs) agrees to float32 rounding."""
+    model, _, _ = _layer_and_block(tiny_model_factory("qwen2"), 1)  # Qwen2: q/k/v biases too
+    weights = {k: (v if kind == "float32" else quantize(v, kind)) if k.endswith("proj.weight") else v
+               for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    block = Block(1, BlockShape.from_config(model.config), weights)
+    assert block.decoder is not None
+    rotary, hidden, lengths = model.model.rotary_emb, model.config.hidden_size, {2: 5, 0: 3, 1: 7}
+    torch.manual_seed(2)
+    prefilled = _cache(model, 1)
+    for slot, n in lengths.items():  # each sequence's prompt (the torch path)
+        x = torch.randn(1, n, hidden)
+        plan = plan_step([0], [n], n, x.device)
+        prefilled.begin_step([slot], n)
+        block(x, rope(*rotary(x, plan.position_ids)), prefilled, plan.mask)
+        prefilled.lengths[slot] = n
+    slots, x = list(lengths), torch.randn(3, 1, hidden) * 3
+
+    def step(rows: list[int], native: bool, cache: SlotKVCache) -> torch.Tensor:
+        plan = plan_step([cache.lengths[s] for s in rows], [1] * len(rows), 1, x.device)
+        cache.begin_step(rows, 1)
+        block.decoder, saved = (block.decoder if native else None), block.decoder
+        try:
+            return block(x[[slots.index(s) for s in rows]], rope(*rotary(x, plan.position_ids)), cache, plan.mask)
+        finally:
+            block.decoder = saved
+
+    caches = []
+    for _ in range(3):
+        cache = _cache(model, 1)
+        cache.keys[0].copy_(prefilled.keys[0]), cache.values[0].copy_(prefilled.values[0])
+        cache.lengths = list(prefilled.lengths)
+        caches.append(cache)
+    together = step(slots, True, caches[0])
+    alone = torch.cat([step([s], True, caches[1]) for s in slots])
+    torched = step(slots, False, caches[2])
+    assert torch.equal(together, alone)
+    assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])
+    tolerance = 1e-4 if kind == "q8_0" else 1e-5  # q8_0: its residual's rounding (above)
+    assert 0 < relative_error(together, torched) < tolerance
+    assert relative_error(caches[0].keys[0], caches[2].keys[0]) < tolerance
+    for slot, n in lengths.items():  # each token went to its own sequence's next position
+        assert caches[0].keys[0][slot, :, n].abs().sum() > 0 and caches[0].keys[0][slot, :, n + 1:].abs().sum() == 0

@@ -12,7 +12,7 @@ row chunks on the fly. bfloat16 and float32 decode products (a few rows of x) us
 kernels too: torch's bfloat16 product reads its weights at half the memory bandwidth, MKL's
 one-token float32 product the small matrices of a 135M model at about 80% of it. The native
 float32 sums are in another order than the BLAS's (float32 rounding apart, not bit for bit);
-prefill products (more rows) stay the BLAS's, the library's own calls.
+products of more rows (a prefill) stay the BLAS's, the library's own calls.
 """
 
 from __future__ import annotations

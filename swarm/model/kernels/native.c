@@ -45,7 +45,7 @@
 #define QK 32
 #define ROWS 4 /* weight rows per inner loop, sharing x's loads */
 
-int swarm_kernels_abi(void) { return 3; }
+int swarm_kernels_abi(void) { return 4; }
 
 /* 512: AVX-512 VNNI (and bf16 dot products where __AVX512BF16__), 2: AVX2, 0: plain C. */
 int swarm_kernels_simd(void) {
@@ -766,83 +766,101 @@ static void rms_norm_f32(const float *x, const void *w, int bf, int64_t n, float
     for (int64_t i = 0; i < n; i++) out[i] = ld(w, i, bf) * (x[i] * r);
 }
 
-/* y [N] = x [K] @ W^T (+ bias) for weight number i of the block's parts; xb: scratch for x in bf16. */
+/* y [M, N] = x [M, K] @ W^T (+ bias) for weight number i of the block's parts; xb: scratch for x in bf16.
+ * Each row is computed as if alone (the kernels sum each row of x on its own). */
 static int product(int i, const int *kinds, const void *const *parts, const int64_t *shapes, int bf, const float *x,
-                   uint16_t *xb, float *y, int threads) {
+                   int64_t M, uint16_t *xb, float *y, int threads) {
     const int64_t n = shapes[2 * i], k = shapes[2 * i + 1];
     const void *const *p = parts + 4 * i; /* codes (or the bf16 matrix), scales, mins, bias */
     if (kinds[i] == 4) {
-        swarm_matmul_f32(x, 1, k, p[0], n, y, threads);
+        swarm_matmul_f32(x, M, k, p[0], n, y, threads);
     } else if (kinds[i] == 3) {
-        for (int64_t j = 0; j < k; j++) xb[j] = float_to_bf16(x[j]);
-        if (swarm_matmul_bf16(xb, 1, 1, k, p[0], n, y, threads) != 0) return -1;
-    } else if (swarm_matmul_quant(kinds[i], x, 1, k, p[0], p[1], p[2], n, y, threads) != 0) {
+        for (int64_t j = 0; j < M * k; j++) xb[j] = float_to_bf16(x[j]);
+        if (swarm_matmul_bf16(xb, 1, M, k, p[0], n, y, threads) != 0) return -1;
+    } else if (swarm_matmul_quant(kinds[i], x, M, k, p[0], p[1], p[2], n, y, threads) != 0) {
         return -1;
     }
-    if (p[3]) for (int64_t j = 0; j < n; j++) y[j] += ld(p[3], j, bf);
+    if (p[3])
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < n; j++) y[m * n + j] += ld(p[3], j, bf);
     return 0;
 }
 
-/* x [H] <- block(x). Weights 0..3: q/k/v fused [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused
- * [2 I, H], down [H, I], each as (codes or bf16 matrix, scales, mins or NULL, bias or NULL) in parts,
- * kinds[i] (0-2 quantized, 3 bf16, 4 float32) and (N, K) in shapes. cos, sin [dim]: this position's rotary tables
- * (sin's first half negated). keys, values: this sequence's cache [kv, max_len, dim]; the token is
- * written at pos and attends to positions 0..pos. x, norms, biases, tables and cache are float32,
- * or bfloat16 with act_bf16. Returns 0, or -1 when scratch memory is short. */
-int swarm_block_decode(void *x, int act_bf16, int64_t H, int heads, int kv, int dim, float eps, float scale,
-                       const void *norm1, const void *norm2, const int *kinds, const void *const *parts,
-                       const int64_t *shapes, const void *cos, const void *sin, void *keys, void *values,
-                       int64_t max_len, int64_t pos, int threads) {
+/* x [B, H] <- block(x): one new token of each of B sequences. Weights 0..3: q/k/v fused
+ * [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused [2 I, H], down [H, I], each as (codes or bf16
+ * matrix, scales, mins or NULL, bias or NULL) in parts, kinds[i] (0-2 quantized, 3 bf16, 4 float32) and
+ * (N, K) in shapes. cos, sin [B, dim]: each token's rotary tables (sin's first half negated). keys[b],
+ * values[b]: sequence b's cache [kv, max_len, dim]; its token is written at pos[b] and attends to its
+ * positions 0..pos[b] (so sequences of different lengths need no mask). The products take the B rows
+ * together (each weight load serves every row; each row summed as if alone, so a sequence's numbers do not
+ * depend on the batch it is in). x, norms, biases, tables and cache are float32, or bfloat16 with act_bf16.
+ * Returns 0, or -1 when scratch memory is short. */
+int swarm_block_decode(void *x, int64_t B, int act_bf16, int64_t H, int heads, int kv, int dim, float eps,
+                       float scale, const void *norm1, const void *norm2, const int *kinds, const void *const *parts,
+                       const int64_t *shapes, const void *cos, const void *sin, void *const *keys,
+                       void *const *values, int64_t max_len, const int64_t *pos, int threads) {
     const int bf = act_bf16;
-    const int64_t inter = shapes[4] / 2, nq = (int64_t)heads * dim, nkv = (int64_t)kv * dim, span = pos + 1;
+    const int64_t inter = shapes[4] / 2, nq = (int64_t)heads * dim, nkv = (int64_t)kv * dim;
     const int64_t widest = inter > H ? inter : H, nqkv = nq + 2 * nkv;
-    float *buf = malloc(sizeof(float) * (size_t)(H + widest + nqkv + nq + 2 * inter + span + 2 * dim)
-                        + sizeof(uint16_t) * (size_t)(widest > nq ? widest : nq));
+    int64_t span = 0;
+    for (int64_t b = 0; b < B; b++) span = pos[b] + 1 > span ? pos[b] + 1 : span;
+    float *buf = malloc(sizeof(float) * (size_t)(B * (H + widest + nqkv + nq + 2 * inter) + span + 2 * dim)
+                        + sizeof(uint16_t) * (size_t)(B * (widest > nq ? widest : nq)));
     if (!buf) return -1;
-    float *xf = buf, *h = xf + H, *qkv = h + widest, *attn = qkv + nqkv, *gu = attn + nq, *scores = gu + 2 * inter;
-    float *row = scores + span, *rolled = row + dim;
+    float *xf = buf, *h = xf + B * H, *qkv = h + B * widest, *attn = qkv + B * nqkv, *gu = attn + B * nq;
+    float *scores = gu + B * 2 * inter, *row = scores + span, *rolled = row + dim;
     uint16_t *xb = (uint16_t *)(rolled + dim);
     int rc = 0;
-    for (int64_t i = 0; i < H; i++) xf[i] = ld(x, i, bf);
-    rms_norm_f32(xf, norm1, bf, H, eps, h);
-    if ((rc = product(0, kinds, parts, shapes, bf, h, xb, qkv, threads))) goto done;
     const int half = dim / 2;
-    for (int64_t head = 0; head < heads + kv; head++) { /* rotate q and k in place: v * cos + roll(v) * sin */
-        float *v = qkv + head * dim;
-        for (int j = 0; j < dim; j++) rolled[j] = v[(j + half) % dim];
-        for (int j = 0; j < dim; j++) v[j] = v[j] * ld(cos, j, bf) + rolled[j] * ld(sin, j, bf);
+    for (int64_t i = 0; i < B * H; i++) xf[i] = ld(x, i, bf);
+    for (int64_t b = 0; b < B; b++) rms_norm_f32(xf + b * H, norm1, bf, H, eps, h + b * H);
+    if ((rc = product(0, kinds, parts, shapes, bf, h, B, xb, qkv, threads))) goto done;
+    for (int64_t b = 0; b < B; b++) {
+        float *qb = qkv + b * nqkv, *ob = attn + b * nq;
+        const int64_t at_pos = pos[b];
+        for (int64_t head = 0; head < heads + kv; head++) { /* rotate q and k in place: v * cos + roll(v) * sin */
+            float *v = qb + head * dim;
+            for (int j = 0; j < dim; j++) rolled[j] = v[(j + half) % dim];
+            for (int j = 0; j < dim; j++) v[j] = v[j] * ld(cos, b * dim + j, bf) + rolled[j] * ld(sin, b * dim + j, bf);
+        }
+        void *kb = keys[b], *vb = values[b];
+        for (int64_t g = 0; g < kv; g++)
+            for (int j = 0; j < dim; j++) {
+                st(kb, (g * max_len + at_pos) * dim + j, qb[nq + g * dim + j], bf);
+                st(vb, (g * max_len + at_pos) * dim + j, qb[nq + nkv + g * dim + j], bf);
+            }
+        for (int head = 0; head < heads; head++) {
+            const int64_t g = head / (heads / kv);
+            const float *q = qb + (int64_t)head * dim;
+            float top = -INFINITY, total = 0.0f, *out = ob + (int64_t)head * dim;
+            for (int64_t t = 0; t <= at_pos; t++) {
+                const int64_t at = (g * max_len + t) * dim;
+                if (bf) for (int j = 0; j < dim; j++) row[j] = ld(kb, at + j, 1);
+                scores[t] = scale * dot_f32(q, bf ? row : (const float *)kb + at, dim);
+                top = fmaxf(top, scores[t]);
+            }
+            for (int j = 0; j < dim; j++) out[j] = 0.0f;
+            for (int64_t t = 0; t <= at_pos; t++) {
+                const float p = expf(scores[t] - top);
+                const int64_t at = (g * max_len + t) * dim;
+                total += p;
+                for (int j = 0; j < dim; j++) out[j] += p * ld(vb, at + j, bf);
+            }
+            for (int j = 0; j < dim; j++) out[j] /= total;
+        }
     }
-    for (int64_t g = 0; g < kv; g++)
-        for (int j = 0; j < dim; j++) {
-            st(keys, (g * max_len + pos) * dim + j, qkv[nq + g * dim + j], bf);
-            st(values, (g * max_len + pos) * dim + j, qkv[nq + nkv + g * dim + j], bf);
-        }
-    for (int head = 0; head < heads; head++) {
-        const int64_t g = head / (heads / kv);
-        const float *q = qkv + (int64_t)head * dim;
-        float top = -INFINITY, total = 0.0f, *out = attn + (int64_t)head * dim;
-        for (int64_t t = 0; t < span; t++) {
-            const int64_t at = (g * max_len + t) * dim;
-            if (bf) for (int j = 0; j < dim; j++) row[j] = ld(keys, at + j, 1);
-            scores[t] = scale * dot_f32(q, bf ? row : (const float *)keys + at, dim);
-            top = fmaxf(top, scores[t]);
-        }
-        for (int j = 0; j < dim; j++) out[j] = 0.0f;
-        for (int64_t t = 0; t < span; t++) {
-            const float p = expf(scores[t] - top);
-            const int64_t at = (g * max_len + t) * dim;
-            total += p;
-            for (int j = 0; j < dim; j++) out[j] += p * ld(values, at + j, bf);
-        }
-        for (int j = 0; j < dim; j++) out[j] /= total;
+    if ((rc = product(1, kinds, parts, shapes, bf, attn, B, xb, h, threads))) goto done;
+    for (int64_t i = 0; i < B * H; i++) xf[i] += h[i];
+    for (int64_t b = 0; b < B; b++) rms_norm_f32(xf + b * H, norm2, bf, H, eps, h + b * H);
+    if ((rc = product(2, kinds, parts, shapes, bf, h, B, xb, gu, threads))) goto done;
+    for (int64_t b = 0; b < B; b++) { /* silu(gate) * up */
+        float *g = gu + b * 2 * inter;
+        for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
     }
-    if ((rc = product(1, kinds, parts, shapes, bf, attn, xb, h, threads))) goto done;
-    for (int64_t i = 0; i < H; i++) xf[i] += h[i];
-    rms_norm_f32(xf, norm2, bf, H, eps, h);
-    if ((rc = product(2, kinds, parts, shapes, bf, h, xb, gu, threads))) goto done;
-    for (int64_t i = 0; i < inter; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[inter + i]; /* silu(gate) * up */
-    if ((rc = product(3, kinds, parts, shapes, bf, gu, xb, h, threads))) goto done;
-    for (int64_t i = 0; i < H; i++) st(x, i, xf[i] + h[i], bf);
+    /* down takes rows of I: the B rows' silu products sit 2 I apart, so pack them */
+    for (int64_t b = 1; b < B; b++) memmove(gu + b * inter, gu + b * 2 * inter, sizeof(float) * (size_t)inter);
+    if ((rc = product(3, kinds, parts, shapes, bf, gu, B, xb, h, threads))) goto done;
+    for (int64_t i = 0; i < B * H; i++) st(x, i, xf[i] + h[i], bf);
 done:
     free(buf);
     return rc;
