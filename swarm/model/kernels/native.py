@@ -90,7 +90,6 @@ class NativeKernels:
             raise MemoryError(f"no memory for a [{rows}, {k}] activation buffer")
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
-
     def matmul_f32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ W.T for float32 x and W [N, K] (decode: a few rows of x), float32 sums in the
         kernel's own order: within float32 rounding of torch's product, not its bits."""
