@@ -8,9 +8,10 @@ another native.c (e.g. ``git show BASE:swarm/model/kernels/native.c > old.c``) r
 the same process, interleaved round by round with this one: its ratio to this build is
 what a change of kernel bought, with the machine's load landing on both. Prints each
 format's median ms per step, its effective read bandwidth (weight bytes / step time)
-and this machine's own single-thread read bandwidth (bench_shard.py's measure).
+and this machine's own single-thread read bandwidth (bench_shard.py's measure). f32 against a
+native.c without a float32 kernel (kernels 4 and before) is the native kernel against the BLAS.
 
-    python benchmarks/bench_kernels.py [--shape llama-1b] [--formats q4_0,q4_1,q8_0,bf16]
+    python benchmarks/bench_kernels.py [--shape llama-1b] [--formats q4_0,q4_1,q8_0,bf16,f32]
         [--rounds 15] [--threads 1] [--rows 1] [--against old.c]
 """
 
@@ -37,9 +38,10 @@ SHAPES = {  # hidden, q/k/v outputs, MLP width, blocks
     "llama-1b": (2048, 2048 + 2 * 512, 8192, 16),
 }
 def weight(kind: str, n: int, k: int) -> dict[str, torch.Tensor]:
-    """Random codes and float16 scales (and mins) of a [n, k] matrix, or a bfloat16 one."""
-    if kind == "bf16":
-        return {"dense": (torch.randn(n, k) * 0.02).bfloat16()}
+    """Random codes and float16 scales (and mins) of a [n, k] matrix, or a bfloat16 or float32 one."""
+    if kind in ("bf16", "f32"):
+        dense = torch.randn(n, k) * 0.02
+        return {"dense": dense.bfloat16() if kind == "bf16" else dense}
     blocks = k // BLOCK
     codes = (torch.randint(-127, 128, (n, k), dtype=torch.int8) if kind == "q8_0"
              else torch.randint(0, 256, (n, k // 2), dtype=torch.uint8))
@@ -50,7 +52,8 @@ def weight(kind: str, n: int, k: int) -> dict[str, torch.Tensor]:
 
 
 class Build:
-    """One build of a native.c, called through ctypes with either ABI (1: float32 x only for bf16)."""
+    """One build of a native.c, called through ctypes with any ABI (1: float32 x only for bf16; below 3: no
+    float32 kernel, so f32 products are torch's F.linear, the BLAS, as those versions computed them)."""
 
     def __init__(self, lib: ctypes.CDLL, name: str):
         self.name, self.lib = name, lib
@@ -59,9 +62,19 @@ class Build:
         lib.swarm_matmul_quant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
         lib.swarm_matmul_bf16.argtypes = ([ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int] if self.abi >= 2
                                           else [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int])
+        if self.abi >= 3:
+            lib.swarm_matmul_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
 
     def product(self, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor], out: torch.Tensor, threads: int) -> None:
         m, k = x.shape
+        if kind == "f32":
+            dense = w["dense"]
+            if self.abi >= 3:
+                self.lib.swarm_matmul_f32(ctypes.c_void_p(x.data_ptr()), m, k, ctypes.c_void_p(dense.data_ptr()),
+                                          dense.shape[0], ctypes.c_void_p(out.data_ptr()), threads)
+            else:
+                torch.nn.functional.linear(x, dense, out=out)
+            return
         if kind == "bf16":
             dense = w["dense"]
             if self.abi >= 2:  # the shard's bfloat16 path hands its bfloat16 x over as it is

@@ -99,25 +99,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class Projections(torch.nn.Module):
-    """Several linears of one input (q/k/v, gate/up): one fused product where that changes no bit.
+    """Several linears of one input (q/k/v, gate/up), held as one fused weight where they share a format.
 
-    Our kernels compute each output row on its own, so quantized or bfloat16 weights of one
-    format fuse. float32 products stay separate: the BLAS picks its kernel by shape, and a
-    fused one-token product differs in the last bits from the library's separate ones. A
-    GGUF file may also hold the parts in different formats (Q4_K_M keeps v at 6 bits).
+    Our kernels compute each output row on its own, so a fused product is the parts' products
+    side by side, and quantized, bfloat16 and float32 decode products run fused. A float32
+    product of more rows (a prefill) goes to the BLAS, which picks its kernel by shape: a fused
+    product would differ in the last bits from the library's separate ones, so there each part
+    is computed alone, on its rows of the fused weight (a view: no copy). float16 weights and a
+    GGUF file's parts of different formats (Q4_K_M keeps v at 6 bits) stay separate.
     """
 
     def __init__(self, weights: list[Weight], biases: list[torch.Tensor | None]):
         super().__init__()
         kinds = {w.kind if isinstance(w, QuantizedTensor) else w.dtype for w in weights}
         self.sizes = [w.shape[0] for w in weights]
-        self.fused = len(kinds) == 1 and kinds.pop() not in (torch.float32, torch.float16)
+        self.fused = len(kinds) == 1 and next(iter(kinds)) != torch.float16
         if self.fused:
             self.parts = torch.nn.ModuleList([Linear.fuse(weights, biases)])
         else:
             self.parts = torch.nn.ModuleList([Linear(w, b) for w, b in zip(weights, biases)])
+        self.views: list[Linear] | None = None  # float32: the parts as views of the fused weight
+        whole = self.parts[0]
+        if self.fused and whole.kind == "float32":
+            bias = whole.bias.split(self.sizes) if whole.bias is not None else [None] * len(self.sizes)
+            self.views = [Linear(w, b) for w, b in zip(whole.dense.split(self.sizes), bias)]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.views is not None and not self.parts[0].takes_native(x):
+            return tuple(part(x) for part in self.views)  # the BLAS's product, part by part
         if self.fused:
             return self.parts[0](x).split(self.sizes, dim=-1)
         return tuple(part(x) for part in self.parts)
@@ -145,12 +154,15 @@ class Block(torch.nn.Module):
 
     def _native_decoder(self):
         """The native kernels' one-call decode block (native.c's swarm_block_decode) where every product is
-        fused and quantized or bfloat16 and the norms (and biases) are float32 or bfloat16; None otherwise
-        (float32 weights keep the library's arithmetic, bit for bit)."""
+        fused and quantized, bfloat16 or float32 and the norms (and biases) are float32 or bfloat16 (float32
+        with float32 weights); None otherwise."""
         linears = [self.qkv.parts[0], self.o, self.gate_up.parts[0], self.down]
         if not (self.qkv.fused and self.gate_up.fused):
             return None
-        if not (all(lin.quantized for lin in linears) or all(lin.kind == "bfloat16" for lin in linears)):
+        kinds = {lin.kind for lin in linears}
+        if not (all(lin.quantized for lin in linears) or kinds == {"bfloat16"} or kinds == {"float32"}):
+            return None
+        if kinds == {"float32"} and self.input_norm.dtype != torch.float32:
             return None
         tensors = [self.input_norm, self.post_norm] + [lin.bias for lin in linears if lin.bias is not None]
         dtype = self.input_norm.dtype
@@ -179,15 +191,18 @@ class Block(torch.nn.Module):
         """
         s = self.shape
         batch, width, _ = x.shape
-        if (self.decoder is not None and batch == 1 and width == 1 and mask is None and x.device.type == "cpu"
+        if (self.decoder is not None and width == 1 and x.device.type == "cpu"
                 and x.dtype == self.decoder.dtype == tables.cos.dtype
                 and tables.cos.is_contiguous() and tables.sin.is_contiguous()):
-            target = cache.decode_target(self.index, x.dtype)  # one token of one sequence: one native call
+            # one token of each sequence: one native call (each row attends to its own positions, as the mask
+            # of rows of different lengths says)
+            target = cache.decode_target(self.index, x.dtype)
             if target is not None:
-                return self.decoder(x, tables.cos, tables.sin, *target)
+                return self.decoder(x, tables.cos, tables.sin, target)
         heads, kv, dim = s.num_heads, s.num_kv_heads, s.head_dim
         h = rms_norm(x, self.input_norm, s.rms_norm_eps)
-        if self.qkv.fused:  # one product [B, T, (H + 2 KV) D]: q and k rotate as one tensor of H + KV heads
+        if self.qkv.fused and self.qkv.views is None:
+            # one product [B, T, (H + 2 KV) D]: q and k rotate as one tensor of H + KV heads
             qkv = self.qkv.parts[0](h).view(batch, width, heads + 2 * kv, dim).transpose(1, 2)
             qk = rotate(qkv.narrow(1, 0, heads + kv), tables)
             q, k, v = qk.narrow(1, 0, heads), qk.narrow(1, heads, kv), qkv.narrow(1, heads + kv, kv)

@@ -32,6 +32,7 @@ from swarm.model.dtypes import dtype_name, torch_dtype
 from swarm.model.checkpoint import open_checkpoint
 from swarm.model.formats import QuantizedTensor, Weight
 from swarm.model.kernels import Linear, embedding
+from swarm.model.kernels.native import DecodeTarget
 from swarm.model.sampling import GREEDY, SamplingParams, sample_next
 from swarm.model.units import ModelLayout, check_quant
 
@@ -56,7 +57,7 @@ class SlotKVCache:
         self._write: tuple | None = None
         self._read: slice | torch.Tensor | None = None
         self._span = 0
-        self._one: tuple[int, int] | None = None  # (slot, position) of a one-token step of one sequence
+        self._one: list[tuple[int, int]] | None = None  # (slot, position) of each row of a one-token step
 
     @property
     def nbytes(self) -> int:
@@ -68,7 +69,7 @@ class SlotKVCache:
         if self._span > self.max_len:
             raise ValueError(f"sequence would reach {self._span} tokens; the cache holds {self.max_len}")
         first = slots[0]
-        self._one = (first, starts[0]) if len(slots) == 1 and width == 1 else None
+        self._one = list(zip(slots, starts)) if width == 1 else None
         contiguous = list(slots) == list(range(first, first + len(slots)))
         self._read = slice(first, first + len(slots)) if contiguous else torch.tensor(slots)
         if contiguous and len(set(starts)) == 1:
@@ -81,19 +82,20 @@ class SlotKVCache:
             positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device))[:, None, :]
             self._write = (rows, heads, positions)
 
-    def decode_target(self, layer_idx: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int] | None:
-        """For a one-token step of one sequence in a CPU cache of ``dtype``: (address of the slot's keys
-        [kv_heads, max_len, head_dim], of its values, max_len, the token's position), for a native
-        block to write and read the cache itself; None for any other step."""
+    def decode_target(self, layer_idx: int, dtype: torch.dtype = torch.float32) -> DecodeTarget | None:
+        """For a one-token step (every row one new token) in a CPU cache of ``dtype``: where each row's
+        sequence's keys and values are and the position its token takes, for a native block to write and
+        read the cache itself (each row attends to its own positions: no mask needed); None for any other step."""
         if self._one is None:
             return None
         i = self._index[layer_idx]
         keys, values = self.keys[i], self.values[i]
         if keys.dtype != dtype or keys.device.type != "cpu":
             return None
-        slot, position = self._one
-        offset = slot * keys.stride(0) * keys.element_size()
-        return keys.data_ptr() + offset, values.data_ptr() + offset, self.max_len, position
+        row = keys.stride(0) * keys.element_size()
+        return DecodeTarget([keys.data_ptr() + slot * row for slot, _ in self._one],
+                            [values.data_ptr() + slot * row for slot, _ in self._one],
+                            self.max_len, [position for _, position in self._one])
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         i = self._index[layer_idx]

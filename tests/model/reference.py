@@ -34,10 +34,10 @@ def reference_generate(model_dir: Path, prompts: list[list[int]], max_new_tokens
     return out
 
 
-def dequantized_reference_generate(model_dir: Path, mode: str, prompts: list[list[int]],
-                                   max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy tokens with every weight replaced by what ``--quant mode`` holds, dequantized,
-    and every linear taking its input rounded to int8 blocks, as swarm's kernels compute.
+def dequantized_reference_model(model_dir: Path, mode: str):
+    """transformers' model with every weight replaced by what ``--quant mode`` holds, dequantized,
+    and every linear taking its input rounded to int8 blocks as swarm's kernels round it for the weight's
+    format (``quantize_activations``).
 
     Each checkpoint matrix is quantized on its own to GGUF blocks (q8_0 for int8, q4_1 for
     int4; the embedding and head q8_0), exactly as the shard quantizes it: blocks run along
@@ -50,9 +50,9 @@ def dequantized_reference_generate(model_dir: Path, mode: str, prompts: list[lis
     def roundtrip(weight: torch.Tensor, how: str) -> torch.Tensor:
         return quantize(weight.detach().float(), QUANT_KIND[how]).dequantize()
 
-    def with_rounded_input(linear: torch.nn.Linear):
+    def with_rounded_input(linear: torch.nn.Linear, kind: str):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            xq = quantize_activations(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+            xq = quantize_activations(x.reshape(-1, x.shape[-1]), kind).reshape(x.shape)
             return torch.nn.functional.linear(xq, linear.weight, linear.bias)
         return forward
 
@@ -63,14 +63,10 @@ def dequantized_reference_generate(model_dir: Path, mode: str, prompts: list[lis
             for module in layer.modules():
                 if isinstance(module, torch.nn.Linear):
                     module.weight.copy_(roundtrip(module.weight, mode))
-                    module.forward = with_rounded_input(module)
+                    module.forward = with_rounded_input(module, QUANT_KIND[mode])
         if model.lm_head.weight is model.model.embed_tokens.weight:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
         model.model.embed_tokens.weight.copy_(roundtrip(model.model.embed_tokens.weight, HEAD_QUANT[mode]))
         model.lm_head.weight.copy_(roundtrip(model.lm_head.weight, HEAD_QUANT[mode]))
-        model.lm_head.forward = with_rounded_input(model.lm_head)
-    out = []
-    for prompt in prompts:
-        ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(ids[0, len(prompt):].tolist())
-    return out
+        model.lm_head.forward = with_rounded_input(model.lm_head, QUANT_KIND[HEAD_QUANT[mode]])
+    return model

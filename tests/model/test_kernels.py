@@ -18,7 +18,15 @@ from swarm.model.kernels.native import library
 
 def exact(x: torch.Tensor, weight) -> torch.Tensor:
     """The kernels' arithmetic in float64: x rounded to int8 blocks (scale amax / 127), each block's
-    dot product an integer, scaled by the weight's and x's block scales (q4_1 adds min * scale * sum)."""
+    dot product an integer, scaled by the weight's and x's block scales (q4_1 adds min * scale * sum).
+    q8_0 weights take x and its rounding's residual (float32, as the kernels compute it) and sum both."""
+    x = x.float()
+    if weight.kind == "q8_0":
+        return exact_once(x, weight) + exact_once(x - kernels.round_to_blocks(x), weight)
+    return exact_once(x, weight)
+
+
+def exact_once(x: torch.Tensor, weight) -> torch.Tensor:
     x = x.float()
     m, k = x.shape
     xb = x.reshape(m, -1, BLOCK)
@@ -61,8 +69,9 @@ def test_quantized_product_is_its_exact_arithmetic(kind, m, n, k):
     assert relative_error(kernels.matmul_torch(x, w), want) < 1e-5
     bias = torch.randn(n)
     assert relative_error(Linear(w, bias)(x), want + bias.double()) < 1e-5
-    # and it is the dequantized product up to rounding x to int8 blocks (half a step of max|x| / 127)
-    assert relative_error(Linear(w)(x), x @ w.dequantize().T) < 2e-2
+    # and it is the dequantized product up to rounding x to int8 blocks (half a step of max|x| / 127; q8_0
+    # takes the rounding's residual too: half a step of that step / 127)
+    assert relative_error(Linear(w)(x), x @ w.dequantize().T) < (2e-4 if kind == "q8_0" else 2e-2)
     yb = Linear(w)(x.bfloat16())
     assert yb.dtype == torch.bfloat16 and relative_error(yb, exact(x.bfloat16(), w)) < 1e-2
 
@@ -95,14 +104,34 @@ def test_activation_rounding_moves_each_value_by_at_most_half_a_step():
     torch.manual_seed(9)
     x = torch.randn(4, 128)
     step = x.reshape(4, -1, BLOCK).abs().amax(-1, keepdim=True) / 127
-    moved = (quantize_activations(x) - x).reshape(4, -1, BLOCK).abs()
+    moved = (quantize_activations(x, "q4_0") - x).reshape(4, -1, BLOCK).abs()
     assert (moved <= step / 2 + 1e-7).all()
+    finer = (quantize_activations(x, "q8_0") - x).reshape(4, -1, BLOCK).abs()  # the residual's step is step / 127
+    assert (finer <= step / 254 + 1e-7).all()
 
 
-def test_float32_is_bitwise_f_linear():
+def test_a_float32_prefill_is_bitwise_f_linear():
+    """More than NATIVE_MAX_ROWS rows of x: the library's own call (float32 prefill stays its bits)."""
     torch.manual_seed(2)
     w, b, x = torch.randn(33, 40), torch.randn(33), torch.randn(2, 7, 40)
+    assert x.numel() > kernels.NATIVE_MAX_ROWS * 40
     assert torch.equal(Linear(w, b)(x), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("k", [7, 33, 50, 96, 576, 1536])  # tails of the 32-float step, and whole steps
+def test_float32_decode_product_is_the_float_product(k):
+    """A few rows of x (decode): the native float32 kernel, its own summation order, so within float32
+    rounding of the exact product (not F.linear's bits); each row of a batch is summed as if alone."""
+    torch.manual_seed(k)
+    w, b, x = torch.randn(203, k), torch.randn(203), torch.randn(3, 1, k)
+    lin = Linear(w, b)
+    assert lin.takes_native(x)
+    got = lin(x)
+    assert got.shape == (3, 1, 203)
+    want = x.double() @ w.double().T + b.double()
+    assert ((got.double() - want).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T + b.double().abs())).all()
+    for i in range(3):
+        assert torch.equal(lin(x[i]), got[i])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 20])
@@ -189,12 +218,12 @@ def test_the_torch_fallback_without_a_compiler_computes_the_same(tmp_path):
     assert not (tmp_path / "b" / "kernels").exists() or not list((tmp_path / "b" / "kernels").rglob("*.so"))
 
 
-@pytest.mark.parametrize("kind", QUANT_KINDS + ("bf16",))
+@pytest.mark.parametrize("kind", QUANT_KINDS + ("bf16", "f32"))
 def test_products_over_two_threads_are_the_one_thread_products(kind):
     """OpenMP splits the rows over threads; each row is still computed by one thread, bit for bit."""
     torch.manual_seed(8)
     w = torch.randn(203, 576)
-    w = w.bfloat16() if kind == "bf16" else quantize(w, kind)
+    w = w.bfloat16() if kind == "bf16" else w if kind == "f32" else quantize(w, kind)
     x = torch.randn(3, 576)
     threads = torch.get_num_threads()
     try:

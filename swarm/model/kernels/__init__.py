@@ -1,15 +1,18 @@
 """Matrix products y = x @ W.T (+ b) for the weight formats of ``swarm.model.formats``.
 
 ``Linear(weight, bias)`` holds a dense float tensor or a ``QuantizedTensor`` and
-computes in x's dtype (float32 or bfloat16). Float32 dense weights go through
-``torch.nn.functional.linear`` unchanged (float32 exactness against transformers).
+computes in x's dtype (float32 or bfloat16). Float32 dense weights of a prefill go through
+``torch.nn.functional.linear`` unchanged (the library's own call).
 Quantized weights are computed without ever holding a dequantized copy, with x rounded
 to int8 blocks of 32 first (``quantize_activations``), as llama.cpp does: the compiled
 kernels (``swarm.model.kernels.native``, built with the system's C compiler at first
 use) then sum each block's products exactly in integers. Where no compiler works, or
 with ``SWARM_KERNELS=torch``, a torch path computes the same rounding by dequantizing
-row chunks on the fly. bfloat16 decode products (a few rows of x) use the native
-kernel too: torch's bfloat16 product reads its weights at half the memory bandwidth.
+row chunks on the fly. bfloat16 and float32 decode products (a few rows of x) use the native
+kernels too: torch's bfloat16 product reads its weights at half the memory bandwidth, MKL's
+one-token float32 product the small matrices of a 135M model at about 80% of it. The native
+float32 sums are in another order than the BLAS's (float32 rounding apart, not bit for bit);
+products of more rows (a prefill) stay the BLAS's, the library's own calls.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from torch import nn
 from swarm.model.formats import BLOCK, QuantizedTensor, Weight
 
 # Bumped when the numbers a kernel computes change: profiles measured under another version are not reused.
-VERSION = "4"
-BF16_NATIVE_MAX_ROWS = 8  # bfloat16 products with at most this many rows of x use the native kernel (decode)
+VERSION = "5"
+NATIVE_MAX_ROWS = 8  # bfloat16 and float32 products with at most this many rows of x use the native kernels (decode)
 
 CHUNK_ROWS = 2048  # rows dequantized at a time on the torch path (bounds the temporary)
 
@@ -42,28 +45,38 @@ def _native():
 
 
 def kernel_id() -> str:
-    """Which kernels this process computes with, e.g. "4-avx512", "4-avx2" or "4-torch": the key profiles
+    """Which kernels this process computes with, e.g. "5-avx512", "5-avx2" or "5-torch": the key profiles
     are cached under."""
     lib = _native()
     return f"{VERSION}-{lib.simd.replace(' ', '-') if lib is not None else 'torch'}"
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] rounded as the kernels round it: int8 blocks of 32, scale amax / 127, returned dequantized.
-
-    The products of quantized weights take x in this form (llama.cpp does the same), so
-    each block's dot product is an exact integer sum in the native kernels.
-    """
+def round_to_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded to int8 blocks of 32 (scale amax / 127, to nearest even), returned dequantized."""
     blocks = x.float().reshape(x.shape[0], -1, BLOCK)
     scale = blocks.abs().amax(-1, keepdim=True) / 127.0
     inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
     return (torch.round(blocks * inverse) * scale).reshape(x.shape)
 
 
+def quantize_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [M, K] as the kernels take it for a weight of ``kind``, returned dequantized: rounded to int8 blocks
+    of 32, as llama.cpp does, so each block's dot product is an exact integer sum in the native kernels.
+
+    For q8_0 weights the kernels also take what that rounding left out, rounded to int8 blocks of its
+    own, and sum the two products (native.c's swarm_matmul_quant: x's rounding would otherwise cost more
+    perplexity than the weights' own); the sum is returned here.
+    """
+    xq = round_to_blocks(x)
+    if kind != "q8_0":
+        return xq
+    return xq + round_to_blocks(x.float() - xq)
+
+
 def matmul_torch(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W.T with the native kernels' rounding of x, dequantizing CHUNK_ROWS rows of W at a time."""
     n, _ = weight.shape
-    xq = quantize_activations(x)
+    xq = quantize_activations(x, weight.kind)
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
     for start in range(0, n, CHUNK_ROWS):
         part = _slice(weight, start, min(n, start + CHUNK_ROWS))
@@ -131,16 +144,23 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.kind}, bias={self.bias is not None}"
 
+    def takes_native(self, x: torch.Tensor) -> bool:
+        """Whether a dense weight's product with x runs on the native kernels (a bfloat16 or float32 decode:
+        at most NATIVE_MAX_ROWS rows of x, on a CPU, where the kernels are built); else torch's."""
+        w = self.dense
+        return (w.dtype in (torch.bfloat16, torch.float32) and x.numel() <= NATIVE_MAX_ROWS * self.in_features
+                and w.device.type == "cpu" and x.device.type == "cpu"
+                and (w.dtype == torch.bfloat16 or x.dtype == torch.float32) and _native() is not None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]. The native kernels take x's leading dimensions as rows (no reshapes:
         # at 135M a decode step makes 120 of these calls, and each operator call costs microseconds).
         if not self.quantized:
             w = self.dense
-            if (w.dtype == torch.bfloat16 and x.numel() <= BF16_NATIVE_MAX_ROWS * self.in_features
-                    and self.bias is None and w.device.type == "cpu"):
+            if self.takes_native(x):
                 lib = _native()
-                if lib is not None:
-                    return lib.matmul_bf16(x, w)
+                y = lib.matmul_bf16(x, w) if w.dtype == torch.bfloat16 else lib.matmul_f32(x, w)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)  # float16 weights with float32 x: a temporary, rare
             # [..., K] as the library's nn.Linear calls it (the same BLAS call for float32)

@@ -45,7 +45,7 @@
 #define QK 32
 #define ROWS 4 /* weight rows per inner loop, sharing x's loads */
 
-int swarm_kernels_abi(void) { return 2; }
+int swarm_kernels_abi(void) { return 4; }
 
 /* 512: AVX-512 VNNI (and bf16 dot products where __AVX512BF16__), 2: AVX2, 0: plain C. */
 int swarm_kernels_simd(void) {
@@ -419,9 +419,9 @@ static void dot_rows512(int kind, int64_t K, const uint8_t *codes, const uint16_
 }
 #endif
 
-/* y [M, N] = x [M, K] @ W^T for a quantized W. Returns 0, or -1 when scratch memory is short. */
-int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uint8_t *codes,
-                       const uint16_t *scales, const uint16_t *mins, int64_t N, float *y, int threads) {
+/* y [M, N] = x [M, K] @ W^T for a quantized W, each x row rounded to int8 blocks once. */
+static int matmul_quant_rows(int kind, const float *x, int64_t M, int64_t K, const uint8_t *codes,
+                             const uint16_t *scales, const uint16_t *mins, int64_t N, float *y, int threads) {
     const int64_t nb = K / QK;
 #ifdef SWARM_AVX512
     const int64_t nbp = (nb + CHUNK - 1) / CHUNK * CHUNK; /* x padded to whole chunks */
@@ -470,6 +470,47 @@ int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uin
     }
     free(xq), free(xd), free(xs), free(xc);
     return 0;
+}
+
+/* What rounding x to int8 blocks leaves out: r = x - d * round(x / d) per block of 32 (d = amax / 127,
+ * the rounding of quantize_row and prepare_x512), each operation rounded on its own (no fma), as
+ * swarm.model.kernels.quantize_activations computes it. */
+__attribute__((optimize("fp-contract=off")))
+static void rounding_residual(const float *x, int64_t K, float *r) {
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        for (int j = 0; j < QK; j++) {
+            const float back = nearbyintf(xb[j] * inv) * scale;
+            r[b * QK + j] = xb[j] - back;
+        }
+    }
+}
+
+/* y [M, N] = x [M, K] @ W^T for a quantized W. Returns 0, or -1 when scratch memory is short.
+ * q8_0 (int8 weights): rounding x to int8 blocks costs more than the weights' own rounding (SmolLM2-135M:
+ * +0.75% perplexity on top of the weights' +0.60%), so each x row goes in twice, as llama.cpp does not: x,
+ * and its rounding's residual (rounding_residual) rounded to int8 blocks of its own; the two products are
+ * summed. The pair is two x rows of one pass (MX), so each weight load serves both and the
+ * product still reads W once. The 4-bit formats' own rounding dominates theirs: x goes in once. */
+int swarm_matmul_quant(int kind, const float *x, int64_t M, int64_t K, const uint8_t *codes,
+                       const uint16_t *scales, const uint16_t *mins, int64_t N, float *y, int threads) {
+    if (kind != 0) return matmul_quant_rows(kind, x, M, K, codes, scales, mins, N, y, threads);
+    float *xx = malloc(sizeof(float) * (size_t)(2 * M * K)), *yy = malloc(sizeof(float) * (size_t)(2 * M * N));
+    int rc = -1;
+    if (xx && yy) {
+        for (int64_t m = 0; m < M; m++) {
+            memcpy(xx + 2 * m * K, x + m * K, sizeof(float) * (size_t)K);
+            rounding_residual(x + m * K, K, xx + (2 * m + 1) * K);
+        }
+        rc = matmul_quant_rows(kind, xx, 2 * M, K, codes, scales, mins, N, yy, threads);
+        for (int64_t m = 0; m < M && rc == 0; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] = yy[2 * m * N + n] + yy[(2 * m + 1) * N + n];
+    }
+    free(xx), free(yy);
+    return rc;
 }
 
 /* ------------------------------------------------------------ bfloat16 */
@@ -597,6 +638,88 @@ int swarm_matmul_bf16(const void *x, int x_bf16, int64_t M, int64_t K, const uin
     return 0;
 }
 
+/* ------------------------------------------------------------ float32
+ *
+ * Decode products of float32 weights (y = x @ W^T for a few rows of x), the bytes a float32 step
+ * reads: MKL's one-token sgemv reads the small matrices of a 135M model at about 11 GB/s on one
+ * core, this loop at the machine's bandwidth. Rows are taken as above (four streams a quarter of
+ * the matrix apart, prefetched ahead), each with two accumulators of 16 lanes (eight independent
+ * fma chains hide the fma latency), summed at the end. The sums are float32 in another order than
+ * the BLAS's, so the products agree with torch's to float32 rounding, not bit for bit. */
+#ifndef PREFETCH_F32
+#define PREFETCH_F32 2048
+#endif
+
+static inline __attribute__((always_inline)) void dot_rows_f32_impl(int64_t K, const float *w, int64_t r0,
+        int64_t stride, int nr, const float *x, float *y) {
+    const float *rows[ROWS];
+    for (int r = 0; r < nr; r++) rows[r] = w + (r0 + r * stride) * K;
+#ifdef SWARM_AVX512
+    __m512 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nr; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        for (int r = 0; r < nr; r++) {
+            _mm_prefetch((const char *)(rows[r] + k) + PREFETCH_F32, _MM_HINT_T0);
+            _mm_prefetch((const char *)(rows[r] + k) + PREFETCH_F32 + 64, _MM_HINT_T0);
+            a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[r] + k), x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[r] + k + 16), x1, a1[r]);
+        }
+    }
+    for (; k < K; k += 16) { /* the last K % 32: masked loads */
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int r = 0; r < nr; r++) a0[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rows[r] + k), xv, a0[r]);
+    }
+    for (int r = 0; r < nr; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+#elif defined(__AVX2__)
+    __m256 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nr; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < nr; r++) {
+            a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k), x0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k + 8), x1, a1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float rest = 0.0f;
+        for (int64_t j = k; j < K; j++) rest += rows[r][j] * x[j];
+        y[r] = hsum(_mm256_add_ps(a0[r], a1[r])) + rest;
+    }
+#else
+    for (int r = 0; r < nr; r++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < K; j++) acc += rows[r][j] * x[j];
+        y[r] = acc;
+    }
+#endif
+}
+
+static void dot_rows_f32(int64_t K, const float *w, int64_t r0, int64_t stride, int nr, const float *x, float *y) {
+    if (nr == ROWS) dot_rows_f32_impl(K, w, r0, stride, ROWS, x, y);
+    else dot_rows_f32_impl(K, w, r0, stride, nr, x, y);
+}
+
+/* y [M, N] = x [M, K] @ W^T for float32 W [N, K] and x. Each row of x is summed alone, in the same
+ * order whatever M is (a batch's rows equal the same rows decoded one by one). Returns 0. */
+int swarm_matmul_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y, int threads) {
+    const int64_t Q = N / ROWS, groups = Q + (N % ROWS != 0); /* rows as in swarm_matmul_quant */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t r0 = g < Q ? g : ROWS * Q, stride = g < Q ? Q : 1;
+        const int nr = g < Q ? ROWS : (int)(N - ROWS * Q);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            dot_rows_f32(K, w, r0, stride, nr, x + m * K, out);
+            for (int r = 0; r < nr; r++) y[m * N + r0 + r * stride] = out[r];
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------ one decode block
  *
  * A whole Llama-family decoder block for one token of one sequence: at 135M parameters the
@@ -605,9 +728,10 @@ int swarm_matmul_bf16(const void *x, int x_bf16, int64_t M, int64_t K, const uin
  * arithmetic is swarm/model/block.py's (RMSNorm, fused q/k/v, rotary with the sign folded
  * into sin, the KV cache write, softmax attention over the positions so far, o, RMSNorm,
  * fused gate/up, SiLU, down), in float32 and in another order than torch's, so not bit for
- * bit: float32 shards with float32 weights stay the library's arithmetic and never come here.
- * Weights are quantized (kinds 0-2) or bfloat16 (kind 3). Activations, norms, biases, rotary
- * tables and the cache are float32, or bfloat16 with act_bf16 (a bfloat16 shard): then the
+ * bit (float32 weights: within float32 rounding of the library's layer; their tokens are
+ * checked against transformers' by tests/model/test_shard.py and benchmarks/bench_f32_identity.py).
+ * Weights are quantized (kinds 0-2), bfloat16 (kind 3) or float32 (kind 4). Activations, norms,
+ * biases, rotary tables and the cache are float32, or bfloat16 with act_bf16 (a bfloat16 shard): then the
  * block computes in float32 between a bf16 input and output, and rounds to bf16 what torch's
  * bf16 block holds in bf16 between operators that matter here: the products' inputs (the bf16
  * kernel takes bf16 x) and the keys and values it caches. */
@@ -642,81 +766,101 @@ static void rms_norm_f32(const float *x, const void *w, int bf, int64_t n, float
     for (int64_t i = 0; i < n; i++) out[i] = ld(w, i, bf) * (x[i] * r);
 }
 
-/* y [N] = x [K] @ W^T (+ bias) for weight number i of the block's parts; xb: scratch for x in bf16. */
+/* y [M, N] = x [M, K] @ W^T (+ bias) for weight number i of the block's parts; xb: scratch for x in bf16.
+ * Each row is computed as if alone (the kernels sum each row of x on its own). */
 static int product(int i, const int *kinds, const void *const *parts, const int64_t *shapes, int bf, const float *x,
-                   uint16_t *xb, float *y, int threads) {
+                   int64_t M, uint16_t *xb, float *y, int threads) {
     const int64_t n = shapes[2 * i], k = shapes[2 * i + 1];
     const void *const *p = parts + 4 * i; /* codes (or the bf16 matrix), scales, mins, bias */
-    if (kinds[i] == 3) {
-        for (int64_t j = 0; j < k; j++) xb[j] = float_to_bf16(x[j]);
-        if (swarm_matmul_bf16(xb, 1, 1, k, p[0], n, y, threads) != 0) return -1;
-    } else if (swarm_matmul_quant(kinds[i], x, 1, k, p[0], p[1], p[2], n, y, threads) != 0) {
+    if (kinds[i] == 4) {
+        swarm_matmul_f32(x, M, k, p[0], n, y, threads);
+    } else if (kinds[i] == 3) {
+        for (int64_t j = 0; j < M * k; j++) xb[j] = float_to_bf16(x[j]);
+        if (swarm_matmul_bf16(xb, 1, M, k, p[0], n, y, threads) != 0) return -1;
+    } else if (swarm_matmul_quant(kinds[i], x, M, k, p[0], p[1], p[2], n, y, threads) != 0) {
         return -1;
     }
-    if (p[3]) for (int64_t j = 0; j < n; j++) y[j] += ld(p[3], j, bf);
+    if (p[3])
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < n; j++) y[m * n + j] += ld(p[3], j, bf);
     return 0;
 }
 
-/* x [H] <- block(x). Weights 0..3: q/k/v fused [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused
- * [2 I, H], down [H, I], each as (codes or bf16 matrix, scales, mins or NULL, bias or NULL) in parts,
- * kinds[i] (0-2 quantized, 3 bf16) and (N, K) in shapes. cos, sin [dim]: this position's rotary tables
- * (sin's first half negated). keys, values: this sequence's cache [kv, max_len, dim]; the token is
- * written at pos and attends to positions 0..pos. x, norms, biases, tables and cache are float32,
- * or bfloat16 with act_bf16. Returns 0, or -1 when scratch memory is short. */
-int swarm_block_decode(void *x, int act_bf16, int64_t H, int heads, int kv, int dim, float eps, float scale,
-                       const void *norm1, const void *norm2, const int *kinds, const void *const *parts,
-                       const int64_t *shapes, const void *cos, const void *sin, void *keys, void *values,
-                       int64_t max_len, int64_t pos, int threads) {
+/* x [B, H] <- block(x): one new token of each of B sequences. Weights 0..3: q/k/v fused
+ * [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused [2 I, H], down [H, I], each as (codes or bf16
+ * matrix, scales, mins or NULL, bias or NULL) in parts, kinds[i] (0-2 quantized, 3 bf16, 4 float32) and
+ * (N, K) in shapes. cos, sin [B, dim]: each token's rotary tables (sin's first half negated). keys[b],
+ * values[b]: sequence b's cache [kv, max_len, dim]; its token is written at pos[b] and attends to its
+ * positions 0..pos[b] (so sequences of different lengths need no mask). The products take the B rows
+ * together (each weight load serves every row; each row summed as if alone, so a sequence's numbers do not
+ * depend on the batch it is in). x, norms, biases, tables and cache are float32, or bfloat16 with act_bf16.
+ * Returns 0, or -1 when scratch memory is short. */
+int swarm_block_decode(void *x, int64_t B, int act_bf16, int64_t H, int heads, int kv, int dim, float eps,
+                       float scale, const void *norm1, const void *norm2, const int *kinds, const void *const *parts,
+                       const int64_t *shapes, const void *cos, const void *sin, void *const *keys,
+                       void *const *values, int64_t max_len, const int64_t *pos, int threads) {
     const int bf = act_bf16;
-    const int64_t inter = shapes[4] / 2, nq = (int64_t)heads * dim, nkv = (int64_t)kv * dim, span = pos + 1;
+    const int64_t inter = shapes[4] / 2, nq = (int64_t)heads * dim, nkv = (int64_t)kv * dim;
     const int64_t widest = inter > H ? inter : H, nqkv = nq + 2 * nkv;
-    float *buf = malloc(sizeof(float) * (size_t)(H + widest + nqkv + nq + 2 * inter + span + 2 * dim)
-                        + sizeof(uint16_t) * (size_t)(widest > nq ? widest : nq));
+    int64_t span = 0;
+    for (int64_t b = 0; b < B; b++) span = pos[b] + 1 > span ? pos[b] + 1 : span;
+    float *buf = malloc(sizeof(float) * (size_t)(B * (H + widest + nqkv + nq + 2 * inter) + span + 2 * dim)
+                        + sizeof(uint16_t) * (size_t)(B * (widest > nq ? widest : nq)));
     if (!buf) return -1;
-    float *xf = buf, *h = xf + H, *qkv = h + widest, *attn = qkv + nqkv, *gu = attn + nq, *scores = gu + 2 * inter;
-    float *row = scores + span, *rolled = row + dim;
+    float *xf = buf, *h = xf + B * H, *qkv = h + B * widest, *attn = qkv + B * nqkv, *gu = attn + B * nq;
+    float *scores = gu + B * 2 * inter, *row = scores + span, *rolled = row + dim;
     uint16_t *xb = (uint16_t *)(rolled + dim);
     int rc = 0;
-    for (int64_t i = 0; i < H; i++) xf[i] = ld(x, i, bf);
-    rms_norm_f32(xf, norm1, bf, H, eps, h);
-    if ((rc = product(0, kinds, parts, shapes, bf, h, xb, qkv, threads))) goto done;
     const int half = dim / 2;
-    for (int64_t head = 0; head < heads + kv; head++) { /* rotate q and k in place: v * cos + roll(v) * sin */
-        float *v = qkv + head * dim;
-        for (int j = 0; j < dim; j++) rolled[j] = v[(j + half) % dim];
-        for (int j = 0; j < dim; j++) v[j] = v[j] * ld(cos, j, bf) + rolled[j] * ld(sin, j, bf);
+    for (int64_t i = 0; i < B * H; i++) xf[i] = ld(x, i, bf);
+    for (int64_t b = 0; b < B; b++) rms_norm_f32(xf + b * H, norm1, bf, H, eps, h + b * H);
+    if ((rc = product(0, kinds, parts, shapes, bf, h, B, xb, qkv, threads))) goto done;
+    for (int64_t b = 0; b < B; b++) {
+        float *qb = qkv + b * nqkv, *ob = attn + b * nq;
+        const int64_t at_pos = pos[b];
+        for (int64_t head = 0; head < heads + kv; head++) { /* rotate q and k in place: v * cos + roll(v) * sin */
+            float *v = qb + head * dim;
+            for (int j = 0; j < dim; j++) rolled[j] = v[(j + half) % dim];
+            for (int j = 0; j < dim; j++) v[j] = v[j] * ld(cos, b * dim + j, bf) + rolled[j] * ld(sin, b * dim + j, bf);
+        }
+        void *kb = keys[b], *vb = values[b];
+        for (int64_t g = 0; g < kv; g++)
+            for (int j = 0; j < dim; j++) {
+                st(kb, (g * max_len + at_pos) * dim + j, qb[nq + g * dim + j], bf);
+                st(vb, (g * max_len + at_pos) * dim + j, qb[nq + nkv + g * dim + j], bf);
+            }
+        for (int head = 0; head < heads; head++) {
+            const int64_t g = head / (heads / kv);
+            const float *q = qb + (int64_t)head * dim;
+            float top = -INFINITY, total = 0.0f, *out = ob + (int64_t)head * dim;
+            for (int64_t t = 0; t <= at_pos; t++) {
+                const int64_t at = (g * max_len + t) * dim;
+                if (bf) for (int j = 0; j < dim; j++) row[j] = ld(kb, at + j, 1);
+                scores[t] = scale * dot_f32(q, bf ? row : (const float *)kb + at, dim);
+                top = fmaxf(top, scores[t]);
+            }
+            for (int j = 0; j < dim; j++) out[j] = 0.0f;
+            for (int64_t t = 0; t <= at_pos; t++) {
+                const float p = expf(scores[t] - top);
+                const int64_t at = (g * max_len + t) * dim;
+                total += p;
+                for (int j = 0; j < dim; j++) out[j] += p * ld(vb, at + j, bf);
+            }
+            for (int j = 0; j < dim; j++) out[j] /= total;
+        }
     }
-    for (int64_t g = 0; g < kv; g++)
-        for (int j = 0; j < dim; j++) {
-            st(keys, (g * max_len + pos) * dim + j, qkv[nq + g * dim + j], bf);
-            st(values, (g * max_len + pos) * dim + j, qkv[nq + nkv + g * dim + j], bf);
-        }
-    for (int head = 0; head < heads; head++) {
-        const int64_t g = head / (heads / kv);
-        const float *q = qkv + (int64_t)head * dim;
-        float top = -INFINITY, total = 0.0f, *out = attn + (int64_t)head * dim;
-        for (int64_t t = 0; t < span; t++) {
-            const int64_t at = (g * max_len + t) * dim;
-            if (bf) for (int j = 0; j < dim; j++) row[j] = ld(keys, at + j, 1);
-            scores[t] = scale * dot_f32(q, bf ? row : (const float *)keys + at, dim);
-            top = fmaxf(top, scores[t]);
-        }
-        for (int j = 0; j < dim; j++) out[j] = 0.0f;
-        for (int64_t t = 0; t < span; t++) {
-            const float p = expf(scores[t] - top);
-            const int64_t at = (g * max_len + t) * dim;
-            total += p;
-            for (int j = 0; j < dim; j++) out[j] += p * ld(values, at + j, bf);
-        }
-        for (int j = 0; j < dim; j++) out[j] /= total;
+    if ((rc = product(1, kinds, parts, shapes, bf, attn, B, xb, h, threads))) goto done;
+    for (int64_t i = 0; i < B * H; i++) xf[i] += h[i];
+    for (int64_t b = 0; b < B; b++) rms_norm_f32(xf + b * H, norm2, bf, H, eps, h + b * H);
+    if ((rc = product(2, kinds, parts, shapes, bf, h, B, xb, gu, threads))) goto done;
+    for (int64_t b = 0; b < B; b++) { /* silu(gate) * up */
+        float *g = gu + b * 2 * inter;
+        for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
     }
-    if ((rc = product(1, kinds, parts, shapes, bf, attn, xb, h, threads))) goto done;
-    for (int64_t i = 0; i < H; i++) xf[i] += h[i];
-    rms_norm_f32(xf, norm2, bf, H, eps, h);
-    if ((rc = product(2, kinds, parts, shapes, bf, h, xb, gu, threads))) goto done;
-    for (int64_t i = 0; i < inter; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[inter + i]; /* silu(gate) * up */
-    if ((rc = product(3, kinds, parts, shapes, bf, gu, xb, h, threads))) goto done;
-    for (int64_t i = 0; i < H; i++) st(x, i, xf[i] + h[i], bf);
+    /* down takes rows of I: the B rows' silu products sit 2 I apart, so pack them */
+    for (int64_t b = 1; b < B; b++) memmove(gu + b * inter, gu + b * 2 * inter, sizeof(float) * (size_t)inter);
+    if ((rc = product(3, kinds, parts, shapes, bf, gu, B, xb, h, threads))) goto done;
+    for (int64_t i = 0; i < B * H; i++) st(x, i, xf[i] + h[i], bf);
 done:
     free(buf);
     return rc;

@@ -29,7 +29,7 @@ from swarm.model.formats import QuantizedTensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 2  # swarm_kernels_abi() of the source this module calls
+ABI = 4  # swarm_kernels_abi() of the source this module calls
 KIND_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
@@ -46,9 +46,12 @@ class NativeKernels:
         self._bf16 = lib.swarm_matmul_bf16
         self._bf16.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int]
         self._bf16.restype = ctypes.c_int
+        self._f32 = lib.swarm_matmul_f32
+        self._f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        self._f32.restype = ctypes.c_int
         self._block = lib.swarm_block_decode
-        self._block.argtypes = [ptr, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        self._block.argtypes = [ptr, i64, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
         self._block.restype = ctypes.c_int
         self.simd = {512: "avx512", 2: "avx2"}.get(lib.swarm_kernels_simd(), "plain C")
 
@@ -87,18 +90,27 @@ class NativeKernels:
             raise MemoryError(f"no memory for a [{rows}, {k}] activation buffer")
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
+    def matmul_f32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ W.T for float32 x and W [N, K] (decode: a few rows of x), float32 sums in the
+        kernel's own order: within float32 rounding of torch's product, not its bits."""
+        n, k = weight.shape
+        xc = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+        self._f32(xc.data_ptr(), xc.numel() // k, k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+        return out
+
 
 class BlockDecoder:
-    """swarm_block_decode's arguments for one decoder block, built once: a decode step of one
-    sequence then costs one call per block (see native.c). The tensors are kept referenced, so
+    """swarm_block_decode's arguments for one decoder block, built once: a decode step (one new token of
+    each sequence of a batch) then costs one call per block (see native.c). The tensors are kept referenced, so
     the addresses handed to C stay valid for the decoder's life (a buffer replaced on the block
     afterwards would not be seen: blocks are built once and never moved)."""
 
-    WEIGHT_KINDS = {**KIND_CODES, "bfloat16": 3}
+    WEIGHT_KINDS = {**KIND_CODES, "bfloat16": 3, "float32": 4}
 
     def __init__(self, lib: NativeKernels, linears: list, norm1: torch.Tensor, norm2: torch.Tensor,
                  heads: int, kv_heads: int, head_dim: int, eps: float, scale: float):
-        # linears: the block's fused q/k/v, o, fused gate/up and down Linears, quantized or bfloat16;
+        # linears: the block's fused q/k/v, o, fused gate/up and down Linears, quantized, bfloat16 or float32;
         # the norms' dtype (float32 or bfloat16) is the activations', the biases' and the cache's
         self._lib = lib
         self.dtype = norm1.dtype
@@ -111,18 +123,28 @@ class BlockDecoder:
         self._fixed = (int(self.dtype == torch.bfloat16), norm1.shape[0], heads, kv_heads, head_dim, eps, scale,
                        norm1.data_ptr(), norm2.data_ptr())
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: int, values: int,
-                 max_len: int, pos: int) -> torch.Tensor:
-        """x [1, 1, H] in ``dtype`` -> the block's output; keys, values: addresses of the sequence's cache
-        [kv, max_len, dim] in ``dtype``, the token written at ``pos``; cos, sin: contiguous [dim] tables."""
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, target: "DecodeTarget") -> torch.Tensor:
+        """x [B, 1, H] in ``dtype`` -> the block's output; cos, sin: contiguous [B, ..., dim] tables; ``target``:
+        where each sequence's cache is and the position its token is written at (``DecodeTarget``)."""
         out = x.clone(memory_format=torch.contiguous_format)
         bf16, hidden, heads, kv, dim, eps, scale, n1, n2 = self._fixed
-        rc = self._lib._block(out.data_ptr(), bf16, hidden, heads, kv, dim, eps, scale, n1, n2, self._kinds,
-                              self._parts, self._shapes, cos.data_ptr(), sin.data_ptr(), keys, values, max_len,
-                              pos, torch.get_num_threads())
+        rc = self._lib._block(out.data_ptr(), x.shape[0], bf16, hidden, heads, kv, dim, eps, scale, n1, n2,
+                              self._kinds, self._parts, self._shapes, cos.data_ptr(), sin.data_ptr(), target.keys,
+                              target.values, target.max_len, target.positions, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("no memory for a decode block's scratch buffers")
         return out
+
+
+class DecodeTarget:
+    """The caches a native decode step of B sequences writes and reads in one block: the addresses of each
+    sequence's keys and values [kv_heads, max_len, head_dim] and the position its new token takes."""
+
+    def __init__(self, keys: list[int], values: list[int], max_len: int, positions: list[int]):
+        self.keys = (ctypes.c_void_p * len(keys))(*keys)
+        self.values = (ctypes.c_void_p * len(values))(*values)
+        self.positions = (ctypes.c_int64 * len(positions))(*positions)
+        self.max_len = max_len
 
 
 def compiler() -> str | None:
