@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from swarm.cli.common import resolve_model_or_exit
-    from swarm.runtime.bench import BenchConfig, run_bench, run_encryption_bench
+    from swarm.bench.pipeline import BenchConfig, run_bench, run_encryption_bench
 
     err = Console(stderr=True)
     model_dir = resolve_model_or_exit(args.model, err)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             encryption = result.encryption
         if not (args.no_recovery or args.encryption_only):
             from swarm.discovery.liveness import LivenessConfig
-            from swarm.recovery_bench import run_recovery_bench
+            from swarm.bench.recovery import run_recovery_bench
 
             status.update("measuring recovery from a killed peer...")
             liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)

@@ -63,7 +63,7 @@ async def _bench(model_dir: Path, repeats: int, prompt_tokens: int, new_tokens: 
 
     from swarm.discovery.links import ProbeConfig
     from swarm.localswarm import LocalSwarm
-    from swarm.runtime.bench import bench_prompts
+    from swarm.bench.pipeline import bench_prompts
     from swarm.model.units import ModelLayout
     from swarm.source import SourceConfig, SwarmSource
 
