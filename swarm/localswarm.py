@@ -30,6 +30,7 @@ PEER_STOP_TIMEOUT_S = 10.0  # SIGHUP (mDNS goodbye), then SIGKILL
 # Linux's SIGHUP (the signal module is the CLI's, see tests/test_layering.py): `swarm join`
 # leaves at once on it, without waiting for a source to move its stages.
 LEAVE_AT_ONCE = 1
+FREEZE = 19  # Linux's SIGSTOP: the process stops, its sockets stay open
 LOG_TAIL_LINES = 15
 
 
@@ -203,8 +204,15 @@ class LocalSwarm:
         self.peers = [w.result() for w in waits]
 
     def kill(self, index: int) -> None:
-        """SIGKILL peer ``index`` (a device that vanishes without a word: benchmarks of recovery)."""
-        self._procs[index].kill()
+        """SIGKILL peer ``index`` (a device that vanishes without a word: benchmarks of recovery);
+        nothing if it has already ended."""
+        with contextlib.suppress(ProcessLookupError):
+            self._procs[index].kill()
+
+    def freeze(self, index: int) -> None:
+        """SIGSTOP peer ``index`` (a frozen device or a lost link: its connections stay open and only
+        missed heartbeats tell). ``kill`` ends it as it is."""
+        self._procs[index].send_signal(FREEZE)
 
     async def restart(self, index: int) -> LocalPeer:
         """Start peer ``index`` again (on its port) after it died or was killed; a new member
