@@ -124,6 +124,12 @@ class PeerClient:
             self._ctx.term()
             self._ctx = None
 
+    def lost(self, why: str) -> None:
+        """The peer is known to be gone (its connection closed, its heartbeats missed): every
+        request waiting on it fails now, and every later one at once, not at their timeouts."""
+        self._broken = self._broken or PeerError(f"{self.address}: {why}")
+        self._fail_pending(self._broken)
+
     def _fail_pending(self, exc: Exception) -> None:
         for future in self._pending.values():
             if not future.done():

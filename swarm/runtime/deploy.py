@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import psutil
 import torch
@@ -208,6 +208,13 @@ class Deployment:
         for peer, result in zip(self.peers, results):
             if isinstance(result, Exception) and peer.address not in self.lost:
                 log.warning("unload on %s failed: %s", peer.address, result)
+
+    def peers_lost(self, addresses: Collection[str]) -> None:
+        """Requests to these stages' peers fail now: an OPEN or CLOSE to a dead peer would
+        otherwise hold the pipeline's control lock for its whole timeout, one after another."""
+        for peer in self.peers:
+            if peer.address in addresses:
+                peer.lost("the peer was lost")
 
     async def release_first_stage(self, keep_for: StagePlacement) -> Shard | None:
         """Stop the local stage (a step still running finishes) and hand its shard over when

@@ -294,6 +294,8 @@ class Pipeline:
         if self._stack is None or self._recovery.broken is not None:
             return
         self._recovery.suspects |= set(addresses)
+        if self.deployment is not None:
+            self.deployment.peers_lost(addresses)
         if self._loading is not None and (not addresses or set(addresses) & self._loading[1]):
             self._loading[0].cancel()  # its deploy raises StageLost; whoever deploys re-plans
         self._recovery.start(self._tg, reason)
