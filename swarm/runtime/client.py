@@ -50,6 +50,7 @@ class Ready:
     weight_bytes: int
     kv_bytes: int
     rss_bytes: int
+    kept: bool = False  # the peer already held these units for the same model and cache shape
 
 
 class PeerClient:
@@ -235,7 +236,8 @@ class PeerClient:
             "max_len": max_len, "dtype": dtype, "next": next_address, "fp": fingerprint,
             "quant": quant, "holder": holder,
         }, timeout=timeout, on_progress=on_progress)
-        return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"])
+        return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"],
+                     bool(reply.get("kept", False)))
 
     async def unload(self, timeout: float = REQUEST_TIMEOUT_S, dep: int | None = None) -> None:
         """Drop the shard; with ``dep``, only if that deployment's shard is the one installed."""

@@ -104,6 +104,7 @@ class Deployment:
         self.peers: list[PeerClient] = []  # control: LOAD, OPEN, CLOSE, PING
         self._returns: list[PeerClient] = []  # each peer's data socket: tokens and step errors come home here
         self.lost: frozenset[str] = frozenset()  # addresses of peers given up: unloaded with a short bound
+        self.handed_over: frozenset[str] = frozenset()  # peers the next deployment keeps loaded: not unloaded
         self.transfers: dict[str, dict] = {}  # peer address -> weights received so far (done, total, rate_bps)
 
     @classmethod
@@ -202,10 +203,12 @@ class Deployment:
         # A lost peer gets a short bound: one leaving gracefully answers at once (and may then
         # go), a dead one must not hold a recovery for a whole control timeout. If it comes
         # back, its next LOAD replaces the old shard, and its old steps carry an old dep id.
-        timeouts = [LOST_UNLOAD_TIMEOUT_S if p.address in self.lost else self.control_timeout_s for p in self.peers]
-        results = await asyncio.gather(*(p.unload(t, dep=self.dep_id) for p, t in zip(self.peers, timeouts)),
+        # A peer whose units the next deployment keeps is left loaded: its LOAD keeps the weights.
+        peers = [p for p in self.peers if p.address not in self.handed_over]
+        timeouts = [LOST_UNLOAD_TIMEOUT_S if p.address in self.lost else self.control_timeout_s for p in peers]
+        results = await asyncio.gather(*(p.unload(t, dep=self.dep_id) for p, t in zip(peers, timeouts)),
                                        return_exceptions=True)
-        for peer, result in zip(self.peers, results):
+        for peer, result in zip(peers, results):
             if isinstance(result, Exception) and peer.address not in self.lost:
                 log.warning("unload on %s failed: %s", peer.address, result)
 
@@ -227,10 +230,11 @@ class Deployment:
             return shard
         return None
 
-    async def aclose(self, lost: frozenset[str] = frozenset()) -> None:
-        """Unload every peer (the ``lost`` ones within LOST_UNLOAD_TIMEOUT_S), stop the local shard;
-        safe to call twice."""
+    async def aclose(self, lost: frozenset[str] = frozenset(), handed_over: frozenset[str] = frozenset()) -> None:
+        """Unload every peer (the ``lost`` ones within LOST_UNLOAD_TIMEOUT_S) but those ``handed_over``
+        to the next deployment with the same units, stop the local shard; safe to call twice."""
         self.lost = self.lost | lost
+        self.handed_over = handed_over
         if self._stack is not None:
             stack, self._stack = self._stack, None
             await stack.aclose()

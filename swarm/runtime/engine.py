@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import secrets
 import time
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Collection, Sequence
@@ -63,6 +62,13 @@ class PipelineConfig:
     step_timeout_s: float = 30.0
     control_timeout_s: float = 10.0  # OPEN / CLOSE / UNLOAD replies
     recovery_attempts: int = 3  # re-plan + deploy tries before every running turn fails
+
+
+def kept_in_place(old: Sequence[StagePlacement], new: Sequence[StagePlacement]) -> frozenset[str]:
+    """The peers that hold the same units in both plans: the new deployment's LOAD keeps their
+    weights (the peer sees the same request and re-hosts its shard), so the old one must not
+    unload them."""
+    return frozenset(s.address for s in set(old[1:]) & set(new[1:]))
 
 
 class Pipeline:
@@ -191,7 +197,7 @@ class Pipeline:
         # The old deployment closes while the new one loads: its UNLOADs name their deployment,
         # so one that reaches a peer after the new LOAD leaves the new shard alone; and a lost
         # peer's unanswered UNLOAD no longer holds the recovery.
-        closing = asyncio.create_task(old.aclose(lost)) if old is not None else None
+        closing = asyncio.create_task(old.aclose(lost, kept_in_place(old.plan, plan) - lost)) if old is not None else None
         try:
             self.deployment = await self.deploy(plan, kept)
         finally:

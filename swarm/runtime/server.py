@@ -44,7 +44,7 @@ from swarm.runtime.loadweights import IncomingWeights
 from swarm.runtime.perclient import PerClientLimit
 from swarm.runtime.transfer import TransferConfig
 from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode, error_reply
-from swarm.runtime.worker import TorchWorker, WorkerStatus
+from swarm.runtime.worker import Loaded, TorchWorker, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,16 @@ class ShardServer:
             raise WireError(f"dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
         if not (message["slots"] >= 1 and message["max_len"] >= 1):
             raise WireError("slots and max_len must be at least 1")
+        nxt = message.get("next")
+        # The same weights in the same form with the same cache shape: a re-plan left these
+        # units here, so they stay (no read, no transfer) and only the deployment and next hop change.
+        weights = (message.get("fp") or message["model"], start, end, dtype, message.get("quant"),
+                   message["slots"], message["max_len"])
+        if self._worker.status.weights == weights:  # jobs run one at a time: nothing changes it meanwhile
+            loaded = await self._worker.rehost(message["dep"], nxt)
+            self._unloaded.clear()
+            log.info("kept units [%d, %d) for deployment %d, next=%s", start, end, message["dep"], nxt)
+            return self._ready(loaded, message)
         loop = asyncio.get_running_loop()
 
         def push_bound_on() -> None:  # each chunk that lands gives the LOAD its whole bound again
@@ -382,15 +392,18 @@ class ShardServer:
             return Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
                               dtype=torch_dtype(dtype), device=self.config.device, quant=quant)
 
-        nxt = message.get("next")
         try:
-            loaded = await self._worker.load(message["dep"], build, nxt)  # one round trip to the torch thread
+            loaded = await self._worker.load(message["dep"], build, nxt, weights)  # one round trip to the torch thread
         except BaseException:
             self._unloaded.set()  # the old stage is gone whether or not the new one loaded
             raise
         self._unloaded.clear()
         log.info("loaded units [%d, %d) in %.2f s, next=%s", start, end, loaded.load_s, nxt)
+        return self._ready(loaded, message)
+
+    @staticmethod
+    def _ready(loaded: Loaded, message: Message) -> Message:
         return Message(Kind.READY, {
             "load_s": loaded.load_s, "weight_bytes": loaded.weight_bytes, "kv_bytes": loaded.kv_bytes,
-            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss, "kept": loaded.kept,
         }, re=message.id)

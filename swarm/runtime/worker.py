@@ -55,6 +55,7 @@ class HostedStage:
     dep: int
     shard: Any  # swarm.model.shard.Shard
     next_sock: zmq.Socket | None  # DEALER to the next stage's data socket; None on the last stage
+    weights: tuple = ()  # what was loaded (model, units, form, slots, length): a LOAD of the same keeps it
 
     def check_dep(self, dep: int) -> None:
         if dep != self.dep:
@@ -84,6 +85,7 @@ class WorkerStatus:
     """What the torch thread last published: the hosted stage's identity and its counters."""
 
     dep: int | None = None  # None: no stage hosted
+    weights: tuple = ()  # HostedStage.weights
     start: int = 0
     end: int = 0
     max_slots: int = 0
@@ -104,6 +106,7 @@ class Loaded:
     load_s: float
     weight_bytes: int
     kv_bytes: int
+    kept: bool = False  # the hosted shard served the LOAD: nothing was read
 
 
 class TorchWorker:
@@ -175,11 +178,16 @@ class TorchWorker:
 
     # ------------------------------------------------------------ the jobs, one round trip each
 
-    async def load(self, dep: int, build: Callable[[], Any], next_address: str | None) -> Loaded:
+    async def load(self, dep: int, build: Callable[[], Any], next_address: str | None, weights: tuple = ()) -> Loaded:
         """Drop the hosted stage (its memory goes before the new one loads), build the new shard
         with ``build()`` and host it for ``dep``, sending outputs to ``next_address``: one job.
         If ``build`` raises, no stage is hosted."""
-        return await self.call(self._load, dep, build, next_address)
+        return await self.call(self._load, dep, build, next_address, weights)
+
+    async def rehost(self, dep: int, next_address: str | None) -> Loaded:
+        """Keep the hosted shard's weights for deployment ``dep`` (a re-plan left its units
+        here), every slot empty, its outputs sent to ``next_address``: one job."""
+        return await self.call(self._rehost, dep, next_address)
 
     async def unload(self, dep: int | None = None) -> bool:
         """Drop the hosted stage, unless it belongs to a deployment other than ``dep`` (an old
@@ -193,14 +201,26 @@ class TorchWorker:
     async def free_slots(self, dep: int, slots: Sequence[int]) -> None:
         await self.call(self._free_slots, dep, tuple(slots))
 
-    def _load(self, dep: int, build: Callable[[], Any], next_address: str | None) -> Loaded:
+    def _load(self, dep: int, build: Callable[[], Any], next_address: str | None, weights: tuple) -> Loaded:
         self._uninstall()
         began = time.perf_counter()
         shard = build()
         load_s = time.perf_counter() - began
         next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
-        self._stage = HostedStage(dep, shard, next_sock)
+        self._stage = HostedStage(dep, shard, next_sock, weights)
         return Loaded(load_s, int(shard.weight_bytes), int(shard.kv_cache_bytes))
+
+    def _rehost(self, dep: int, next_address: str | None) -> Loaded:
+        stage = self._stage
+        if stage is None:
+            raise WireError("no shard loaded to keep")
+        shard = stage.shard
+        for slot in range(shard.max_slots):  # the new deployment replays what it needs
+            shard.free_slot(slot)
+        stage.close()
+        stage.next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
+        stage.dep = dep
+        return Loaded(0.0, int(shard.weight_bytes), int(shard.kv_cache_bytes), kept=True)
 
     def _unload(self, dep: int | None) -> bool:
         if self._stage is not None and dep is not None and dep != self._stage.dep:
@@ -234,7 +254,7 @@ class TorchWorker:
         stage, c = self._stage, self._counters
         shard = stage.shard if stage is not None else None
         self._status = WorkerStatus(
-            dep=stage.dep if stage is not None else None,
+            dep=stage.dep if stage is not None else None, weights=stage.weights if stage is not None else (),
             start=shard.start if shard is not None else 0, end=shard.end if shard is not None else 0,
             max_slots=shard.max_slots if shard is not None else 0, queued=self._queued,
             busy_s=c.busy_s, steps=c.steps, tokens=c.tokens, rows=c.rows, errors=c.errors,

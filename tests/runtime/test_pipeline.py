@@ -250,6 +250,44 @@ async def test_a_dead_stage_is_replaced_and_the_streams_go_on_exactly(tiny_model
     assert "peer doomed lost; re-planned over 1 peer in" in events[0].describe()
 
 
+async def test_a_surviving_stage_keeps_its_weights_and_only_its_next_hop_changes(tiny_model_dir, peers,
+                                                                                   tiny_reference):
+    """The last stage is lost; the re-plan keeps units [1, 3) on the same peer: its LOAD reads
+    nothing (the shard stays, pointed at the new last stage) and the streams go on exactly."""
+    from swarm.runtime.recovery import Replanned
+    from swarm.runtime.server import ServerConfig, ShardServer
+
+    events = []
+
+    async def replan(suspects):
+        return Replanned((Stage(None, 0, 1), Stage(peers[1], 1, 3), Stage(peers[2], 3, 6)), ("doomed",))
+
+    async with ShardServer(ServerConfig()) as doomed:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(doomed.serve_forever())
+            plan = (Stage(None, 0, 1), Stage(peers[1], 1, 3), Stage(doomed.address, 3, 6))
+            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(2, 1), max_len=128, step_timeout_s=1.0,
+                                 control_timeout_s=1.0)
+            async with Pipeline(cfg, replan, events.append) as pipe:
+                first = pipe.deployment
+
+                async def run(prompt):
+                    got = []
+                    async for token in pipe.generate(prompt, NEW):
+                        got.append(token)
+                        if len(got) == 4 and prompt is PROMPTS[0]:
+                            doomed.close()
+                    return got
+
+                outs = await bounded(asyncio.gather(run(PROMPTS[0]), run(PROMPTS[2])), TIMEOUT_S)
+                assert pipe.deployment is not first
+                _, kept, moved = pipe.deployment.ready
+                assert kept.kept and kept.load_s == 0.0 and kept.weight_bytes == first.ready[1].weight_bytes
+                assert not moved.kept and moved.load_s > 0
+    assert list(outs) == tiny_reference([PROMPTS[0], PROMPTS[2]], NEW)
+    assert len(events) == 1 and events[0].error is None
+
+
 @pytest.mark.parametrize("reported", [True, False], ids=["reported-lost", "never-answers"])
 async def test_a_stage_lost_while_the_pipeline_loads_is_replanned_at_once(tiny_model_dir, peers, tiny_reference,
                                                                          reported):

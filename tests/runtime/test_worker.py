@@ -82,3 +82,14 @@ async def test_steps_are_counted_in_the_published_status(worker, tiny_model_dir,
     assert (done.steps, done.tokens, done.rows, done.received) == (1, 4, 1, 1)
     assert done.busy_s > 0 and done.queued == 0
     assert (idle.steps, idle.received) == (0, 0)
+
+
+async def test_rehosting_keeps_the_shard_and_empties_its_slots(worker, tiny_model_dir):
+    await worker.load(1, lambda: Shard.load(tiny_model_dir, 0, 6, max_slots=2, max_len=16), None, ("m", 0, 6))
+    await worker.open_slots(1, [0, 1], GREEDY)
+    kept = await worker.rehost(2, None)
+    assert kept.kept and kept.load_s == 0.0 and kept.weight_bytes > 0
+    status = worker.status
+    assert (status.dep, status.weights, status.jobs) == (2, ("m", 0, 6), 3)
+    with pytest.raises(WireError, match="serves deployment 2, not 1"):
+        await worker.open_slots(1, [0], GREEDY)
