@@ -31,7 +31,7 @@ from swarm.runtime.client import PeerClient
 from swarm.runtime.deploy import StagePlacement as Stage
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.holder import HolderServer, WeightsHolder
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 from swarm.runtime.schedule import Layout
 from swarm.runtime.transfer import TransferConfig, TransferError, fetch_units
 from swarm.runtime.wire import Kind, Message

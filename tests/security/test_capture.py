@@ -22,7 +22,7 @@ from swarm.model.shard import Shard
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 from tests.runtime.test_pipeline import config, plan_for
 
 pytestmark = [

@@ -21,7 +21,7 @@ import pytest
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 from swarm.runtime.server import ServerConfig, ShardServer
 from swarm.secret import ENV_VARIABLE, SwarmSecret
 from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
