@@ -4,7 +4,7 @@ from swarm.discovery.problem import (Workload, build_problem, device_from_announ
                                      links_from_announcements, predicted_first_token_s)
 from swarm.discovery.txt import Link, decode, encode, from_profile
 from swarm.planner.problem import Problem
-from tests.discovery.discovery_fixtures import fixture_profile
+from tests.helpers.discovery import fixture_profile
 
 
 def test_problem_from_announcements_matches_profiles_and_links():

@@ -35,7 +35,7 @@ from swarm.localswarm import local_peers
 from swarm.runtime.schedule import Layout
 from swarm.runtime.transfer import TransferConfig, TransferError, fetch_units
 from swarm.runtime.wire import Kind, Message
-from tests.security.strangers import REPLY_WAIT_S, stranger_dealer
+from tests.helpers.strangers import REPLY_WAIT_S, stranger_dealer
 
 TINY_UNITS = 6
 SMALL = TransferConfig(chunk_bytes=4096, window=2)

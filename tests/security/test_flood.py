@@ -17,8 +17,8 @@ from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline
 from swarm.localswarm import local_peers
 from swarm.runtime.wire import Kind, Message, encode
-from tests.model.reference import reference_generate
-from tests.runtime.test_pipeline import config, plan_for
+from tests.helpers.reference import reference_generate
+from tests.runtime.test_engine import config, plan_for
 
 pytestmark = pytest.mark.slow
 

@@ -24,11 +24,11 @@ from swarm.runtime.engine import Pipeline
 from swarm.localswarm import local_peers
 from swarm.runtime.server import ServerConfig, ShardServer
 from swarm.secret import ENV_VARIABLE, SwarmSecret
-from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
-from tests.model.reference import reference_generate
-from tests.runtime.test_pipeline import PROMPTS, config, plan_for
+from tests.helpers.discovery import fixture_profile, stop_processes
+from tests.helpers.reference import reference_generate
+from tests.runtime.test_engine import PROMPTS, config, plan_for
 
-from .strangers import replies_to_strangers
+from tests.helpers.strangers import replies_to_strangers
 
 pytestmark = pytest.mark.slow
 
