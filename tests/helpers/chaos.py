@@ -10,14 +10,12 @@ import os
 import signal
 import subprocess
 
-import torch
-
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.localswarm import LocalSwarm, LocalSwarmConfig, local_budgets, unit_memory
-from swarm.model import hf
 from swarm.model.local import LocalChain, generate
 from swarm.source import SourceConfig, SwarmSource
+from tests.helpers.reference import reference_generate
 from tests.helpers.shared import SHARED_PIDS
 
 PROMPTS = [[1, 17, 42, 99, 7, 3, 12], [1, 5], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40], [1, 9, 8, 7]]
@@ -33,11 +31,7 @@ def expected_answers(model_dir) -> list[list[int]]:
     """PROMPTS answered greedily by the single-process path, checked against transformers."""
     chain = LocalChain.load(model_dir, [(0, 6)], max_slots=4, max_len=128)
     want = generate(chain, PROMPTS, NEW)
-    model = hf.reference_model(model_dir)
-    with torch.inference_mode():
-        for prompt, tokens in zip(PROMPTS, want):
-            ids = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
-            assert ids[0, len(prompt):].tolist() == tokens
+    assert reference_generate(model_dir, PROMPTS, NEW) == want
     return want
 
 

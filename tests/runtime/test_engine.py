@@ -5,40 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from swarm.aio import bounded
-from swarm.model import hf
-from swarm.model.local import even_cuts
 from swarm.model.sampling import SamplingParams
 from swarm.runtime.deploy import StagePlacement as Stage
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import ContextFull, Layout, Mode
-
-TINY_UNITS = 6  # embedding + 4 blocks + norm/head
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20], [30, 31, 32], [40, 41, 42, 43]]
-NEW = 12
-TIMEOUT_S = 60
-
-
-def plan_for(peers: list[str], n_peers: int, num_units: int = TINY_UNITS) -> tuple[Stage, ...]:
-    cuts = even_cuts(num_units, n_peers + 1)
-    return tuple(Stage(addr, a, b) for addr, (a, b) in zip([None, *peers[:n_peers]], cuts))
-
-
-def config(model_dir, plan, m=1, b=1, mode=Mode.NO_BUBBLES, max_len=128):
-    return PipelineConfig(model_dir, plan, layout=Layout(m, b), mode=mode, max_len=max_len)
+from tests.helpers.pipeline import NEW, PROMPTS, TIMEOUT_S, TINY_UNITS, config, plan_for
+from tests.helpers.reference import reference_generate
 
 
 @pytest.fixture(scope="module")
 def transformers_reference(tiny_model_dir):
-    model = hf.reference_model(tiny_model_dir)
-    out = []
-    with torch.inference_mode():
-        for p in PROMPTS:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
-            out.append(ids[0, len(p):].tolist())
-    return out
+    return reference_generate(tiny_model_dir, PROMPTS, NEW)
 
 
 @pytest.mark.parametrize("n_peers", [1, 2, 3, 4])

@@ -191,7 +191,7 @@ async def test_a_stranger_gets_no_weights(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def gguf_model(tiny_model_dir, tmp_path_factory):
-    from tests.model.test_gguf import write_gguf
+    from tests.helpers.gguf import write_gguf
 
     return write_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-Q4_0.gguf", "Q4_0")
 

@@ -23,7 +23,7 @@ from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline
 from swarm.localswarm import local_peers
-from tests.runtime.test_engine import config, plan_for
+from tests.helpers.pipeline import config, plan_for
 
 pytestmark = [
     pytest.mark.slow,

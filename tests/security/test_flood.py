@@ -18,7 +18,7 @@ from swarm.runtime.engine import Pipeline
 from swarm.localswarm import local_peers
 from swarm.runtime.wire import Kind, Message, encode
 from tests.helpers.reference import reference_generate
-from tests.runtime.test_engine import config, plan_for
+from tests.helpers.pipeline import config, plan_for
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from swarm.runtime.server import ServerConfig, ShardServer
 from swarm.secret import ENV_VARIABLE, SwarmSecret
 from tests.helpers.discovery import fixture_profile, stop_processes
 from tests.helpers.reference import reference_generate
-from tests.runtime.test_engine import PROMPTS, config, plan_for
+from tests.helpers.pipeline import PROMPTS, config, plan_for
 
 from tests.helpers.strangers import replies_to_strangers
 
