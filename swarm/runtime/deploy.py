@@ -205,16 +205,24 @@ class Deployment:
         # back, its next LOAD replaces the old shard, and its old steps carry an old dep id.
         # A peer whose units the next deployment keeps is left loaded: its LOAD keeps the weights.
         peers = [p for p in self.peers if p.address not in self.handed_over]
-        timeouts = [LOST_UNLOAD_TIMEOUT_S if p.address in self.lost else self.control_timeout_s for p in peers]
-        results = await asyncio.gather(*(p.unload(t, dep=self.dep_id) for p, t in zip(peers, timeouts)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._unload(p) for p in peers), return_exceptions=True)
         for peer, result in zip(peers, results):
             if isinstance(result, Exception) and peer.address not in self.lost:
                 log.warning("unload on %s failed: %s", peer.address, result)
 
+    async def _unload(self, peer: PeerClient) -> None:
+        if peer.address not in self.lost:
+            return await peer.unload(self.control_timeout_s, dep=self.dep_id)
+        # Its client gave up on it (peers_lost), but a peer leaving gracefully is alive and
+        # serves until its stage is unloaded: a connection of its own tells it (UNLOAD names
+        # the deployment, not the client).
+        async with PeerClient(peer.address, ctx=self._ctx) as fresh:
+            await fresh.unload(LOST_UNLOAD_TIMEOUT_S, dep=self.dep_id)
+
     def peers_lost(self, addresses: Collection[str]) -> None:
         """Requests to these stages' peers fail now: an OPEN or CLOSE to a dead peer would
         otherwise hold the pipeline's control lock for its whole timeout, one after another."""
+        self.lost = self.lost | (frozenset(addresses) & {p.address for p in self.peers})
         for peer in self.peers:
             if peer.address in addresses:
                 peer.lost("the peer was lost")
