@@ -1,8 +1,10 @@
 """The swarm on this machine alone.
 
-- ``LocalSwarm``: N peer processes on 127.0.0.1, each with a memory budget small
+- ``LocalSwarm``: N `swarm join` processes on 127.0.0.1, each with a memory budget small
   enough that the planner must split the model across them; stopped on exit, and
   killed by the kernel if this process dies first (no peer is ever left behind).
+- ``local_peers``: N bare shard servers (`swarm serve-shard`: no discovery) for a plan
+  written by hand (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import ctypes
 import json
 import logging
 import math
+import os
 import socket
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from swarm.secret import ENV_VARIABLE
 
 
 log = logging.getLogger(__name__)
@@ -30,7 +36,9 @@ PEER_STOP_TIMEOUT_S = 10.0  # SIGHUP (mDNS goodbye), then SIGKILL
 # Linux's SIGHUP (the signal module is the CLI's, see tests/test_layering.py): `swarm join`
 # leaves at once on it, without waiting for a source to move its stages.
 LEAVE_AT_ONCE = 1
+FREEZE = 19  # Linux's SIGSTOP: the process stops, its sockets stay open
 LOG_TAIL_LINES = 15
+EXIT_TIMEOUT_S = 10.0  # a bare shard server's exit once its stdin closes
 
 
 class LocalSwarmError(RuntimeError):
@@ -203,8 +211,15 @@ class LocalSwarm:
         self.peers = [w.result() for w in waits]
 
     def kill(self, index: int) -> None:
-        """SIGKILL peer ``index`` (a device that vanishes without a word: benchmarks of recovery)."""
-        self._procs[index].kill()
+        """SIGKILL peer ``index`` (a device that vanishes without a word: benchmarks of recovery);
+        nothing if it has already ended."""
+        with contextlib.suppress(ProcessLookupError):
+            self._procs[index].kill()
+
+    def freeze(self, index: int) -> None:
+        """SIGSTOP peer ``index`` (a frozen device or a lost link: its connections stay open and only
+        missed heartbeats tell). ``kill`` ends it as it is."""
+        self._procs[index].send_signal(FREEZE)
 
     async def restart(self, index: int) -> LocalPeer:
         """Start peer ``index`` again (on its port) after it died or was killed; a new member
@@ -266,3 +281,42 @@ class LocalSwarm:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+
+
+# ---------------------------------------------------------------- bare shard servers
+
+@contextlib.contextmanager
+def local_peers(count: int, threads: int = 1, info: dict | None = None, args: Sequence[str] = (),
+                secret: str | None = None, env: dict[str, str] | None = None) -> Iterator[list[str]]:
+    """Start ``count`` bare shard servers (`swarm serve-shard`: no discovery) on 127.0.0.1;
+    yields their control addresses; stops them on exit (and they stop when this process does).
+
+    They join this process's swarm (SWARM_SECRET, inherited), or the one whose join code is
+    ``secret``; ``args`` are more peer options (``--insecure``, limits, ``--no-local-paths``);
+    ``env``, more environment variables (``SWARM_CACHE_DIR``: a cache of their own)."""
+    env = {**os.environ, **(env or {}), **({} if secret is None else {ENV_VARIABLE: secret})}
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "swarm", "serve-shard", "--port", "0", "--threads", str(threads),
+                 "--exit-on-eof", "--info", json.dumps(info or {}), *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            ))
+        addresses = []
+        for proc in procs:
+            line = proc.stdout.readline().strip()
+            if not line.startswith("tcp://"):
+                raise RuntimeError(f"peer process {proc.pid} did not start (exit code {proc.poll()})")
+            addresses.append(line)
+        yield addresses
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()

@@ -1,5 +1,5 @@
-"""A plan over the live swarm: the problem it solved, the planner's answer, and its stages
-in the runtime's terms (what SwarmSource deploys and re-plans from)."""
+"""A plan over the live swarm: the problem it solved, the planner's answer, and where each
+of the problem's devices is (what SwarmSource deploys and re-plans from)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,28 @@ from swarm.runtime.deploy import StagePlacement
 
 @dataclass(frozen=True)
 class SourcePlan:
-    """A plan over the live swarm: the problem it solved, the planner's answer, and the
-    stages in the runtime's terms (address None = this process)."""
+    """A plan over the live swarm. Its one tuple of stages is the planner's (``plan.stages``,
+    by device index); ``stages`` gives them in the runtime's terms through ``addresses``."""
 
     problem: dict
     plan: Plan
-    stages: tuple[StagePlacement, ...]  # the plan's stages in the runtime's terms, address None = here
-    peer_ids: frozenset[str]  # the live peers the problem was built from
+    addresses: tuple[str | None, ...]  # per device of the problem: its control address; None = this source
 
     @classmethod
     def build(cls, problem: dict, plan: Plan, address_of: Mapping[str, str]) -> SourcePlan:
-        """The plan's stages in the runtime's terms. ``problem``: the JSON it solved (its
-        device 0 is this source); ``address_of``: peer id -> "tcp://host:port" of each live peer."""
-        ids = problem["peer_ids"]
-        stages = tuple(StagePlacement(None if s.device == 0 else address_of[ids[s.device]], s.start, s.end)
-                       for s in plan.stages)
-        return cls(problem, plan, stages, frozenset(ids[1:]))
+        """``problem``: the JSON it solved (its device 0 is this source); ``address_of``: peer
+        id -> "tcp://host:port" of each live peer."""
+        return cls(problem, plan, (None, *(address_of.get(i) for i in problem["peer_ids"][1:])))
+
+    @property
+    def stages(self) -> tuple[StagePlacement, ...]:
+        """The plan's stages in the runtime's terms (address None = this process)."""
+        return tuple(StagePlacement(self.addresses[s.device], s.start, s.end) for s in self.plan.stages)
+
+    @property
+    def peer_ids(self) -> frozenset[str]:
+        """The live peers the problem was built from."""
+        return frozenset(self.problem["peer_ids"][1:])
 
     def describe(self) -> list[str]:
         names = [d["name"] for d in self.problem["devices"]]
@@ -36,8 +42,8 @@ class SourcePlan:
     def names_by_address(self) -> dict[str, str]:
         """Peer name of every remote stage's address."""
         names = [d["name"] for d in self.problem["devices"]]
-        return {stage.address: names[s.device] for stage, s in zip(self.stages, self.plan.stages) if stage.address}
+        return {self.addresses[s.device]: names[s.device] for s in self.plan.stages if s.device}
 
     def peer_ids_by_address(self) -> dict[str, str]:
         ids = self.problem["peer_ids"]
-        return {stage.address: ids[s.device] for stage, s in zip(self.stages, self.plan.stages) if stage.address}
+        return {self.addresses[s.device]: ids[s.device] for s in self.plan.stages if s.device}

@@ -88,8 +88,9 @@ class Resources:
                    if t is not threading.main_thread() and type(t).__name__ not in PROCESS_LIFETIME_THREADS}
         return cls(threads, _run_processes(), _inet_sockets())
 
-    def minus(self, before: "Resources") -> list[str]:
-        return [what for mine, theirs in ((self.threads, before.threads), (self.processes, before.processes),
+    def minus(self, before: "Resources", ignore_pids: set[int] = frozenset()) -> list[str]:
+        processes = {pid: what for pid, what in self.processes.items() if pid not in ignore_pids}
+        return [what for mine, theirs in ((self.threads, before.threads), (processes, before.processes),
                                           (self.sockets, before.sockets))
                 for key, what in mine.items() if key not in theirs]
 
@@ -117,9 +118,9 @@ def _inet_sockets() -> dict[tuple, str]:
     return found
 
 
-def _left_behind(before: Resources, grace_s: float = LEAK_GRACE_S) -> list[str]:
+def _left_behind(before: Resources, grace_s: float = LEAK_GRACE_S, ignore_pids: set[int] = frozenset()) -> list[str]:
     deadline = time.monotonic() + grace_s
-    while (left := Resources.now().minus(before)) and time.monotonic() < deadline:
+    while (left := Resources.now().minus(before, ignore_pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 
@@ -127,9 +128,11 @@ def _left_behind(before: Resources, grace_s: float = LEAK_GRACE_S) -> list[str]:
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     """Fail a test that leaves a thread, a process or a socket it started."""
+    from tests.helpers.shared import SHARED_PIDS
+
     before = Resources.now()
     yield
-    if left := _left_behind(before):
+    if left := _left_behind(before, ignore_pids=SHARED_PIDS):
         pytest.fail("left behind by this test:\n  " + "\n  ".join(left), pytrace=False)
 
 

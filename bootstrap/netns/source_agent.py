@@ -27,7 +27,7 @@ import torch
 
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
-from swarm.runtime.bench import bench_prompts
+from swarm.bench.pipeline import bench_prompts
 from swarm.runtime.deploy import StagePlacement
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import Layout, Mode

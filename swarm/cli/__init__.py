@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("swarm.cli.plan", "plan device selection and partition for a problem file"),
     "profile": ("swarm.cli.profile", "measure this device for a model"),
     "bench": ("swarm.cli.bench", "benchmark the pipeline against the single-process path"),
+    "serve-shard": ("swarm.cli.shard", "serve one shard server (tests, benchmarks)"),
 }
 
 

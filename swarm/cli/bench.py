@@ -1,6 +1,6 @@
 """`swarm bench`: the pipeline against the single-process shard path, measured side by side;
-and recovery from a peer killed mid-answer (kill to next token, split into detection,
-re-plan + deploy and replay)."""
+and recovery from a peer lost mid-answer, killed (SIGKILL) or frozen (SIGSTOP): loss to
+next token, split into detection, re-plan + deploy and replay."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from swarm.cli.common import resolve_model_or_exit
-    from swarm.runtime.bench import BenchConfig, run_bench, run_encryption_bench
+    from swarm.bench.pipeline import BenchConfig, run_bench, run_encryption_bench
 
     err = Console(stderr=True)
     model_dir = resolve_model_or_exit(args.model, err)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             encryption = result.encryption
         if not (args.no_recovery or args.encryption_only):
             from swarm.discovery.liveness import LivenessConfig
-            from swarm.recovery_bench import run_recovery_bench
+            from swarm.bench.recovery import run_recovery_bench
 
             status.update("measuring recovery from a killed peer...")
             liveness = LivenessConfig() if args.heartbeat is None else LivenessConfig(interval_s=args.heartbeat)
@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"recovery            {v.kill_to_next_token_s:8.2f} s kill to next token (median of {len(v.runs)}): "
               f"detection {v.detection_s:.2f} s (bound {v.heartbeat_bound_s:.2f} s), re-plan + deploy "
               f"{v.replan_deploy_s:.2f} s, replay {v.replay_s:.2f} s; detection to next token "
-              f"{v.detection_to_next_token_s:.2f} s (target <= 2 s)")
+              f"{v.detection_to_next_token_s:.2f} s (target: kill to next token <= 1 s)")
+        print(f"frozen peer         {v.frozen_to_next_token_s:8.2f} s SIGSTOP to next token: detection "
+              f"{v.frozen_detection_s:.2f} s, then {v.frozen_detection_to_next_token_s:.2f} s "
+              f"(target <= bound + 1 s = {v.heartbeat_bound_s + 1:.2f} s)")
     if result is None:
         if encryption is not None:
             print_encryption(encryption)

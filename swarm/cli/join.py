@@ -92,8 +92,10 @@ def run(args) -> int:
                         mdns=args.mdns, threads=args.threads, mem_bytes=mem, model_dir=str(model_dir),
                         quant=profile["model"].get("quant"), open=open_peer, local_paths=args.local_paths,
                         hop_overhead_s=args.hop_overhead, liveness=liveness, probe=probe)
-    # Weights on their way here are logged (bytes, rate, time left) whatever the verbosity.
-    logging.getLogger("swarm.runtime.server").setLevel(logging.INFO)
+    # Weights on their way here are logged (bytes, rate, time left) whatever the verbosity,
+    # and so are the LOADs they are for.
+    for name in ("swarm.runtime.server", "swarm.runtime.loadweights"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
     async def main() -> None:
         async with SwarmPeer(config, profile) as peer:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 
 from rich.console import Console
 
-from swarm.cli.backend import BackendError, add_backend_arguments, resolve_model_dir, source_config
+from swarm.cli.backend import (BackendError, add_backend_arguments, resolve_model_dir, source_config,
+                               source_only_pipeline)
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
 
 DEFAULT_PORT = 8000
@@ -86,21 +86,27 @@ async def _serve(args: argparse.Namespace, console: Console) -> None:
         raise BackendError(str(exc)) from None
     model_dir = await asyncio.to_thread(resolve_model_dir, args, console)
     async with contextlib.AsyncExitStack() as stack:
-        config = await source_config(args, model_dir, console, stack, objective="cycle",
-                                     micro_batches=args.micro_batches, batch_size=args.batch_size)
-        if args.no_swarm:  # the source alone holds the whole model
-            config = dataclasses.replace(config, mdns=False, seeds=(), min_peers=0, discovery_s=0.0)
-        source = await stack.enter_async_context(SwarmSource(config))
         tokenizer = await asyncio.to_thread(hf.load_tokenizer, model_dir)
-        with console.status("finding peers, measuring links, planning and loading shards..."):
-            try:
-                planned = await source.deploy()
-            except InfeasibleError as exc:
-                planned = None
-                console.print(f"[yellow]not serving yet:[/] {no_swarm_reason(exc, len(source.state().announcements))}\n"
-                              "Requests are answered 503 until peers join.", markup=True)
-        if planned is not None:
-            console.print("plan: " + "; ".join(planned.describe()), style="dim", markup=False)
+        if args.no_swarm:  # a source-only pipeline, as chat and generate run it: no discovery, no peers
+            with console.status("loading the model"):
+                pipeline = await stack.enter_async_context(source_only_pipeline(
+                    model_dir, max_len=args.max_len, slots=args.micro_batches * args.batch_size, quant=args.quant))
+            source = SourceOnly(pipeline)
+            console.print(f"plan: source: units [0, {pipeline.config.plan[0].end})", style="dim", markup=False)
+        else:
+            config = await source_config(args, model_dir, console, stack, objective="cycle",
+                                         micro_batches=args.micro_batches, batch_size=args.batch_size)
+            source = await stack.enter_async_context(SwarmSource(config))
+            with console.status("finding peers, measuring links, planning and loading shards..."):
+                try:
+                    planned = await source.deploy()
+                except InfeasibleError as exc:
+                    planned = None
+                    console.print(f"[yellow]not serving yet:[/] "
+                                  f"{no_swarm_reason(exc, len(source.state().announcements))}\n"
+                                  "Requests are answered 503 until peers join.", markup=True)
+            if planned is not None:
+                console.print("plan: " + "; ".join(planned.describe()), style="dim", markup=False)
         serve = ServeConfig(model=model_dir.name, max_len=args.max_len, host=args.host, port=args.port,
                             api_key=args.api_key, defaults=defaults, join_command=_join_command(args))
         server = await stack.enter_async_context(ApiServer(serve, source, tokenizer, stop_token_ids(tokenizer, hf.generation_eos_ids(model_dir))))
@@ -109,6 +115,26 @@ async def _serve(args: argparse.Namespace, console: Console) -> None:
         console.print(f"OpenAI-compatible API at {server.url}/v1, Ollama's at {server.url}/api, "
                       f"the web page at {server.url}/ (Ctrl-C stops)", markup=False, soft_wrap=True)
         await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels this task
+
+
+class SourceOnly:
+    """`serve --no-swarm`: the source-only pipeline (every unit in this process) behind the part
+    of a SwarmSource the HTTP API reads: open_session, state(), model_dir and config."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.config = pipeline.config  # .quant, .dtype for /api/show
+        self.model_dir = pipeline.config.model_dir
+
+    async def open_session(self, sampling):
+        return await self.pipeline.open_session(sampling)
+
+    def state(self):
+        from swarm.source_state import SourceState
+
+        return SourceState(source_id="source", source_name="source", source_profile={}, source_mem=0,
+                           micro_batches=self.pipeline.micro_batches_in_flight, model=self.model_dir.name,
+                           deployed=True, diagnostic="--no-swarm: this process alone, no discovery")
 
 
 def _join_command(args: argparse.Namespace) -> str | None:

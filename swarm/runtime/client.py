@@ -50,6 +50,7 @@ class Ready:
     weight_bytes: int
     kv_bytes: int
     rss_bytes: int
+    kept: bool = False  # the peer already held these units for the same model and cache shape
 
 
 class PeerClient:
@@ -123,6 +124,12 @@ class PeerClient:
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+    def lost(self, why: str) -> None:
+        """The peer is known to be gone (its connection closed, its heartbeats missed): every
+        request waiting on it fails now, and every later one at once, not at their timeouts."""
+        self._broken = self._broken or PeerError(f"{self.address}: {why}")
+        self._fail_pending(self._broken)
 
     def _fail_pending(self, exc: Exception) -> None:
         for future in self._pending.values():
@@ -229,7 +236,8 @@ class PeerClient:
             "max_len": max_len, "dtype": dtype, "next": next_address, "fp": fingerprint,
             "quant": quant, "holder": holder,
         }, timeout=timeout, on_progress=on_progress)
-        return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"])
+        return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"],
+                     bool(reply.get("kept", False)))
 
     async def unload(self, timeout: float = REQUEST_TIMEOUT_S, dep: int | None = None) -> None:
         """Drop the shard; with ``dep``, only if that deployment's shard is the one installed."""

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import psutil
 import torch
@@ -104,6 +104,7 @@ class Deployment:
         self.peers: list[PeerClient] = []  # control: LOAD, OPEN, CLOSE, PING
         self._returns: list[PeerClient] = []  # each peer's data socket: tokens and step errors come home here
         self.lost: frozenset[str] = frozenset()  # addresses of peers given up: unloaded with a short bound
+        self.handed_over: frozenset[str] = frozenset()  # peers the next deployment keeps loaded: not unloaded
         self.transfers: dict[str, dict] = {}  # peer address -> weights received so far (done, total, rate_bps)
 
     @classmethod
@@ -202,12 +203,29 @@ class Deployment:
         # A lost peer gets a short bound: one leaving gracefully answers at once (and may then
         # go), a dead one must not hold a recovery for a whole control timeout. If it comes
         # back, its next LOAD replaces the old shard, and its old steps carry an old dep id.
-        timeouts = [LOST_UNLOAD_TIMEOUT_S if p.address in self.lost else self.control_timeout_s for p in self.peers]
-        results = await asyncio.gather(*(p.unload(t, dep=self.dep_id) for p, t in zip(self.peers, timeouts)),
-                                       return_exceptions=True)
-        for peer, result in zip(self.peers, results):
+        # A peer whose units the next deployment keeps is left loaded: its LOAD keeps the weights.
+        peers = [p for p in self.peers if p.address not in self.handed_over]
+        results = await asyncio.gather(*(self._unload(p) for p in peers), return_exceptions=True)
+        for peer, result in zip(peers, results):
             if isinstance(result, Exception) and peer.address not in self.lost:
                 log.warning("unload on %s failed: %s", peer.address, result)
+
+    async def _unload(self, peer: PeerClient) -> None:
+        if peer.address not in self.lost:
+            return await peer.unload(self.control_timeout_s, dep=self.dep_id)
+        # Its client gave up on it (peers_lost), but a peer leaving gracefully is alive and
+        # serves until its stage is unloaded: a connection of its own tells it (UNLOAD names
+        # the deployment, not the client).
+        async with PeerClient(peer.address, ctx=self._ctx) as fresh:
+            await fresh.unload(LOST_UNLOAD_TIMEOUT_S, dep=self.dep_id)
+
+    def peers_lost(self, addresses: Collection[str]) -> None:
+        """Requests to these stages' peers fail now: an OPEN or CLOSE to a dead peer would
+        otherwise hold the pipeline's control lock for its whole timeout, one after another."""
+        self.lost = self.lost | (frozenset(addresses) & {p.address for p in self.peers})
+        for peer in self.peers:
+            if peer.address in addresses:
+                peer.lost("the peer was lost")
 
     async def release_first_stage(self, keep_for: StagePlacement) -> Shard | None:
         """Stop the local stage (a step still running finishes) and hand its shard over when
@@ -220,10 +238,11 @@ class Deployment:
             return shard
         return None
 
-    async def aclose(self, lost: frozenset[str] = frozenset()) -> None:
-        """Unload every peer (the ``lost`` ones within LOST_UNLOAD_TIMEOUT_S), stop the local shard;
-        safe to call twice."""
+    async def aclose(self, lost: frozenset[str] = frozenset(), handed_over: frozenset[str] = frozenset()) -> None:
+        """Unload every peer (the ``lost`` ones within LOST_UNLOAD_TIMEOUT_S) but those ``handed_over``
+        to the next deployment with the same units, stop the local shard; safe to call twice."""
         self.lost = self.lost | lost
+        self.handed_over = handed_over
         if self._stack is not None:
             stack, self._stack = self._stack, None
             await stack.aclose()

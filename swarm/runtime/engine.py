@@ -69,6 +69,13 @@ class PipelineConfig:
     max_draft: int = 8  # drafts per step at most (adaptive k stays within it)
 
 
+def kept_in_place(old: Sequence[StagePlacement], new: Sequence[StagePlacement]) -> frozenset[str]:
+    """The peers that hold the same units in both plans: the new deployment's LOAD keeps their
+    weights (the peer sees the same request and re-hosts its shard), so the old one must not
+    unload them."""
+    return frozenset(s.address for s in set(old[1:]) & set(new[1:]))
+
+
 class Pipeline:
     """A deployment plus the scheduler. ``async with`` deploys; exit tears down (idempotent).
 
@@ -203,7 +210,7 @@ class Pipeline:
         # The old deployment closes while the new one loads: its UNLOADs name their deployment,
         # so one that reaches a peer after the new LOAD leaves the new shard alone; and a lost
         # peer's unanswered UNLOAD no longer holds the recovery.
-        closing = asyncio.create_task(old.aclose(lost)) if old is not None else None
+        closing = asyncio.create_task(old.aclose(lost, kept_in_place(old.plan, plan) - lost)) if old is not None else None
         try:
             self.deployment = await self.deploy(plan, kept)
         finally:
@@ -324,6 +331,8 @@ class Pipeline:
         if self._stack is None or self._recovery.broken is not None:
             return
         self._recovery.suspects |= set(addresses)
+        if self.deployment is not None:
+            self.deployment.peers_lost(addresses)
         if self._loading is not None and (not addresses or set(addresses) & self._loading[1]):
             self._loading[0].cancel()  # its deploy raises StageLost; whoever deploys re-plans
         self._recovery.start(self._tg, reason)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
@@ -28,6 +27,7 @@ from swarm.model.shard import return_freed_memory
 from swarm.model.unitcache import HeldModel
 from swarm.model.unitfiles import unit_path
 from swarm.runtime import sockets
+from swarm.runtime.perclient import PerClientLimit
 from swarm.runtime.transfer import TRIM_EVERY_BYTES
 from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode, error_reply
 
@@ -124,7 +124,7 @@ class HolderServer:
         self._ctx = None
         self._sock = None
         self._task: asyncio.Task | None = None
-        self._busy: Counter[bytes] = Counter()
+        self._in_flight = PerClientLimit(limits.max_requests_per_client)
 
     async def __aenter__(self) -> "HolderServer":
         self._ctx = sockets.new_context()
@@ -165,19 +165,16 @@ class HolderServer:
                 if message.kind not in WEIGHT_KINDS:
                     await self._send(identity, error_reply(f"this socket serves weights only, not "
                                                            f"{message.kind.value!r}", message))
-                elif self._busy[identity] >= self._limits.max_requests_per_client:
-                    await self._send(identity, error_reply("too many requests in flight from this client", message))
+                elif not self._in_flight.take(identity):
+                    await self._send(identity, error_reply(self._in_flight.refusal(), message))
                 else:
-                    self._busy[identity] += 1
                     tg.create_task(self._answer(identity, message))
 
     async def _answer(self, identity: bytes, message: Message) -> None:
         try:
             reply = await answer_weights(self.holder, message)
         finally:
-            self._busy[identity] -= 1
-            if not self._busy[identity]:
-                del self._busy[identity]
+            self._in_flight.release(identity)
         await self._send(identity, reply)
 
     async def _send(self, identity: bytes, message: Message) -> None:

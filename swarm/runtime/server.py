@@ -23,11 +23,9 @@ is open to every member: that is how a new plan takes a peer over.)
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,19 +37,18 @@ import zmq
 
 from swarm.aio import wait_event
 from swarm.model.dtypes import FLOAT_DTYPES, torch_dtype
-from swarm.model.unitfiles import cached_units, held_form, holds_units, units_dir
-from swarm.model.units import QUANT_MODES
+from swarm.model.sampling import SamplingParams
 from swarm.runtime import sockets
-from swarm.runtime.client import PeerClient
 from swarm.runtime.holder import WEIGHT_KINDS, WeightsHolder, answer_weights
-from swarm.runtime.transfer import Progress, TransferConfig, describe, fetch_units
+from swarm.runtime.loadweights import IncomingWeights
+from swarm.runtime.perclient import PerClientLimit
+from swarm.runtime.transfer import TransferConfig
 from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, WireLimits, decode, encode, error_reply
-from swarm.runtime.worker import TorchWorker
+from swarm.runtime.worker import Loaded, TorchWorker, WorkerStatus
 
 log = logging.getLogger(__name__)
 
 CONTROL_KINDS = frozenset({Kind.PING, Kind.PROBE, Kind.INFO})
-PROGRESS_EVERY_S = 1.0  # between a transfer's log lines and PROGRESS messages to its loader
 JOB_KINDS = frozenset({Kind.LOAD, Kind.UNLOAD, Kind.OPEN, Kind.CLOSE})
 
 
@@ -61,38 +58,6 @@ def _sendable(info: Mapping[str, Any]) -> None:
         msgpack.packb(dict(info), use_bin_type=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
-
-
-class WeightsFrom(enum.Enum):
-    OWN = "own"  # this peer's own copy of the model (ServerConfig.models)
-    CACHE = "cache"  # unit files already in its cache
-    PATH = "path"  # the LOAD's path, on this machine's disk
-    HOLDER = "holder"  # unit files fetched from the LOAD's holder
-
-
-def weights_from(fingerprint: str | None, *, own: bool, cached: bool, path_exists: bool, local_paths: bool,
-                 holder: str | None, models: list[str], path: str) -> WeightsFrom:
-    """Where a LOAD's weights come from: this peer's own copy of the fingerprint; else its unit
-    cache, when that holds the whole range; else, when the LOAD names a holder, the path sent if
-    it exists here and may be read (``ServerConfig.local_paths``), or the holder. A LOAD without
-    a holder (an older source) gets the path, unless this peer serves a model of its own (peers
-    with other weights never mix). Raises WireError saying what is missing."""
-    if own:
-        return WeightsFrom.OWN
-    if cached:
-        return WeightsFrom.CACHE
-    if fingerprint and holder:
-        if path_exists and local_paths:
-            return WeightsFrom.PATH
-        if not fingerprint.isalnum():
-            raise WireError(f"fingerprint {fingerprint!r} is not a fingerprint")
-        return WeightsFrom.HOLDER
-    if fingerprint and models:
-        raise WireError(f"this peer holds model(s) {models}, not {fingerprint!r}, and the LOAD names no holder")
-    if path_exists:
-        return WeightsFrom.PATH
-    raise WireError(f"model {path!r} (a folder or a GGUF file) not found on this peer, "
-                    "and the LOAD names no holder to fetch its weights from")
 
 
 @dataclass(frozen=True)
@@ -132,7 +97,7 @@ class ShardServer:
         self._worker: TorchWorker | None = None
         # (identity, message, when it arrived); at most max_requests_per_client per identity
         self._jobs: asyncio.Queue[tuple[bytes, Message, float]] = asyncio.Queue()
-        self._requests: Counter[bytes] = Counter()  # control requests queued or running, per identity
+        self._requests = PerClientLimit(config.limits.max_requests_per_client)  # queued or running
         self._deployer: bytes | None = None  # the client that loaded the shard: it alone opens slots
         self._open_slots: set[int] = set()
         self._info: dict[str, Any] = dict(config.info)
@@ -146,8 +111,7 @@ class ShardServer:
         self._unloaded = asyncio.Event()  # set while no shard is loaded
         self._unloaded.set()
         self.weights = WeightsHolder(config.models, config.quant)  # answers MANIFEST / UNIT / FETCH
-        self._transfer: dict[str, Any] | None = None  # weights on their way here (PING shows it)
-        self._cached: dict[str, dict[str, list[int]]] = {}  # unit files in the cache (PING shows it)
+        self._incoming = IncomingWeights(config.limits, config.transfer)  # PING shows its transfer and cache
         self._tg: asyncio.TaskGroup | None = None  # serve_forever's: weight requests run in it
         self._load_timeout = None  # the running LOAD's bound: a transfer's progress pushes it on
 
@@ -162,7 +126,7 @@ class ShardServer:
                 max_frame_bytes=limits.max_frame_bytes)
             self._worker = TorchWorker(self._data_ctx, self.config.threads, limits)
             self._worker.start(self.config.bind_host, self.config.data_port)
-            self._cached = await asyncio.to_thread(cached_units)
+            await self._incoming.refresh()
         except BaseException:
             await self.aclose()
             raise
@@ -226,27 +190,28 @@ class ShardServer:
     # ------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
-        worker = self._worker
-        stage = worker.stage if worker else None
-        c = worker.counters if worker else None
+        """What PING answers: the torch thread's last published status and the loop's own counts."""
+        w = self._worker.status if self._worker is not None else WorkerStatus()
+        loaded = w.dep is not None
         return {
-            "state": "loaded" if stage else "idle",
+            "state": "loaded" if loaded else "idle",
             "leaving": self.leaving,
-            "dep": stage.dep if stage else None,
-            "start": stage.shard.start if stage else None,
-            "end": stage.shard.end if stage else None,
+            "dep": w.dep,
+            "start": w.start if loaded else None,
+            "end": w.end if loaded else None,
             "data_port": self.data_port,
-            "queued": worker.queued if worker else 0,
-            "busy_s": c.busy_s if c else 0.0,
-            "steps": c.steps if c else 0,
-            "tokens": c.tokens if c else 0,
-            "rows": c.rows if c else 0,
-            "errors": self._control_errors + (c.errors if c else 0),
+            "queued": w.queued,
+            "busy_s": w.busy_s,
+            "steps": w.steps,
+            "tokens": w.tokens,
+            "rows": w.rows,
+            "jobs": w.jobs,  # calls run on the torch thread: a LOAD is one
+            "errors": self._control_errors + w.errors,
             # every message a handler saw, on both sockets (a stranger's never get this far)
-            "received": self._control_received + (c.received if c else 0),
+            "received": self._control_received + w.received,
             "uptime_s": time.monotonic() - self._started,
-            "transfer": self._transfer,  # {fp, holder, done, total, rate_bps, eta_s, ...} while weights arrive
-            "cached": self._cached,  # {fingerprint: {held form: [units]}}: a planner leaves warm units in place
+            "transfer": self._incoming.transfer,  # {fp, holder, done, total, rate_bps, eta_s, ...} while weights arrive
+            "cached": self._incoming.cached,  # {fingerprint: {held form: [units]}}: a planner leaves warm units in place
             "sent_weight_bytes": self.weights.sent_bytes,
         }
 
@@ -279,20 +244,16 @@ class ShardServer:
             if message.kind in CONTROL_KINDS:
                 await self._send(identity, self._answer_control(message))
             elif message.kind in WEIGHT_KINDS:  # disk reads in threads, answered when done, any order
-                if self._requests[identity] >= limits.max_requests_per_client:
-                    await self._refuse(identity, f"too many requests in flight from this client "
-                                                 f"(limit {limits.max_requests_per_client})", message)
+                if not self._requests.take(identity):
+                    await self._refuse(identity, self._requests.refusal(), message)
                 else:
-                    self._requests[identity] += 1
                     self._tg.create_task(self._answer_weights(identity, message))
             elif message.kind in JOB_KINDS:
                 if message.tensors:  # nothing to queue but the header: a job's memory stays small
                     await self._refuse(identity, f"{message.kind.value!r} carries no tensors", message)
-                elif self._requests[identity] >= limits.max_requests_per_client:
-                    await self._refuse(identity, f"too many requests in flight from this client "
-                                                 f"(limit {limits.max_requests_per_client})", message)
+                elif not self._requests.take(identity):
+                    await self._refuse(identity, self._requests.refusal(), message)
                 else:
-                    self._requests[identity] += 1
                     self._jobs.put_nowait((identity, message, time.monotonic()))
             else:
                 self._control_errors += 1
@@ -314,9 +275,7 @@ class ShardServer:
         try:
             reply = await answer_weights(self.weights, message)
         finally:
-            self._requests[identity] -= 1
-            if not self._requests[identity]:
-                del self._requests[identity]
+            self._requests.release(identity)
         if reply.kind is Kind.ERROR:
             self._control_errors += 1
         await self._send(identity, reply)
@@ -354,9 +313,7 @@ class ShardServer:
                 reply = error_reply(f"{message.kind.value} failed: {exc}", message)
             finally:
                 self._load_timeout = None
-                self._requests[identity] -= 1
-                if not self._requests[identity]:
-                    del self._requests[identity]
+                self._requests.release(identity)
             await self._send(identity, reply)
 
     def _check_sessions(self, identity: bytes, slots: list[int], opening: bool) -> None:
@@ -369,94 +326,36 @@ class ShardServer:
                             f"(limit {self.config.limits.max_sessions_per_client})")
 
     async def _job(self, identity: bytes, message: Message) -> Message:
+        """One LOAD, UNLOAD, OPEN or CLOSE: checked here, run as one call on the torch thread."""
         worker = self._worker
         if message.kind is Kind.LOAD:
             ready = await self._load(identity, message)
             self._deployer, self._open_slots = identity, set()  # the new shard's slots are its loader's
             return ready
         if message.kind is Kind.UNLOAD:
-            stage, dep = worker.stage, message.get("dep")
-            if stage is not None and dep is not None and dep != stage.dep:
-                # an old deployment's farewell, arriving after a newer one loaded this peer
-                return Message(Kind.OK, re=message.id)
-            self._deployer, self._open_slots = None, set()
-            await worker.call(worker.uninstall)
-            self._unloaded.set()
+            if await worker.unload(message.get("dep")):  # False: a newer deployment loaded this peer
+                self._deployer, self._open_slots = None, set()
+                self._unloaded.set()
             return Message(Kind.OK, re=message.id)
-        if worker.stage is None:
+        hosted = worker.status
+        if hosted.dep is None:
             raise WireError("no shard loaded (send LOAD first)")
-        shard = worker.stage.shard
         slots = message["slots"]
         for slot in slots:
-            if slot >= shard.max_slots:
-                raise WireError(f"slot {slot} out of range (the shard has {shard.max_slots})")
+            if slot >= hosted.max_slots:
+                raise WireError(f"slot {slot} out of range (the shard has {hosted.max_slots})")
         self._check_sessions(identity, slots, opening=message.kind is Kind.OPEN)
         if message.kind is Kind.OPEN:
-            from swarm.model.sampling import SamplingParams
-
             params = SamplingParams(
                 temperature=message.get("temperature", 0.0), top_k=message.get("top_k", 0),
                 top_p=message.get("top_p", 1.0), seed=message.get("seed"),
             )
-            await worker.call(lambda: [shard.open_slot(s, sampling=params) for s in slots])
+            await worker.open_slots(hosted.dep, slots, params)
             self._open_slots.update(slots)
         else:
-            await worker.call(lambda: [shard.free_slot(s) for s in slots])
+            await worker.free_slots(hosted.dep, slots)
             self._open_slots.difference_update(slots)
         return Message(Kind.OK, re=message.id)
-
-    async def _weights_for(self, identity: bytes, message: Message) -> tuple[Path, str | None]:
-        """Where this LOAD's weights are read from (``weights_from`` decides), and their quantization."""
-        fingerprint, path, start, end = message.get("fp"), message["model"], message["start"], message["end"]
-        own = bool(fingerprint) and fingerprint in self.config.models
-        # The form the loader holds these weights in (its fingerprint covers it); a loader that
-        # does not say (an older one) gets this peer's own setting, as its own copy always does.
-        quant = message.get("quant") if "quant" in message.fields and not own else self.config.quant
-        if quant not in (None, *QUANT_MODES):
-            raise WireError(f"quant {quant!r} is not one of {', '.join(QUANT_MODES)}")
-        cache = units_dir(fingerprint, held_form(message["dtype"], quant)) if fingerprint and fingerprint.isalnum() else None
-        source = weights_from(
-            fingerprint, own=own, cached=cache is not None and await asyncio.to_thread(holds_units, cache, range(start, end)),
-            path_exists=Path(path).exists(), local_paths=self.config.local_paths, holder=message.get("holder"),
-            models=sorted(self.config.models), path=path)
-        if source is WeightsFrom.OWN:
-            return Path(self.config.models[fingerprint]), quant
-        if source is WeightsFrom.CACHE:
-            return cache, quant
-        if source is WeightsFrom.PATH:
-            return Path(path), quant
-        return await self._fetch(identity, message, message["holder"], quant), quant
-
-    async def _fetch(self, identity: bytes, message: Message, holder: str, quant: str | None) -> Path:
-        """The LOAD's units fetched from ``holder`` into the cache, with progress logged, shown in
-        PING and sent to the loader; each chunk that lands pushes the LOAD's bound on."""
-        fingerprint, dtype = message["fp"], message["dtype"]
-        last = [0.0, -1]  # when the last line went out, and the bytes it said
-        loop = asyncio.get_running_loop()
-
-        def on_progress(p: Progress) -> None:
-            self._transfer = {"fp": fingerprint, "holder": holder, "start": message["start"], "end": message["end"],
-                              **p.to_json()}
-            if self._load_timeout is not None:
-                self._load_timeout.reschedule(loop.time() + self.config.limits.load_timeout_s)
-            now = time.monotonic()
-            finished = p.total_bytes and p.done_bytes >= p.total_bytes and p.done_bytes != last[1]
-            if now - last[0] >= PROGRESS_EVERY_S or finished:
-                last[:] = [now, p.done_bytes]
-                log.info("receiving weights %s for units [%d, %d): %s", fingerprint, message["start"],
-                         message["end"], describe(p.done_bytes, p.total_bytes, p.rate_bps()))
-                self._tg.create_task(self._send(identity, Message(Kind.PROGRESS, {
-                    "of": message.id, "done": p.done_bytes, "total": p.total_bytes, "rate": p.rate_bps()})))
-
-        log.info("fetching weights %s (%s) units [%d, %d) from %s", fingerprint, held_form(dtype, quant),
-                 message["start"], message["end"], holder)
-        try:
-            async with PeerClient(holder, limits=self.config.limits) as client:
-                return await fetch_units(client, fingerprint, dtype, quant, range(message["start"], message["end"]),
-                                         config=self.config.transfer, on_progress=on_progress)
-        finally:
-            self._transfer = None
-            self._cached = await asyncio.to_thread(cached_units)
 
     async def _load(self, identity: bytes, message: Message) -> Message:
         start, end, dtype = message["start"], message["end"], message["dtype"]
@@ -468,22 +367,43 @@ class ShardServer:
             raise WireError(f"dtype {dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
         if not (message["slots"] >= 1 and message["max_len"] >= 1):
             raise WireError("slots and max_len must be at least 1")
-        model_dir, quant = await self._weights_for(identity, message)
+        nxt = message.get("next")
+        # The same weights in the same form with the same cache shape: a re-plan left these
+        # units here, so they stay (no read, no transfer) and only the deployment and next hop change.
+        weights = (message.get("fp") or message["model"], start, end, dtype, message.get("quant"),
+                   message["slots"], message["max_len"])
+        if self._worker.status.weights == weights:  # jobs run one at a time: nothing changes it meanwhile
+            loaded = await self._worker.rehost(message["dep"], nxt)
+            self._unloaded.clear()
+            log.info("kept units [%d, %d) for deployment %d, next=%s", start, end, message["dep"], nxt)
+            return self._ready(loaded, message)
+        loop = asyncio.get_running_loop()
+
+        def push_bound_on() -> None:  # each chunk that lands gives the LOAD its whole bound again
+            if self._load_timeout is not None:
+                self._load_timeout.reschedule(loop.time() + self.config.limits.load_timeout_s)
+
+        model_dir, quant = await self._incoming.locate(
+            message, models=self.config.models, own_quant=self.config.quant, local_paths=self.config.local_paths,
+            on_chunk=push_bound_on, notify=lambda m: self._tg.create_task(self._send(identity, m)))
         from swarm.model.shard import Shard
 
-        worker, nxt = self._worker, message.get("next")
-        await worker.call(worker.uninstall)  # the old shard's memory goes before the new one loads
-        self._unloaded.set()
-        began = time.perf_counter()
-        shard = await worker.call(
-            lambda: Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
-                               dtype=torch_dtype(dtype), device=self.config.device, quant=quant)
-        )
-        load_s = time.perf_counter() - began
-        await worker.call(worker.install, message["dep"], shard, nxt)
+        def build() -> Shard:
+            return Shard.load(model_dir, start, end, max_slots=message["slots"], max_len=message["max_len"],
+                              dtype=torch_dtype(dtype), device=self.config.device, quant=quant)
+
+        try:
+            loaded = await self._worker.load(message["dep"], build, nxt, weights)  # one round trip to the torch thread
+        except BaseException:
+            self._unloaded.set()  # the old stage is gone whether or not the new one loaded
+            raise
         self._unloaded.clear()
-        log.info("loaded units [%d, %d) in %.2f s, next=%s", start, end, load_s, nxt)
+        log.info("loaded units [%d, %d) in %.2f s, next=%s", start, end, loaded.load_s, nxt)
+        return self._ready(loaded, message)
+
+    @staticmethod
+    def _ready(loaded: Loaded, message: Message) -> Message:
         return Message(Kind.READY, {
-            "load_s": load_s, "weight_bytes": int(shard.weight_bytes), "kv_bytes": int(shard.kv_cache_bytes),
-            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+            "load_s": loaded.load_s, "weight_bytes": loaded.weight_bytes, "kv_bytes": loaded.kv_bytes,
+            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss, "kept": loaded.kept,
         }, re=message.id)

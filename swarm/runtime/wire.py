@@ -192,7 +192,8 @@ SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
         "holder": (_optional(_str), False),  # where a peer without these weights fetches them (control address)
     },
     Kind.READY: {"load_s": (_float, True), "weight_bytes": (_int, True), "kv_bytes": (_int, True),
-                 "rss_bytes": (_int, True)},
+                 "rss_bytes": (_int, True),
+                 "kept": (_bool, False)},  # the peer already hosted these units: its shard stays
     Kind.UNLOAD: {"dep": (_int, False)},  # only that deployment's shard: an old farewell spares a newer one
     Kind.OPEN: {"slots": (_int_list, True), "temperature": (_float, False), "top_k": (_int, False),
                 "top_p": (_float, False), "seed": (_optional(_int), False)},

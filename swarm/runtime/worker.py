@@ -2,7 +2,9 @@
 
     worker = TorchWorker(ctx, threads=1, limits=DEFAULT_LIMITS)
     worker.start("127.0.0.1", port=0)        # binds the data socket; worker.port
-    await worker.call(worker.install, dep, shard, next_address)   # between steps, in order
+    loaded = await worker.load(dep, lambda: Shard.load(...), next_address)   # one round trip
+    await worker.open_slots(dep, [0, 1], sampling)          # between steps, in order
+    worker.status                            # a frozen WorkerStatus: what the event loop reads
     worker.stop()                            # no step after the one in hand
     worker.join()                            # blocks until the thread has ended
 
@@ -12,8 +14,13 @@ therefore costs the wire and one thread wake-up: the event loop never touches a
 step. (On a 2-vCPU machine every extra wake-up on the critical path cost about a
 third of a millisecond per hop.) The event loop keeps the control socket, so
 heartbeats are answered while a step computes, and hands its shard jobs (LOAD, OPEN,
-CLOSE, UNLOAD) to this thread through ``call()``; they run between steps, in the
-order they were called.
+CLOSE, UNLOAD) to this thread as one call each (``load``, ``open_slots``,
+``free_slots``, ``unload``); they run between steps, in the order they were called.
+
+Only this thread touches the hosted stage (``HostedStage``) and the counters. After
+every pass it publishes a ``WorkerStatus``, a frozen snapshot swapped in by one
+reference assignment (atomic under the GIL), so the event loop reads a consistent
+status without a lock and without ever seeing the stage itself.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import zmq
@@ -43,16 +50,26 @@ _WAKE_ENDPOINTS = itertools.count()
 
 @dataclass
 class HostedStage:
-    """The shard this peer hosts for one deployment, and where its outputs go."""
+    """The shard this peer hosts for one deployment, and where its outputs go (torch thread only)."""
 
     dep: int
     shard: Any  # swarm.model.shard.Shard
     next_sock: zmq.Socket | None  # DEALER to the next stage's data socket; None on the last stage
+    weights: tuple = ()  # what was loaded (model, units, form, slots, length): a LOAD of the same keeps it
+
+    def check_dep(self, dep: int) -> None:
+        if dep != self.dep:
+            raise WireError(f"this peer serves deployment {self.dep}, not {dep}")
+
+    def close(self) -> None:
+        if self.next_sock is not None:
+            self.next_sock.close()
+            self.next_sock = None
 
 
 @dataclass
 class Counters:
-    """Written by the torch thread only; read (racily, which is fine for status) by the loop."""
+    """Written by the torch thread only; the loop reads them as published in a WorkerStatus."""
 
     busy_s: float = 0.0
     steps: int = 0
@@ -60,6 +77,36 @@ class Counters:
     rows: int = 0
     errors: int = 0
     received: int = 0  # messages taken off the data socket (handled, or refused for a limit)
+    jobs: int = 0  # calls run between steps (LOAD is one)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What the torch thread last published: the hosted stage's identity and its counters."""
+
+    dep: int | None = None  # None: no stage hosted
+    weights: tuple = ()  # HostedStage.weights
+    start: int = 0
+    end: int = 0
+    max_slots: int = 0
+    queued: int = 0  # steps received and not yet computed
+    busy_s: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    rows: int = 0
+    errors: int = 0
+    received: int = 0
+    jobs: int = 0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A LOAD's outcome, measured on the torch thread."""
+
+    load_s: float
+    weight_bytes: int
+    kv_bytes: int
+    kept: bool = False  # the hosted shard served the LOAD: nothing was read
 
 
 class TorchWorker:
@@ -70,9 +117,10 @@ class TorchWorker:
         self._threads = threads
         self._limits = limits
         self.port = 0
-        self.stage: HostedStage | None = None
-        self.counters = Counters()
-        self.queued = 0  # steps received and not yet computed
+        self._stage: HostedStage | None = None  # torch thread only
+        self._counters = Counters()  # torch thread only
+        self._queued = 0  # torch thread only: steps received and not yet computed
+        self._status = WorkerStatus()  # replaced whole by the torch thread, read by anyone
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._data: zmq.Socket | None = None
         self._wake_rx: zmq.Socket | None = None
@@ -109,8 +157,14 @@ class TorchWorker:
             self._thread = None
             self._wake_tx.close()
 
+    @property
+    def status(self) -> WorkerStatus:
+        """The last status the torch thread published (immutable: read it from any thread)."""
+        return self._status
+
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run fn(*args) on the torch thread between steps; its result or exception comes back here."""
+        """Run fn(*args) on the torch thread between steps; its result or exception comes back here.
+        (The jobs below are the peer's; tests use this to hold the thread.)"""
         if self._thread is None or self._stopping:
             raise RuntimeError("the torch worker is not running")
         job = concurrent.futures.Future()
@@ -122,17 +176,89 @@ class TorchWorker:
         # One byte per call; the thread drains them all each time round.
         self._wake_tx.send(b"", zmq.NOBLOCK)
 
-    # ------------------------------------------------------------ jobs the loop sends here
+    # ------------------------------------------------------------ the jobs, one round trip each
 
-    def install(self, dep: int, shard: Any, next_address: str | None) -> None:
-        self.uninstall()
+    async def load(self, dep: int, build: Callable[[], Any], next_address: str | None, weights: tuple = ()) -> Loaded:
+        """Drop the hosted stage (its memory goes before the new one loads), build the new shard
+        with ``build()`` and host it for ``dep``, sending outputs to ``next_address``: one job.
+        If ``build`` raises, no stage is hosted."""
+        return await self.call(self._load, dep, build, next_address, weights)
+
+    async def rehost(self, dep: int, next_address: str | None) -> Loaded:
+        """Keep the hosted shard's weights for deployment ``dep`` (a re-plan left its units
+        here), every slot empty, its outputs sent to ``next_address``: one job."""
+        return await self.call(self._rehost, dep, next_address)
+
+    async def unload(self, dep: int | None = None) -> bool:
+        """Drop the hosted stage, unless it belongs to a deployment other than ``dep`` (an old
+        deployment's farewell arriving after a newer one loaded this peer). True if dropped."""
+        return await self.call(self._unload, dep)
+
+    async def open_slots(self, dep: int, slots: Sequence[int], sampling: Any) -> None:
+        """Open KV slots of deployment ``dep``'s shard, each sampling with ``sampling``."""
+        await self.call(self._open_slots, dep, tuple(slots), sampling)
+
+    async def free_slots(self, dep: int, slots: Sequence[int]) -> None:
+        await self.call(self._free_slots, dep, tuple(slots))
+
+    def _load(self, dep: int, build: Callable[[], Any], next_address: str | None, weights: tuple) -> Loaded:
+        self._uninstall()
+        began = time.perf_counter()
+        shard = build()
+        load_s = time.perf_counter() - began
         next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
-        self.stage = HostedStage(dep, shard, next_sock)
+        self._stage = HostedStage(dep, shard, next_sock, weights)
+        return Loaded(load_s, int(shard.weight_bytes), int(shard.kv_cache_bytes))
 
-    def uninstall(self) -> None:
-        if self.stage is not None and self.stage.next_sock is not None:
-            self.stage.next_sock.close()
-        self.stage = None
+    def _rehost(self, dep: int, next_address: str | None) -> Loaded:
+        stage = self._stage
+        if stage is None:
+            raise WireError("no shard loaded to keep")
+        shard = stage.shard
+        for slot in range(shard.max_slots):  # the new deployment replays what it needs
+            shard.free_slot(slot)
+        stage.close()
+        stage.next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
+        stage.dep = dep
+        return Loaded(0.0, int(shard.weight_bytes), int(shard.kv_cache_bytes), kept=True)
+
+    def _unload(self, dep: int | None) -> bool:
+        if self._stage is not None and dep is not None and dep != self._stage.dep:
+            return False
+        self._uninstall()
+        return True
+
+    def _hosted(self, dep: int) -> HostedStage:
+        if self._stage is None:
+            raise WireError("no shard loaded (send LOAD first)")
+        self._stage.check_dep(dep)
+        return self._stage
+
+    def _open_slots(self, dep: int, slots: tuple[int, ...], sampling: Any) -> None:
+        shard = self._hosted(dep).shard
+        for slot in slots:
+            shard.open_slot(slot, sampling=sampling)
+
+    def _free_slots(self, dep: int, slots: tuple[int, ...]) -> None:
+        shard = self._hosted(dep).shard
+        for slot in slots:
+            shard.free_slot(slot)
+
+    def _uninstall(self) -> None:
+        if self._stage is not None:
+            self._stage.close()
+        self._stage = None
+
+    def _publish(self) -> None:
+        """Swap in a new WorkerStatus: one assignment, so a reader sees the old one or the new one."""
+        stage, c = self._stage, self._counters
+        shard = stage.shard if stage is not None else None
+        self._status = WorkerStatus(
+            dep=stage.dep if stage is not None else None, weights=stage.weights if stage is not None else (),
+            start=shard.start if shard is not None else 0, end=shard.end if shard is not None else 0,
+            max_slots=shard.max_slots if shard is not None else 0, queued=self._queued,
+            busy_s=c.busy_s, steps=c.steps, tokens=c.tokens, rows=c.rows, errors=c.errors,
+            received=c.received, jobs=c.jobs)
 
     # ------------------------------------------------------------ the thread
 
@@ -157,20 +283,23 @@ class TorchWorker:
                         job = self._calls.get_nowait()
                         if job is _STOP:
                             return
-                        self._run_job(*job)
+                        self._counters.jobs += 1
+                        self._run_job(*job, before=self._publish)
                 if self._data in ready:  # take in every step that has arrived: `queued` counts them
                     self._admit(self._drain(self._data), waiting, queued_bytes)
                 if waiting:
                     frames = waiting.popleft()
                     self._release(frames, queued_bytes)
-                    self.queued = len(waiting)
+                    self._queued = len(waiting)
                     try:
                         self._handle(frames)
                     except Exception:  # a bug must not end the thread: every later step would hang
-                        self.counters.errors += 1
+                        self._counters.errors += 1
                         log.exception("unexpected failure handling a message on the data socket")
+                self._publish()
         finally:
-            self.uninstall()
+            self._uninstall()
+            self._publish()
             self._data.close()
             self._wake_rx.close()
 
@@ -179,10 +308,10 @@ class TorchWorker:
         bound: a flooding member cannot grow this peer's memory, and everyone else's steps still flow."""
         limit = self._limits.max_queued_bytes_per_client
         for frames in received:
-            self.counters.received += 1
+            self._counters.received += 1
             identity, size = frames[0].bytes, _size(frames)
             if queued_bytes[identity] + size > limit:
-                self.counters.errors += 1
+                self._counters.errors += 1
                 self._reply(identity, error_reply(f"over {limit} bytes queued from this client: "
                                                   "wait for replies before sending more"))
                 continue
@@ -205,13 +334,18 @@ class TorchWorker:
         return messages
 
     @staticmethod
-    def _run_job(fn: Callable[..., Any], args: tuple, job: concurrent.futures.Future) -> None:
+    def _run_job(fn: Callable[..., Any], args: tuple, job: concurrent.futures.Future,
+                 before: Callable[[], None]) -> None:
         if not job.set_running_or_notify_cancel():  # the caller gave up waiting
             return
         try:
-            job.set_result(fn(*args))
+            result = fn(*args)
         except Exception as exc:
+            before()  # the caller reads the status this job left as soon as it resumes
             job.set_exception(exc)
+        else:
+            before()
+            job.set_result(result)
 
     def _reply(self, identity: bytes, message: Message) -> None:
         try:
@@ -224,14 +358,14 @@ class TorchWorker:
         try:
             message = decode(frames[1:], self._limits)
         except WireError as exc:
-            self.counters.errors += 1
+            self._counters.errors += 1
             self._reply(identity, error_reply(str(exc)))
             return
         if message.kind is Kind.PING:  # the source checks that its connection is up
-            self._reply(identity, Message(Kind.PONG, {"status": {"queued": self.queued}}, re=message.id))
+            self._reply(identity, Message(Kind.PONG, {"status": {"queued": self._queued}}, re=message.id))
             return
         if message.kind is not Kind.STEP:
-            self.counters.errors += 1
+            self._counters.errors += 1
             self._reply(identity, error_reply(
                 f"the data socket takes 'step' and 'ping', not {message.kind.value!r}: "
                 "send it to the peer's control socket", message))
@@ -239,13 +373,13 @@ class TorchWorker:
         try:
             self._step(message)
         except Exception as exc:  # answered to the source, which is waiting for this step's tokens
-            self.counters.errors += 1
+            self._counters.errors += 1
             log.log(logging.DEBUG if isinstance(exc, WireError) else logging.WARNING, "step failed: %s", exc)
             self._reply(message["src"], error_reply(f"step failed: {exc}", message))
 
     def _check_step(self, message: Message) -> tuple[HostedStage, list[int], torch.Tensor, list[int] | None]:
         # keep and draws are checked by Shard.step, before it computes.
-        stage = self.stage
+        stage = self._stage
         if stage is None:
             raise WireError("no shard loaded (send LOAD first)")
         if message["dep"] != stage.dep:
@@ -274,11 +408,12 @@ class TorchWorker:
         keep, draws = message.get("keep"), message.get("draws")  # speculative decoding's (swarm.runtime.speculate)
         began = time.perf_counter()
         out = stage.shard.step(slots, x, lengths, keep, draws)
-        c = self.counters
+        c = self._counters
         c.busy_s += time.perf_counter() - began
         c.steps += 1
         c.rows += len(slots)
         c.tokens += sum(lengths) if lengths is not None else x.shape[0] * x.shape[1]
+        self._publish()  # before the output leaves: whoever gets it may read the status next
         if stage.next_sock is None:
             self._reply(message["src"], Message(Kind.TOKENS, ids, (out,)))
             return

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from .tmux import Terminal
+from tests.helpers.tmux import Terminal
 
 # Reads lines, echoes them upper-cased, starts a child on "spawn"; Ctrl-C is reported, not fatal.
 ECHO_PROGRAM = r"""

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from swarm.runtime.client import PeerClient
-from tests.discovery.discovery_fixtures import stop_processes
+from tests.helpers.discovery import stop_processes
 
 pytestmark = pytest.mark.slow  # real `swarm join` processes
 START_TIMEOUT_S = 120

@@ -22,7 +22,7 @@ from swarm.discovery.peer import PeerConfig, SwarmPeer
 from swarm.discovery.prober import LinkProber
 from swarm.source import SourceConfig, SwarmSource
 from swarm.runtime.wire import Kind, decode
-from tests.discovery.discovery_fixtures import fixture_profile
+from tests.helpers.discovery import fixture_profile
 
 FAST = LivenessConfig(interval_s=0.2, timeout_s=0.5, misses=3)
 CLOSE_BOUND_S = 5.0

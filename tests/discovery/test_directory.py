@@ -14,7 +14,7 @@ from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.peer import PeerConfig, SwarmPeer
 from swarm.discovery.prober import LinkProber
 from swarm.discovery.txt import short_fingerprint
-from tests.discovery.discovery_fixtures import fixture_profile
+from tests.helpers.discovery import fixture_profile
 
 FAST = LivenessConfig(interval_s=0.2, timeout_s=0.5, misses=3)
 PATIENT = LivenessConfig(interval_s=0.2, timeout_s=5.0, misses=3)

@@ -20,7 +20,7 @@ from swarm.planner.plan import PlannedStage
 from swarm.planner.problem import Problem
 from swarm.planner.replan import decide
 from tests.helpers.requirements import require
-from tests.model.reference import reference_generate
+from tests.helpers.reference import reference_generate
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

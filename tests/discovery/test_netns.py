@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
+from tests.helpers.discovery import fixture_profile, stop_processes
 from tests.helpers.requirements import require
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.problem import Problem

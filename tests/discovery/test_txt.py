@@ -1,6 +1,6 @@
 from swarm.discovery.txt import (MAX_RECORD_BYTES, MAX_STRING_BYTES, Link, TxtError, decode, encode,
                                  from_profile, record_bytes)
-from tests.discovery.discovery_fixtures import fixture_profile
+from tests.helpers.discovery import fixture_profile
 
 import pytest
 

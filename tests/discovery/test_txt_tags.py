@@ -8,7 +8,7 @@ from swarm.discovery.mdns import Heard
 from swarm.discovery.txt import (MAX_RECORD_BYTES, TAG_KEY, ForeignRecord, Link, ReplayGuard, decode, encode,
                                  from_profile, record_bytes)
 from swarm.secret import SwarmSecret
-from tests.discovery.discovery_fixtures import fixture_profile
+from tests.helpers.discovery import fixture_profile
 
 KEY_A = SwarmSecret.new().derive("mdns announcement tag")
 KEY_B = SwarmSecret.new().derive("mdns announcement tag")

@@ -11,7 +11,7 @@ import pytest
 
 from swarm.model import hf
 from swarm.model.stopping import stop_token_ids
-from tests.model.reference import reference_generate
+from tests.helpers.reference import reference_generate
 
 pytestmark = pytest.mark.slow  # the real default model, and peer processes
 

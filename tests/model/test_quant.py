@@ -12,7 +12,7 @@ from swarm.model.profile import profile_device
 from swarm.model.shard import Shard
 from swarm.model.store import model_fingerprint, weights_fingerprint
 from swarm.model.units import HEAD_QUANT, QUANT_KIND, ModelLayout
-from tests.model.reference import dequantized_reference_model
+from tests.helpers.reference import dequantized_reference_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]]
 NEW_TOKENS = 32

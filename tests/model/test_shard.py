@@ -14,7 +14,7 @@ from swarm.model.local import LocalChain, even_cuts, generate, pad_right, stream
 from swarm.model.sampling import SamplingParams, filter_logits
 from swarm.model.shard import Shard
 from swarm.model.units import ModelLayout
-from tests.model.reference import reference_generate
+from tests.helpers.reference import reference_generate
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41], [1]]
 NEW_TOKENS = 32

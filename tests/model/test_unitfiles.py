@@ -12,7 +12,7 @@ from swarm.model.shard import Shard
 from swarm.model.store import weights_fingerprint
 from swarm.model.unitcache import HeldModel
 from swarm.model.unitfiles import UnitsCheckpoint, file_sha256, holds_units, unit_path
-from tests.model.test_gguf import write_gguf
+from tests.helpers.gguf import write_gguf
 
 FORMS = [("HF", "float32", None), ("HF", "bfloat16", None), ("HF", "float32", "int8"), ("HF", "float32", "int4"),
          ("Q4_0", "float32", "int4"), ("Q8_0", "float32", "int8"), ("Q4_1", "float32", None)]

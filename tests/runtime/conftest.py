@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 
 
 @pytest.fixture(scope="session")

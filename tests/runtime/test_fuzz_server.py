@@ -18,7 +18,7 @@ from swarm.runtime.schedule import Layout
 from swarm.runtime.sockets import data_address
 from swarm.runtime.wire import PROTOCOL_VERSION
 
-from .test_pipeline import PROMPTS, plan_for
+from tests.helpers.pipeline import PROMPTS, plan_for
 
 REPLY_TIMEOUT_MS = 5000
 FUZZ_IDENTITY = b"fuzzer-1"

@@ -19,7 +19,7 @@ def test_the_overhead_is_half_a_ping_round_trip_through_the_worker_thread():
     worker.start("127.0.0.1", 0)
     try:
         overhead = measure_hop_overhead(f"tcp://127.0.0.1:{worker.port}", rounds=6, gap_s=0.002)
-        assert worker.counters.received == 7  # every ping went through the thread that runs steps
+        assert worker.status.received == 7  # every ping went through the thread that runs steps
         assert 0 < overhead < 0.5
     finally:
         worker.join()
@@ -66,7 +66,7 @@ def test_under_a_quota_the_pings_also_follow_a_period_of_computing():
         overhead = measure_hop_overhead(f"tcp://127.0.0.1:{worker.port}", rounds=4, gap_s=0.001,
                                         quota=CpuQuota(0.01, 0.02))  # half a CPU, 20 ms periods
         took = time.perf_counter() - began
-        assert worker.counters.received == 10  # 5 idle pings, then 5 after 20 ms of computing each
+        assert worker.status.received == 10  # 5 idle pings, then 5 after 20 ms of computing each
         assert took >= 5 * 0.02 and 0 < overhead < 0.5
     finally:
         worker.join()

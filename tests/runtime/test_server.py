@@ -240,3 +240,24 @@ async def test_an_old_deployments_unload_leaves_a_newer_shard_alone(server, tiny
         await new.open_slots([0])  # still the new deployment's, and serving
         await new.unload(dep=2)
         assert (await new.ping())["dep"] is None
+
+
+async def test_a_load_is_one_round_trip_to_the_torch_thread(server, tiny_model_dir):
+    async with PeerClient(server.address) as peer:
+        before = (await peer.ping())["jobs"]
+        await peer.load(tiny_model_dir, 0, 6, slots=2, max_len=16, dep=2)
+        loaded = await peer.ping()
+        assert loaded["jobs"] == before + 1 and (loaded["dep"], loaded["start"], loaded["end"]) == (2, 0, 6)
+        await peer.open_slots([0, 1])
+        await peer.unload(dep=2)
+        assert (await peer.ping())["jobs"] == before + 3
+
+
+async def test_a_load_of_the_units_already_hosted_keeps_them(server, tiny_model_dir):
+    async with PeerClient(server.address) as peer:
+        first = await peer.load(tiny_model_dir, 2, 6, slots=2, max_len=16, dep=1)
+        again = await peer.load(tiny_model_dir, 2, 6, slots=2, max_len=16, dep=2)
+        assert not first.kept and again.kept and again.load_s == 0.0 and again.weight_bytes == first.weight_bytes
+        assert (await peer.ping())["dep"] == 2
+        other = await peer.load(tiny_model_dir, 2, 6, slots=2, max_len=32, dep=3)  # another cache shape: loaded
+        assert not other.kept and other.load_s > 0

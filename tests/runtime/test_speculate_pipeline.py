@@ -17,7 +17,7 @@ from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.recovery import Replanned
 from swarm.runtime.schedule import Layout
 from swarm.runtime.speculate import Speculation
-from tests.runtime.test_pipeline import PROMPTS, TIMEOUT_S, TINY_UNITS, plan_for
+from tests.helpers.pipeline import PROMPTS, TIMEOUT_S, TINY_UNITS, plan_for
 
 NEW = 24
 # The last prompt repeats itself: lookup drafts from its very first step, sampled or not.

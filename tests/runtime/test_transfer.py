@@ -31,11 +31,11 @@ from swarm.runtime.client import PeerClient
 from swarm.runtime.deploy import StagePlacement as Stage
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.holder import HolderServer, WeightsHolder
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 from swarm.runtime.schedule import Layout
 from swarm.runtime.transfer import TransferConfig, TransferError, fetch_units
 from swarm.runtime.wire import Kind, Message
-from tests.security.strangers import REPLY_WAIT_S, stranger_dealer
+from tests.helpers.strangers import REPLY_WAIT_S, stranger_dealer
 
 TINY_UNITS = 6
 SMALL = TransferConfig(chunk_bytes=4096, window=2)
@@ -191,7 +191,7 @@ async def test_a_stranger_gets_no_weights(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def gguf_model(tiny_model_dir, tmp_path_factory):
-    from tests.model.test_gguf import write_gguf
+    from tests.helpers.gguf import write_gguf
 
     return write_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-Q4_0.gguf", "Q4_0")
 
@@ -256,7 +256,7 @@ def test_progress_reads_bytes_rate_and_time_left():
     (dict(own=False, cached=False, path_exists=False, local_paths=True, holder=None, models=[]), "names no holder"),
 ])
 def test_where_a_loads_weights_come_from(case, want):
-    from swarm.runtime.server import weights_from
+    from swarm.runtime.loadweights import weights_from
     from swarm.runtime.wire import WireError
 
     if want in ("own", "cache", "path", "holder"):
@@ -310,3 +310,21 @@ async def test_a_peer_killed_while_receiving_resumes_after_a_restart(tmp_path):
 def _pid_of(address: str) -> int:
     port = sockets.port_of(address)
     return next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN")
+
+
+async def test_the_holder_bounds_each_clients_requests_in_flight(tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from swarm.runtime.wire import DEFAULT_LIMITS
+
+    holder, fp = holder_for(tiny_model_dir, tmp_path)
+    fields = {"fp": fp, "dtype": "float32", "quant": None}
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_requests_per_client=2)
+    async with HolderServer(holder, limits=limits) as server, PeerClient(server.address) as flood, \
+            PeerClient(server.address) as calm:
+        results = await asyncio.gather(*(flood.request(Kind.UNIT, {**fields, "unit": u}) for u in range(6)),
+                                       return_exceptions=True)
+        refused = [r for r in results if isinstance(r, Exception)]
+        assert refused and all("too many requests in flight from this client (limit 2)" in str(r) for r in refused)
+        assert sum(not isinstance(r, Exception) for r in results) >= 2
+        assert (await calm.request(Kind.MANIFEST, fields))["manifest"]["fingerprint"] == fp

@@ -22,8 +22,8 @@ from swarm.model.shard import Shard
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline
-from swarm.runtime.peer import local_peers
-from tests.runtime.test_pipeline import config, plan_for
+from swarm.localswarm import local_peers
+from tests.helpers.pipeline import config, plan_for
 
 pytestmark = [
     pytest.mark.slow,

@@ -15,10 +15,10 @@ import zmq
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 from swarm.runtime.wire import Kind, Message, encode
-from tests.model.reference import reference_generate
-from tests.runtime.test_pipeline import config, plan_for
+from tests.helpers.reference import reference_generate
+from tests.helpers.pipeline import config, plan_for
 
 pytestmark = pytest.mark.slow
 

@@ -21,14 +21,14 @@ import pytest
 from swarm.runtime import sockets
 from swarm.runtime.client import PeerClient
 from swarm.runtime.engine import Pipeline
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 from swarm.runtime.server import ServerConfig, ShardServer
 from swarm.secret import ENV_VARIABLE, SwarmSecret
-from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
-from tests.model.reference import reference_generate
-from tests.runtime.test_pipeline import PROMPTS, config, plan_for
+from tests.helpers.discovery import fixture_profile, stop_processes
+from tests.helpers.reference import reference_generate
+from tests.helpers.pipeline import PROMPTS, config, plan_for
 
-from .strangers import replies_to_strangers
+from tests.helpers.strangers import replies_to_strangers
 
 pytestmark = pytest.mark.slow
 

@@ -131,3 +131,11 @@ def test_the_api_key_guards_every_route(served, key):
     for path in ("/api/version", "/api/swarm/events", "/v1/models"):
         assert httpx.get(served.url + path, headers=headers).status_code == 401
     assert httpx.get(served.url + "/health").status_code == 200
+
+
+def test_no_swarm_is_a_source_only_pipeline(served):
+    """`serve --no-swarm` runs the pipeline chat and generate run without a swarm: no source,
+    no discovery, no plan (a SwarmSource would have planned the model onto itself)."""
+    body = httpx.get(served.url + "/v1/swarm", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [p["name"] for p in body["peers"]] == ["source"] and body["plan"] is None
+    assert body["diagnostic"] == "--no-swarm: this process alone, no discovery"

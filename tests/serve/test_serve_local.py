@@ -25,7 +25,7 @@ import pytest
 from swarm.model.stopping import stop_token_ids
 from swarm.model import hf
 from swarm.serve.app import STATS_INTERVAL_S
-from tests.model.reference import reference_generate
+from tests.helpers.reference import reference_generate
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 
 from swarm.model.stopping import stop_token_ids
 from swarm.model import hf
-from tests.model.reference import reference_generate
+from tests.helpers.reference import reference_generate
 from tests.serve import browser
 from tests.serve.conftest import MAX_LEN, serving
 

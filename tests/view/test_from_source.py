@@ -11,7 +11,7 @@ from swarm.source_state import SourceState
 from swarm.view.from_source import decode_ms, snapshot_from_source
 from swarm.view.render import topology
 
-from .test_render import cells, render_text
+from tests.helpers.render import cells, render_text
 
 MIB = 1 << 20
 N = 6  # embed, 4 blocks, head

@@ -14,6 +14,7 @@ from swarm.view.live import refresh_forever
 from swarm.sizes import format_bytes
 from swarm.view.render import format_bandwidth, topology, unit_range_name
 from swarm.view.snapshot import LinkState, PeerState, PlanState, StageState, SwarmSnapshot
+from tests.helpers.render import cells, render_text
 
 MIB = 1 << 20
 
@@ -41,17 +42,6 @@ SNAPSHOT = SwarmSnapshot(
     tokens_per_s=19.4,
     micro_batches=3,
 )
-
-
-def render_text(renderable, width: int = 120) -> str:
-    console = Console(record=True, width=width, file=io.StringIO(), color_system=None)
-    console.print(renderable)
-    return console.export_text()
-
-
-def cells(line: str) -> list[str]:
-    """The cells of a table row drawn inside the view's panel (both borders dropped)."""
-    return [c.strip() for c in line.split("│")[2:-2]]
 
 
 def test_peers_show_memory_compute_and_liveness():

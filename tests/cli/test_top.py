@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .tmux import Terminal
+from tests.helpers.tmux import Terminal
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from swarm.discovery.links import ProbeConfig
 from swarm.model.local import LocalChain, generate
 from swarm.model.units import ModelLayout
 from swarm.source import SourceConfig, SwarmSource
-from tests.discovery.discovery_fixtures import stop_processes
+from tests.helpers.discovery import stop_processes
 
 pytestmark = pytest.mark.slow
 

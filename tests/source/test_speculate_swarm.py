@@ -17,7 +17,7 @@ from swarm.model.local import LocalChain, generate
 from swarm.model.sampling import GREEDY, SamplingParams, row_sampling
 from swarm.runtime.speculate import Speculation
 from swarm.source import SourceConfig, SwarmSource
-from tests.discovery.test_failover import LIVENESS, PEERS, ChaosPeers, recoveries_naming
+from tests.helpers.chaos import LIVENESS, PEERS, ChaosPeers, recoveries_naming
 
 pytestmark = pytest.mark.slow
 

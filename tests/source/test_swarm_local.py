@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
+from tests.helpers.discovery import fixture_profile, stop_processes
 from swarm.discovery.liveness import LivenessConfig
 from swarm.discovery.links import ProbeConfig
 from swarm.discovery.txt import decode, from_profile

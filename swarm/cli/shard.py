@@ -1,4 +1,9 @@
-"""``python -m swarm.runtime.peer``: argv, the address on stdout, exit when stdin closes."""
+"""`swarm serve-shard`: one shard server and nothing else (no discovery, no profile): the
+peer that tests and benchmarks start on loopback (``swarm.localswarm.local_peers``).
+
+It prints its bound address (tcp://host:port) as the first line on stdout, so that its
+parent can start it on a free port; with --exit-on-eof it stops when its stdin closes,
+so it never outlives the process that started it."""
 
 from __future__ import annotations
 
@@ -6,28 +11,15 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import sys
 import threading
 
-from swarm import secret
-from swarm.runtime.peer import serve
-from swarm.runtime.wire import DEFAULT_LIMITS
-from swarm.runtime.server import ServerConfig, ShardServer
 
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from swarm.runtime.wire import DEFAULT_LIMITS
 
-def announce(server: ShardServer, exit_on_eof: bool) -> None:
-    sys.stdout.write(server.address + "\n")
-    sys.stdout.flush()
-    if exit_on_eof:
-        loop = asyncio.get_running_loop()
-        # A daemon thread blocks on stdin; EOF means the parent is gone.
-        threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(server.close)),
-                         daemon=True).start()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swarm.runtime.peer", description="serve one shard server")
+    parser = subparsers.add_parser("serve-shard", help="serve one shard server (tests, benchmarks)",
+                                   description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--data-port", type=int, default=0, help="port pipeline steps arrive on (0: any free)")
@@ -43,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-local-paths", action="store_true",
                         help="never read a LOAD's model path from this machine's disk: weights come from this "
                              "peer's unit cache or from the LOAD's holder (as on another machine)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from swarm import secret
+    from swarm.runtime.server import ServerConfig, ShardServer
+    from swarm.runtime.wire import DEFAULT_LIMITS
+
     # Import the model code now, while the other peers start too, so the first LOAD is quick.
     import swarm.model.shard  # noqa: F401
 
@@ -57,9 +54,16 @@ def main(argv: list[str] | None = None) -> int:
                                  max_queued_bytes_per_client=args.max_queued_bytes)
     config = ServerConfig(bind_host=args.host, port=args.port, data_port=args.data_port, threads=args.threads,
                           info=json.loads(args.info), limits=limits, local_paths=not args.no_local_paths)
-    asyncio.run(serve(config, lambda server: announce(server, args.exit_on_eof)))
+
+    async def serve() -> None:
+        async with ShardServer(config) as server:
+            print(server.address, flush=True)
+            if args.exit_on_eof:
+                loop = asyncio.get_running_loop()
+                # A daemon thread blocks on stdin; EOF means the parent is gone.
+                threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(server.close)),
+                                 daemon=True).start()
+            await server.serve_forever()
+
+    asyncio.run(serve())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

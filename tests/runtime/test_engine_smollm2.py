@@ -12,7 +12,7 @@ from swarm.model.local import LocalChain, generate
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import Layout, Mode
 
-from .test_pipeline import plan_for
+from tests.helpers.pipeline import plan_for
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from swarm.model.units import ModelLayout
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.problem import Problem
 from swarm.source import SourceConfig, SwarmSource
-from tests.discovery.discovery_fixtures import fixture_profile, stop_processes
+from tests.helpers.discovery import fixture_profile, stop_processes
 
 HEARTBEAT_S = 0.3
 PROMPTS = [[1, 17, 42, 99, 7], [1, 5]]

@@ -5,40 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from swarm.aio import bounded
-from swarm.model import hf
-from swarm.model.local import even_cuts
 from swarm.model.sampling import SamplingParams
 from swarm.runtime.deploy import StagePlacement as Stage
 from swarm.runtime.engine import Pipeline, PipelineConfig
 from swarm.runtime.schedule import ContextFull, Layout, Mode
-
-TINY_UNITS = 6  # embedding + 4 blocks + norm/head
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20], [30, 31, 32], [40, 41, 42, 43]]
-NEW = 12
-TIMEOUT_S = 60
-
-
-def plan_for(peers: list[str], n_peers: int, num_units: int = TINY_UNITS) -> tuple[Stage, ...]:
-    cuts = even_cuts(num_units, n_peers + 1)
-    return tuple(Stage(addr, a, b) for addr, (a, b) in zip([None, *peers[:n_peers]], cuts))
-
-
-def config(model_dir, plan, m=1, b=1, mode=Mode.NO_BUBBLES, max_len=128):
-    return PipelineConfig(model_dir, plan, layout=Layout(m, b), mode=mode, max_len=max_len)
+from tests.helpers.pipeline import NEW, PROMPTS, TIMEOUT_S, TINY_UNITS, config, plan_for
+from tests.helpers.reference import reference_generate
 
 
 @pytest.fixture(scope="module")
 def transformers_reference(tiny_model_dir):
-    model = hf.reference_model(tiny_model_dir)
-    out = []
-    with torch.inference_mode():
-        for p in PROMPTS:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
-            out.append(ids[0, len(p):].tolist())
-    return out
+    return reference_generate(tiny_model_dir, PROMPTS, NEW)
 
 
 @pytest.mark.parametrize("n_peers", [1, 2, 3, 4])
@@ -248,6 +227,44 @@ async def test_a_dead_stage_is_replaced_and_the_streams_go_on_exactly(tiny_model
     assert len(events) == 1 and events[0].error is None and events[0].lost == ("doomed",)
     assert events[0].peers == 1 and events[0].sequences == 2
     assert "peer doomed lost; re-planned over 1 peer in" in events[0].describe()
+
+
+async def test_a_surviving_stage_keeps_its_weights_and_only_its_next_hop_changes(tiny_model_dir, peers,
+                                                                                   tiny_reference):
+    """The last stage is lost; the re-plan keeps units [1, 3) on the same peer: its LOAD reads
+    nothing (the shard stays, pointed at the new last stage) and the streams go on exactly."""
+    from swarm.runtime.recovery import Replanned
+    from swarm.runtime.server import ServerConfig, ShardServer
+
+    events = []
+
+    async def replan(suspects):
+        return Replanned((Stage(None, 0, 1), Stage(peers[1], 1, 3), Stage(peers[2], 3, 6)), ("doomed",))
+
+    async with ShardServer(ServerConfig()) as doomed:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(doomed.serve_forever())
+            plan = (Stage(None, 0, 1), Stage(peers[1], 1, 3), Stage(doomed.address, 3, 6))
+            cfg = PipelineConfig(tiny_model_dir, plan, layout=Layout(2, 1), max_len=128, step_timeout_s=1.0,
+                                 control_timeout_s=1.0)
+            async with Pipeline(cfg, replan, events.append) as pipe:
+                first = pipe.deployment
+
+                async def run(prompt):
+                    got = []
+                    async for token in pipe.generate(prompt, NEW):
+                        got.append(token)
+                        if len(got) == 4 and prompt is PROMPTS[0]:
+                            doomed.close()
+                    return got
+
+                outs = await bounded(asyncio.gather(run(PROMPTS[0]), run(PROMPTS[2])), TIMEOUT_S)
+                assert pipe.deployment is not first
+                _, kept, moved = pipe.deployment.ready
+                assert kept.kept and kept.load_s == 0.0 and kept.weight_bytes == first.ready[1].weight_bytes
+                assert not moved.kept and moved.load_s > 0
+    assert list(outs) == tiny_reference([PROMPTS[0], PROMPTS[2]], NEW)
+    assert len(events) == 1 and events[0].error is None
 
 
 @pytest.mark.parametrize("reported", [True, False], ids=["reported-lost", "never-answers"])

@@ -42,7 +42,7 @@ from swarm.planner.simulate import simulate_pipeline
 from swarm.runtime.client import PeerClient
 from swarm.runtime.deploy import StagePlacement
 from swarm.runtime.engine import Pipeline, PipelineConfig
-from swarm.runtime.peer import local_peers
+from swarm.localswarm import local_peers
 from swarm.runtime.schedule import Layout, Mode
 
 log = logging.getLogger(__name__)
