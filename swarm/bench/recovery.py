@@ -82,7 +82,8 @@ async def _bench(model_dir: Path, repeats: int, prompt_tokens: int, new_tokens: 
     local = LocalSwarm.for_model(model_dir, 3, max_len=max_len,
                                  extra_args=("--heartbeat", str(liveness.interval_s), "--probe-interval", "60"))
     async with local:
-        config = SourceConfig(model=model_dir, name="source", max_len=max_len, liveness=liveness,
+        # speculate off: a loss is timed to the next token, and verify steps deliver tokens in bursts
+        config = SourceConfig(model=model_dir, name="source", max_len=max_len, liveness=liveness, speculate="off",
                               probe=ProbeConfig(interval_s=60), seed_refresh_s=0.5, **local.source_settings())
         async with SwarmSource(config) as source:
             for run in range(repeats):
@@ -94,8 +95,10 @@ async def _bench(model_dir: Path, repeats: int, prompt_tokens: int, new_tokens: 
                            f"{figures.replay_s:.2f} s)")
                     local.kill(victim)  # a frozen one too: it must not come back as the same member
                     await local.restart(victim)
+                    # back, and its links measured: a re-plan for links measured later would
+                    # switch the plan mid-answer, and the next loss could miss the answer's stages
                     async with asyncio.timeout(60):
-                        while len(source.state().announcements) < 3:
+                        while len(source.state().announcements) < 3 or not source.links_complete():
                             await asyncio.sleep(0.1)
 
     def median(key: str, loss: str = "kill") -> float:
@@ -116,7 +119,6 @@ async def _lose_one(source, local, loss: str, prompt: list[int], new_tokens: int
     """One answer, whose last stage's peer is lost at token KILL_AT_TOKEN; the run's figures
     and that peer's index."""
     await source.deploy()
-    before = len(source.state().recoveries)
     lost_at = next_at = None
     async for count, token in _counted(source.generate(prompt, new_tokens)):
         if count == KILL_AT_TOKEN:
@@ -128,7 +130,8 @@ async def _lose_one(source, local, loss: str, prompt: list[int], new_tokens: int
         elif lost_at is not None and next_at is None:
             next_at = time.monotonic()
     # the recovery this loss caused (a re-plan as the restarted peer came back is another)
-    event = next((e for e in source.state().recoveries[before:] if e.detected_at >= lost_at), None)
+    # (by time, not by index: the source keeps only its last RECOVERIES_KEPT events)
+    event = next((e for e in source.state().recoveries if e.detected_at >= lost_at), None)
     if event is None:
         raise RuntimeError(f"losing {last} (the last stage, {loss}) started no recovery")
     if event.error is not None:
