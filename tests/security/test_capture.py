@@ -42,8 +42,8 @@ def record_source_outputs(monkeypatch) -> list[bytes]:
     sent: list[bytes] = []
     step = Shard.step
 
-    def recording(shard, slots, inputs, lengths=None):
-        out = step(shard, slots, inputs, lengths)
+    def recording(shard, slots, inputs, lengths=None, keep=None, draws=None):
+        out = step(shard, slots, inputs, lengths, keep, draws)
         if shard.start == 0 and not shard.is_last:
             sent.append(out.contiguous().numpy().tobytes())
         return out
