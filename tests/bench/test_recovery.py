@@ -23,8 +23,8 @@ def test_a_killed_and_a_frozen_peer_are_both_measured_and_detected_each_its_own_
     assert [run["loss"] for run in r["runs"]] == ["kill", "freeze"]
     assert all(run["peers_after"] == 2 for run in r["runs"])
     # A killed peer's connections close at once (the socket monitor): no heartbeat is waited for.
-    assert r["detection_s"] < 0.75 and r["kill_to_next_token_s"] > r["detection_s"]
+    assert r["detection_s"] < 0.75
     # A frozen one's stay open: only missed heartbeats tell (three in a row, of which at least the
     # last two wait their whole 0.75 s after the freeze), within the bound.
     assert 2 * 0.75 <= r["frozen_detection_s"] <= r["heartbeat_bound_s"]
-    assert r["frozen_to_next_token_s"] > r["frozen_detection_s"]
+    assert r["kill_to_next_token_s"] > 0 and r["frozen_to_next_token_s"] > 0  # (a token in flight may land first)
