@@ -1,6 +1,7 @@
 """Figures and tables of benchmarks/testbed.py results (matplotlib: the `plots` extra).
 
     python benchmarks/testbed_plots.py RESULTS.json OUT_DIR     # PNGs + tables.md
+    python benchmarks/testbed_plots.py --fig9 HOME.json HOMENX.json OUT_DIR   # Figure 9: the source node
 
 Measured values are solid lines with filled markers, predictions dashed with hollow ones.
 """
@@ -145,6 +146,55 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+FIG9 = ["Edge-Solo", "Cloud-Edge-Even", "Cloud-Edge-Opt", "EdgeShard"]
+
+
+def plot_fig9(sources: dict[str, dict], out: Path) -> Path:
+    """The paper's Figure 9 (impact of the source node): latency and throughput of each strategy
+    at the first setting of each run (the same devices, another one as the source); a strategy
+    with no plan (the source cannot hold its part: the paper's OOM) is marked so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(sources)
+    for ax, (kind, key, label) in zip(axes, (("latency", "ms_per_token", "decode latency (ms/token)"),
+                                           ("throughput", "tokens_per_s", "throughput (tokens/s)"))):
+        for k, (source, results) in enumerate(sources.items()):
+            setting = results["settings"][0]
+            pick = {r["strategy"]: r for r in setting["rows"] if r["kind"] == kind}
+            for i, name in enumerate(FIG9):
+                row = pick.get(name if kind == "latency" or name != "EdgeShard" else "EdgeShard No-Bubbles")
+                x = i + (k - (len(sources) - 1) / 2) * width
+                if row is None:
+                    ax.text(x, 0, "OOM", ha="center", va="bottom", fontsize=7, rotation=90)
+                    continue
+                ax.bar(x, row["measured"][key], width, color=f"C{k}", label=f"source {source} measured" if i == 0 else None)
+                ax.plot([x - width / 2, x + width / 2], [row["predicted"][key]] * 2, "k--", lw=1,
+                        label="predicted" if i == 0 and k == 0 else None)
+        ax.set_xticks(range(len(FIG9)), FIG9, fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    mbit = next(iter(sources.values()))["settings"][0]["mbit"]
+    fig.suptitle(f"Fig. 9 analogue: the source node (source-cloud {mbit:g} Mbit/s)")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "fig9_source_node.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+SOURCE_LIKE = {"home": "AGX-like", "homenx": "NX-like"}  # each scenario's source board
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--fig9":
+        runs = [json.loads(Path(f).read_text()) for f in sys.argv[2:-1]]
+        print(plot_fig9({SOURCE_LIKE.get(r["scenario"], r["scenario"]): r for r in runs}, Path(sys.argv[-1])))
+        sys.exit(0)
     for path in plot_all(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])):
         print(path)

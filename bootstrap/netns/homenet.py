@@ -361,10 +361,10 @@ class Homenet:
 
     def _start_peers(self, reprofile: bool) -> None:
         for d in self.scenario.devices:
+            if reprofile:  # the source's too: it profiles itself when its agent starts
+                shutil.rmtree(self.cache_dir(d.name) / "profiles", ignore_errors=True)
             if d.source:
                 continue
-            if reprofile:
-                shutil.rmtree(self.cache_dir(d.name) / "profiles", ignore_errors=True)
             argv = [self.python, "-m", "swarm", "join", "--interface", self.ip(d.name), "--name", d.name,
                     "--threads", "1", "--heartbeat", str(HEARTBEAT_S), "--probe-interval", str(self.probe_interval_s)]
             if d.mem:
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="bring a scenario up (peers keep running after this returns)")
     up.add_argument("scenario")
     up.add_argument("--tag", help="name prefix for namespaces and cgroups (default: the scenario's name)")
-    up.add_argument("--reprofile", action="store_true", help="measure every peer's profile again")
+    up.add_argument("--reprofile", action="store_true", help="measure every device's profile again (the source's too)")
     down = sub.add_parser("down", help="tear a scenario down (idempotent)")
     down.add_argument("tag", nargs="?")
     down.add_argument("--all", action="store_true", help="every homenet this machine has up")

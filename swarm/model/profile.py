@@ -7,15 +7,20 @@ after measuring (the paper's dynamic model loading), so a device profiles a mode
 could never hold whole.
 
 A unit measured alone is not a unit in a shard (issue 26). Run again and again, its
-weights stay in the CPU's caches: on a Xeon with a shared L3, a SmolLM2 block decodes in
-0.95 ms alone and 3.3-3.9 ms among others (A/B in one process, 4 and 30 blocks back to
-back); and alone it pays the whole per-step constant of ``Shard.step`` that a shard pays
-once. So a shard of k blocks is measured too (t_k). The embedding alone is almost only
+weights stay in the CPU's caches, and alone it pays the whole per-step constant of
+``Shard.step`` that a shard pays once. So a shard of k blocks is measured too (t_k), k
+as many blocks as the device holds (all of them when they fit): how much the caches
+flatter a block depends on how much else a step reads. On this Xeon (a 480 MiB L3),
+SmolLM2 blocks in float32 decode at 0.90 ms in a shard of 8 (113 MB, cached whole) and
+0.99 ms in a shard of 30, and the whole model (533 MB) takes 41 ms where 8-block figures
+add up to 36. The embedding alone is almost only
 that constant (a lookup of one row), so c = its time, and a block in a shard takes
 b = (t_k - c) / k (``shard_line``; one shard, not the slope between two, which doubles
-the noise). Each block's figure is b, shaped by how the blocks compare alone; the
-embedding and the head (too large to stay cached, or too small to matter) keep their
-alone time minus c. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
+the noise). Each block's figure is b, in proportion to its bytes (a block alone is
+too short to time under a CPU quota: one run fits in a period's quota, the next waits
+out the period; the testbed's source once timed one block alone at 2.4 times the
+others). The embedding and the head (too large to stay cached, or too small to matter)
+keep their alone time minus c. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
 ``step_overhead``). The planner plans decode with the decode times; prefill times give
 the first token.
 
@@ -40,6 +45,7 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -59,7 +65,8 @@ log = logging.getLogger(__name__)
 
 # 2: the kernels that measured it are part of the profile and of its cache key.
 # 3: unit times are times in a shard (the per-step constant apart, step_*_s); load recorded.
-PROFILE_VERSION = 3
+# 4: ... in a shard of every block the device holds (not 8, which a large cache holds whole).
+PROFILE_VERSION = 4
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 100
 PREFILL_REPEATS = 3
@@ -67,7 +74,6 @@ DECODE_REPEATS = 8
 WARMUP = 2
 # Leave this share of free memory to the OS and other programs.
 MEMORY_HEADROOM = 0.8
-BACK_TO_BACK_BLOCKS = 8  # blocks of the shard measured back to back
 MIN_UNIT_SHARE = 0.1  # a unit keeps at least this share of its alone time once the constant is taken off
 QUIET_CHECK_S = 0.5  # how long the device is watched before re-measuring a profile taken under load
 QUIET_WAIT_S = 5.0  # before profiling, the longest wait for other processes to leave the CPUs (peers starting)
@@ -206,16 +212,16 @@ def in_shard(alone: float, constant: float) -> float:
 def in_shard_units(units: list[UnitProfile], step_prefill: float, block_prefill: float, step_decode: float,
                    block_decode: float) -> list[UnitProfile]:
     """Units measured alone -> their times in a shard: each block the block time of the shard
-    line, in proportion to how it compared with the other blocks alone; the embedding and the
-    head their alone time minus the per-step constant."""
+    line, in proportion to its weight bytes (a block alone is too short to time under a CPU
+    quota: one run fits in a period's quota, the next waits out the period); the embedding
+    and the head their alone time minus the per-step constant."""
     blocks = units[1:-1]
-    mean_prefill = statistics.fmean(u.prefill_s for u in blocks) if blocks else 0.0
-    mean_decode = statistics.fmean(u.decode_s for u in blocks) if blocks else 0.0
+    mean_bytes = statistics.fmean(u.weight_bytes for u in blocks) if blocks else 0.0
     out = []
     for i, u in enumerate(units):
-        if 0 < i < len(units) - 1 and mean_prefill > 0 and mean_decode > 0:
-            out.append(replace(u, prefill_s=block_prefill * u.prefill_s / mean_prefill,
-                               decode_s=block_decode * u.decode_s / mean_decode))
+        if 0 < i < len(units) - 1 and mean_bytes > 0:
+            share = u.weight_bytes / mean_bytes
+            out.append(replace(u, prefill_s=block_prefill * share, decode_s=block_decode * share))
         else:
             out.append(replace(u, prefill_s=in_shard(u.prefill_s, step_prefill),
                                decode_s=in_shard(u.decode_s, step_decode)))
@@ -269,16 +275,17 @@ def wait_for_quiet(threads: int, limit_s: float) -> bool:
 
 
 @contextlib.contextmanager
-def _profiling_turn(folder: Path):
-    """One process of this machine profiles at a time (an advisory file lock, released by the
-    OS if the holder dies): peers started together do not measure each other's load."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _profiling_turn():
+    """One process of this machine profiles at a time (an advisory file lock in the machine's
+    temporary folder, released by the OS if the holder dies): peers started together do not
+    measure each other's load, whatever cache each of them uses (the testbed's devices each
+    have their own)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): profile without taking turns
         yield
         return
-    with open(folder / ".profiling.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"swarm-profiling-{getattr(os, 'getuid', lambda: 0)()}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -320,7 +327,7 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
     cached = _read_cache(cache_file, mem) if use_cache else None
     if cached is not None and not cached.under_load:
         return cached
-    with _profiling_turn(cache_file.parent):
+    with _profiling_turn():
         if use_cache:  # another process may have measured it while this one waited its turn
             cached = _read_cache(cache_file, mem)
             if cached is not None and not (cached.under_load and quiet_now(threads)):
@@ -334,6 +341,13 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
         log.warning("profiled while other processes kept %.1f CPUs busy: unit times may be slow; "
                     "they are measured again once this device is quiet", profile.others_busy_cpus)
     return profile
+
+
+def _measure_shard(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
+                   quant: str | None) -> tuple[float, float]:
+    shard = Shard.load(model_dir, start, end, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
+                       dtype=dtype, device=torch_device, quant=quant)
+    return measure_unit(shard)
 
 
 def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, dtype: str, quant: str | None,
@@ -357,17 +371,14 @@ def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, d
         del shard  # one unit in memory at a time
         units.append(UnitProfile(names[i], weights[i], kv[i], out[i], prefill, decode))
     # Blocks back to back in one shard: their time in a shard (and the per-step constant).
-    k = min(BACK_TO_BACK_BLOCKS, layout.num_units - 2)
+    k = layout.num_units - 2
     while k >= 1 and sum(weights[1:1 + k]) > mem:
         k -= 1
     step_prefill = step_decode = 0.0
     if k >= 1:
-        shard = Shard.load(model_dir, 1, 1 + k, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
-                           dtype=dtype, device=torch_device, quant=quant)
-        prefill, decode = measure_unit(shard)
-        del shard
-        step_prefill, block_prefill = shard_line(units[0].prefill_s, k, prefill)
-        step_decode, block_decode = shard_line(units[0].decode_s, k, decode)
+        blocks = _measure_shard(model_dir, 1, 1 + k, dtype, torch_device, quant)
+        step_prefill, block_prefill = shard_line(units[0].prefill_s, k, blocks[0])
+        step_decode, block_decode = shard_line(units[0].decode_s, k, blocks[1])
         units = in_shard_units(units, step_prefill, block_prefill, step_decode, block_decode)
     others = meter.others_busy_cpus()
     model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)

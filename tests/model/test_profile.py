@@ -31,21 +31,22 @@ def test_the_shard_line_gives_the_per_step_constant_and_a_block_in_a_shard():
     c, b = profiling.shard_line(constant, 8, constant + 8 * block)
     assert c == constant and abs(b - block) < 1e-12
     assert profiling.shard_line(0.05, 8, 0.03) == (0.03, 0.0)  # never more constant than the whole step
-    units = [profiling.UnitProfile(n, 1, 1, 1, p, d) for n, p, d in
-             (("embed", 0.002, 0.0016), ("b0", 0.010, 0.0009), ("b1", 0.012, 0.0011), ("head", 0.05, 0.021))]
+    units = [profiling.UnitProfile(n, w, 1, 1, p, d) for n, w, p, d in
+             (("embed", 50, 0.002, 0.0016), ("b0", 9, 0.010, 0.0009), ("b1", 11, 0.012, 0.0011),
+              ("head", 50, 0.05, 0.021))]
     got = profiling.in_shard_units(units, 0.001, 0.02, 0.0015, 0.0035)
-    # blocks: the shard's block time, shaped by how they compared alone; the ends: alone minus the constant
+    # blocks: the shard's block time, by their bytes (not their noisy alone times); the ends: alone minus the constant
     assert [u.decode_s for u in got] == pytest.approx([0.0016 * profiling.MIN_UNIT_SHARE, 0.0035 * 0.9,
                                                        0.0035 * 1.1, 0.021 - 0.0015], rel=1e-12)
-    assert [u.prefill_s for u in got] == pytest.approx([0.001, 0.02 * 10 / 11, 0.02 * 12 / 11, 0.049], rel=1e-12)
+    assert [u.prefill_s for u in got] == pytest.approx([0.001, 0.02 * 0.9, 0.02 * 1.1, 0.049], rel=1e-12)
 
 
 def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
     fresh = profile_device(tiny_model_dir, threads=1, use_cache=False)
-    assert fresh.version == profiling.PROFILE_VERSION == 3
+    assert fresh.version == profiling.PROFILE_VERSION == 4
     assert fresh.step_decode_s >= 0 and fresh.step_prefill_s >= 0
-    # a version-2 cache (units alone, no constant) at the same path is never read as version 3
+    # a version-2 cache (units alone, no constant) at the same path is never read as version 4
     path = profiling.profile_cache_path(fresh.device.name, fresh.model.fingerprint, fresh.model.dtype, 1, "cpu",
                                         fresh.kernels)
     old = fresh.to_json()
@@ -54,8 +55,8 @@ def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(ti
         del old[key]
     path.write_text(json.dumps(old))
     again = profile_device(tiny_model_dir, threads=1)
-    assert again.version == 3 and again.measured_s != fresh.measured_s
-    assert json.loads(path.read_text())["version"] == 3
+    assert again.version == 4 and again.measured_s != fresh.measured_s
+    assert json.loads(path.read_text())["version"] == 4
 
 
 def test_a_profile_taken_under_load_is_marked_and_measured_again_when_quiet(tiny_model_dir, monkeypatch):
