@@ -62,6 +62,7 @@ class RecoveryEvent:
     # Per stage of the new plan, the positions the replay computes (a stage kept in place with
     # its KV cache computes only what it lacks; a freshly loaded one every position).
     replayed: tuple[int, ...] = ()
+    number: int = 0  # its place among its owner's recoveries (1: the first), stamped by the owner
 
     def describe(self) -> str:
         who = ", ".join(self.lost) or "a stage"
