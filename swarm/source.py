@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -148,7 +149,10 @@ class SwarmSource:
         self._started = 0.0
         self._deploying = asyncio.Lock()
         self._stats: tuple[StageStats, ...] = ()  # the pipeline's at the last poll
+        # The last RECOVERIES_KEPT, each numbered from 1 over this source's life: a reader that
+        # showed up to number n shows what comes after, however many the deque has dropped.
         self._recoveries: collections.deque[RecoveryEvent] = collections.deque(maxlen=RECOVERIES_KEPT)
+        self._recovery_count = 0
         self._transfers: dict[str, dict] = {}  # peer name -> weights it is receiving (done, total, rate_bps)
         self.hop_overhead_s = 0.0  # what a hop costs this device (swarm.runtime.hopcost), measured on open
         self._drift_notes: dict[tuple[int, int], str] = {}  # (plan, stage) -> what its profile got wrong
@@ -319,7 +323,7 @@ class SwarmSource:
                 self.current = planned  # the replanner reads it as soon as the pipeline runs
                 # _watch_stages tells it of a peer lost while it loads: it re-plans at once
                 # rather than wait out a LOAD that a dead peer never answers.
-                self._starting = Pipeline(config, replan=self._replan, on_recovery=self._recoveries.append,
+                self._starting = Pipeline(config, replan=self._replan, on_recovery=self._record_recovery,
                                           drafter=drafter)
                 try:
                     self._pipeline = await self._stack.enter_async_context(self._starting)
@@ -478,6 +482,10 @@ class SwarmSource:
         live = dict(self.directory.live)
         answers = await asyncio.gather(*(one(rec) for rec in live.values()))
         return {pid: status for pid, status in zip(live, answers) if status is not None}
+
+    def _record_recovery(self, event: RecoveryEvent) -> None:
+        self._recovery_count += 1
+        self._recoveries.append(dataclasses.replace(event, number=self._recovery_count))
 
     def state(self) -> SourceState:
         """One immutable snapshot: live peers, measured links, the deployed plan, the stages'

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from prompt_toolkit import PromptSession
@@ -75,7 +75,7 @@ class ChatState:
     snapshot: Callable[[], SwarmSnapshot]
     recoveries: Callable[[], tuple]  # the backend's RecoveryEvents so far
     rate: TokenRate
-    recoveries_shown: int = 0
+    recoveries_shown: int = 0  # the number (RecoveryEvent.number) of the last one shown
 
 
 async def _chat(args: argparse.Namespace, console: Console) -> int:
@@ -113,12 +113,17 @@ async def _closing(conversation: Conversation):
         await conversation.aclose()
 
 
+def unseen_recoveries(events: Sequence, shown: int) -> list:
+    """The recoveries numbered after ``shown``, oldest first. By number, not by index: the
+    source keeps only its last few, so the list's length stops growing while numbers go on."""
+    return [event for event in events if event.number > shown]
+
+
 def _recovery_notices(state: ChatState, console: Console, mid_answer: bool) -> None:
     """One line per recovery from a lost peer since the last notice."""
-    events = state.recoveries()
-    for event in events[state.recoveries_shown:]:
+    for event in unseen_recoveries(state.recoveries(), state.recoveries_shown):
         console.print(("\n" if mid_answer else "") + f"[{event.describe()}]", style="yellow", markup=False)
-    state.recoveries_shown = len(events)
+        state.recoveries_shown = event.number
 
 
 async def _command(line: str, conversation: Conversation, state: ChatState, console: Console) -> bool:
@@ -172,7 +177,7 @@ async def _answer(text: str, conversation: Conversation, state: ChatState, conso
                     first_token_s = time.perf_counter() - began
                 pieces.append(piece)
                 state.rate.tick()
-                if len(state.recoveries()) > state.recoveries_shown and not state.view:
+                if not state.view and unseen_recoveries(state.recoveries(), state.recoveries_shown):
                     _recovery_notices(state, console, mid_answer=True)
                 if not state.view:
                     console.print(piece, end="", markup=False, soft_wrap=True)

@@ -51,6 +51,7 @@ class Ready:
     kv_bytes: int
     rss_bytes: int
     kept: bool = False  # the peer already held these units for the same model and cache shape
+    kv_kept: bool = False  # ... and kept its KV slots (it served the LOAD's ``from_dep``)
 
 
 class PeerClient:
@@ -225,19 +226,21 @@ class PeerClient:
     async def load(self, model_dir: Path | str, start: int, end: int, *, slots: int, max_len: int,
                    dtype: str = "float32", next_address: str | None = None, dep: int = 0,
                    fingerprint: str | None = None, timeout: float = LOAD_TIMEOUT_S, quant: str | None = None,
-                   holder: str | None = None, on_progress: Callable[[Message], None] | None = None) -> Ready:
+                   holder: str | None = None, on_progress: Callable[[Message], None] | None = None,
+                   from_dep: int | None = None) -> Ready:
         """Load units [start, end). A peer that holds a model with ``fingerprint`` loads its
         own copy; otherwise its unit cache, or ``model_dir`` on its disk (same machine, shared
         disk), or the units (held as ``quant``) fetched from ``holder`` (a weights server's
         address). While weights move, ``on_progress`` gets each PROGRESS message, and each
-        keeps the LOAD alive for ``timeout`` more seconds."""
+        keeps the LOAD alive for ``timeout`` more seconds. ``from_dep``: this loader's previous
+        deployment; a peer that hosted these units for it keeps its KV slots too."""
         reply = await self.request(Kind.LOAD, {
             "dep": dep, "model": str(model_dir), "start": start, "end": end, "slots": slots,
             "max_len": max_len, "dtype": dtype, "next": next_address, "fp": fingerprint,
-            "quant": quant, "holder": holder,
+            "quant": quant, "holder": holder, "from": from_dep,
         }, timeout=timeout, on_progress=on_progress)
         return Ready(reply["load_s"], reply["weight_bytes"], reply["kv_bytes"], reply["rss_bytes"],
-                     bool(reply.get("kept", False)))
+                     bool(reply.get("kept", False)), bool(reply.get("kv_kept", False)))
 
     async def unload(self, timeout: float = REQUEST_TIMEOUT_S, dep: int | None = None) -> None:
         """Drop the shard; with ``dep``, only if that deployment's shard is the one installed."""

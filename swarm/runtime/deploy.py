@@ -83,7 +83,7 @@ class Deployment:
     def __init__(self, model_dir: Path, plan: Sequence[StagePlacement], *, slots: int, max_len: int,
                  dtype: str = "float32", quant: str | None = None,
                  on_message: Callable[[Message], None] | None = None, control_timeout_s: float = 10.0,
-                 kept_shard: Shard | None = None) -> None:
+                 kept_shard: Shard | None = None, from_dep: int | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.plan = tuple(plan)
         self.slots, self.max_len, self.dtype, self.quant = slots, max_len, dtype, quant
@@ -92,6 +92,9 @@ class Deployment:
         self.ready: list[Ready] = []
         self.shard: Shard | None = None
         self._kept_shard = kept_shard  # the last deployment's first stage, when it was this one's
+        # The deployment this one replaces (its owner's): a stage kept in place keeps its KV slots.
+        self._from_dep = from_dep
+        self.kv_kept: tuple[bool, ...] = ()  # per stage, once loaded: its KV slots carried over
         self._on_message = on_message
         self.control_timeout_s = control_timeout_s  # OPEN / CLOSE / UNLOAD replies
         self._ctx = None
@@ -168,13 +171,15 @@ class Deployment:
         holders = await self._serve_weights(fingerprint)
         remote = [peer.load(self.model_dir, s.start, s.end, slots=self.slots, max_len=self.max_len,
                             dtype=self.dtype, next_address=nxt, dep=self.dep_id, fingerprint=fingerprint,
-                            quant=self.quant, holder=holder, on_progress=self._progress_of(peer.address, s))
+                            quant=self.quant, holder=holder, on_progress=self._progress_of(peer.address, s),
+                            from_dep=self._from_dep)
                   for peer, s, nxt, holder in zip(self.peers, self.plan[1:], nexts, holders)]
         self.shard, *peer_ready = await asyncio.gather(local, *remote)
         self._stack.push_async_callback(self._unload_peers)
         mine = Ready(time.perf_counter() - began, self.shard.weight_bytes, self.shard.kv_cache_bytes,
                      psutil.Process(os.getpid()).memory_info().rss)
         self.ready = [mine, *peer_ready]
+        self.kv_kept = (kept is not None and self._from_dep is not None, *(r.kv_kept for r in peer_ready))
         stages = (f"[{s.start},{s.end})@{s.address or 'source'} {r.load_s:.2f}s" for s, r in zip(self.plan, self.ready))
         log.info("deployment %d ready: %s", self.dep_id, ", ".join(stages))
 
@@ -263,12 +268,17 @@ class Deployment:
             done.set_exception(exc)
         return done
 
-    async def open_slots(self, slots: list[int], sampling: SamplingParams = GREEDY) -> None:
+    async def open_slots(self, slots: list[int], sampling: SamplingParams = GREEDY, *,
+                         fresh_only: bool = False) -> None:
+        """Open ``slots`` (empty) on every stage; ``fresh_only``: not on the stages whose KV slots
+        carried over from the previous deployment (``kv_kept``: they hold the sequences already)."""
         shard = self.shard
+        kept = self.kv_kept if fresh_only else ()
+        jobs = [] if kept and kept[0] else [self._run_shard_job(lambda: [shard.open_slot(s, sampling) for s in slots])]
         await asyncio.gather(
-            self._run_shard_job(lambda: [shard.open_slot(s, sampling) for s in slots]),
+            *jobs,
             *(p.open_slots(slots, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
-                           self.control_timeout_s) for p in self.peers),
+                           self.control_timeout_s) for i, p in enumerate(self.peers, 1) if not (kept and kept[i])),
         )
 
     async def close_slots(self, slots: list[int]) -> None:
@@ -278,14 +288,16 @@ class Deployment:
 
     def submit_first_stage(self, mb: int, step: int, slots: list[int], tokens: torch.Tensor,
                            lengths: list[int] | None, keep: list[int] | None = None,
-                           draws: list[int] | None = None) -> asyncio.Future:
+                           draws: list[int] | None = None, skips: list[list[int]] | None = None) -> asyncio.Future:
         """Queue the local stage's step on the torch thread at once; it sends its hidden states on.
 
         ``keep`` and ``draws`` as ``Shard.step`` takes them; every stage gets them with the step.
+        ``skips`` (a replay): per peer stage in plan order, per row, the positions it already
+        holds and skips (the peer drops those leading input rows; this stage computes from ``keep``)
         Resolves to (token ids, or None when sent on; seconds the shard computed). Steps
         run in the order submitted (one torch thread; an embedding-only stage at once, inline)."""
         header = {"dep": self.dep_id, "mb": mb, "step": step, "slots": slots, "lengths": lengths, "keep": keep,
-                  "draws": draws, "src": self.identity}
+                  "draws": draws, "skips": skips, "src": self.identity}
         return self._run_shard_job(self._compute, header, tokens)
 
     def _compute(self, header: dict, tokens: torch.Tensor) -> tuple[torch.Tensor | None, float]:

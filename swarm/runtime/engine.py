@@ -39,7 +39,7 @@ from swarm.model.units import ModelLayout
 from swarm.runtime.client import PeerError, PeerRefused
 from swarm.runtime.deploy import Deployment, StagePlacement, check_plan
 from swarm.runtime.recovery import Recovery, RecoveryEvent, Replan, StageLost
-from swarm.runtime.schedule import Layout, Mode, choose_slot
+from swarm.runtime.schedule import Layout, Mode, choose_slot, replay_skips
 from swarm.runtime.session import Session
 from swarm.runtime.speculate import DraftLength, Drafter, LookupDrafter, Speculation, SpeculationStats, Speculator
 from swarm.runtime.stats import StageCounters, StageStats
@@ -148,15 +148,17 @@ class Pipeline:
                 await self.deployment.aclose(frozenset(self._recovery.suspects))
                 self.deployment = None
 
-    async def deploy(self, plan: tuple[StagePlacement, ...], kept_shard: Shard | None = None) -> Deployment:
+    async def deploy(self, plan: tuple[StagePlacement, ...], kept_shard: Shard | None = None,
+                     from_dep: int | None = None) -> Deployment:
         """``plan`` loaded. A stage reported lost meanwhile (``stage_lost``) ends the load at
         once with StageLost: a dead peer never answers its LOAD, and waiting for the LOAD
-        timeout would hold everything for minutes."""
+        timeout would hold everything for minutes. ``from_dep``: the deployment this one replaces
+        (its stages kept in place keep their KV slots)."""
         check_plan(plan, ModelLayout.read(self.config.model_dir).num_units)
         loading = asyncio.create_task(Deployment.load(
             self.config.model_dir, plan, slots=self.layout.slots, max_len=self.config.max_len,
             dtype=self.config.dtype, quant=self.config.quant, on_message=self.steps.on_peer_message,
-            control_timeout_s=self.config.control_timeout_s, kept_shard=kept_shard))
+            control_timeout_s=self.config.control_timeout_s, kept_shard=kept_shard, from_dep=from_dep))
         self._loading = (loading, frozenset(s.address for s in plan[1:]))
         try:
             dep = await loading
@@ -200,9 +202,12 @@ class Pipeline:
             finally:
                 self.steps.paused = False
 
-    async def switch(self, plan: tuple[StagePlacement, ...], lost: frozenset[str]) -> None:
+    async def switch(self, plan: tuple[StagePlacement, ...], lost: frozenset[str]) -> tuple[int, ...]:
         """Deploy ``plan`` in place of the current deployment and reopen every session's slot
-        there (empty: the next step replays each sequence). Call it ``paused()``."""
+        there. A stage kept in place (same peer, same units; the source's own when its shard was
+        kept) keeps its KV slots; the others open them empty. Each sequence's next step replays
+        on each stage only what that stage lacks (``schedule.replay_skips``). Returns, per stage
+        of ``plan``, the positions that replay computes for the open sequences. Call it ``paused()``."""
         began = time.perf_counter()
         old, self.deployment = self.deployment, None
         kept = None if old is None else await old.release_first_stage(plan[0])
@@ -212,17 +217,25 @@ class Pipeline:
         # peer's unanswered UNLOAD no longer holds the recovery.
         closing = asyncio.create_task(old.aclose(lost, kept_in_place(old.plan, plan) - lost)) if old is not None else None
         try:
-            self.deployment = await self.deploy(plan, kept)
+            self.deployment = await self.deploy(plan, kept, None if old is None else old.dep_id)
         finally:
             if closing is not None:
                 await closing
         deployed = time.perf_counter()
-        await asyncio.gather(*(self.deployment.open_slots([seq.slot], seq.sampling) for seq in self._seqs.values()))
-        log.info("switched deployments: old stage stopped in %.2f s (%s), new loaded in %.2f s, "
-                 "%d slots opened in %.2f s", closed - began, "its shard kept" if kept else "reloaded",
-                 deployed - closed, len(self._seqs), time.perf_counter() - deployed)
+        await asyncio.gather(*(self.deployment.open_slots([seq.slot], seq.sampling, fresh_only=True)
+                               for seq in self._seqs.values()))
+        kv_kept = self.deployment.kv_kept
+        replayed = [0] * len(plan)
         for seq in self._seqs.values():
-            seq.cached = 0  # the new stages hold nothing: the next step replays the whole sequence
+            seq.reheld(kv_kept)
+            if seq.tokens:
+                for i, skip in enumerate(replay_skips(seq.holds, len(seq.tokens))):
+                    replayed[i] += len(seq.tokens) - skip
+        log.info("switched deployments: old stage stopped in %.2f s (%s), new loaded in %.2f s, "
+                 "%d slots opened in %.2f s; KV kept on stages %s; replaying %s positions per stage",
+                 closed - began, "its shard kept" if kept else "reloaded", deployed - closed, len(self._seqs),
+                 time.perf_counter() - deployed, [i for i, k in enumerate(kv_kept) if k] or "none", replayed)
+        return tuple(replayed)
 
     # ------------------------------------------------------------ sessions
 

@@ -59,13 +59,18 @@ class RecoveryEvent:
     sequences: int  # live sequences replayed
     error: str | None = None  # set when recovery failed (every running turn failed with it)
     detected_at: float = 0.0  # time.monotonic() of the detection (benchmarks measure from a kill)
+    # Per stage of the new plan, the positions the replay computes (a stage kept in place with
+    # its KV cache computes only what it lacks; a freshly loaded one every position).
+    replayed: tuple[int, ...] = ()
+    number: int = 0  # its place among its owner's recoveries (1: the first), stamped by the owner
 
     def describe(self) -> str:
         who = ", ".join(self.lost) or "a stage"
         if self.error is not None:
             return f"peer {who} lost; recovery failed: {self.error}"
+        replayed = f", replaying {'/'.join(map(str, self.replayed))} positions per stage" if self.replayed else ""
         return f"peer {who} lost; re-planned over {self.peers} peer{'s' if self.peers != 1 else ''} in " \
-               f"{self.redeploy_s + self.replay_s:.1f} s"
+               f"{self.redeploy_s + self.replay_s:.1f} s{replayed}"
 
 
 _DEPLOY_ERRORS = (PeerError, TimeoutError, OSError)  # a peer lost (or silent) while a deployment loads
@@ -92,6 +97,7 @@ class Recovery:
         self._fruitless = 0  # recoveries since the last token: a step that fails every time ends it
         self._replaying: tuple[float, RecoveryEvent] | None = None  # waiting for the first token after one
         self._lost: tuple[str, ...] = ()  # the peers the running recovery gave up
+        self._replayed: tuple[int, ...] = ()  # per stage, the positions the running recovery replays
 
     @property
     def running(self) -> bool:
@@ -151,7 +157,7 @@ class Recovery:
         async with pipeline.paused():
             oldest = pipeline.steps.forget()
             self._fruitless += 1
-            self._lost = ()
+            self._lost, self._replayed = (), ()
             try:
                 await self._redeploy(reason)
             except Exception as exc:
@@ -164,7 +170,7 @@ class Recovery:
         deployed = time.monotonic()
         self._replaying = (deployed, RecoveryEvent(
             self._lost, len(pipeline.deployment.plan) - 1, max(0.0, detected - oldest), deployed - detected, 0.0,
-            sum(1 for s in pipeline.sessions if s.tokens), detected_at=detected))
+            sum(1 for s in pipeline.sessions if s.tokens), detected_at=detected, replayed=self._replayed))
         pipeline.steps.launch()
         if not pipeline.micro_batches_in_flight:  # nothing to replay now: the sequences replay on their next turn
             self._recovered()
@@ -184,7 +190,7 @@ class Recovery:
             # peer lost while the first loaded) does not hide the first loss from the report.
             self._lost = tuple(dict.fromkeys((*self._lost, *replanned.lost))) or tuple(sorted(suspects))
             try:
-                await self._pipeline.switch(replanned.stages, suspects)
+                self._replayed = await self._pipeline.switch(replanned.stages, suspects)
             except _DEPLOY_ERRORS as exc:
                 log.warning("recovery attempt %d failed: %s", attempt, exc)
                 continue

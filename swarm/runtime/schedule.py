@@ -90,6 +90,25 @@ def rows_that_fit(rows: Mapping[int, tuple[int, int]], max_len: int) -> list[int
     return sorted(slot for slot, (_, fed) in rows.items() if fed <= room)
 
 
+def replay_skips(holds: Sequence[int], n: int) -> tuple[int, ...]:
+    """Per stage (source first), how many leading positions of an ``n``-token sequence the
+    stage skips in the step that replays it after a re-deployment; ``holds``: the positions
+    each stage of the new deployment already holds (0 where freshly loaded, what the
+    sequence had accepted where the stage was kept in place with its KV cache).
+
+    A stage computes positions [skip, n) and hands them on, so it must emit every position
+    its successor computes (skip_i <= skip_{i+1}) and cannot skip what it lacks
+    (skip_i <= holds_i); the last stage computes at least the last position (it draws the
+    next token). Each stage skips as much as that allows."""
+    if n < 1 or not holds:
+        raise ValueError("a replay needs a stage and at least one token")
+    skips, bound = [], n - 1
+    for held in reversed(holds):
+        bound = max(0, min(held, bound))
+        skips.append(bound)
+    return tuple(reversed(skips))
+
+
 def choose_slot(layout: Layout, free: Iterable[int], busy: Iterable[int]) -> int | None:
     """A free slot in the micro-batch with the fewest busy slots (keeps micro-batches balanced)."""
     load = [0] * layout.micro_batches

@@ -330,7 +330,10 @@ class ShardServer:
         worker = self._worker
         if message.kind is Kind.LOAD:
             ready = await self._load(identity, message)
-            self._deployer, self._open_slots = identity, set()  # the new shard's slots are its loader's
+            # The new shard's slots are its loader's; the open ones stay open where its KV stayed.
+            self._deployer = identity
+            if not ready["kv_kept"]:
+                self._open_slots = set()
             return ready
         if message.kind is Kind.UNLOAD:
             if await worker.unload(message.get("dep")):  # False: a newer deployment loaded this peer
@@ -373,9 +376,10 @@ class ShardServer:
         weights = (message.get("fp") or message["model"], start, end, dtype, message.get("quant"),
                    message["slots"], message["max_len"])
         if self._worker.status.weights == weights:  # jobs run one at a time: nothing changes it meanwhile
-            loaded = await self._worker.rehost(message["dep"], nxt)
+            loaded = await self._worker.rehost(message["dep"], nxt, message.get("from"))
             self._unloaded.clear()
-            log.info("kept units [%d, %d) for deployment %d, next=%s", start, end, message["dep"], nxt)
+            log.info("kept units [%d, %d)%s for deployment %d, next=%s", start, end,
+                     " and their KV slots" if loaded.kv_kept else "", message["dep"], nxt)
             return self._ready(loaded, message)
         loop = asyncio.get_running_loop()
 
@@ -406,4 +410,5 @@ class ShardServer:
         return Message(Kind.READY, {
             "load_s": loaded.load_s, "weight_bytes": loaded.weight_bytes, "kv_bytes": loaded.kv_bytes,
             "rss_bytes": psutil.Process(os.getpid()).memory_info().rss, "kept": loaded.kept,
+            "kv_kept": loaded.kv_kept,
         }, re=message.id)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Collection, Sequence
 from swarm.aio import wait_event
 from swarm.model.sampling import SamplingParams
 from swarm.model.stopping import turn_finished
-from swarm.runtime.schedule import check_turn_fits
+from swarm.runtime.schedule import check_turn_fits, replay_skips
 from swarm.runtime.speculate import Speculator
 from swarm.runtime.turns import Action, TurnEvent, TurnState, transition
 
@@ -64,6 +64,12 @@ class Session:
         # How many of ``tokens`` the KV cache of the current deployment holds; the stages may
         # hold more (a rejected draft's positions): each step tells them to keep this many.
         self.cached = 0
+        # Positions of ``tokens`` that every stage of the current deployment holds for sure (a
+        # step out may or may not have reached a stage; a step whose token came back did).
+        self.confirmed = 0
+        # After a re-deployment, until the next step: per stage, the positions it holds (0 where
+        # freshly loaded); that step replays on each stage only the rest (schedule.replay_skips).
+        self.holds: tuple[int, ...] | None = None
         self.drafts: tuple[int, ...] = ()  # the drafts of the step out (the verifier draws after each)
         self.fed = 0  # tokens run through the model for this sequence (replays included)
         self.state = TurnState.IDLE
@@ -96,8 +102,25 @@ class Session:
         room = self._turn.max_new_tokens - self._turn.generated - 1
         return tuple(self.speculator.propose(self.tokens, room)) if room > 0 else ()
 
+    def reheld(self, kv_kept: Sequence[bool]) -> None:
+        """A new deployment replaced the old one: the stages marked in ``kv_kept`` (kept in place)
+        still hold what every old stage held for sure, the others nothing."""
+        held = min(self.holds) if self.holds else self.confirmed
+        self.holds = tuple(held if kept else 0 for kept in kv_kept)
+        self.cached = self.confirmed = 0
+
+    def replay_from(self) -> tuple[int, ...] | None:
+        """Per stage, where the next step starts computing (None: at ``cached`` on every stage).
+        After a re-deployment it sets ``cached`` to where the first stage starts."""
+        if self.holds is None or not self.tokens:
+            return None
+        skips, self.holds = replay_skips(self.holds, len(self.tokens)), None
+        self.cached = skips[0]
+        return skips
+
     def sent(self, drafts: tuple[int, ...] = ()) -> None:
         """Its micro-batch step went out with every token the cache did not hold, and ``drafts``."""
+        self.confirmed = self.cached  # every stage is set back to this many, then computes the rest
         self.fed += len(self.tokens) - self.cached + len(drafts)
         self.cached = len(self.tokens)
         self.drafts = drafts
@@ -115,6 +138,8 @@ class Session:
         # The cache holds the accepted drafts delivered, not the last token (fed next, as after
         # a plain step); anything beyond is dropped by the next step's ``keep``.
         self.cached += max(0, delivered - 1)
+        if event is TurnEvent.TOKEN:  # every stage computed the step
+            self.confirmed = self.cached
 
     def apply(self, event: TurnEvent, tokens: Sequence[int] = (),
               error: BaseException | None = None) -> tuple[Action, ...]:

@@ -74,8 +74,12 @@ class StepLoop:
         waiting = [s for s in pipeline.sessions if s.state is TurnState.WAITING]
         ready = {layout.group_of(s.slot) for s in waiting}
         loop = asyncio.get_running_loop()
+        stages = len(deployment.plan)
         for group in groups_to_launch(pipeline.mode, ready, self._flights.keys()):
             rows = {s.slot: s for s in waiting if layout.group_of(s.slot) == group}
+            # A replay after a re-deployment starts each stage where its KV cache ends. (A row
+            # left for a later step then replays from ``cached`` on every stage: more, still exact.)
+            starts = {slot: s.replay_from() for slot, s in rows.items()}
             fits = rows_that_fit({slot: (s.cached, len(s.tokens) - s.cached) for slot, s in rows.items()},
                                  pipeline.config.max_len)
             rows = {slot: rows[slot] for slot in fits}
@@ -88,6 +92,9 @@ class StepLoop:
             # Every stage sets each slot back to what its session holds (a rejected draft's
             # positions dropped), and draws after each draft where a row verifies some.
             keep = [s.cached for s in sessions]
+            skips = None
+            if any(starts[s.slot] is not None for s in sessions) and stages > 1:  # per peer stage, per row
+                skips = [[(starts[s.slot] or (s.cached,) * stages)[i] for s in sessions] for i in range(1, stages)]
             draws = [len(drafts[s.slot]) + 1 for s in sessions] if any(drafts.values()) else None
             for session in sessions:
                 session.sent(drafts[session.slot])
@@ -100,7 +107,7 @@ class StepLoop:
             lengths = None if step.uniform else list(step.lengths)
             tokens = torch.tensor(step.tokens)
             # Straight to the torch thread: the step starts while this loop goes on.
-            done = deployment.submit_first_stage(group, number, list(step.slots), tokens, lengths, keep, draws)
+            done = deployment.submit_first_stage(group, number, list(step.slots), tokens, lengths, keep, draws, skips)
             self._stats.queued += 1
             done.add_done_callback(functools.partial(self._first_stage_done, deployment, group, number,
                                                      sum(lengths) if lengths else tokens.numel()))

@@ -144,6 +144,12 @@ def _int_list(name: str, value: Any, limits: WireLimits) -> list[int]:
     return [_int(f"{name}[{i}]", v, limits) for i, v in enumerate(value)]
 
 
+def _int_lists(name: str, value: Any, limits: WireLimits) -> list[list[int]]:
+    if not isinstance(value, list) or len(value) > limits.max_list_len:
+        raise WireError(f"field {name!r}: expected a list of at most {limits.max_list_len} integer lists")
+    return [_int_list(f"{name}[{i}]", v, limits) for i, v in enumerate(value)]
+
+
 def _map(name: str, value: Any, limits: WireLimits) -> dict:
     if not isinstance(value, dict):
         raise WireError(f"field {name!r}: expected a map")
@@ -174,9 +180,12 @@ _HELD = {"fp": (_str, True), "dtype": (_str, True), "quant": (_optional(_str), F
 _STEP_IDS = {"dep": (_int, True), "mb": (_int, True), "step": (_int, True), "slots": (_int_list, True)}
 SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
     # keep: per row, the cached positions kept before its tokens (a rejected draft's dropped);
-    # draws: per row, at how many last positions the last stage draws (k + 1 to verify k drafts).
+    # draws: per row, at how many last positions the last stage draws (k + 1 to verify k drafts);
+    # skips (a replay after a re-deployment): per stage from this one on, per row, the positions
+    # the stage already holds: it drops its leading input rows up to there (keep: where they start).
     Kind.STEP: {**_STEP_IDS, "lengths": (_optional(_int_list), False), "keep": (_optional(_int_list), False),
-                "draws": (_optional(_int_list), False), "src": (_bytes, True)},
+                "draws": (_optional(_int_list), False), "skips": (_optional(_int_lists), False),
+                "src": (_bytes, True)},
     Kind.TOKENS: dict(_STEP_IDS),
     Kind.LOAD: {
         "dep": (_int, True),
@@ -190,10 +199,12 @@ SCHEMAS: dict[Kind, dict[str, tuple[Validator, bool]]] = {
         "fp": (_optional(_str), False),  # model fingerprint: the peer loads its own copy
         "quant": (_optional(_str), False),  # the held form's quantization (int8 | int4), for fetched weights
         "holder": (_optional(_str), False),  # where a peer without these weights fetches them (control address)
+        "from": (_optional(_int), False),  # the loader's previous deployment: a kept shard of it keeps its KV slots
     },
     Kind.READY: {"load_s": (_float, True), "weight_bytes": (_int, True), "kv_bytes": (_int, True),
                  "rss_bytes": (_int, True),
-                 "kept": (_bool, False)},  # the peer already hosted these units: its shard stays
+                 "kept": (_bool, False),  # the peer already hosted these units: its shard stays
+                 "kv_kept": (_bool, False)},  # ... and its KV slots, from the LOAD's "from" deployment
     Kind.UNLOAD: {"dep": (_int, False)},  # only that deployment's shard: an old farewell spares a newer one
     Kind.OPEN: {"slots": (_int_list, True), "temperature": (_float, False), "top_k": (_int, False),
                 "top_p": (_float, False), "seed": (_optional(_int), False)},

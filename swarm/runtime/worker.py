@@ -107,6 +107,7 @@ class Loaded:
     weight_bytes: int
     kv_bytes: int
     kept: bool = False  # the hosted shard served the LOAD: nothing was read
+    kv_kept: bool = False  # ... and its KV slots stayed (it served the loader's previous deployment)
 
 
 class TorchWorker:
@@ -184,10 +185,12 @@ class TorchWorker:
         If ``build`` raises, no stage is hosted."""
         return await self.call(self._load, dep, build, next_address, weights)
 
-    async def rehost(self, dep: int, next_address: str | None) -> Loaded:
+    async def rehost(self, dep: int, next_address: str | None, from_dep: int | None = None) -> Loaded:
         """Keep the hosted shard's weights for deployment ``dep`` (a re-plan left its units
-        here), every slot empty, its outputs sent to ``next_address``: one job."""
-        return await self.call(self._rehost, dep, next_address)
+        here), its outputs sent to ``next_address``: one job. Its KV slots stay as they are
+        when it served ``from_dep`` (the same loader's previous deployment: the replay skips
+        what they hold); otherwise every slot is emptied."""
+        return await self.call(self._rehost, dep, next_address, from_dep)
 
     async def unload(self, dep: int | None = None) -> bool:
         """Drop the hosted stage, unless it belongs to a deployment other than ``dep`` (an old
@@ -210,17 +213,19 @@ class TorchWorker:
         self._stage = HostedStage(dep, shard, next_sock, weights)
         return Loaded(load_s, int(shard.weight_bytes), int(shard.kv_cache_bytes))
 
-    def _rehost(self, dep: int, next_address: str | None) -> Loaded:
+    def _rehost(self, dep: int, next_address: str | None, from_dep: int | None) -> Loaded:
         stage = self._stage
         if stage is None:
             raise WireError("no shard loaded to keep")
         shard = stage.shard
-        for slot in range(shard.max_slots):  # the new deployment replays what it needs
-            shard.free_slot(slot)
+        kv_kept = from_dep is not None and stage.dep == from_dep
+        if not kv_kept:  # another loader's sequences: the new deployment replays what it needs
+            for slot in range(shard.max_slots):
+                shard.free_slot(slot)
         stage.close()
         stage.next_sock = sockets.connect_dealer(self._ctx, next_address) if next_address else None
         stage.dep = dep
-        return Loaded(0.0, int(shard.weight_bytes), int(shard.kv_cache_bytes), kept=True)
+        return Loaded(0.0, int(shard.weight_bytes), int(shard.kv_cache_bytes), kept=True, kv_kept=kv_kept)
 
     def _unload(self, dep: int | None) -> bool:
         if self._stage is not None and dep is not None and dep != self._stage.dep:
@@ -406,6 +411,10 @@ class TorchWorker:
         stage, slots, x, lengths = self._check_step(message)
         ids = {k: message[k] for k in ("dep", "mb", "step", "slots")}
         keep, draws = message.get("keep"), message.get("draws")  # speculative decoding's (swarm.runtime.speculate)
+        skips = message.get("skips")
+        if skips:  # a replay: this stage already holds the leading positions up to skips[0]
+            x, lengths = drop_held_rows(x, lengths, keep, skips[0])
+            keep, skips = skips[0], skips[1:] or None
         began = time.perf_counter()
         out = stage.shard.step(slots, x, lengths, keep, draws)
         c = self._counters
@@ -417,10 +426,32 @@ class TorchWorker:
         if stage.next_sock is None:
             self._reply(message["src"], Message(Kind.TOKENS, ids, (out,)))
             return
-        forward = Message(Kind.STEP, {**ids, "lengths": lengths, "keep": keep, "draws": draws, "src": message["src"]},
-                          (out,))
+        forward = Message(Kind.STEP, {**ids, "lengths": lengths, "keep": keep, "draws": draws, "skips": skips,
+                                      "src": message["src"]}, (out,))
         # NOBLOCK: a next stage that stopped reading must fail this step, not hang the thread.
         stage.next_sock.send_multipart(encode(forward), copy=False, flags=zmq.NOBLOCK)
+
+
+def drop_held_rows(x: torch.Tensor, lengths: list[int] | None, keep: list[int] | None,
+                   skip: list[int]) -> tuple[torch.Tensor, list[int] | None]:
+    """A replay's input without the positions this stage already holds.
+
+    x: [B, T, ...], row r's real positions starting at ``keep[r]`` (``lengths[r]`` of them;
+    None: all T); ``skip[r]``: where this stage starts computing. Returns the rows from there,
+    right-padded to the widest again, and their lengths (None when every row is full)."""
+    real = [x.shape[1]] * x.shape[0] if lengths is None else lengths
+    if keep is None or len(skip) != len(real) or len(keep) != len(real):
+        raise WireError("skips need keep and one value per row")
+    drops = [s - k for s, k in zip(skip, keep)]
+    if any(not 0 <= d < n for d, n in zip(drops, real)):
+        raise WireError(f"skips {skip[:8]} must lie in each row's positions from keep {keep[:8]}")
+    if not any(drops):
+        return x, lengths
+    new = [n - d for n, d in zip(real, drops)]
+    out = x.new_zeros((x.shape[0], max(new), *x.shape[2:]))
+    for r, (d, n) in enumerate(zip(drops, new)):
+        out[r, :n] = x[r, d:d + n]
+    return out, None if all(n == out.shape[1] for n in new) else new
 
 
 def _size(frames: list) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from swarm.model.stopping import turn_finished
-from swarm.runtime.schedule import Layout, Mode, build_step, choose_slot, groups_to_launch, rows_that_fit
+from swarm.runtime.schedule import (Layout, Mode, build_step, choose_slot, groups_to_launch, replay_skips,
+                                    rows_that_fit)
 
 
 def test_no_bubbles_launches_every_returned_micro_batch_at_once():
@@ -47,3 +48,24 @@ def test_a_row_wider_than_the_fullest_slot_has_left_waits():
     assert rows_that_fit({0: (59, 1), 1: (0, 5)}, 64) == [0, 1]
     assert rows_that_fit({0: (10, 1), 1: (0, 30), 2: (20, 1)}, 64) == [0, 1, 2]
     assert rows_that_fit({3: (0, 64)}, 64) == [3]  # alone, a row that fills its slot goes
+
+
+@pytest.mark.parametrize("holds, n, skips", [
+    ((0, 0, 0), 9, (0, 0, 0)),  # every stage fresh: the whole sequence everywhere
+    ((9, 9, 9), 10, (9, 9, 9)),  # every stage kept: only the missing position
+    ((9, 9, 9), 9, (8, 8, 8)),  # ... and the last stage computes at least the last position
+    ((9, 0, 9), 10, (0, 0, 9)),  # a fresh stage in the middle: upstream emits all, the kept one after it skips
+    ((9, 9, 0), 10, (0, 0, 0)),  # the last stage fresh: everything upstream replays for it
+    ((0, 9, 9), 10, (0, 9, 9)),  # the source reloaded: the kept stages after it skip what they hold
+    ((5, 7, 6), 10, (5, 6, 6)),  # a stage never skips past its successor, nor past what it holds
+    ((4,), 4, (3,)),  # the source alone, holding everything: it recomputes the last position to draw
+])
+def test_replay_skips_each_stage_what_it_and_every_stage_after_it_hold(holds, n, skips):
+    assert replay_skips(holds, n) == skips
+
+
+def test_replay_skips_needs_a_token_and_a_stage():
+    with pytest.raises(ValueError):
+        replay_skips((3, 3), 0)
+    with pytest.raises(ValueError):
+        replay_skips((), 5)

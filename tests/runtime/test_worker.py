@@ -12,7 +12,7 @@ from swarm.model.sampling import GREEDY
 from swarm.model.shard import Shard
 from swarm.runtime import sockets
 from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, WireError, decode, encode
-from swarm.runtime.worker import TorchWorker, WorkerStatus
+from swarm.runtime.worker import TorchWorker, WorkerStatus, drop_held_rows
 
 
 @pytest.fixture
@@ -93,3 +93,17 @@ async def test_rehosting_keeps_the_shard_and_empties_its_slots(worker, tiny_mode
     assert (status.dep, status.weights, status.jobs) == (2, ("m", 0, 6), 3)
     with pytest.raises(WireError, match="serves deployment 2, not 1"):
         await worker.open_slots(1, [0], GREEDY)
+
+
+def test_a_replay_drops_the_leading_rows_a_stage_already_holds():
+    """Rows start at ``keep``; the stage computes from ``skip``: what lies before is dropped and
+    the rows are right-padded again to the widest."""
+    x = torch.arange(2 * 5 * 1, dtype=torch.float32).reshape(2, 5, 1)  # row 0: 5 real, row 1: 3 real
+    out, lengths = drop_held_rows(x, [5, 3], keep=[10, 4], skip=[13, 4])
+    assert out[:, :, 0].tolist() == [[3.0, 4.0, 0.0], [5.0, 6.0, 7.0]] and lengths == [2, 3]
+    same, lengths = drop_held_rows(x, None, keep=[2, 2], skip=[2, 2])
+    assert same is x and lengths is None
+    with pytest.raises(WireError):  # a skip past every input row leaves nothing to compute
+        drop_held_rows(x, [5, 3], keep=[10, 4], skip=[15, 4])
+    with pytest.raises(WireError):
+        drop_held_rows(x, [5, 3], keep=None, skip=[10, 4])
