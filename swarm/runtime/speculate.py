@@ -26,7 +26,7 @@ MAX_NGRAM = 3  # the longest suffix looked up in the history
 MIN_NGRAM = 2  # a single token (" the", a comma) recurs everywhere and predicts little of what follows
 REST_STEPS = 4  # after a step with nothing accepted at k = 1: steps without drafts before trying again
 MAX_REST_STEPS = 64  # the rest doubles on every fruitless try, up to this
-DEFAULT_SPECULATION = "off"  # --speculate's default (docs/speculative.md says why)
+DEFAULT_SPECULATION = "ngram"  # --speculate's default: prompt lookup (docs/speculative.md says why)
 
 
 class Speculation(str, enum.Enum):
