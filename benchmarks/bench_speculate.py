@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speculate.py [--json] [--rounds 3] [--max-new-tokens 128] [--peers 3]
     python benchmarks/bench_speculate.py --sweep [--json]     # speed-up as a function of acceptance
+    python benchmarks/bench_speculate.py --larger [--json]    # SmolLM2-135M drafting for a larger target
     python benchmarks/bench_speculate.py --one-process [--json]   # CPU time per token, in this process
 
 Starts ``--peers`` `swarm join` processes on loopback (swarm.localswarm, one torch
@@ -20,6 +21,15 @@ changes each drafted token with probability q (q = 0 ... 1), over the same peers
 plan: the source holds the embedding, the peers the rest). It stands in for a draft model
 of that acceptance (a SmolLM2 drafting for a larger model of its tokenizer), without the
 draft model's own time.
+
+``--larger``: the SmolLM2 model drafting for a larger model of its tokenizer, the speed-up
+as a function of acceptance. The target is a random model of SmolLM2-360M's shape with
+SmolLM2's vocabulary and tokenizer (made once, deterministically, in
+~/.cache/swarm/bench/smollm2-360m-shape-random; a random model is right for speed only),
+over the same 3 local peers. The drafter is the real SmolLM2-135M (the default model) on
+this process's draft-model thread: every proposal pays its k small-model steps, then its
+tokens are replaced by the target's plain answer, each right with probability p, so the
+acceptance is controlled and the draft model's time is paid. p = 0 ... 1.
 
 ``--one-process``: the workloads in a source-only pipeline (the whole model on this
 process's one torch thread), off and on alternating, with the CPU time this process spent
@@ -200,6 +210,117 @@ async def sweep(args: argparse.Namespace) -> dict:
             "off_tokens_per_s": round(statistics.median(offs), 2), "sweep": table}
 
 
+# SmolLM2-360M's shape (and SmolLM2's vocabulary, 49152): a larger model of the drafter's tokenizer.
+TARGET_SHAPE = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+                "num_key_value_heads": 5, "head_dim": 64}
+TARGET_DIR = Path.home() / ".cache" / "swarm" / "bench" / "smollm2-360m-shape-random"
+
+
+def random_target(drafter_dir: Path, out: Path = TARGET_DIR) -> Path:
+    """A random Llama of TARGET_SHAPE with the drafter's tokenizer, made once (seed 0) in a
+    cache folder: weights are never committed, this function makes them again."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    import transformers
+
+    tokenizer = hf.load_tokenizer(drafter_dir)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, rope_theta=100000.0,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, **TARGET_SHAPE)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # whole or absent: an interrupted run makes it again
+    return out
+
+
+class PaidOracle:
+    """A draft model's proposal, its time paid, with its tokens replaced by the known answer's,
+    each right with probability ``right`` (a wrong one is the answer's token + 1: rejected).
+    ``submit`` runs on the draft model's own thread, as a real draft model's proposals do."""
+
+    def __init__(self, model, slot: int, prompt: list[int], answer: list[int], right: float, seed: int) -> None:
+        self.model, self.drafter = model, model.drafter(slot)
+        self.prompt, self.answer, self.right, self.rng = prompt, answer, right, random.Random(seed)
+
+    def propose(self, tokens, k: int) -> list[int]:
+        drafted = self.drafter.propose(tokens, k)  # the draft model's k steps, on its KV slot
+        done = len(tokens) - len(self.prompt)
+        return [t if self.rng.random() < self.right else t + 1 for t in self.answer[done:done + len(drafted)]]
+
+    def submit(self, tokens, k: int):
+        return self.model.executor.submit(self.propose, list(tokens), k)
+
+
+async def larger(args: argparse.Namespace) -> dict:
+    from swarm.model.draft import DraftModel
+
+    drafter_dir = resolve_model(args.model)
+    model_dir = await asyncio.to_thread(random_target, drafter_dir)
+    tokenizer = hf.load_tokenizer(model_dir)
+    prompt = hf.chat_token_ids(tokenizer, [{"role": "user", "content": WORKLOADS["edit"][0]}])
+    max_len = len(prompt) + args.max_new_tokens + 16
+    units = ModelLayout.read(model_dir).num_units
+    rates = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0]  # the chance that each drafted token is right
+    rows: dict[float, list[tuple[float, int, int]]] = {p: [] for p in rates}
+    offs: list[float] = []
+    draft_model = DraftModel.load(drafter_dir, slots=1, max_len=max_len)
+    oracle: list[PaidOracle] = []
+    async with LocalSwarm.for_model(model_dir, args.peers, max_len=max_len, threads=1) as local:
+        cuts = [(0, 1), *[(a + 1, b + 1) for a, b in even_cuts(units - 1, args.peers)]]
+        plan = tuple(StagePlacement(addr, a, b) for addr, (a, b) in zip([None, *(p.address for p in local.peers)], cuts))
+        config = PipelineConfig(model_dir, plan, max_len=max_len, speculate=Speculation.MODEL)
+        # The factory hands the pipeline this round's oracle; the pipeline closes the draft model.
+        async with Pipeline(config, drafter=_Factory(draft_model, oracle)) as pipe:
+            async def once(mode: Speculation) -> tuple[list[int], float, int, int]:
+                before = pipe.speculation.drafted, pipe.speculation.accepted
+                tokens, first = [], None
+                async with await pipe.open_session(GREEDY, speculate=mode) as session:
+                    async for token in session.generate(prompt, args.max_new_tokens):
+                        tokens.append(token)
+                        first = first or time.perf_counter()
+                rate = (len(tokens) - 1) / (time.perf_counter() - first)
+                return tokens, rate, pipe.speculation.drafted - before[0], pipe.speculation.accepted - before[1]
+
+            answer, _, _, _ = await once(Speculation.OFF)  # also the warm-up
+            for r in range(args.rounds):
+                for p in rates:
+                    oracle[:] = [(prompt, answer, p, r)]
+                    got = {}
+                    for mode in (Speculation.OFF, Speculation.MODEL)[::1 if r % 2 == 0 else -1]:  # alternating
+                        got[mode] = await once(mode)
+                    off, on = got[Speculation.OFF], got[Speculation.MODEL]
+                    assert on[0] == off[0] == answer, "speculation changed the answer"
+                    offs.append(off[1])
+                    rows[p].append((on[1] / off[1], on[2], on[3]))
+                    print(f"round {r} right {p:.2f}: off {off[1]:6.2f} on {on[1]:6.2f} tok/s, "
+                          f"{on[3]}/{on[2]} accepted", file=sys.stderr)
+    table = [{"right": p, "acceptance": round(sum(a for _, _, a in rs) / max(1, sum(d for _, d, _ in rs)), 3),
+              "speedup": round(statistics.median(s for s, _, _ in rs), 3),
+              "passes_per_token": round(1 - sum(a for _, _, a in rs) / (len(rs) * args.max_new_tokens), 3)}
+             for p, rs in rows.items()]
+    return {"model": model_dir.name, "drafter": drafter_dir.name, "shape": TARGET_SHAPE, "peers": args.peers,
+            "plan": [f"[{a}, {b})" for a, b in cuts], "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
+            "load": uptime_load(), "off_tokens_per_s": round(statistics.median(offs), 2), "larger": table}
+
+
+class _Factory:
+    """The Pipeline's drafter factory for ``larger``: each session gets the current round's
+    PaidOracle over the draft model; closing it closes the draft model."""
+
+    def __init__(self, model, oracle: list) -> None:
+        self.model, self.oracle = model, oracle
+
+    def __call__(self, slot: int) -> PaidOracle:
+        return PaidOracle(self.model, slot, *self.oracle[0])
+
+    def close(self) -> None:
+        self.model.close()
+
+
 async def one_process(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model)
     tokenizer = hf.load_tokenizer(model_dir)
@@ -255,15 +376,25 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="speed-up as a function of acceptance (oracle drafts)")
     parser.add_argument("--one-process", action="store_true", help="a source-only pipeline: CPU time per token")
+    parser.add_argument("--larger", action="store_true",
+                        help="SmolLM2-135M drafting for a random model of SmolLM2-360M's shape: speed-up by acceptance")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     print(uptime_load(), file=sys.stderr)
-    body = asyncio.run(sweep(args) if args.sweep else one_process(args) if args.one_process else run(args))
+    body = asyncio.run(sweep(args) if args.sweep else larger(args) if args.larger else
+                       one_process(args) if args.one_process else run(args))
     if args.json:
         print(json.dumps(body))
+        return 0
+    if args.larger:
+        print(f"{body['drafter']} drafting for {body['model']} over {body['peers']} local peers {body['plan']}, "
+              f"{body['load']}; plain {body['off_tokens_per_s']} tok/s")
+        print(f"{'right':>5s} {'accepted':>8s} {'passes/token':>12s} {'speed-up':>8s}")
+        for row in body["larger"]:
+            print(f"{row['right']:5.2f} {row['acceptance']:8.0%} {row['passes_per_token']:12.2f} {row['speedup']:8.2f}")
         return 0
     if args.one_process:
         print(f"{body['model']} in one process, {body['rounds']} rounds, {body['load']}")

@@ -21,6 +21,7 @@ from rich.console import Console
 from swarm.cli.backend import (BackendError, add_backend_arguments, resolve_model_dir, source_config,
                                source_only_pipeline)
 from swarm.cli.common import add_secret_arguments, use_swarm_secret
+from swarm.cli.options import speculation_from
 
 DEFAULT_PORT = 8000
 # One micro-batch per device that computes keeps each busy (No-Bubbles); more only split
@@ -90,7 +91,8 @@ async def _serve(args: argparse.Namespace, console: Console) -> None:
         if args.no_swarm:  # a source-only pipeline, as chat and generate run it: no discovery, no peers
             with console.status("loading the model"):
                 pipeline = await stack.enter_async_context(source_only_pipeline(
-                    model_dir, max_len=args.max_len, slots=args.micro_batches * args.batch_size, quant=args.quant))
+                    model_dir, max_len=args.max_len, slots=args.micro_batches * args.batch_size, quant=args.quant,
+                    speculation=speculation_from(args)))
             source = SourceOnly(pipeline)
             console.print(f"plan: source: units [0, {pipeline.config.plan[0].end})", style="dim", markup=False)
         else:
@@ -126,8 +128,8 @@ class SourceOnly:
         self.config = pipeline.config  # .quant, .dtype for /api/show
         self.model_dir = pipeline.config.model_dir
 
-    async def open_session(self, sampling):
-        return await self.pipeline.open_session(sampling)
+    async def open_session(self, sampling, *, speculate=None):
+        return await self.pipeline.open_session(sampling, speculate=speculate)
 
     def state(self):
         from swarm.source_state import SourceState

@@ -86,7 +86,8 @@ class Pipeline:
     (on a device of its choosing, with ``layout.slots`` slots and ``max_len``); the first
     deployment takes it instead of loading its own.
     ``drafter``: makes each session's ``Drafter`` when ``config.speculate`` is MODEL
-    (swarm.model.draft); lookup needs none.
+    (swarm.model.draft); lookup needs none. The pipeline owns it from then on: its ``close()``,
+    if it has one, is called when the pipeline closes (the draft model's thread ends).
     """
 
     def __init__(self, config: PipelineConfig, replan: Replan | None = None,
@@ -147,6 +148,8 @@ class Pipeline:
             if self.deployment is not None:
                 await self.deployment.aclose(frozenset(self._recovery.suspects))
                 self.deployment = None
+            if (close := getattr(self._drafter, "close", None)) is not None:
+                await asyncio.to_thread(close)  # waits out a proposal in hand: off the loop
 
     async def deploy(self, plan: tuple[StagePlacement, ...], kept_shard: Shard | None = None,
                      from_dep: int | None = None) -> Deployment:

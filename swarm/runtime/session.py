@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 _END = object()  # end of a turn's token stream
 
 
+@dataclass(frozen=True)
+class _Drafting:
+    """Drafts a draft model computes on its thread for a sequence of ``tokens`` tokens."""
+
+    tokens: int
+    future: asyncio.Future  # of list[int]
+
+
 @dataclass
 class _Turn:
     max_new_tokens: int
@@ -74,6 +82,7 @@ class Session:
         self.fed = 0  # tokens run through the model for this sequence (replays included)
         self.state = TurnState.IDLE
         self.idle = asyncio.Event()  # no step of this sequence out
+        self._drafting: _Drafting | None = None  # drafts being computed off the loop (a draft model)
         self.idle.set()
         self._turn: _Turn | None = None
 
@@ -93,14 +102,38 @@ class Session:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def draft(self) -> tuple[int, ...]:
+    def draft(self) -> tuple[int, ...] | None:
         """Drafts for the next step to verify (none without a speculator, or when the turn has
         room for one token only): the step of a turn can never yield more than the turn takes,
-        nor reach past the slot (``check_turn_fits`` counted the turn's tokens)."""
+        nor reach past the slot (``check_turn_fits`` counted the turn's tokens).
+
+        None while a draft model computes them on its own thread (``Speculator.off_loop``): the
+        step loop launches this sequence's micro-batch again when they are ready, and the event
+        loop answers everything else meanwhile."""
         if self.speculator is None or self._turn is None:
             return ()
         room = self._turn.max_new_tokens - self._turn.generated - 1
-        return tuple(self.speculator.propose(self.tokens, room)) if room > 0 else ()
+        if not self.speculator.off_loop:
+            return tuple(self.speculator.propose(self.tokens, room)) if room > 0 else ()
+        job = self._drafting
+        if job is not None:  # kept until the step goes out (``sent``): a launch may skip the group
+            if not job.future.done():
+                return None
+            error = "cancelled" if job.future.cancelled() else job.future.exception()
+            if error is not None:
+                log.warning("the draft model failed: %r; a step without drafts", error)
+                self._drafting = None
+                return ()
+            if job.tokens == len(self.tokens):  # proposed for this very history
+                return tuple(job.future.result()[:room])
+            self._drafting = None  # the history moved on since (a turn ended, say): ask again
+        k = self.speculator.draft_length(room) if room > 0 else 0
+        if k <= 0:
+            return ()
+        future = asyncio.wrap_future(self.speculator.drafter.submit(list(self.tokens), k))
+        future.add_done_callback(lambda _: self._pipeline.steps.launch())
+        self._drafting = _Drafting(len(self.tokens), future)
+        return None
 
     def reheld(self, kv_kept: Sequence[bool]) -> None:
         """A new deployment replaced the old one: the stages marked in ``kv_kept`` (kept in place)
@@ -124,6 +157,7 @@ class Session:
         self.fed += len(self.tokens) - self.cached + len(drafts)
         self.cached = len(self.tokens)
         self.drafts = drafts
+        self._drafting = None
         self.apply(TurnEvent.LAUNCH)
         self.idle.clear()
 

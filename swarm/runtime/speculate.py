@@ -26,7 +26,7 @@ MAX_NGRAM = 3  # the longest suffix looked up in the history
 MIN_NGRAM = 2  # a single token (" the", a comma) recurs everywhere and predicts little of what follows
 REST_STEPS = 4  # after a step with nothing accepted at k = 1: steps without drafts before trying again
 MAX_REST_STEPS = 64  # the rest doubles on every fruitless try, up to this
-DEFAULT_SPECULATION = "off"  # --speculate's default (docs/speculative.md says why)
+DEFAULT_SPECULATION = "ngram"  # --speculate's default: prompt lookup (docs/speculative.md says why)
 
 
 class Speculation(str, enum.Enum):
@@ -38,7 +38,12 @@ class Speculation(str, enum.Enum):
 
 
 class Drafter(Protocol):
-    """Proposes up to ``k`` tokens to follow ``tokens`` (fewer, or none, when it has no guess)."""
+    """Proposes up to ``k`` tokens to follow ``tokens`` (fewer, or none, when it has no guess).
+
+    A drafter that computes (a draft model) may also have ``submit(tokens, k)``, returning a
+    ``concurrent.futures.Future`` of the same list: the step loop then asks for drafts off the
+    event loop, on the thread that owns the draft model (swarm.model.draft), and launches the
+    sequence's step when they are ready."""
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]: ...
 
@@ -174,15 +179,30 @@ class SpeculationStats:
 
 @dataclass
 class Speculator:
-    """One sequence's drafting: its drafter and its adaptive k."""
+    """One sequence's drafting: its drafter, its adaptive k and its own drafts counted (what
+    ``serve`` reports for one request)."""
 
     drafter: Drafter
     length: DraftLength = field(default_factory=DraftLength)
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
 
     def propose(self, tokens: Sequence[int], limit: int) -> list[int]:
         """Drafts to follow ``tokens``, at most ``limit`` (what the turn and the slot still allow)."""
-        k = min(self.length.next(), limit)
+        k = self.draft_length(limit)
         return self.drafter.propose(tokens, k)[:k] if k > 0 else []
 
+    def draft_length(self, limit: int) -> int:
+        """How many drafts the next step asks for (adaptive k, at most ``limit``); once per step."""
+        return min(self.length.next(), limit)
+
+    @property
+    def off_loop(self) -> bool:
+        """The drafter computes on a thread of its own (``submit``): ask it ahead, not in a launch."""
+        return callable(getattr(self.drafter, "submit", None))
+
     def verified(self, drafted: int, accepted: int) -> None:
+        """A verify step of ``drafted`` drafts came back with ``accepted`` of them accepted."""
         self.length.verified(drafted, accepted)
+        self.stats.verify_steps += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted

@@ -83,8 +83,11 @@ class StepLoop:
             fits = rows_that_fit({slot: (s.cached, len(s.tokens) - s.cached) for slot, s in rows.items()},
                                  pipeline.config.max_len)
             rows = {slot: rows[slot] for slot in fits}
+            proposed = {slot: s.draft() for slot, s in rows.items()}
+            if any(d is None for d in proposed.values()):
+                continue  # a draft model is still computing a row's drafts: launched when they land
             feeds = {slot: s.tokens[s.cached:] for slot, s in rows.items()}
-            fitted = fit_drafts([(s.cached, len(feeds[slot]), s.draft()) for slot, s in rows.items()],
+            fitted = fit_drafts([(s.cached, len(feeds[slot]), proposed[slot]) for slot, s in rows.items()],
                                 pipeline.config.max_len)
             drafts = {slot: tuple(d) for slot, d in zip(rows, fitted)}
             step = build_step({slot: feeds[slot] + list(drafts[slot]) for slot in rows})

@@ -186,7 +186,7 @@ class ApiServer:
             text = "".join([delta async for delta in deltas])
         build = protocol.chat_completion if req.chat else protocol.text_completion
         return web.json_response(build(request_id, created, self.config.model, text, answer.finish_reason,
-                                       answer.prompt_tokens, answer.completion_tokens))
+                                       answer.prompt_tokens, answer.completion_tokens, answer.speculation))
 
     async def _stream(self, request: web.Request, req: GenerationRequest, deltas, answer: Answer,
                       request_id: str, created: int) -> web.StreamResponse:
@@ -216,7 +216,8 @@ class ApiServer:
         await response.write(sse_event(chunk(None, answer.finish_reason)))
         if req.include_usage:
             await response.write(sse_event(protocol.usage_chunk(request_id, created, model, req.chat,
-                                                                answer.prompt_tokens, answer.completion_tokens)))
+                                                                answer.prompt_tokens, answer.completion_tokens,
+                                                                answer.speculation)))
         await response.write(SSE_DONE)
         await response.write_eof()
         return response

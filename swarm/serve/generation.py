@@ -3,15 +3,16 @@
 Every request holds one session (one KV slot) of the source's pipeline from before
 its first token until its last; the pipeline admits and retires sequences between
 steps, so concurrent requests share micro-batches instead of queueing behind each
-other. The source calls made here are exactly ``source.open_session(sampling)``
-and, on the session, ``generate(prompt, max_new_tokens, stop_ids)`` and ``aclose()``
-(through ``async with``).
+other. The source calls made here are exactly ``source.open_session(sampling, speculate=...)``
+and, on the session, ``generate(prompt, max_new_tokens, stop_ids)``, ``speculator`` and
+``aclose()`` (through ``async with``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from swarm.model.sampling import SamplingParams
 from swarm.model.stopping import finish_reason
 from swarm.planner.problem import InfeasibleError
 from swarm.runtime.client import PeerError
+from swarm.runtime.speculate import Speculation
 from swarm.serve.protocol import ApiError, GenerationRequest, bad_field, context_error
 from swarm.serve.text import AnswerText
 
@@ -51,6 +53,9 @@ class Answer:
     opened: float | None = None  # it got its session (a KV slot of the deployed pipeline)
     first_token: float | None = None  # the prompt was processed and the first token sampled
     ended: float | None = None  # the last token came back
+    # Drafts verified and accepted for this request ({"verify_steps", "drafted", "accepted"});
+    # None when it did not speculate.
+    speculation: dict[str, int] | None = None
 
 
 class Generator:
@@ -102,19 +107,21 @@ class Generator:
         prompt = self.prompt_ids(request)
         max_tokens = self.budget(request, prompt)
         answer = Answer(prompt_tokens=len(prompt))
-        session = await self.open_session(self.sampling(request))
+        session = await self.open_session(self.sampling(request), request.speculate)
         answer.opened = time.monotonic()
         async with session, contextlib.aclosing(self.stream(session, request, prompt, max_tokens, answer)) as deltas:
             yield deltas, answer
 
-    async def open_session(self, sampling: SamplingParams):
-        """A session of the deployed pipeline; 503 with the reason when no swarm can be formed."""
+    async def open_session(self, sampling: SamplingParams, speculate: str | None = None):
+        """A session of the deployed pipeline; 503 with the reason when no swarm can be formed.
+        ``speculate``: the request's mode ("off" | "ngram"); None: the server's --speculate."""
+        mode = None if speculate is None else Speculation(speculate)
         try:
             self.waiting += 1
             if self._deployed:
-                return await self.source.open_session(sampling)
+                return await self.source.open_session(sampling, speculate=mode)
             async with self._deploying:
-                session = await self.source.open_session(sampling)
+                session = await self.source.open_session(sampling, speculate=mode)
                 self._deployed = True
                 return session
         except InfeasibleError as exc:
@@ -153,6 +160,8 @@ class Generator:
         finally:
             self.active -= 1
             answer.ended = time.monotonic()
+            if session.speculator is not None:
+                answer.speculation = dataclasses.asdict(session.speculator.stats)
         answer.finish_reason = answer.finish_reason or "length"
         if rest := text.finish():
             yield rest

@@ -3,7 +3,8 @@
 Requests of /api/chat and /api/generate become the same ``GenerationRequest`` the
 OpenAI routes make, so both APIs share one generation path. Ollama's options map
 onto it: temperature, top_p, top_k, seed, num_predict (-1 and -2: as many tokens
-as the context leaves), stop. Options that ask for what swarm does not implement
+as the context leaves), stop, and swarm's own ``speculate`` ("off" | "ngram"; the last
+object then carries ``speculation``, this request's drafts). Options that ask for what swarm does not implement
 (penalties, mirostat, JSON format, images, tools, thinking) are refused with 400;
 load-time options (num_ctx, num_gpu, num_thread, ...) are accepted and ignored:
 the server's --max-len and the plan decide them. Errors leave as Ollama's
@@ -21,7 +22,8 @@ import datetime
 from typing import Any, Mapping
 
 from swarm.serve.generation import Answer
-from swarm.serve.protocol import ApiError, GenerationRequest, Sampling, _integer, _number, _stop, bad_field
+from swarm.serve.protocol import (ApiError, GenerationRequest, Sampling, _integer, _number, _stop, bad_field,
+                                  speculate_field)
 
 ROLES = ("system", "user", "assistant")
 LATEST = ":latest"  # Ollama's default tag: "name" and "name:latest" are the same model
@@ -88,7 +90,7 @@ def _options(body: Mapping) -> dict[str, Any]:
         seed=_integer(options, "seed", -(2 ** 63)),
     )
     return dict(max_tokens=num_predict if num_predict and num_predict > 0 else None, sampling=sampling,
-                stop=_stop(options))
+                stop=_stop(options), speculate=speculate_field(options, param="options.speculate"))
 
 
 def parse_chat(body: Any) -> GenerationRequest:
@@ -136,12 +138,13 @@ def _ns(start: float | None, end: float | None) -> int:
 
 
 def final_fields(answer: Answer) -> dict:
-    """The counts and durations of the last object of an answer."""
+    """The counts and durations of the last object of an answer (and its drafts, if it speculated)."""
     first = answer.first_token or answer.ended
     return {"done": True, "done_reason": answer.finish_reason or "stop",
             "total_duration": _ns(answer.began, answer.ended), "load_duration": _ns(answer.began, answer.opened),
             "prompt_eval_count": answer.prompt_tokens, "prompt_eval_duration": _ns(answer.opened, first),
-            "eval_count": answer.completion_tokens, "eval_duration": _ns(first, answer.ended)}
+            "eval_count": answer.completion_tokens, "eval_duration": _ns(first, answer.ended),
+            **({} if answer.speculation is None else {"speculation": answer.speculation})}
 
 
 def chat_part(model: str, text: str) -> dict:

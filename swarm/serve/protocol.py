@@ -59,6 +59,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens, past end-of-sequence (benchmarks)
+    speculate: str | None = None  # swarm's extension: "off" | "ngram" (None: the server's --speculate)
 
     @property
     def chat(self) -> bool:
@@ -113,6 +114,20 @@ def _stop(body: Mapping) -> tuple[str, ...]:
     return tuple(stops)
 
 
+SPECULATE = ("off", "ngram")  # what a request may ask for (a draft model is the server's --speculate-model)
+
+
+def speculate_field(body: Mapping, key: str = "speculate", param: str = "speculate") -> str | None:
+    """swarm's extension: ``speculate`` "off" or "ngram" (prompt lookup) for this request; None:
+    the server's default. Either way the answer is the same tokens (docs/speculative.md)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if value not in SPECULATE:
+        raise bad_field(param, f"must be one of {', '.join(SPECULATE)}, got {value!r}")
+    return value
+
+
 def _refuse_unsupported(body: Mapping) -> None:
     """Fields that would change the answer in ways swarm does not implement."""
     n = _integer(body, "n", 1)
@@ -162,7 +177,7 @@ def _common(body: Mapping) -> dict[str, Any]:
     if ignore_eos and max_tokens is None:
         raise bad_field("max_tokens", "required with 'ignore_eos'")
     return dict(model=model, max_tokens=max_tokens, sampling=sampling, stop=_stop(body), stream=stream,
-                include_usage=include_usage, ignore_eos=ignore_eos)
+                include_usage=include_usage, ignore_eos=ignore_eos, speculate=speculate_field(body))
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -232,17 +247,20 @@ def context_error(prompt_tokens: int, max_tokens: int | None, context: int) -> A
 
 # ---------------------------------------------------------------- responses
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, speculation: Mapping[str, int] | None = None) -> dict:
+    """OpenAI's usage; with ``speculation`` (a request that speculated), swarm's extension
+    ``usage.speculation``: {"verify_steps", "drafted", "accepted"} of this request."""
+    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+              "total_tokens": prompt_tokens + completion_tokens}
+    return counts if speculation is None else {**counts, "speculation": dict(speculation)}
 
 
 def chat_completion(request_id: str, created: int, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, speculation: Mapping[str, int] | None = None) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, speculation)}
 
 
 def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
@@ -251,10 +269,10 @@ def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_re
 
 
 def text_completion(request_id: str, created: int, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, speculation: Mapping[str, int] | None = None) -> dict:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, speculation)}
 
 
 def completion_chunk(request_id: str, created: int, model: str, text: str, finish_reason: str | None = None) -> dict:
@@ -263,10 +281,10 @@ def completion_chunk(request_id: str, created: int, model: str, text: str, finis
 
 
 def usage_chunk(request_id: str, created: int, model: str, chat: bool, prompt_tokens: int,
-                completion_tokens: int) -> dict:
+                completion_tokens: int, speculation: Mapping[str, int] | None = None) -> dict:
     """The last chunk when stream_options.include_usage is set: no choices, the usage."""
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+            "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens, speculation)}
 
 
 def models_list(model: str, created: int) -> dict:

@@ -98,6 +98,8 @@ def test_a_peer_lost_mid_answer_is_recovered_and_the_answer_completes(smollm2_di
         term.wait_for(r"conversation cleared", 10, after=at)
 
         at = ask(term, question)
+        # Killed after the second word: with chat's default prompt lookup a pass may bring up to
+        # 9 tokens, and the 45-odd tokens left still take at least 5 passes through the stages.
         term.wait_for(r"\n\w+ \w+", ANSWER_S, after=at)
         victim = stage_peers[-1]
         peer = next(p for p in term.leftover_processes() if "join" in p.cmdline() and victim in p.cmdline())

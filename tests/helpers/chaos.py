@@ -14,6 +14,7 @@ from swarm.discovery.links import ProbeConfig
 from swarm.discovery.liveness import LivenessConfig
 from swarm.localswarm import LocalSwarm, LocalSwarmConfig, local_budgets, unit_memory
 from swarm.model.local import LocalChain, generate
+from swarm.runtime.speculate import MAX_DRAFT
 from swarm.source import SourceConfig, SwarmSource
 from tests.helpers.reference import reference_generate
 from tests.helpers.shared import SHARED_PIDS
@@ -24,6 +25,12 @@ NEW = 64
 LIVENESS = LivenessConfig(interval_s=0.25, timeout_s=0.5, misses=2)
 PEERS = 3
 MAX_LEN = max(map(len, PROMPTS)) + NEW
+# Losses are placed by pass, not by token: the source speculates by default (prompt lookup), and
+# a verify step brings up to MAX_DRAFT + 1 tokens of a row at once, so "at token 60" may fall in
+# the answer's last pass and test no recovery. A loss at a token before LAST_LOSS_AT still has
+# at least 4 passes of that answer after it, however many drafts each accepts.
+PASS_TOKENS = MAX_DRAFT + 1  # the most tokens one pass delivers to a row
+LAST_LOSS_AT = NEW - 4 * PASS_TOKENS
 START_TIMEOUT_S = 120
 
 

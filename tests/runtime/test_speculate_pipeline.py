@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from typing import Sequence
 
 import pytest
@@ -24,6 +26,7 @@ NEW = 24
 SPEC_PROMPTS = [*PROMPTS[:3], [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
 SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=5)]
 IDS = ["greedy", "seeded"]
+SLOW_DRAFT_S = 0.05  # a draft model step made this slow: it must not stall the event loop
 
 
 def cfg(model_dir, plan, speculate=Speculation.OFF, m=2, b=2) -> PipelineConfig:
@@ -167,6 +170,47 @@ async def test_the_model_drafting_for_itself_is_always_right(tiny_model_dir):
         stats = pipe.speculation
     assert got == want
     assert stats.drafted > 0 and stats.accepted == stats.drafted
+
+
+async def test_a_slow_draft_model_computes_off_the_event_loop(tiny_model_dir):
+    """The draft model's proposals run on its own thread (one owner of its KV slots): while a
+    slow one computes, the event loop goes on (a ticker advances during its steps; with the
+    proposals on the loop it never could), and the tokens are the plain ones."""
+    from swarm.model.draft import DraftModel
+
+    plan, prompts = (Stage(None, 0, TINY_UNITS),), SPEC_PROMPTS[2:]
+    async with Pipeline(cfg(tiny_model_dir, plan)) as pipe:
+        want = await bounded(pipe.generate_all(prompts, NEW), TIMEOUT_S)
+    model = DraftModel.load(tiny_model_dir, slots=4, max_len=128)  # drafting for itself: always right
+    ticks, during, threads = [0], [], set()
+    step = model.chain.step
+
+    def slow_step(*args, **kwargs):
+        before = ticks[0]
+        time.sleep(SLOW_DRAFT_S)
+        during.append(ticks[0] - before)
+        threads.add(threading.current_thread())
+        return step(*args, **kwargs)
+
+    model.chain.step = slow_step
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(SLOW_DRAFT_S / 20)
+            ticks[0] += 1
+
+    async with Pipeline(cfg(tiny_model_dir, plan, Speculation.MODEL), drafter=model) as pipe:
+        async with asyncio.TaskGroup() as tasks:
+            ticker = tasks.create_task(tick())
+            try:
+                got = await bounded(pipe.generate_all(prompts, NEW), TIMEOUT_S)
+            finally:
+                ticker.cancel()
+        stats = pipe.speculation
+    assert got == want and stats.accepted == stats.drafted > 0
+    assert threading.main_thread() not in threads and len(threads) == 1
+    # The loop ticked while the draft model slept (a loaded machine may starve a few ticks).
+    assert sum(1 for n in during if n > 0) > len(during) / 2, during
 
 
 def test_a_draft_model_of_another_vocabulary_is_refused(tiny_model_dir, smollm2_dir):

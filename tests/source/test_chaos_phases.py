@@ -24,13 +24,18 @@ from swarm.runtime.deploy import Deployment
 from swarm.runtime.engine import Pipeline
 from swarm.runtime.recovery import StageLost
 from swarm.source import SwarmSource
-from tests.helpers.chaos import LIVENESS, MAX_LEN, NEW, PEERS, PROMPTS, ChaosPeers, chaos_source, expected_answers
+from tests.helpers.chaos import (LIVENESS, MAX_LEN, NEW, PASS_TOKENS, PEERS, PROMPTS, ChaosPeers, chaos_source,
+                                 expected_answers)
 
 pytestmark = pytest.mark.slow
 
 RANDOM_ROUNDS = 3
 ERROR_WITHIN_S = LIVENESS.drop_bound_s + 10.0  # the bound, and a re-plan on a loaded 2-vCPU machine
 REDEPLOY_WITHIN_S = LIVENESS.drop_bound_s + 5.0  # a LOAD of the tiny model is ~0.3 s
+# The decode pass (the source's first-stage steps, counted) that a decode-phase loss follows. The
+# source speculates by default: a pass may bring a row PASS_TOKENS tokens, so each of the 2
+# micro-batches makes at least NEW // PASS_TOKENS passes; this one leaves passes after it.
+DECODE_LOSS_AT = NEW // PASS_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +122,9 @@ def _wrap_compute(monkeypatch, killer: Killer, prefill: bool, at_call: int = 1) 
     calls = [0]
 
     def computing(deployment, header, tokens):
-        if not killer.victims and (tokens.shape[1] > 1) == prefill:
+        # A prefill feeds several tokens and verifies no drafts; a verify step (draws) decodes.
+        prefilling = tokens.shape[1] > 1 and header["draws"] is None
+        if not killer.victims and prefilling == prefill:
             calls[0] += 1
             if calls[0] == at_call:  # the step is computed here, then sent to a dead stage
                 killer.kill_one_of(deployment.plan)
@@ -141,7 +148,8 @@ async def test_a_peer_lost_in_any_phase_leaves_every_answer_exact(tiny_model_dir
     elif phase == "handshake":
         _wrap_handshake(monkeypatch, killer)
     elif phase in ("prefill", "decode"):
-        _wrap_compute(monkeypatch, killer, prefill=phase == "prefill", at_call=1 if phase == "prefill" else NEW // 3)
+        at_call = 1 if phase == "prefill" else DECODE_LOSS_AT
+        _wrap_compute(monkeypatch, killer, prefill=phase == "prefill", at_call=at_call)
     async with chaos_source(tiny_model_dir, peers) as source:
         assert await _answers(source) == expected
         assert len(killer.victims) == 1, f"no peer was killed in the {phase} phase"
@@ -158,7 +166,7 @@ async def test_a_second_loss_during_the_recovery_fails_within_the_bound_naming_w
     """The first loss in a decode step; the second as the re-plan over the two left is switched
     to: one peer is left, and it cannot hold the model with the source."""
     killer = Killer(peers, random.Random(2))
-    _wrap_compute(monkeypatch, killer, prefill=False, at_call=NEW // 3)
+    _wrap_compute(monkeypatch, killer, prefill=False, at_call=DECODE_LOSS_AT)
     switch = Pipeline.switch
     second_at: list[float] = []
 
