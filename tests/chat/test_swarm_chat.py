@@ -42,7 +42,8 @@ async def test_swarm_conversation_matches_one_process_and_reuses_the_cache(smoll
                                            "mem_bytes": local_budgets(unit_memory(smollm2_dir, 1, MAX_LEN), 2).source,
                                            "min_peers": 2}
         profile = profile_device(smollm2_dir, threads=1).to_json()
-        config = SourceConfig(model=smollm2_dir, name="me", profile=profile, max_len=MAX_LEN,
+        # Speculation off, as the one-process run: drafts would count in fed_tokens.
+        config = SourceConfig(model=smollm2_dir, name="me", profile=profile, max_len=MAX_LEN, speculate="off",
                               **local.source_settings())
         async with SwarmSource(config) as source:
             await source.deploy()
