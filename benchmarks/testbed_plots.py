@@ -163,6 +163,7 @@ def plot_fig9(sources: dict[str, dict], out: Path) -> Path:
     for ax, (kind, key, label) in zip(axes, (("latency", "ms_per_token", "decode latency (ms/token)"),
                                            ("throughput", "tokens_per_s", "throughput (tokens/s)"))):
         for k, (source, results) in enumerate(sources.items()):
+            labelled = False  # the first bar drawn carries the label (a source's first strategy may be OOM)
             setting = results["settings"][0]
             pick = {r["strategy"]: r for r in setting["rows"] if r["kind"] == kind}
             for i, name in enumerate(FIG9):
@@ -171,7 +172,8 @@ def plot_fig9(sources: dict[str, dict], out: Path) -> Path:
                 if row is None:
                     ax.text(x, 0, "OOM", ha="center", va="bottom", fontsize=7, rotation=90)
                     continue
-                ax.bar(x, row["measured"][key], width, color=f"C{k}", label=f"source {source} measured" if i == 0 else None)
+                ax.bar(x, row["measured"][key], width, color=f"C{k}", label=None if labelled else f"source {source} measured")
+                labelled = True
                 ax.plot([x - width / 2, x + width / 2], [row["predicted"][key]] * 2, "k--", lw=1,
                         label="predicted" if i == 0 and k == 0 else None)
         ax.set_xticks(range(len(FIG9)), FIG9, fontsize=8)
