@@ -154,6 +154,25 @@ async def run(args: argparse.Namespace) -> dict:
             "max_new_tokens": args.max_new_tokens, "load": uptime_load(), "workloads": results}
 
 
+def source_then_even(local: LocalSwarm, units: int) -> tuple[StagePlacement, ...]:
+    """The source keeps the embedding; the peers split the other units evenly."""
+    cuts = [(0, 1), *[(a + 1, b + 1) for a, b in even_cuts(units - 1, len(local.peers))]]
+    return tuple(StagePlacement(addr, a, b) for addr, (a, b) in zip([None, *(p.address for p in local.peers)], cuts))
+
+
+async def timed_answer(pipe: Pipeline, prompt: list[int], max_new_tokens: int,
+                       mode: Speculation) -> tuple[list[int], float, int, int]:
+    """One greedy answer: its tokens, decode tokens/s after the first, drafts made and accepted."""
+    before = pipe.speculation.drafted, pipe.speculation.accepted
+    tokens, first = [], None
+    async with await pipe.open_session(GREEDY, speculate=mode) as session:
+        async for token in session.generate(prompt, max_new_tokens):
+            tokens.append(token)
+            first = first or time.perf_counter()
+    rate = (len(tokens) - 1) / (time.perf_counter() - first)
+    return tokens, rate, pipe.speculation.drafted - before[0], pipe.speculation.accepted - before[1]
+
+
 class Oracle:
     """Drafts the known answer, each drafted token changed with probability ``wrong``."""
 
@@ -176,19 +195,11 @@ async def sweep(args: argparse.Namespace) -> dict:
     rows: dict[float, list[tuple[float, int, int]]] = {q: [] for q in rates}
     offs: list[float] = []
     async with LocalSwarm.for_model(model_dir, args.peers, max_len=max_len, threads=1) as local:
-        cuts = [(0, 1), *[(a + 1, b + 1) for a, b in even_cuts(units - 1, args.peers)]]
-        plan = tuple(StagePlacement(addr, a, b) for addr, (a, b) in zip([None, *(p.address for p in local.peers)], cuts))
+        plan = source_then_even(local, units)
         config = PipelineConfig(model_dir, plan, max_len=max_len, speculate=Speculation.MODEL)
         async with Pipeline(config, drafter=lambda slot: drafter[0]) as pipe:
-            async def once(mode: Speculation) -> tuple[list[int], float, int, int]:
-                before = pipe.speculation.drafted, pipe.speculation.accepted
-                tokens, first = [], None
-                async with await pipe.open_session(GREEDY, speculate=mode) as session:
-                    async for token in session.generate(prompt, args.max_new_tokens):
-                        tokens.append(token)
-                        first = first or time.perf_counter()
-                rate = (len(tokens) - 1) / (time.perf_counter() - first)
-                return tokens, rate, pipe.speculation.drafted - before[0], pipe.speculation.accepted - before[1]
+            def once(mode: Speculation):
+                return timed_answer(pipe, prompt, args.max_new_tokens, mode)
 
             answer, _, _, _ = await once(Speculation.OFF)  # also the warm-up
             for r in range(args.rounds):
@@ -205,7 +216,7 @@ async def sweep(args: argparse.Namespace) -> dict:
               "speedup": round(statistics.median(s for s, _, _ in rs), 3),
               "passes_per_token": round(1 - sum(a for _, _, a in rs) / (len(rs) * args.max_new_tokens), 3)}
              for q, rs in rows.items()]
-    return {"model": model_dir.name, "peers": args.peers, "plan": [f"[{a}, {b})" for a, b in cuts],
+    return {"model": model_dir.name, "peers": args.peers, "plan": [f"[{s.start}, {s.end})" for s in plan],
             "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "load": uptime_load(),
             "off_tokens_per_s": round(statistics.median(offs), 2), "sweep": table}
 
@@ -270,20 +281,12 @@ async def larger(args: argparse.Namespace) -> dict:
     draft_model = DraftModel.load(drafter_dir, slots=1, max_len=max_len)
     oracle: list[PaidOracle] = []
     async with LocalSwarm.for_model(model_dir, args.peers, max_len=max_len, threads=1) as local:
-        cuts = [(0, 1), *[(a + 1, b + 1) for a, b in even_cuts(units - 1, args.peers)]]
-        plan = tuple(StagePlacement(addr, a, b) for addr, (a, b) in zip([None, *(p.address for p in local.peers)], cuts))
+        plan = source_then_even(local, units)
         config = PipelineConfig(model_dir, plan, max_len=max_len, speculate=Speculation.MODEL)
         # The factory hands the pipeline this round's oracle; the pipeline closes the draft model.
         async with Pipeline(config, drafter=_Factory(draft_model, oracle)) as pipe:
-            async def once(mode: Speculation) -> tuple[list[int], float, int, int]:
-                before = pipe.speculation.drafted, pipe.speculation.accepted
-                tokens, first = [], None
-                async with await pipe.open_session(GREEDY, speculate=mode) as session:
-                    async for token in session.generate(prompt, args.max_new_tokens):
-                        tokens.append(token)
-                        first = first or time.perf_counter()
-                rate = (len(tokens) - 1) / (time.perf_counter() - first)
-                return tokens, rate, pipe.speculation.drafted - before[0], pipe.speculation.accepted - before[1]
+            def once(mode: Speculation):
+                return timed_answer(pipe, prompt, args.max_new_tokens, mode)
 
             answer, _, _, _ = await once(Speculation.OFF)  # also the warm-up
             for r in range(args.rounds):
@@ -303,7 +306,7 @@ async def larger(args: argparse.Namespace) -> dict:
               "passes_per_token": round(1 - sum(a for _, _, a in rs) / (len(rs) * args.max_new_tokens), 3)}
              for p, rs in rows.items()]
     return {"model": model_dir.name, "drafter": drafter_dir.name, "shape": TARGET_SHAPE, "peers": args.peers,
-            "plan": [f"[{a}, {b})" for a, b in cuts], "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
+            "plan": [f"[{s.start}, {s.end})" for s in plan], "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
             "load": uptime_load(), "off_tokens_per_s": round(statistics.median(offs), 2), "larger": table}
 
 
