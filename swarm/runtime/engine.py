@@ -31,7 +31,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Collection, Sequence
+from typing import AsyncIterator, Callable, Collection, Coroutine, Sequence
 
 from swarm.model.sampling import GREEDY, SamplingParams, row_sampling
 from swarm.model.shard import Shard
@@ -114,6 +114,9 @@ class Pipeline:
         self._loading: tuple[asyncio.Future, frozenset[str]] | None = None  # a deployment loading, its peers
         self._slot_freed = asyncio.Condition()
         self._control = asyncio.Lock()  # OPEN / CLOSE / redeploy, in order
+        # Deployments closing in the background (a load given up, one replaced mid-switch):
+        # closing the pipeline waits for them, so no shard thread or socket outlives it.
+        self._closing: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -148,8 +151,18 @@ class Pipeline:
             if self.deployment is not None:
                 await self.deployment.aclose(frozenset(self._recovery.suspects))
                 self.deployment = None
+            if self._closing:
+                await asyncio.gather(*self._closing, return_exceptions=True)
             if (close := getattr(self._drafter, "close", None)) is not None:
                 await asyncio.to_thread(close)  # waits out a proposal in hand: off the loop
+
+    def _close_later(self, closing: Coroutine[object, object, object] | asyncio.Task) -> asyncio.Task:
+        """Let a deployment close in the background; ``aclose`` waits for it (this pipeline owns
+        the task: ``closing`` is a clean-up coroutine, or a load task it gave up)."""
+        task = closing if isinstance(closing, asyncio.Task) else asyncio.create_task(closing)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return task
 
     async def deploy(self, plan: tuple[StagePlacement, ...], kept_shard: Shard | None = None,
                      from_dep: int | None = None) -> Deployment:
@@ -172,8 +185,14 @@ class Pipeline:
             raise StageLost(f"a stage was lost while loading: {suspects}") from None
         finally:
             self._loading = None
-            loading.cancel()  # a no-op once it is done; our owner's cancel ends the load too
-        self._stats.restart(await dep.peer_status())
+            if not loading.done():  # our owner's cancel ends the load too; its clean-up runs on
+                loading.cancel()
+                self._close_later(loading)
+        try:
+            self._stats.restart(await dep.peer_status())
+        except BaseException:
+            self._close_later(dep.aclose())
+            raise
         return dep
 
     async def redeploy(self, plan: Sequence[StagePlacement]) -> None:
@@ -213,12 +232,16 @@ class Pipeline:
         of ``plan``, the positions that replay computes for the open sequences. Call it ``paused()``."""
         began = time.perf_counter()
         old, self.deployment = self.deployment, None
-        kept = None if old is None else await old.release_first_stage(plan[0])
+        try:
+            kept = None if old is None else await old.release_first_stage(plan[0])
+        except BaseException:  # cancelled (the pipeline closing): the old one is ours to close
+            self._close_later(old.aclose(lost))
+            raise
         closed = time.perf_counter()
         # The old deployment closes while the new one loads: its UNLOADs name their deployment,
         # so one that reaches a peer after the new LOAD leaves the new shard alone; and a lost
         # peer's unanswered UNLOAD no longer holds the recovery.
-        closing = asyncio.create_task(old.aclose(lost, kept_in_place(old.plan, plan) - lost)) if old is not None else None
+        closing = self._close_later(old.aclose(lost, kept_in_place(old.plan, plan) - lost)) if old is not None else None
         try:
             self.deployment = await self.deploy(plan, kept, None if old is None else old.dep_id)
         finally:
