@@ -173,6 +173,15 @@ async def timed_answer(pipe: Pipeline, prompt: list[int], max_new_tokens: int,
     return tokens, rate, pipe.speculation.drafted - before[0], pipe.speculation.accepted - before[1]
 
 
+def acceptance_table(key: str, rows: dict[float, list[tuple[float, int, int]]], max_new_tokens: int) -> list[dict]:
+    """Per draft quality (``key``: its name), over the rounds of (speed-up, drafted, accepted):
+    the acceptance, the median speed-up and the passes the pipeline made per token."""
+    return [{key: q, "acceptance": round(sum(a for _, _, a in rs) / max(1, sum(d for _, d, _ in rs)), 3),
+             "speedup": round(statistics.median(s for s, _, _ in rs), 3),
+             "passes_per_token": round(1 - sum(a for _, _, a in rs) / (len(rs) * max_new_tokens), 3)}
+            for q, rs in rows.items()]
+
+
 class Oracle:
     """Drafts the known answer, each drafted token changed with probability ``wrong``."""
 
@@ -212,10 +221,7 @@ async def sweep(args: argparse.Namespace) -> dict:
                     rows[q].append((on[1] / off[1], on[2], on[3]))
                     print(f"round {r} wrong {q:.2f}: off {off[1]:6.2f} on {on[1]:6.2f} tok/s, "
                           f"{on[3]}/{on[2]} accepted", file=sys.stderr)
-    table = [{"wrong": q, "acceptance": round(sum(a for _, _, a in rs) / max(1, sum(d for _, d, _ in rs)), 3),
-              "speedup": round(statistics.median(s for s, _, _ in rs), 3),
-              "passes_per_token": round(1 - sum(a for _, _, a in rs) / (len(rs) * args.max_new_tokens), 3)}
-             for q, rs in rows.items()]
+    table = acceptance_table("wrong", rows, args.max_new_tokens)
     return {"model": model_dir.name, "peers": args.peers, "plan": [f"[{s.start}, {s.end})" for s in plan],
             "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "load": uptime_load(),
             "off_tokens_per_s": round(statistics.median(offs), 2), "sweep": table}
@@ -301,10 +307,7 @@ async def larger(args: argparse.Namespace) -> dict:
                     rows[p].append((on[1] / off[1], on[2], on[3]))
                     print(f"round {r} right {p:.2f}: off {off[1]:6.2f} on {on[1]:6.2f} tok/s, "
                           f"{on[3]}/{on[2]} accepted", file=sys.stderr)
-    table = [{"right": p, "acceptance": round(sum(a for _, _, a in rs) / max(1, sum(d for _, d, _ in rs)), 3),
-              "speedup": round(statistics.median(s for s, _, _ in rs), 3),
-              "passes_per_token": round(1 - sum(a for _, _, a in rs) / (len(rs) * args.max_new_tokens), 3)}
-             for p, rs in rows.items()]
+    table = acceptance_table("right", rows, args.max_new_tokens)
     return {"model": model_dir.name, "drafter": drafter_dir.name, "shape": TARGET_SHAPE, "peers": args.peers,
             "plan": [f"[{s.start}, {s.end})" for s in plan], "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
             "load": uptime_load(), "off_tokens_per_s": round(statistics.median(offs), 2), "larger": table}
