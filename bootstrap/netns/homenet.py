@@ -53,7 +53,11 @@ CGROUP_V2 = Path("/sys/fs/cgroup")
 CGROUP_PREFIX = "swarm-homenet-"  # flat at the root: each device weighs like one ordinary process
 SUBNET = "10.77.0"
 UNSHAPED = "10gbit"  # the default class: ARP, mDNS multicast and anything not to a known peer
-MTU = 1500
+# A small MTU, because tbf's bucket must hold one whole frame and refills between two tokens:
+# with 1500 the first 1600 B of every decode step's 2.3 KB activation went through unpaced,
+# 6 ms at 1 Mbit/s where a real link of that rate takes 19 (docs/testbed.md). With 296
+# (SLIP's) at most 396 B pass at once; the headers' share is in what the probes measure.
+MTU = 296
 TBF_BURST = MTU + 100  # one full frame: a smaller bucket drops full packets, a larger one lets bursts through
 TBF_LATENCY = "10s"  # queue room: a 64 KiB probe on a 0.1 Mbit/s link waits about 5 s
 JOIN_TIMEOUT_S = 900.0  # a first start profiles the device for the model inside its quota
@@ -332,16 +336,18 @@ class Homenet:
 
     def cache_dir(self, name: str) -> Path:
         """The device's own cache root: its profile is measured inside its quota and kept for the
-        next run of the same scenario; the converted model is shared (a link)."""
+        next run of the same scenario; the converted model and the built kernels are shared
+        (links: one machine, one build, not a compile inside every device's quota)."""
         from_env = os.environ.get("SWARM_CACHE_DIR")
         base = Path(from_env) if from_env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swarm"
         spec = self.scenario.devices[self.scenario.index(name)]
         path = base / "homenet" / f"{self.scenario.name}-{name}-{spec.cpus:g}cpu-{self.scenario.cpu_period_us}us"
         path.mkdir(parents=True, exist_ok=True)
-        models = path / "models"
-        if not models.exists():
-            (base / "models").mkdir(parents=True, exist_ok=True)
-            models.symlink_to((base / "models").resolve(), target_is_directory=True)
+        for shared in ("models", "kernels"):
+            link = path / shared
+            if not link.exists():
+                (base / shared).mkdir(parents=True, exist_ok=True)
+                link.symlink_to((base / shared).resolve(), target_is_directory=True)
         return path
 
     def popen(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 MBIT = 1e6 / 8  # bytes per second
 TOLERANCE = 0.15
-PROBE_INTERVAL_S = 8.0
+PROBE_INTERVAL_S = 3.0  # a slowed link shows once the probes' last few figures are all new
 TIMEOUT_S = 90
 # source, fast peer A, slower peer B; uploads shaped on each namespace's side of its veth
 UPLOAD_MBIT = {"src": 50, "a": 50, "b": 10}

@@ -83,7 +83,10 @@ class ChaosPeers:
         self.frozen.discard(index)
 
     async def restart_dead(self) -> None:
-        """Start again every peer whose process has ended (between tests that share the peers)."""
+        """Resume every frozen peer and start again every peer whose process has ended (between
+        tests that share the peers)."""
+        for index in list(self.frozen):
+            self.resume(index)
         for index, proc in enumerate(self.procs):
             if proc is not None and proc.poll() is not None:
                 self.reap(index)
@@ -118,18 +121,6 @@ class ChaosPeers:
 async def _readline(proc: subprocess.Popen) -> str:
     async with asyncio.timeout(START_TIMEOUT_S):
         return await asyncio.to_thread(proc.stdout.readline)
-
-
-@contextlib.asynccontextmanager
-async def chaos_swarm(model_dir, log_dir):
-    """Three peers started, and a source over them; every peer stopped at the end."""
-    peers = ChaosPeers(model_dir, log_dir, MAX_LEN)
-    try:
-        await asyncio.gather(*(peers.start(i) for i in range(PEERS)))
-        async with chaos_source(model_dir, peers) as source:
-            yield source, peers
-    finally:
-        peers.stop_all()
 
 
 @contextlib.asynccontextmanager

@@ -4,8 +4,8 @@ one during the recovery from the first, and at random times. Every answer equals
 undisturbed one token for token, or, when the peers left cannot hold the model, the
 answer fails with an error that says so within the heartbeat bound.
 
-The three `swarm join` peers are shared by every test here (a killed one is restarted
-after its test); each test has a source of its own. The kills are placed by wrapping the
+The three `swarm join` peers are shared with test_failover.py (conftest.py: a killed one is
+restarted after its test); each test has a source of its own. The kills are placed by wrapping the
 source's own steps (its plan, its LOAD and PING requests, its first stage's compute):
 the peers and the network are real.
 """
@@ -24,8 +24,7 @@ from swarm.runtime.deploy import Deployment
 from swarm.runtime.engine import Pipeline
 from swarm.runtime.recovery import StageLost
 from swarm.source import SwarmSource
-from tests.helpers.chaos import (LIVENESS, MAX_LEN, NEW, PASS_TOKENS, PEERS, PROMPTS, ChaosPeers, chaos_source,
-                                 expected_answers)
+from tests.helpers.chaos import LIVENESS, NEW, PASS_TOKENS, PEERS, PROMPTS, ChaosPeers, chaos_source
 
 pytestmark = pytest.mark.slow
 
@@ -36,31 +35,6 @@ REDEPLOY_WITHIN_S = LIVENESS.drop_bound_s + 5.0  # a LOAD of the tiny model is ~
 # source speculates by default: a pass may bring a row PASS_TOKENS tokens, so each of the 2
 # micro-batches makes at least NEW // PASS_TOKENS passes; this one leaves passes after it.
 DECODE_LOSS_AT = NEW // PASS_TOKENS
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_model_dir) -> list[list[int]]:
-    return expected_answers(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def shared_peers(tiny_model_dir, tmp_path_factory):
-    peers = ChaosPeers(tiny_model_dir, tmp_path_factory.mktemp("chaos-logs"), MAX_LEN, shared=True)
-    try:
-        asyncio.run(_start_all(peers))
-        yield peers
-    finally:
-        peers.stop_all()
-
-
-async def _start_all(peers: ChaosPeers) -> None:
-    await asyncio.gather(*(peers.start(i) for i in range(PEERS)))
-
-
-@pytest.fixture
-async def peers(shared_peers):
-    yield shared_peers
-    await shared_peers.restart_dead()
 
 
 class Killer:
