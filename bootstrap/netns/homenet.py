@@ -53,11 +53,13 @@ CGROUP_V2 = Path("/sys/fs/cgroup")
 CGROUP_PREFIX = "swarm-homenet-"  # flat at the root: each device weighs like one ordinary process
 SUBNET = "10.77.0"
 UNSHAPED = "10gbit"  # the default class: ARP, mDNS multicast and anything not to a known peer
-# A small MTU, because tbf's bucket must hold one whole frame and refills between two tokens:
-# with 1500 the first 1600 B of every decode step's 2.3 KB activation went through unpaced,
-# 6 ms at 1 Mbit/s where a real link of that rate takes 19 (docs/testbed.md). With 296
-# (SLIP's) at most 396 B pass at once; the headers' share is in what the probes measure.
-MTU = 296
+# tbf's bucket must hold one whole frame and refills between two tokens, so the first 1600 B
+# of every message pass unpaced: a decode step's 2.3 KB activation takes about 6 ms at 1 Mbit/s
+# where a real link of that rate takes 19 (docs/testbed.md). A smaller MTU paces better, but
+# costs the throttled devices CPU on every faster link (MTU 576, 2026-12-06: 1 Mbit/s rows all
+# within 15% and the paper's ordering back; at 10 and 50 Mbit/s a source with no hop at all
+# ran 18% slower than its profile). Next: a small MTU on the routes of slow links only.
+MTU = 1500
 TBF_BURST = MTU + 100  # one full frame: a smaller bucket drops full packets, a larger one lets bursts through
 TBF_LATENCY = "10s"  # queue room: a 64 KiB probe on a 0.1 Mbit/s link waits about 5 s
 JOIN_TIMEOUT_S = 900.0  # a first start profiles the device for the model inside its quota
