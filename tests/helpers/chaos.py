@@ -54,7 +54,7 @@ class ChaosPeers:
                                 source_mem=budgets.source)
         self.procs: list[subprocess.Popen | None] = [None] * PEERS
         self.frozen: set[int] = set()
-        self.shared = shared  # by a module's tests: the per-test leak check leaves them to it
+        self.shared = shared  # by several tests (tests/source/conftest.py): the per-test leak check leaves them
 
     def seeds(self) -> tuple[str, ...]:
         return tuple(f"127.0.0.1:{port}" for port in self.local.ports)
