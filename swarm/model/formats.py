@@ -72,15 +72,26 @@ class QuantizedTensor:
         mins = None if self.mins is None else self.mins[index]
         return QuantizedTensor(self.kind, self.codes[index], self.scales[index], mins)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 values (cast to ``dtype``): the ``gguf`` package's, bit for bit. With
+        ``out`` (float32 [N, K]) they are written there, with no temporary the size of the result."""
         n, k = self.shape
+        if out is None:
+            out = torch.empty(n, k, dtype=torch.float32)
+        blocks = out.view(n, k // BLOCK, BLOCK)
         scales = self.scales.float()[..., None]  # [N, K/32, 1]
         if self.kind == "q8_0":
-            w = self.codes.float().view(n, k // BLOCK, BLOCK) * scales
-        else:
-            q = unpack_nibbles(self.codes).float().view(n, k // BLOCK, BLOCK)
-            w = (q - 8) * scales if self.kind == "q4_0" else q * scales + self.mins.float()[..., None]
-        return w.reshape(n, k).to(dtype)
+            torch.mul(self.codes.view(n, k // BLOCK, BLOCK), scales, out=blocks)
+        else:  # a block's first 16 values are its bytes' low nibbles, its last 16 the high ones
+            packed = self.codes.view(n, k // BLOCK, BLOCK // 2)
+            for half, codes in ((blocks[..., :BLOCK // 2], packed & 0x0F), (blocks[..., BLOCK // 2:], packed >> 4)):
+                if self.kind == "q4_0":
+                    half.copy_(codes).sub_(8).mul_(scales)
+                else:
+                    torch.mul(codes, scales, out=half)
+            if self.kind == "q4_1":
+                blocks.add_(self.mins.float()[..., None])
+        return out.to(dtype)
 
 
 def unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:

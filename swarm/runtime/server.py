@@ -127,6 +127,7 @@ class ShardServer:
             self._worker = TorchWorker(self._data_ctx, self.config.threads, limits)
             self._worker.start(self.config.bind_host, self.config.data_port)
             await self._incoming.refresh()
+            await self._warm_up()
         except BaseException:
             await self.aclose()
             raise
@@ -282,18 +283,20 @@ class ShardServer:
 
     # ------------------------------------------------------------ shard jobs (run on the torch thread)
 
-    async def _job_loop(self) -> None:
-        # First job: the library's model classes (seconds to import and build the first time),
-        # so that a LOAD, the one a source waits for while it recovers from a lost peer, costs
-        # only its disk time. A LOAD that arrives meanwhile queues behind it.
+    async def _warm_up(self) -> None:
+        # The library's model classes and the native kernels (seconds to import and build the
+        # first time), before this server is announced: a LOAD, the one a source waits for
+        # while it recovers from a lost peer, then costs only its disk time. (Done while the
+        # job loop ran, a LOAD to a peer that had just joined queued behind it, up to 1.4 s.)
         from swarm.model.shard import warm_up
 
         for folder in sorted(set(self.config.models.values())):
             try:
-                # Off the torch thread: it must keep answering on the data socket meanwhile.
                 await asyncio.to_thread(warm_up, Path(folder))
             except Exception as exc:  # a warm-up is an optimisation: the first LOAD pays instead
                 log.warning("warming up %s failed: %s", folder, exc)
+
+    async def _job_loop(self) -> None:
         limits = self.config.limits
         while True:
             identity, message, arrived = await self._jobs.get()

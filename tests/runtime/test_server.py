@@ -212,6 +212,17 @@ async def test_a_peer_loads_its_own_copy_of_the_model_named_by_fingerprint(tiny_
         srv.close()
 
 
+async def test_the_models_it_holds_are_warmed_up_before_it_can_be_announced(tiny_model_dir, monkeypatch):
+    """A peer is announced as soon as its server is entered; a LOAD to it must not wait behind
+    the seconds of imports a first load pays (a recovery's LOAD goes to a peer that may have just joined)."""
+    from swarm.model import shard
+
+    warmed = []
+    monkeypatch.setattr(shard, "warm_up", lambda folder: warmed.append(folder))
+    async with ShardServer(ServerConfig(port=0, threads=1, models={"fp": str(tiny_model_dir)})):
+        assert warmed == [tiny_model_dir]  # before serve_forever: done on entering, not as a first job
+
+
 async def test_a_leaving_peer_says_so_refuses_loads_and_waits_until_unloaded(server, tiny_model_dir):
     async with PeerClient(server.address) as peer:
         assert await server.leave(0) is True  # nothing loaded: free to go at once
