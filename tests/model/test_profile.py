@@ -41,12 +41,33 @@ def test_the_shard_line_gives_the_per_step_constant_and_a_block_in_a_shard():
     assert [u.prefill_s for u in got] == pytest.approx([0.001, 0.02 * 0.9, 0.02 * 1.1, 0.049], rel=1e-12)
 
 
+def test_the_head_is_timed_after_blocks_in_a_shard(tiny_model_dir, monkeypatch):
+    """Alone, a head stays in the caches run after run; a stage runs it after its blocks."""
+    head = profiling.UnitProfile("head", 50, 0, 4, 0.009, 0.004)
+    blocks = [profiling.UnitProfile(f"b{i}", 10, 1, 4, 0.02, 0.001) for i in range(3)]
+    got = profiling.head_in_shard(head, blocks, (0.075, 0.0133), 0.001, 0.0003)
+    assert (got.prefill_s, got.decode_s) == pytest.approx((0.075 - 0.001 - 0.06, 0.0133 - 0.0003 - 0.003), rel=1e-12)
+    assert got.weight_bytes == 50 and got.name == "head"
+    floor = profiling.head_in_shard(head, blocks, (0.05, 0.002), 0.001, 0.0003)  # noise never makes it free
+    assert (floor.prefill_s, floor.decode_s) == pytest.approx((0.0009, 0.0004), rel=1e-12)
+
+    # and the profile measures that shard: the last blocks that fit beside the head, and the head
+    monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
+    shards = []
+    measure = profiling._measure_shard
+    monkeypatch.setattr(profiling, "_measure_shard", lambda model, start, end, *a: shards.append((start, end)) or
+                        measure(model, start, end, *a))
+    profile = profile_device(tiny_model_dir, threads=1, use_cache=False)
+    n = len(profile.units)
+    assert shards == [(1, n - 1), (1, n)]  # every block; every block and the head (all fit here)
+
+
 def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
     fresh = profile_device(tiny_model_dir, threads=1, use_cache=False)
-    assert fresh.version == profiling.PROFILE_VERSION == 4
+    assert fresh.version == profiling.PROFILE_VERSION == 5
     assert fresh.step_decode_s >= 0 and fresh.step_prefill_s >= 0
-    # a version-2 cache (units alone, no constant) at the same path is never read as version 4
+    # a version-2 cache (units alone, no constant) at the same path is never read as version 5
     path = profiling.profile_cache_path(fresh.device.name, fresh.model.fingerprint, fresh.model.dtype, 1, "cpu",
                                         fresh.kernels)
     old = fresh.to_json()
@@ -55,8 +76,8 @@ def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(ti
         del old[key]
     path.write_text(json.dumps(old))
     again = profile_device(tiny_model_dir, threads=1)
-    assert again.version == 4 and again.measured_s != fresh.measured_s
-    assert json.loads(path.read_text())["version"] == 4
+    assert again.version == 5 and again.measured_s != fresh.measured_s
+    assert json.loads(path.read_text())["version"] == 5
 
 
 def test_a_profile_taken_under_load_is_marked_and_measured_again_when_quiet(tiny_model_dir, monkeypatch):
