@@ -53,14 +53,27 @@ CGROUP_V2 = Path("/sys/fs/cgroup")
 CGROUP_PREFIX = "swarm-homenet-"  # flat at the root: each device weighs like one ordinary process
 SUBNET = "10.77.0"
 UNSHAPED = "10gbit"  # the default class: ARP, mDNS multicast and anything not to a known peer
-# tbf's bucket must hold one whole frame and refills between two tokens, so the first 1600 B
-# of every message pass unpaced: a decode step's 2.3 KB activation takes about 6 ms at 1 Mbit/s
-# where a real link of that rate takes 19 (docs/testbed.md). A smaller MTU paces better, but
-# costs the throttled devices CPU on every faster link (MTU 576, 2026-12-06: 1 Mbit/s rows all
-# within 15% and the paper's ordering back; at 10 and 50 Mbit/s a source with no hop at all
-# ran 18% slower than its profile). Next: a small MTU on the routes of slow links only.
-MTU = 1500
-TBF_BURST = MTU + 100  # one full frame: a smaller bucket drops full packets, a larger one lets bursts through
+# tbf's bucket must hold one whole frame and refills between two tokens, so the first frame
+# of every message passes unpaced: with 1500-byte frames a decode step's 2.3 KB activation
+# took about 6 ms at 1 Mbit/s where a real link of that rate takes 19 (docs/testbed.md). So
+# the routes of slow links carry small frames (their TCP segments are cut to the route's
+# MTU, a tbf's bucket holds one of them). Not every link: MTU 576 on the veths (2026-12-06)
+# put the 1 Mbit/s rows within 15% but cost the throttled devices CPU on every faster link
+# (2.6 times the packets; a source with no hop at all ran 18% slower than its profile).
+MTU = 1500  # the veths', and the routes' of fast links
+SLOW_MTU = 576  # the routes' of links at most SLOW_LINK_MBIT (IPv4's minimum reassembly size)
+SLOW_LINK_MBIT = 5.0  # above it a 1500-byte frame passes in at most 2.4 ms: within a hop's noise
+
+
+def route_mtu(mbit: float) -> int:
+    return SLOW_MTU if mbit <= SLOW_LINK_MBIT else MTU
+
+
+def tbf_burst(mbit: float) -> int:
+    """One whole frame of the link's route: a smaller bucket drops full packets, a larger one lets bursts through."""
+    return route_mtu(mbit) + 100
+
+
 TBF_LATENCY = "10s"  # queue room: a 64 KiB probe on a 0.1 Mbit/s link waits about 5 s
 JOIN_TIMEOUT_S = 900.0  # a first start profiles the device for the model inside its quota
 STOP_GRACE_S = 5.0  # SIGTERM (mDNS goodbye), then SIGKILL
@@ -229,13 +242,15 @@ def class_id(index: int) -> str:
 
 
 def shape_commands(ns: str, dev: str, to_index: int, mbit: float, change: bool) -> list[list[str]]:
-    """A tbf under the htb class of one destination. htb only classifies (its own buckets,
-    even with a one-MTU burst, let 16 KiB through at once after a second of idle: measured
-    536 Mbit/s for a request on a 1 Mbit/s class); tbf paces every message at the rate."""
+    """A tbf under the htb class of one destination, and the route to it with the link's
+    frame size. htb only classifies (its own buckets, even with a one-MTU burst, let 16 KiB
+    through at once after a second of idle: measured 536 Mbit/s for a request on a 1 Mbit/s
+    class); tbf paces every message at the rate. A new connection takes the route's MTU."""
     handle = f"{10 + to_index}:"
     return [["ip", "netns", "exec", ns, "tc", "qdisc", "change" if change else "add", "dev", dev,
              "parent", class_id(to_index), "handle", handle, "tbf", "rate", f"{mbit:g}mbit",
-             "burst", str(TBF_BURST), "latency", TBF_LATENCY]]
+             "burst", str(tbf_burst(mbit)), "latency", TBF_LATENCY],
+            ["ip", "-n", ns, "route", "replace", f"{ip_of(to_index)}/32", "dev", dev, "mtu", str(route_mtu(mbit))]]
 
 
 class Homenet:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from bootstrap.netns import homenet
 from bootstrap.netns.homenet import Homenet, Scenario, SourceAgent, cannot_run, leftovers, namespaces
 from swarm.model import hf
 from swarm.planner.exact import plan_ours
@@ -50,6 +52,14 @@ def _decide(deployed_problem: dict, deployed: list, now: dict):
     return decide(Problem.from_json(deployed_problem), deployed, now["bandwidth"], now["latency"], "latency", 1)
 
 
+def _route_mtu(net: Homenet, a: str, b: str) -> int:
+    """The MTU of a's route to b, as a new connection from a to b takes it."""
+    out = subprocess.run(["ip", "-n", net.ns(a), "route", "get", net.ip(b)], capture_output=True, text=True,
+                         check=True).stdout
+    words = out.split()
+    return int(words[words.index("mtu") + 1]) if "mtu" in words else homenet.MTU
+
+
 def test_trio_runs_exact_tokens_replans_on_a_slowed_link_and_leaves_nothing(smollm2_dir, tmp_path):
     require(cannot_run())
     tag = f"hn{os.getpid() % 100000}"
@@ -82,6 +92,9 @@ def test_trio_runs_exact_tokens_replans_on_a_slowed_link_and_leaves_nothing(smol
         deployed = [PlannedStage(order.index(n), a, b) for n, a, b in before]
         fast = deployed_problem["bandwidth"][order.index("src")][order.index(offloaded_to)] / MBIT
         net.shape("src", offloaded_to, SLOW_MBIT)
+        # a slow link's route carries small frames (tbf lets one frame through unpaced); a fast one full ones
+        assert _route_mtu(net, "src", offloaded_to) == homenet.SLOW_MTU
+        assert _route_mtu(net, offloaded_to, "src") == homenet.MTU
         decision, deadline = None, time.monotonic() + LINK_TIMEOUT_S
         while time.monotonic() < deadline:
             data, order = _measured(agent, ids)
