@@ -20,8 +20,9 @@ the noise). Each block's figure is b, in proportion to its bytes (a block alone 
 too short to time under a CPU quota: one run fits in a period's quota, the next waits
 out the period; the testbed's source once timed one block alone at 2.4 times the
 others). The embedding (a lookup of one row) keeps its alone time minus c. The head is
-timed where a stage runs it, after blocks: a shard of the last blocks and the head, less
-c and those blocks' times (``head_in_shard``). Alone, run again and again, SmolLM2's
+timed where a stage runs it, after blocks: a decode step of a shard of the last blocks and
+the head, less c and those blocks' times (``head_in_shard``; a prefill step draws at its
+last position only, so the same figure is its prefill time). Alone, run again and again, SmolLM2's
 113 MB head stayed in the L3 and took 4.2 ms a token; after 30 blocks it is read from
 memory, 8-12 ms, and profiles that used its alone time predicted a whole-model step 20-25%
 short. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
@@ -182,8 +183,8 @@ def _median_seconds(run: Callable[[], object], repeats: int, reset: Callable[[],
     return statistics.median(times)
 
 
-def measure_unit(shard: Shard) -> tuple[float, float]:
-    """(prefill seconds for PREFILL_TOKENS tokens, decode seconds for one token at DECODE_CONTEXT)."""
+def _inputs(shard: Shard) -> Callable[[int], torch.Tensor]:
+    """Random step inputs of a width for ``shard``: token ids for the first shard, else hidden states."""
     generator = torch.Generator().manual_seed(0)
 
     def inputs(width: int) -> torch.Tensor:
@@ -191,15 +192,27 @@ def measure_unit(shard: Shard) -> tuple[float, float]:
             return torch.randint(0, shard.layout.vocab_size, (1, width), generator=generator)
         return torch.randn(1, width, shard.hidden_size, generator=generator).to(shard.device, shard.dtype)
 
-    prompt, context, token = inputs(PREFILL_TOKENS), inputs(DECODE_CONTEXT), inputs(1)
+    return inputs
+
+
+def measure_unit(shard: Shard) -> tuple[float, float]:
+    """(prefill seconds for PREFILL_TOKENS tokens, decode seconds for one token at DECODE_CONTEXT)."""
+    inputs = _inputs(shard)
+    prompt = inputs(PREFILL_TOKENS)
     # Warm-up runs are not timed: first calls allocate and fill caches.
     prefill = _median_seconds(lambda: shard.step([0], prompt), WARMUP + PREFILL_REPEATS, lambda: shard.open_slot(0))
     prefill = _median_seconds(lambda: shard.step([0], prompt), PREFILL_REPEATS, lambda: shard.open_slot(0))
+    return prefill, measure_decode(shard, inputs)
+
+
+def measure_decode(shard: Shard, inputs: Callable[[int], torch.Tensor] | None = None) -> float:
+    """Decode seconds for one token at DECODE_CONTEXT."""
+    inputs = inputs or _inputs(shard)
+    context, token = inputs(DECODE_CONTEXT), inputs(1)
     shard.open_slot(0)
     shard.step([0], context)
     _median_seconds(lambda: shard.step([0], token), WARMUP)
-    decode = _median_seconds(lambda: shard.step([0], token), DECODE_REPEATS)
-    return prefill, decode
+    return _median_seconds(lambda: shard.step([0], token), DECODE_REPEATS)
 
 
 def shard_line(constant: float, k: int, t_k: float) -> tuple[float, float]:
@@ -233,16 +246,13 @@ def in_shard_units(units: list[UnitProfile], step_prefill: float, block_prefill:
     return out
 
 
-def head_in_shard(alone: UnitProfile, blocks: list[UnitProfile], tail: tuple[float, float], step_prefill: float,
-                  step_decode: float) -> UnitProfile:
-    """The head's times from a shard of ``blocks`` and the head, timed ``tail`` (prefill,
-    decode): what is left once the step constant and the blocks' times in a shard are
-    taken off (never below MIN_UNIT_SHARE of its alone time)."""
-    def left(t: float, constant: float, blocks_s: float, alone_s: float) -> float:
-        return max(t - constant - blocks_s, MIN_UNIT_SHARE * alone_s)
-
-    return replace(alone, prefill_s=left(tail[0], step_prefill, sum(u.prefill_s for u in blocks), alone.prefill_s),
-                   decode_s=left(tail[1], step_decode, sum(u.decode_s for u in blocks), alone.decode_s))
+def head_in_shard(alone: UnitProfile, blocks: list[UnitProfile], tail_decode: float, step_decode: float) -> UnitProfile:
+    """The head's times from a shard of ``blocks`` and the head whose decode step took
+    ``tail_decode``: what is left once the step constant and the blocks' decode times in a
+    shard are taken off (never below MIN_UNIT_SHARE of its alone time). A prefill step draws
+    at its last position only, so the head's prefill time is the same figure."""
+    head = max(tail_decode - step_decode - sum(u.decode_s for u in blocks), MIN_UNIT_SHARE * alone.decode_s)
+    return replace(alone, prefill_s=head, decode_s=head)
 
 
 class LoadMeter:
@@ -360,11 +370,20 @@ def profile_device(model_dir: Path, *, threads: int, dtype: str = "float32", dev
     return profile
 
 
+def _load_for_profiling(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
+                        quant: str | None) -> Shard:
+    return Shard.load(model_dir, start, end, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
+                      dtype=dtype, device=torch_device, quant=quant)
+
+
 def _measure_shard(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
                    quant: str | None) -> tuple[float, float]:
-    shard = Shard.load(model_dir, start, end, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
-                       dtype=dtype, device=torch_device, quant=quant)
-    return measure_unit(shard)
+    return measure_unit(_load_for_profiling(model_dir, start, end, dtype, torch_device, quant))
+
+
+def _measure_shard_decode(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
+                          quant: str | None) -> float:
+    return measure_decode(_load_for_profiling(model_dir, start, end, dtype, torch_device, quant))
 
 
 def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, dtype: str, quant: str | None,
@@ -382,8 +401,7 @@ def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, d
             on_unit(i, layout.num_units, names[i])
         if weights[i] > mem:
             raise MemoryError(f"unit {names[i]} needs {weights[i] / 1e6:.0f} MB; this device has {mem / 1e6:.0f} MB usable")
-        shard = Shard.load(model_dir, i, i + 1, max_slots=1, max_len=DECODE_CONTEXT + WARMUP + DECODE_REPEATS,
-                           dtype=dtype, device=torch_device, quant=quant)
+        shard = _load_for_profiling(model_dir, i, i + 1, dtype, torch_device, quant)
         prefill, decode = measure_unit(shard)
         del shard  # one unit in memory at a time
         units.append(UnitProfile(names[i], weights[i], kv[i], out[i], prefill, decode))
@@ -403,8 +421,8 @@ def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, d
         while j >= 1 and sum(weights[head - j:]) > mem:
             j -= 1
         if j >= 1:
-            tail = _measure_shard(model_dir, head - j, head + 1, dtype, torch_device, quant)
-            units[head] = head_in_shard(units[head], units[head - j:head], tail, step_prefill, step_decode)
+            tail = _measure_shard_decode(model_dir, head - j, head + 1, dtype, torch_device, quant)
+            units[head] = head_in_shard(units[head], units[head - j:head], tail, step_decode)
     others = meter.others_busy_cpus()
     model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)
     return DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,

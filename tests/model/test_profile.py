@@ -45,21 +45,23 @@ def test_the_head_is_timed_after_blocks_in_a_shard(tiny_model_dir, monkeypatch):
     """Alone, a head stays in the caches run after run; a stage runs it after its blocks."""
     head = profiling.UnitProfile("head", 50, 0, 4, 0.009, 0.004)
     blocks = [profiling.UnitProfile(f"b{i}", 10, 1, 4, 0.02, 0.001) for i in range(3)]
-    got = profiling.head_in_shard(head, blocks, (0.075, 0.0133), 0.001, 0.0003)
-    assert (got.prefill_s, got.decode_s) == pytest.approx((0.075 - 0.001 - 0.06, 0.0133 - 0.0003 - 0.003), rel=1e-12)
+    got = profiling.head_in_shard(head, blocks, 0.0133, 0.0003)
+    # decode: the tail's step less the constant and the blocks; prefill draws at one position, the same
+    assert (got.prefill_s, got.decode_s) == pytest.approx((0.0133 - 0.0003 - 0.003,) * 2, rel=1e-12)
     assert got.weight_bytes == 50 and got.name == "head"
-    floor = profiling.head_in_shard(head, blocks, (0.05, 0.002), 0.001, 0.0003)  # noise never makes it free
-    assert (floor.prefill_s, floor.decode_s) == pytest.approx((0.0009, 0.0004), rel=1e-12)
+    floor = profiling.head_in_shard(head, blocks, 0.002, 0.0003)  # noise never makes it free
+    assert (floor.prefill_s, floor.decode_s) == pytest.approx((0.0004, 0.0004), rel=1e-12)
 
     # and the profile measures that shard: the last blocks that fit beside the head, and the head
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
     shards = []
-    measure = profiling._measure_shard
-    monkeypatch.setattr(profiling, "_measure_shard", lambda model, start, end, *a: shards.append((start, end)) or
-                        measure(model, start, end, *a))
+    load = profiling._load_for_profiling
+    monkeypatch.setattr(profiling, "_load_for_profiling", lambda model, start, end, *a: shards.append((start, end)) or
+                        load(model, start, end, *a))
     profile = profile_device(tiny_model_dir, threads=1, use_cache=False)
     n = len(profile.units)
-    assert shards == [(1, n - 1), (1, n)]  # every block; every block and the head (all fit here)
+    # each unit alone; every block; every block and the head (all fit here)
+    assert shards == [(i, i + 1) for i in range(n)] + [(1, n - 1), (1, n)]
 
 
 def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(tiny_model_dir, monkeypatch):
