@@ -20,12 +20,12 @@ def test_lookup_proposes_what_followed_the_last_ngram():
     assert lookup_draft(tokens, 0) == []
 
 
-def test_lookup_prefers_the_longest_ngram_then_the_latest_occurrence():
-    # [7, 8] follows 1 at 0..2 and 3 at 4..6; the 3-gram [3, 7, 8] occurs only at 3..5.
+def test_lookup_prefers_the_longest_ngram_then_the_first_occurrence():
+    # [7, 8] occurs at 0, 4 and 8; the 3-gram [3, 7, 8] only at 3 (before the end).
     tokens = [7, 8, 1, 3, 7, 8, 2, 5, 7, 8, 4, 9, 3, 7, 8]
-    assert lookup_draft(tokens, 1, max_ngram=3) == [2]  # the 3-gram [3, 7, 8] beats the later 2-gram
-    assert lookup_draft(tokens, 1, max_ngram=2) == [4]  # the latest [7, 8]
-    assert lookup_draft([1, 2, 1, 3, 1, 4, 9, 1], 1, max_ngram=1, min_ngram=1) == [4]
+    assert lookup_draft(tokens, 1, max_ngram=3) == [2]  # the 3-gram [3, 7, 8] beats the earlier 2-gram
+    assert lookup_draft(tokens, 1, max_ngram=2) == [1]  # the first [7, 8]: the given text, not the answer's echo
+    assert lookup_draft([1, 2, 1, 3, 1, 4, 9, 1], 1, max_ngram=1, min_ngram=1) == [2]
 
 
 def test_lookup_finds_nothing_without_a_repeat_or_below_min_ngram():
@@ -45,7 +45,7 @@ def test_lookup_matches_a_brute_force_search():
             for n in range(min(3, len(tokens) - 1), 1, -1):
                 starts = [i for i in range(len(tokens) - n) if tokens[i:i + n] == tokens[-n:]]
                 if starts:
-                    expected = tokens[starts[-1] + n:starts[-1] + n + k]
+                    expected = tokens[starts[0] + n:starts[0] + n + k]
                     break
         assert lookup_draft(tokens, k) == expected, (tokens, k)
 
