@@ -96,9 +96,12 @@ async def _bench(model_dir: Path, repeats: int, prompt_tokens: int, new_tokens: 
                     local.kill(victim)  # a frozen one too: it must not come back as the same member
                     await local.restart(victim)
                     # back, and its links measured: a re-plan for links measured later would
-                    # switch the plan mid-answer, and the next loss could miss the answer's stages
+                    # switch the plan mid-answer, and the next loss could miss the answer's stages;
+                    # and warm, as a spare peer that has been up a while is (a LOAD to a peer still
+                    # warming up waits behind it: up to 1.4 s in a run that did not wait)
                     async with asyncio.timeout(60):
-                        while len(source.state().announcements) < 3 or not source.links_complete():
+                        while (len(source.state().announcements) < 3 or not source.links_complete()
+                               or not all(s.get("warm") for s in (await source.peer_counters(5.0)).values())):
                             await asyncio.sleep(0.1)
 
     def median(key: str, loss: str = "kill") -> float:

@@ -108,6 +108,7 @@ class ShardServer:
         self._idle = asyncio.Event()  # set when serve_forever is not running
         self._idle.set()
         self.leaving = False  # announced in every PONG: sources move their stages away
+        self.warm = False  # the models it holds warmed up (the job loop's first job): a LOAD costs its read only
         self._unloaded = asyncio.Event()  # set while no shard is loaded
         self._unloaded.set()
         self.weights = WeightsHolder(config.models, config.quant)  # answers MANIFEST / UNIT / FETCH
@@ -127,7 +128,6 @@ class ShardServer:
             self._worker = TorchWorker(self._data_ctx, self.config.threads, limits)
             self._worker.start(self.config.bind_host, self.config.data_port)
             await self._incoming.refresh()
-            await self._warm_up()
         except BaseException:
             await self.aclose()
             raise
@@ -197,6 +197,7 @@ class ShardServer:
         return {
             "state": "loaded" if loaded else "idle",
             "leaving": self.leaving,
+            "warm": self.warm,
             "dep": w.dep,
             "start": w.start if loaded else None,
             "end": w.end if loaded else None,
@@ -283,20 +284,21 @@ class ShardServer:
 
     # ------------------------------------------------------------ shard jobs (run on the torch thread)
 
-    async def _warm_up(self) -> None:
-        # The library's model classes and the native kernels (seconds to import and build the
-        # first time), before this server is announced: a LOAD, the one a source waits for
-        # while it recovers from a lost peer, then costs only its disk time. (Done while the
-        # job loop ran, a LOAD to a peer that had just joined queued behind it, up to 1.4 s.)
+    async def _job_loop(self) -> None:
+        # First job: the library's model classes and the native kernels (about 2 s to import
+        # and build the first time), so that a LOAD, the one a source waits for while it
+        # recovers from a lost peer, costs only its read. A LOAD that arrives meanwhile queues
+        # behind it; PING says "warm" once it is done. (Done before the peer is announced
+        # instead, three local peers took 8-11 s to come up rather than 5-6.6.)
         from swarm.model.shard import warm_up
 
         for folder in sorted(set(self.config.models.values())):
             try:
+                # Off the torch thread: it must keep answering on the data socket meanwhile.
                 await asyncio.to_thread(warm_up, Path(folder))
             except Exception as exc:  # a warm-up is an optimisation: the first LOAD pays instead
                 log.warning("warming up %s failed: %s", folder, exc)
-
-    async def _job_loop(self) -> None:
+        self.warm = True
         limits = self.config.limits
         while True:
             identity, message, arrived = await self._jobs.get()

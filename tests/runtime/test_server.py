@@ -212,15 +212,22 @@ async def test_a_peer_loads_its_own_copy_of_the_model_named_by_fingerprint(tiny_
         srv.close()
 
 
-async def test_the_models_it_holds_are_warmed_up_before_it_can_be_announced(tiny_model_dir, monkeypatch):
-    """A peer is announced as soon as its server is entered; a LOAD to it must not wait behind
-    the seconds of imports a first load pays (a recovery's LOAD goes to a peer that may have just joined)."""
+async def test_the_models_it_holds_are_warmed_up_first_and_ping_says_so(tiny_model_dir, monkeypatch):
+    """A LOAD must cost its read only: the imports a first load pays are done as the first job,
+    and PING's "warm" tells a caller (the recovery benchmark's spare peer) when they are."""
     from swarm.model import shard
 
     warmed = []
-    monkeypatch.setattr(shard, "warm_up", lambda folder: warmed.append(folder))
-    async with ShardServer(ServerConfig(port=0, threads=1, models={"fp": str(tiny_model_dir)})):
-        assert warmed == [tiny_model_dir]  # before serve_forever: done on entering, not as a first job
+    monkeypatch.setattr(shard, "warm_up", lambda folder: time.sleep(0.3) or warmed.append(folder))
+    async with ShardServer(ServerConfig(port=0, threads=1, models={"fp": str(tiny_model_dir)})) as srv:
+        assert srv.status()["warm"] is False
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(srv.serve_forever())
+            async with asyncio.timeout(10):
+                while not srv.status()["warm"]:
+                    await asyncio.sleep(0.02)
+            assert warmed == [tiny_model_dir]
+            srv.close()
 
 
 async def test_a_leaving_peer_says_so_refuses_loads_and_waits_until_unloaded(server, tiny_model_dir):
