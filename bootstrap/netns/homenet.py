@@ -295,7 +295,18 @@ class Homenet:
         self.down()
 
     def up(self, reprofile: bool = False) -> "Homenet":
-        """Network, shaping, cgroups, then every peer but the source; tears down on any failure."""
+        """Network, shaping, cgroups, then every peer but the source, joined; tears down on any failure."""
+        self.start(reprofile)
+        try:
+            self.wait_joined()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def start(self, reprofile: bool = False) -> "Homenet":
+        """up() without waiting for the peers to join (they profile inside their quotas meanwhile:
+        a source agent started now profiles beside them). Tears down on any failure."""
         reason = cannot_run()
         if reason:
             raise RuntimeError(f"homenet: {reason}")
@@ -307,8 +318,7 @@ class Homenet:
             self._network()
             for d in self.scenario.devices:
                 make_cgroup(self.cgroup(d.name), d.cpus, self.scenario.cpu_period_us)
-            self._start_peers(reprofile)
-            self._save()
+            self._spawn_peers(reprofile)
         except BaseException:
             self.down()
             raise
@@ -382,7 +392,7 @@ class Homenet:
         return subprocess.Popen(["ip", "netns", "exec", self.ns(name), *argv], cwd=REPO, env=env,
                                 preexec_fn=enter, start_new_session=True, **kwargs)
 
-    def _start_peers(self, reprofile: bool) -> None:
+    def _spawn_peers(self, reprofile: bool) -> None:
         for d in self.scenario.devices:
             if reprofile:  # the source's too: it profiles itself when its agent starts
                 shutil.rmtree(self.cache_dir(d.name) / "profiles", ignore_errors=True)
@@ -395,7 +405,10 @@ class Homenet:
             log_file = open(self.work_dir() / f"{d.name}.log", "w")
             self.procs[d.name] = self.popen(d.name, argv, stdout=subprocess.PIPE, stderr=log_file, text=True)
             log_file.close()
-        began, waiting = time.monotonic(), dict(self.procs)
+
+    def wait_joined(self) -> None:
+        """Until every started peer has joined (its profile measured, or read from its cache)."""
+        began, waiting = time.monotonic(), {n: p for n, p in self.procs.items() if n not in self.peer_ids}
         while waiting:
             elapsed = time.monotonic() - began
             if elapsed > JOIN_TIMEOUT_S:
@@ -412,6 +425,7 @@ class Homenet:
                     self.log(f"  {name:6s} joined as {self.peer_ids[name]} after {elapsed:.0f} s")
             if waiting and not ready:
                 self.log(f"  profiling inside their quotas: {', '.join(sorted(waiting))} ({elapsed:.0f} s)")
+        self._save()
 
     def _save(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -434,7 +448,11 @@ class Homenet:
 
 
 class SourceAgent:
-    """bootstrap/netns/source_agent.py in the source's namespace and cgroup; JSON lines."""
+    """bootstrap/netns/source_agent.py in the source's namespace and cgroup; JSON lines.
+
+    Started, it profiles itself and waits for the scenario's peers; `peer_id` (or `ask`) waits
+    until it is ready. Start it after `Homenet.up()` for profiles measured one device at a
+    time, or after `Homenet.start()` to profile beside the peers (a test's shorter start)."""
 
     def __init__(self, net: "Homenet", log_path: Path) -> None:
         src = net.scenario.source
@@ -445,12 +463,24 @@ class SourceAgent:
             argv.append(str(parse_bytes(src.mem)))
         with open(log_path, "w") as err:
             self.proc = net.popen(src.name, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
-        ready = self.proc.stdout.readline()
-        if not ready:
-            raise RuntimeError(f"the source agent exited:\n{log_path.read_text()[-3000:]}")
-        self.peer_id = json.loads(ready)["ready"]
+        self.log_path = log_path
+        self._peer_id: str | None = None
+
+    @property
+    def peer_id(self) -> str:
+        """The source's peer id, once it is ready (blocks until then)."""
+        return self._wait_ready()
+
+    def _wait_ready(self) -> str:
+        if self._peer_id is None:  # the agent's first line says it is ready
+            ready = self.proc.stdout.readline()
+            if not ready:
+                raise RuntimeError(f"the source agent exited:\n{self.log_path.read_text()[-3000:]}")
+            self._peer_id = json.loads(ready)["ready"]
+        return self._peer_id
 
     def ask(self, **req) -> dict:
+        self._wait_ready()
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()

@@ -1,9 +1,10 @@
 """`swarm chat --local 2` driven in a real terminal (tmux), with the default model.
 
 A person's session: a question and its streamed answer, a follow-up that reuses
-the cache, /peers, /plan, Ctrl-C during an answer, /quit; then nothing may be left
-running (the chat, and the peers it started, carry the terminal's tag). A peer
-killed mid-answer: the answer completes as if nothing happened, with one notice.
+the cache, /peers, /plan, Ctrl-C during an answer while a peer hangs, /quit; then
+nothing may be left running (the chat, and the peers it started, carry the terminal's
+tag). A peer killed mid-answer: the answer completes as if nothing happened, with one
+notice.
 """
 
 from __future__ import annotations
@@ -68,15 +69,20 @@ def test_chat_with_a_local_swarm(smollm2_dir):
         at = ask(term, "Tell me a long story about a brave dragon and a knight.")
         # The live panel under the streaming answer: the pipeline's rate and per-stage load.
         term.wait_for(r"pipeline: [\d.]+ tok/s, \d micro-batch", ANSWER_S, after=at)
+        # A peer frozen mid-answer (not dead: its connections stay open): the step in flight never
+        # lands, yet Ctrl-C ends the answer at once (the session's turn is cancelled; the lost
+        # token is dropped whenever it comes), and /quit still ends everything.
+        peer = next(p for p in term.leftover_processes() if "join" in p.cmdline() and "local-2" in p.cmdline())
+        peer.suspend()
         term.press("C-c")
-        stopped = term.wait_for(r"\[(\d+) tokens[^\n]*\] \[stopped\]", 30, after=at)
+        stopped = term.wait_for(r"\[(\d+) tokens[^\n]*\] \[stopped\]", 5, after=at)
         assert int(stopped.group(1)) < 48
         term.wait_for(r"you>\s*$", 10, after=stopped.end())
 
         ask(term, "/quit")
         assert term.wait_exit(60) == 0
-        assert "bye" in term.screen()
-        term.wait_no_processes(timeout=20)
+        assert "bye" in term.screen() and "Traceback" not in term.screen()
+        term.wait_no_processes(timeout=30)  # the frozen peer too
 
 
 def test_a_peer_lost_mid_answer_is_recovered_and_the_answer_completes(smollm2_dir):
@@ -123,24 +129,6 @@ def test_a_peer_lost_mid_answer_is_recovered_and_the_answer_completes(smollm2_di
         ask(term, "/quit")
         assert term.wait_exit(60) == 0
         term.wait_no_processes(timeout=20)
-
-
-def test_ctrl_c_ends_the_answer_at_once_when_a_peer_hangs(smollm2_dir):
-    """A frozen peer: the step in flight never lands, yet Ctrl-C ends the answer at once
-    (the session's turn is cancelled; the lost token is dropped whenever it comes)."""
-    with Terminal(chat(), width=110, height=50) as term:
-        term.wait_for(r"you>", START_S)
-        at = ask(term, "Tell me a long story about a brave dragon and a knight.")
-        term.wait_for(r"\n\w+ \w+", ANSWER_S, after=at)
-        peer = next(p for p in term.leftover_processes() if "join" in p.cmdline() and "local-2" in p.cmdline())
-        peer.suspend()  # frozen, not dead
-        term.press("C-c")
-        stopped = term.wait_for(r"\[(\d+) tokens[^\n]*\] \[stopped\]", 5, after=at)
-        term.wait_for(r"you>\s*$", 10, after=stopped.end())
-        ask(term, "/quit")
-        assert term.wait_exit(60) == 0
-        assert "Traceback" not in term.screen()
-        term.wait_no_processes(timeout=30)  # the frozen peer too
 
 
 def test_single_process_chat_commands_and_ctrl_d(smollm2_dir):
