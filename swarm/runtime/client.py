@@ -82,6 +82,7 @@ class PeerClient:
         # its sockets at once, long before a heartbeat could miss (a frozen one's does not).
         self._on_disconnect = on_disconnect
         self._watcher: asyncio.Task | None = None
+        self._monitor: zmq.Socket | None = None  # the connection's events, read by the watcher
         self._broken: PeerError | None = None  # why requests fail at once (closed, or the socket failed)
 
     def start(self) -> "PeerClient":
@@ -91,18 +92,15 @@ class PeerClient:
         self._sock = sockets.connect_dealer(self._ctx, self.address, self.identity)
         self._reader = asyncio.create_task(self._read_loop(), name=f"reader for {self.address}")
         if self._on_disconnect is not None:
-            monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            self._watcher = asyncio.create_task(self._watch(monitor), name=f"connection to {self.address}")
+            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._watcher = asyncio.create_task(self._watch(self._monitor), name=f"connection to {self.address}")
         return self
 
     async def _watch(self, monitor) -> None:
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    self._on_disconnect()
-        finally:
-            monitor.close()
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._on_disconnect()
 
     async def __aenter__(self) -> "PeerClient":
         return self.start()
@@ -115,11 +113,19 @@ class PeerClient:
         watcher, self._watcher = self._watcher, None
         self._broken = self._broken or PeerError(f"connection to {self.address} closed")
         self._fail_pending(self._broken)
-        await cancel_and_wait(reader)
-        await cancel_and_wait(watcher)
+        try:
+            await cancel_and_wait(reader, watcher)
+        finally:
+            # Even when this close is itself cancelled: a socket left open would block the
+            # owner's ctx.term() for good (the monitor too: closed here, not by its watcher).
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
         if self._sock is not None:
-            if watcher is not None:
+            if self._monitor is not None:
                 self._sock.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._sock.close()
             self._sock = None
         if self._own_ctx and self._ctx is not None:

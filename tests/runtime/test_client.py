@@ -66,3 +66,31 @@ async def test_a_peer_that_closes_its_connection_is_heard_at_once_and_a_frozen_o
     finally:
         await client.aclose()
         ctx.term()
+
+
+def _terminates(ctx: zmq.Context, within_s: float = 5.0) -> bool:
+    """Whether ctx.term() returns: it blocks for as long as any socket of ctx is open."""
+    import threading
+
+    done = threading.Thread(target=ctx.term, daemon=True)
+    done.start()
+    done.join(within_s)
+    if done.is_alive():  # free the thread before failing: close whatever was left open
+        ctx.destroy(linger=0)
+        return False
+    return True
+
+
+async def test_a_client_closes_every_socket_it_opened_even_when_its_close_is_cancelled():
+    """A Directory shares one context among its clients and terminates it on close. A client
+    whose close was cancelled (by a task group's exit, mid-close) left its socket open, and
+    ctx.term() blocked for good: a CI run hung in test_directory.py until its timeout."""
+    ctx = sockets.new_context()
+    client = PeerClient("tcp://127.0.0.1:9", ctx=ctx, on_disconnect=lambda: None).start()
+    await asyncio.sleep(0.05)  # the reader and the connection watcher wait on their sockets
+    closing = asyncio.create_task(client.aclose())
+    await asyncio.sleep(0)  # aclose now waits for its tasks to end
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert _terminates(ctx)
