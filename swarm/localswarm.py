@@ -37,7 +37,6 @@ PEER_STOP_TIMEOUT_S = 10.0  # SIGHUP (mDNS goodbye), then SIGKILL
 # leaves at once on it, without waiting for a source to move its stages.
 LEAVE_AT_ONCE = 1
 FREEZE = 19  # Linux's SIGSTOP: the process stops, its sockets stay open
-CONTINUE = 18  # Linux's SIGCONT: a stopped process runs again
 LOG_TAIL_LINES = 15
 EXIT_TIMEOUT_S = 10.0  # a bare shard server's exit once its stdin closes
 
@@ -273,9 +272,6 @@ class LocalSwarm:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(LEAVE_AT_ONCE)
-                    # a stopped peer (frozen, or Ctrl-Z'd) acts on it only once continued: else
-                    # the kill stop_timeout_s later would end it
-                    proc.send_signal(CONTINUE)
         for proc in procs:
             try:
                 async with asyncio.timeout(self.config.stop_timeout_s):
