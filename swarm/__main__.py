@@ -1,5 +1,3 @@
-import sys
+from swarm.cli import run
 
-from swarm.cli import main
-
-sys.exit(main())
+run()

@@ -205,9 +205,12 @@ class LocalSwarm:
                 self._procs.append(await asyncio.create_subprocess_exec(
                     *self.command(i), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
                     start_new_session=True, preexec_fn=_die_with_parent))
-        async with asyncio.timeout(self.config.start_timeout_s):
-            async with asyncio.TaskGroup() as tasks:
-                waits = [tasks.create_task(self._joined(i, proc)) for i, proc in enumerate(self._procs)]
+        try:
+            async with asyncio.timeout(self.config.start_timeout_s):
+                async with asyncio.TaskGroup() as tasks:
+                    waits = [tasks.create_task(self._joined(i, proc)) for i, proc in enumerate(self._procs)]
+        except* LocalSwarmError as failed:  # the first peer that failed says why, not a task group
+            raise failed.exceptions[0] from None
         self.peers = [w.result() for w in waits]
 
     def kill(self, index: int) -> None:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from swarm.discovery.problem import Device, Workload, build_problem
-from swarm.localswarm import LocalSwarm, LocalSwarmConfig, local_budgets, unit_memory
+from swarm.localswarm import LocalSwarm, LocalSwarmConfig, LocalSwarmError, local_budgets, unit_memory
 from swarm.planner.api import plan as plan_problem
 from swarm.planner.problem import InfeasibleError, Problem
 
@@ -101,6 +101,14 @@ async def test_peers_join_and_stop_with_the_block(tiny_model_dir):
         assert all(os.getsid(p) == p for p in pids)
     assert wait_gone(pids, timeout=1.0) == []
     await swarm.close()  # idempotent
+
+
+@pytest.mark.slow
+async def test_a_peer_that_cannot_start_is_named_with_the_end_of_its_log(tiny_model_dir, tmp_path):
+    config = LocalSwarmConfig(2, 1 << 30, tiny_model_dir, log_dir=tmp_path, extra_args=("--no-such-option",))
+    with pytest.raises(LocalSwarmError, match=r"(?s)local peer \d exited with status 2 before joining.*--no-such-option"):
+        async with LocalSwarm(config):
+            pass
 
 
 @pytest.mark.slow

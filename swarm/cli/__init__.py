@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from typing import NoReturn
 
 # subcommand -> (module, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -61,5 +63,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """`swarm` and `python -m swarm`: ``main()``, then exit without the interpreter's teardown.
+
+    When ``main()`` returns, every socket, process and file it opened is closed; what is
+    left is Python freeing torch's and transformers' modules an object at a time: 0.4 s
+    after importing torch, 1.0 s after transformers' Llama modules (measured here). Every
+    peer that leaves and every command that ends would wait for it."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's errors, SystemExit("error: ...")
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -85,6 +85,7 @@ class Mdns:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: ServiceInfo | None = None
+        self._repeats: asyncio.Future | None = None  # zeroconf repeating our latest announcement
         self._own_name: str | None = None
         self._key = swarm_key()  # None: --insecure (untagged records, any record accepted)
         self._replays = ReplayGuard()
@@ -115,6 +116,7 @@ class Mdns:
 
     async def _withdraw(self, zc: AsyncZeroconf) -> None:
         info, self._info = self._info, None
+        self._stop_repeats()  # a repeat sent after the goodbye would bring the record back
         if info is not None:
             await (await zc.async_unregister_service(info))
 
@@ -126,13 +128,26 @@ class Mdns:
         assert self._zc is not None
         self._own_name = f"{_label(a.name)}-{a.peer_id}.{SERVICE_TYPE}"
         self._info = self._service_info(a, port)
-        await (await self._zc.async_register_service(self._info))
+        # The name carries this process's random peer id, so no other responder holds it: probing
+        # for a conflict first (RFC 6762, section 8.1; about 0.6 s) would find none.
+        self._repeating(await self._zc.async_register_service(self._info, cooperating_responders=True))
 
     async def update(self, a: Announcement) -> None:
         """Re-announce with new TXT contents (links measured, memory limit changed)."""
         assert self._zc is not None and self._info is not None
         self._info = self._service_info(a, self._info.port)
-        await (await self._zc.async_update_service(self._info))
+        self._repeating(await self._zc.async_update_service(self._info))
+
+    def _repeating(self, repeats: asyncio.Future) -> None:
+        """zeroconf has sent the announcement and repeats it twice, 225 ms apart (RFC 6762,
+        section 8.3), on its own; this peer goes on meanwhile rather than wait for the repeats."""
+        self._stop_repeats()  # an older announcement's repeat would bring its old TXT back
+        self._repeats = repeats
+
+    def _stop_repeats(self) -> None:
+        repeats, self._repeats = self._repeats, None
+        if repeats is not None:
+            repeats.cancel()
 
     def _service_info(self, a: Announcement, port: int) -> ServiceInfo:
         return ServiceInfo(

@@ -27,6 +27,9 @@ from swarm.model.kernels import Linear
 from swarm.model.kernels.native import BlockDecoder
 
 
+DEFAULT_RMS_NORM_EPS = 1e-6  # LlamaConfig's, Qwen2Config's and MistralConfig's default
+
+
 @dataclass(frozen=True)
 class BlockShape:
     """What a block's arithmetic needs from the model config."""
@@ -37,10 +40,12 @@ class BlockShape:
     rms_norm_eps: float
 
     @classmethod
-    def from_config(cls, config) -> "BlockShape":
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, config.rms_norm_eps)
+    def from_config(cls, config: dict) -> "BlockShape":
+        """From a config.json-style dict (``Checkpoint.config_dict()``), with the library's defaults."""
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return cls(heads, config.get("num_key_value_heads") or heads, head_dim,
+                   config.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,22 +21,26 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
-from swarm.model import hf, kernels
+from swarm.model import kernels
 from swarm.model.block import Block, BlockShape, rms_norm, rope
 from swarm.model.dtypes import dtype_name, torch_dtype
 from swarm.model.checkpoint import open_checkpoint
 from swarm.model.formats import QuantizedTensor, Weight
 from swarm.model.kernels import Linear, embedding
 from swarm.model.kernels.native import DecodeTarget
+from swarm.model.rotary import rotary_embedding
 from swarm.model.sampling import GREEDY, SamplingParams, sample_next
 from swarm.model.units import ModelLayout, check_quant
 
+# The rotary embedding's call: (hidden, position ids) -> (cos, sin) (``rotary.rotary_embedding``).
+Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 log = logging.getLogger(__name__)
+
 
 class SlotKVCache:
     """Preallocated keys and values for a shard's blocks, one slot per sequence.
@@ -156,7 +160,7 @@ class ShardWeights:
 class Shard:
     """Units [start, end) of a model, ready to run prefill and decode steps."""
 
-    def __init__(self, layout: ModelLayout, start: int, end: int, weights: ShardWeights, rotary: nn.Module,
+    def __init__(self, layout: ModelLayout, start: int, end: int, weights: ShardWeights, rotary: Rotary,
                  norm_eps: float, cache: SlotKVCache, dtype: torch.dtype, device: torch.device,
                  load_seconds: float, quant: str | None = None):
         self.layout, self.start, self.end = layout, start, end
@@ -190,7 +194,7 @@ class Shard:
         dtype, device, quant = torch_dtype(dtype), torch.device(device), check_quant(quant)
         if quant and device.type != "cpu":
             raise ValueError(f"--quant {quant} runs on swarm's CPU kernels; {device} is not a CPU")
-        config = hf.load_config(model_dir)
+        config = checkpoint.config_dict()
         shape = BlockShape.from_config(config)
         weights = ShardWeights()
         for unit in range(start, end):
@@ -210,7 +214,7 @@ class Shard:
             # The float tensors a unit was read (and quantized) from would otherwise stay in the heap,
             # in pieces the next unit's tensors do not fit: the peak would grow by them.
             return_freed_memory()
-        rotary = hf.build_rotary(config, device)
+        rotary = rotary_embedding(config, device)
         block_ids = [block.index for block in weights.blocks]
         cache = SlotKVCache(block_ids, max_slots, max_len, layout.num_kv_heads, layout.head_dim, dtype, device)
         shard = cls(layout, start, end, weights, rotary, shape.rms_norm_eps, cache, dtype, device,
@@ -375,9 +379,9 @@ class Shard:
 
 
 def warm_up(model_dir: Path) -> None:
-    """Do ahead what a first load of this model would otherwise pay for: read its config,
-    build its rotary embedding and build (or load) the native kernels."""
-    hf.build_rotary(hf.load_config(Path(model_dir)), torch.device("cpu"))
+    """Do ahead what a first load of this model would otherwise pay for: open its checkpoint
+    (a GGUF file's header), build its rotary embedding and build (or load) the native kernels."""
+    rotary_embedding(open_checkpoint(Path(model_dir)).config_dict())
     kernels.kernel_id()
 
 

@@ -21,7 +21,7 @@ def _layer_and_block(model_dir, index: int):
         param.data = param.data.clone()
     prefix = f"model.layers.{index}."
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
-    return model, layer, Block(index, BlockShape.from_config(model.config), weights)
+    return model, layer, Block(index, BlockShape.from_config(model.config.to_dict()), weights)
 
 
 def _cache(model, index: int, slots: int = 3, dtype: torch.dtype = torch.float32) -> SlotKVCache:
@@ -83,7 +83,7 @@ def test_the_native_decode_block_is_the_torch_block(tiny_model_factory, family, 
     model, _, _ = _layer_and_block(tiny_model_factory(family), 1)
     weights = {k: ((v.to(dtype) if kind in ("bfloat16", "float32") else quantize(v, kind)) if k.endswith("proj.weight")
                    else v.to(dtype)) for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
-    block = Block(1, BlockShape.from_config(model.config), weights)
+    block = Block(1, BlockShape.from_config(model.config.to_dict()), weights)
     assert block.decoder is not None, "a C compiler is here: quantized, float32 and bfloat16 blocks decode natively"
     rotary, caches = model.model.rotary_emb, (_cache(model, 1, dtype=dtype), _cache(model, 1, dtype=dtype))
     # float32: 1e-5, but q8_0 rounds x's residual to int8 blocks too, at steps of max|x| / 127^2 of a block,
@@ -123,7 +123,7 @@ def test_without_native_kernels_a_quantized_block_decodes_on_torch(tiny_model_fa
     model, _, _ = _layer_and_block(tiny_model_factory("llama"), 1)
     weights = {k: quantize(v, "q4_1") if k.endswith("proj.weight") else v
                for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
-    block = Block(1, BlockShape.from_config(model.config), weights)
+    block = Block(1, BlockShape.from_config(model.config.to_dict()), weights)
     assert block.decoder is None
     cache, x = _cache(model, 1), torch.randn(1, 1, model.config.hidden_size)
     plan = plan_step([0], [1], 1, x.device)
@@ -141,7 +141,7 @@ def test_a_batch_decodes_natively_each_row_as_if_alone(tiny_model_factory, kind)
     model, _, _ = _layer_and_block(tiny_model_factory("qwen2"), 1)  # Qwen2: q/k/v biases too
     weights = {k: (v if kind == "float32" else quantize(v, kind)) if k.endswith("proj.weight") else v
                for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
-    block = Block(1, BlockShape.from_config(model.config), weights)
+    block = Block(1, BlockShape.from_config(model.config.to_dict()), weights)
     assert block.decoder is not None
     rotary, hidden, lengths = model.model.rotary_emb, model.config.hidden_size, {2: 5, 0: 3, 1: 7}
     torch.manual_seed(2)
