@@ -1,6 +1,6 @@
 """Speculative decoding (prompt lookup) over 3 local peers: tokens/s off and on, interleaved.
 
-    python benchmarks/bench_speculate.py [--json] [--rounds 3] [--max-new-tokens 128] [--peers 3]
+    python benchmarks/bench_speculate.py [--json] [--rounds 3] [--max-new-tokens 128] [--peers 3] [--only free]
     python benchmarks/bench_speculate.py --sweep [--json]     # speed-up as a function of acceptance
     python benchmarks/bench_speculate.py --larger [--json]    # SmolLM2-135M drafting for a larger target
     python benchmarks/bench_speculate.py --one-process [--json]   # CPU time per token, in this process
@@ -112,9 +112,10 @@ async def run(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model)
     tokenizer = hf.load_tokenizer(model_dir)
     prompts = {name: hf.chat_token_ids(tokenizer, [{"role": "user", "content": text}])
-               for name, (text, _) in WORKLOADS.items()}
+               for name, (text, _) in WORKLOADS.items() if name in args.only}
+    warm_up = hf.chat_token_ids(tokenizer, [{"role": "user", "content": WORKLOADS["free"][0]}])
     max_len = max(map(len, prompts.values())) + args.max_new_tokens + 16
-    runs: dict[str, dict[str, list[dict]]] = {name: {"off": [], "ngram": []} for name in WORKLOADS}
+    runs: dict[str, dict[str, list[dict]]] = {name: {"off": [], "ngram": []} for name in prompts}
     async with contextlib.AsyncExitStack() as stack:
         local = await stack.enter_async_context(LocalSwarm.for_model(model_dir, args.peers, max_len=max_len,
                                                                      threads=1))
@@ -124,7 +125,7 @@ async def run(args: argparse.Namespace) -> dict:
         planned = await source.deploy()
         plan = planned.describe()
         print("plan: " + "; ".join(plan), file=sys.stderr)
-        await answer(source, prompts["free"], 8, Speculation.OFF)  # warm-up: first steps pay one-time costs
+        await answer(source, warm_up, 8, Speculation.OFF)  # warm-up: first steps pay one-time costs
         for r in range(args.rounds):
             order = ("off", "ngram") if r % 2 == 0 else ("ngram", "off")
             for name, prompt in prompts.items():
@@ -393,8 +394,11 @@ def main() -> int:
     parser.add_argument("--one-process", action="store_true", help="a source-only pipeline: CPU time per token")
     parser.add_argument("--larger", action="store_true",
                         help="SmolLM2-135M drafting for a random model of SmolLM2-360M's shape: speed-up by acceptance")
+    parser.add_argument("--only", action="append", choices=sorted(WORKLOADS), default=None, metavar="WORKLOAD",
+                        help=f"run this workload only (repeatable; default: all of {', '.join(WORKLOADS)})")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.only = args.only or list(WORKLOADS)
     import torch
 
     torch.set_num_threads(1)

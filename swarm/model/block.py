@@ -27,6 +27,9 @@ from swarm.model.kernels import Linear
 from swarm.model.kernels.native import BlockDecoder
 
 
+# Steps of at most this many new tokens a row, after cached ones, run as native one-token rows
+# (``SlotKVCache.decode_target``): a verify step of up to 15 drafts, a short chat turn.
+NATIVE_MAX_WIDTH = 16
 DEFAULT_RMS_NORM_EPS = 1e-6  # LlamaConfig's, Qwen2Config's and MistralConfig's default
 
 
@@ -196,11 +199,11 @@ class Block(torch.nn.Module):
         """
         s = self.shape
         batch, width, _ = x.shape
-        if (self.decoder is not None and width == 1 and x.device.type == "cpu"
+        if (self.decoder is not None and width <= NATIVE_MAX_WIDTH and x.device.type == "cpu"
                 and x.dtype == self.decoder.dtype == tables.cos.dtype
                 and tables.cos.is_contiguous() and tables.sin.is_contiguous()):
-            # one token of each sequence: one native call (each row attends to its own positions, as the mask
-            # of rows of different lengths says)
+            # a narrow step (the cache says which): one native call, every new token a row of its own that
+            # attends to its own positions, as the causal mask of rows of different lengths says
             target = cache.decode_target(self.index, x.dtype)
             if target is not None:
                 return self.decoder(x, tables.cos, tables.sin, target)

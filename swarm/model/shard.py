@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from swarm.model import kernels
-from swarm.model.block import Block, BlockShape, rms_norm, rope
+from swarm.model.block import NATIVE_MAX_WIDTH, Block, BlockShape, rms_norm, rope
 from swarm.model.dtypes import dtype_name, torch_dtype
 from swarm.model.checkpoint import open_checkpoint
 from swarm.model.formats import QuantizedTensor, Weight
@@ -61,7 +61,7 @@ class SlotKVCache:
         self._write: tuple | None = None
         self._read: slice | torch.Tensor | None = None
         self._span = 0
-        self._one: list[tuple[int, int]] | None = None  # (slot, position) of each row of a one-token step
+        self._narrow: list[tuple[int, int]] | None = None  # (slot, position) of each token of a narrow step
 
     @property
     def nbytes(self) -> int:
@@ -73,7 +73,8 @@ class SlotKVCache:
         if self._span > self.max_len:
             raise ValueError(f"sequence would reach {self._span} tokens; the cache holds {self.max_len}")
         first = slots[0]
-        self._one = list(zip(slots, starts)) if width == 1 else None
+        narrow = width == 1 or (width <= NATIVE_MAX_WIDTH and min(starts) > 0)
+        self._narrow = [(s, p + j) for s, p in zip(slots, starts) for j in range(width)] if narrow else None
         contiguous = list(slots) == list(range(first, first + len(slots)))
         self._read = slice(first, first + len(slots)) if contiguous else torch.tensor(slots)
         if contiguous and len(set(starts)) == 1:
@@ -87,19 +88,24 @@ class SlotKVCache:
             self._write = (rows, heads, positions)
 
     def decode_target(self, layer_idx: int, dtype: torch.dtype = torch.float32) -> DecodeTarget | None:
-        """For a one-token step (every row one new token) in a CPU cache of ``dtype``: where each row's
-        sequence's keys and values are and the position its token takes, for a native block to write and
-        read the cache itself (each row attends to its own positions: no mask needed); None for any other step."""
-        if self._one is None:
+        """For a narrow step in a CPU cache of ``dtype``: where each new token's sequence's keys and
+        values are and the position it takes, for a native block to write and read the cache itself
+        (row by row, each token attending to its own positions: no mask needed); None for any other step.
+
+        Narrow: one token a row (decode), or at most NATIVE_MAX_WIDTH tokens a row that all follow
+        cached ones (a verify step of drafts, a short chat turn). Such a step's tokens are computed
+        as that many one-token steps would compute them, bit for bit, at about one step's cost: the
+        weights are read once for all of them. A prefill from an empty slot stays the library's calls."""
+        if self._narrow is None:
             return None
         i = self._index[layer_idx]
         keys, values = self.keys[i], self.values[i]
         if keys.dtype != dtype or keys.device.type != "cpu":
             return None
         row = keys.stride(0) * keys.element_size()
-        return DecodeTarget([keys.data_ptr() + slot * row for slot, _ in self._one],
-                            [values.data_ptr() + slot * row for slot, _ in self._one],
-                            self.max_len, [position for _, position in self._one])
+        return DecodeTarget([keys.data_ptr() + slot * row for slot, _ in self._narrow],
+                            [values.data_ptr() + slot * row for slot, _ in self._narrow],
+                            self.max_len, [position for _, position in self._narrow])
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         i = self._index[layer_idx]

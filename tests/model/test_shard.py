@@ -204,3 +204,21 @@ def smollm2_prompts(smollm2_dir):
 @pytest.fixture(scope="module")
 def smollm2_expected(smollm2_dir, smollm2_prompts):
     return reference_generate(smollm2_dir, smollm2_prompts, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("dtype,quant", [("float32", None), ("bfloat16", None), ("float32", "int4"),
+                                         ("float32", "int8")])
+def test_a_narrow_step_computes_what_one_token_steps_compute_bit_for_bit(tiny_model_dir, dtype, quant):
+    """A few tokens after cached ones (a verify step's drafts) run as native one-token rows: each
+    token's hidden state equals the one a step of that token alone computes, at any batch."""
+    shard = Shard.load(tiny_model_dir, 0, 4, max_slots=2, max_len=64, dtype=dtype, quant=quant)
+    if not all(block.decoder is not None for block in shard.weights.blocks):
+        pytest.skip("no native kernels here (no C compiler)")
+    shard.open_slot(0)
+    shard.open_slot(1)
+    shard.step([0, 1], torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]))  # a prefill from empty slots
+    nxt = torch.tensor([[13, 14, 15], [16, 17, 18]])
+    one_at_a_time = torch.cat([shard.step([0, 1], nxt[:, i:i + 1]) for i in range(3)], dim=1)
+    together = shard.step([0, 1], nxt, keep=[4, 4])  # the same three positions again, as one step
+    assert torch.equal(together, one_at_a_time)
+    assert shard.cache.lengths[:2] == [7, 7]

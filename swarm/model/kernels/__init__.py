@@ -26,7 +26,7 @@ from torch import nn
 from swarm.model.formats import BLOCK, QuantizedTensor, Weight
 
 # Bumped when the numbers a kernel computes change: profiles measured under another version are not reused.
-VERSION = "5"
+VERSION = "6"
 NATIVE_MAX_ROWS = 8  # bfloat16 and float32 products with at most this many rows of x use the native kernels (decode)
 
 CHUNK_ROWS = 2048  # rows dequantized at a time on the torch path (bounds the temporary)

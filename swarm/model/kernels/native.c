@@ -786,12 +786,14 @@ static int product(int i, const int *kinds, const void *const *parts, const int6
     return 0;
 }
 
-/* x [B, H] <- block(x): one new token of each of B sequences. Weights 0..3: q/k/v fused
+/* x [B, H] <- block(x): B new tokens, a row each (one of each of B sequences, or a sequence's few next
+ * tokens as consecutive rows: a narrow step, see below). Weights 0..3: q/k/v fused
  * [(heads + 2 kv) dim, H], o [H, heads dim], gate/up fused [2 I, H], down [H, I], each as (codes or bf16
  * matrix, scales, mins or NULL, bias or NULL) in parts, kinds[i] (0-2 quantized, 3 bf16, 4 float32) and
  * (N, K) in shapes. cos, sin [B, dim]: each token's rotary tables (sin's first half negated). keys[b],
- * values[b]: sequence b's cache [kv, max_len, dim]; its token is written at pos[b] and attends to its
- * positions 0..pos[b] (so sequences of different lengths need no mask). The products take the B rows
+ * values[b]: row b's sequence's cache [kv, max_len, dim]; its token is written at pos[b] and attends to its
+ * positions 0..pos[b] (so sequences of different lengths need no mask). Rows run in order, so the rows of one
+ * sequence at consecutive positions see each other causally: each is written before the next attends. The products take the B rows
  * together (each weight load serves every row; each row summed as if alone, so a sequence's numbers do not
  * depend on the batch it is in). x, norms, biases, tables and cache are float32, or bfloat16 with act_bf16.
  * Returns 0, or -1 when scratch memory is short. */

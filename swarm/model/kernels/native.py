@@ -124,11 +124,13 @@ class BlockDecoder:
                        norm1.data_ptr(), norm2.data_ptr())
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, target: "DecodeTarget") -> torch.Tensor:
-        """x [B, 1, H] in ``dtype`` -> the block's output; cos, sin: contiguous [B, ..., dim] tables; ``target``:
-        where each sequence's cache is and the position its token is written at (``DecodeTarget``)."""
+        """x [B, T, H] in ``dtype`` -> the block's output; cos, sin: contiguous [B, ..., T, dim] tables;
+        ``target``: for each of the B x T tokens, row by row, where its sequence's cache is and the
+        position it is written at (``DecodeTarget``). A sequence's tokens are rows in order: each is
+        written before the next attends to it."""
         out = x.clone(memory_format=torch.contiguous_format)
         bf16, hidden, heads, kv, dim, eps, scale, n1, n2 = self._fixed
-        rc = self._lib._block(out.data_ptr(), x.shape[0], bf16, hidden, heads, kv, dim, eps, scale, n1, n2,
+        rc = self._lib._block(out.data_ptr(), x.shape[0] * x.shape[1], bf16, hidden, heads, kv, dim, eps, scale, n1, n2,
                               self._kinds, self._parts, self._shapes, cos.data_ptr(), sin.data_ptr(), target.keys,
                               target.values, target.max_len, target.positions, torch.get_num_threads())
         if rc != 0:
@@ -137,8 +139,8 @@ class BlockDecoder:
 
 
 class DecodeTarget:
-    """The caches a native decode step of B sequences writes and reads in one block: the addresses of each
-    sequence's keys and values [kv_heads, max_len, head_dim] and the position its new token takes."""
+    """The caches a native step writes and reads in one block, per new token (a row): the addresses of its
+    sequence's keys and values [kv_heads, max_len, head_dim] and the position it takes."""
 
     def __init__(self, keys: list[int], values: list[int], max_len: int, positions: list[int]):
         self.keys = (ctypes.c_void_p * len(keys))(*keys)
