@@ -179,8 +179,10 @@ def test_a_third_of_smollm2_never_holds_the_rest(smollm2_dir):
     third = peak_rss_of_loading(smollm2_dir, 11, 21)  # 10 of the 30 blocks
     grown_whole = (whole["peak_kib"] - whole["before_kib"]) * 1024
     grown_third = (third["peak_kib"] - third["before_kib"]) * 1024
-    # Holding the other 20 blocks even briefly would add their ~2 x 54 MB.
-    assert grown_third < third["weight_bytes"] + 40e6
+    # Holding the other 20 blocks even briefly would add their ~2 x 54 MB. What a load holds
+    # beyond its weights (the file's pages it read, the heap) measured 21-23 MB here and once
+    # 40.3 MB in a CI rehearsal (2026-12-06): the bound sits between that and the 108 MB.
+    assert grown_third < third["weight_bytes"] + 60e6
     assert grown_third < 0.5 * grown_whole
 
 
