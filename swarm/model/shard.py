@@ -94,8 +94,9 @@ class SlotKVCache:
 
         Narrow: one token a row (decode), or at most NATIVE_MAX_WIDTH tokens a row that all follow
         cached ones (a verify step of drafts, a short chat turn). Such a step's tokens are computed
-        as that many one-token steps would compute them, bit for bit, at about one step's cost: the
-        weights are read once for all of them. A prefill from an empty slot stays the library's calls."""
+        as that many one-token steps would compute them, bit for bit, without the torch operator
+        calls of a wider step: at 135M on one thread each extra token costs about half a one-token
+        step (docs/speculative.md). A prefill from an empty slot stays the library's calls."""
         if self._narrow is None:
             return None
         i = self._index[layer_idx]
