@@ -316,9 +316,8 @@ class TorchWorker:
             self._counters.received += 1
             identity, size = frames[0].bytes, _size(frames)
             if queued_bytes[identity] + size > limit:
-                self._counters.errors += 1
-                self._reply(identity, error_reply(f"over {limit} bytes queued from this client: "
-                                                  "wait for replies before sending more"))
+                self._refuse(identity, f"over {limit} bytes queued from this client: "
+                                       "wait for replies before sending more")
                 continue
             queued_bytes[identity] += size
             waiting.append(frames)
@@ -352,6 +351,13 @@ class TorchWorker:
             before()
             job.set_result(result)
 
+    def _refuse(self, identity: bytes, problem: str, request: Message | None = None) -> None:
+        """Count an error and answer it. The status is published first: whoever reads it after
+        the answer arrives (a PING on the control socket) sees the error counted."""
+        self._counters.errors += 1
+        self._publish()
+        self._reply(identity, error_reply(problem, request))
+
     def _reply(self, identity: bytes, message: Message) -> None:
         try:
             self._data.send_multipart([identity, *encode(message)], copy=False, flags=zmq.NOBLOCK)
@@ -363,24 +369,20 @@ class TorchWorker:
         try:
             message = decode(frames[1:], self._limits)
         except WireError as exc:
-            self._counters.errors += 1
-            self._reply(identity, error_reply(str(exc)))
+            self._refuse(identity, str(exc))
             return
         if message.kind is Kind.PING:  # the source checks that its connection is up
             self._reply(identity, Message(Kind.PONG, {"status": {"queued": self._queued}}, re=message.id))
             return
         if message.kind is not Kind.STEP:
-            self._counters.errors += 1
-            self._reply(identity, error_reply(
-                f"the data socket takes 'step' and 'ping', not {message.kind.value!r}: "
-                "send it to the peer's control socket", message))
+            self._refuse(identity, f"the data socket takes 'step' and 'ping', not {message.kind.value!r}: "
+                                   "send it to the peer's control socket", message)
             return
         try:
             self._step(message)
         except Exception as exc:  # answered to the source, which is waiting for this step's tokens
-            self._counters.errors += 1
             log.log(logging.DEBUG if isinstance(exc, WireError) else logging.WARNING, "step failed: %s", exc)
-            self._reply(message["src"], error_reply(f"step failed: {exc}", message))
+            self._refuse(message["src"], f"step failed: {exc}", message)
 
     def _check_step(self, message: Message) -> tuple[HostedStage, list[int], torch.Tensor, list[int] | None]:
         # keep and draws are checked by Shard.step, before it computes.

@@ -187,7 +187,8 @@ async def test_a_dead_stage_without_a_replanner_fails_the_turn_at_once(tiny_mode
                         got.append(token)
                         if len(got) == 3:
                             doomed.close()  # the stage stops answering mid-generation
-                assert got == tiny_reference([PROMPTS[0]], 3)[0]
+                # The step sent when the third token landed may still come back before the close.
+                assert len(got) in (3, 4) and got == tiny_reference([PROMPTS[0]], len(got))[0]
                 with pytest.raises(StageLost):  # nothing runs on a pipeline that could not recover
                     await pipe.open_session()
 
