@@ -389,7 +389,9 @@ class Homenet:
 
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
                "SWARM_CACHE_DIR": str(self.cache_dir(name)), **kwargs.pop("env", {})}
-        return subprocess.Popen(["ip", "netns", "exec", self.ns(name), *argv], cwd=REPO, env=env,
+        # nsenter, not `ip netns exec`: that one mounts a fresh /sys, without /sys/fs/cgroup, and
+        # a device must see its CPU quota (swarm.runtime.hopcost prices its hops with it).
+        return subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns(name)}", *argv], cwd=REPO, env=env,
                                 preexec_fn=enter, start_new_session=True, **kwargs)
 
     def _spawn_peers(self, reprofile: bool) -> None:

@@ -10,11 +10,17 @@ step (it receives one message and sends one), is half of it. The pings are space
 worker's thread sleeps between them as it does between pipeline steps: waking a sleeping
 thread (on a busy or CPU-throttled device, a wait for the scheduler) is most of the cost.
 
-Under a CPU quota below one CPU (a container, the testbed's devices) a stage's step ends
-with its quota spent, and its reply waits for the next period. An idle ping never sees
-that, so there the pings are also sent right after a period's worth of computing in this
-thread (the same cgroup), and what that adds to a round trip is added to the hop: the
-throttle wait is paid once per step.
+Under a CPU quota below one CPU (a container, the testbed's devices) a hop is paid in CPU,
+not in wall time: the device's step runs until its quota is spent, and whatever the hop
+needs after it (the worker's encode and send, the I/O thread's write, the next receive)
+waits for a later period. Every CPU millisecond of a hop then costs 1/share of wall time
+on that device. Timed pings cannot show it (an idle device has its quota in hand), so
+there the hop is the CPU this process spends on a round trip (both ends, every thread:
+the prober, the worker, zmq's I/O thread) divided by the share. A whole round trip, not
+half: measured in the testbed's pipelines, a step's receive and send cost a stage
+1.3-1.5 ms of process CPU beyond its compute (its event loop's heartbeats included), where a ping round trip costs 0.6-1.0 ms (a
+step carries an eight-field header and a tensor, is checked, and publishes the worker's
+status; a ping carries neither).
 
     overhead_s = measure_hop_overhead("tcp://127.0.0.1:5555")    # a peer's own data socket
     overhead_s = measure_local_hop_overhead(threads=1)           # a source: a worker of its own
@@ -80,19 +86,17 @@ def cpu_quota(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup"
 
 
 def round_trips(address: str, rounds: int = HOP_PROBES, gap_s: float = HOP_PROBE_GAP_S,
-                timeout_s: float = HOP_PROBE_TIMEOUT_S, busy_s: float = 0.0) -> list[float]:
+                timeout_s: float = HOP_PROBE_TIMEOUT_S) -> tuple[list[float], float]:
     """Blocking: PING round trips through the data socket at ``address`` (the first, which
-    connects, untimed), each sent ``gap_s`` after the last reply and after ``busy_s`` of
-    computing in this thread. Raises TimeoutError when the worker does not answer."""
+    connects, untimed), each sent ``gap_s`` after the last reply. Returns their wall times, and
+    the CPU seconds this process (every thread) spent per round trip while one was in flight.
+    Raises TimeoutError when the worker does not answer."""
     ctx = zmq.Context()
     sock = sockets.connect_dealer(ctx, address)
     try:
-        times = []
+        times, cpu = [], 0.0
         for i in range(rounds + 1):
-            end = time.perf_counter() + busy_s
-            while time.perf_counter() < end:  # spend CPU as a step would (the quota, if any)
-                pass
-            began = time.perf_counter()
+            cpu_began, began = time.process_time(), time.perf_counter()
             sock.send_multipart(encode(Message(Kind.PING, {}, id=i + 1)), copy=False)
             if not sock.poll(int(timeout_s * 1000)):
                 raise TimeoutError(f"no PONG from {address} within {timeout_s} s")
@@ -101,24 +105,29 @@ def round_trips(address: str, rounds: int = HOP_PROBES, gap_s: float = HOP_PROBE
                 raise RuntimeError(f"{address} answered {reply.kind.value} to a ping")
             if i:
                 times.append(time.perf_counter() - began)
+                cpu += time.process_time() - cpu_began
             time.sleep(gap_s)
     finally:
         sock.close(linger=0)
         ctx.term()
-    return times
+    return times, cpu / max(1, rounds)
+
+
+def hop_overhead(idle_round_trip_s: float, cpu_per_round_trip_s: float, quota: CpuQuota | None) -> float:
+    """A hop's cost from what the pings measured: half the idle round trip on a device with a
+    CPU or more; under a smaller quota, the round trip's CPU at the quota's share (if more)."""
+    if quota is None or quota.cpus >= 1:
+        return idle_round_trip_s / 2
+    return max(idle_round_trip_s / 2, cpu_per_round_trip_s / quota.cpus)
 
 
 def measure_hop_overhead(address: str, rounds: int = HOP_PROBES, gap_s: float = HOP_PROBE_GAP_S,
                          timeout_s: float = HOP_PROBE_TIMEOUT_S, quota: CpuQuota | None = None) -> float:
-    """Blocking: seconds a hop costs the torch worker whose data socket is at ``address``: half
-    the median idle PING round trip, plus, under a quota below one CPU (``quota``, default this
-    process's cgroup's), what a period of computing before each ping adds to the median."""
-    idle = statistics.median(round_trips(address, rounds, gap_s, timeout_s))
-    quota = cpu_quota() if quota is None else quota
-    if quota is None or quota.cpus >= 1:
-        return idle / 2
-    busy = statistics.median(round_trips(address, rounds, gap_s, timeout_s, busy_s=quota.period_s))
-    return idle / 2 + max(0.0, busy - idle)
+    """Blocking: seconds a hop costs the torch worker whose data socket is at ``address``, in this
+    process (``hop_overhead``; ``quota``: default this process's cgroup's). Under a quota, call it
+    while nothing else in the process computes: their CPU would count as the hop's."""
+    times, cpu = round_trips(address, rounds, gap_s, timeout_s)
+    return hop_overhead(statistics.median(times), cpu, cpu_quota() if quota is None else quota)
 
 
 def measure_local_hop_overhead(threads: int, rounds: int = HOP_PROBES, gap_s: float = HOP_PROBE_GAP_S,

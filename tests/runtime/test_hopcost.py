@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -55,19 +56,45 @@ def test_cpu_quotas_are_read_from_cgroup_v2_and_v1(tmp_path):
     assert cpu_quota("0::/nowhere\n", tmp_path) is None
 
 
-def test_under_a_quota_the_pings_also_follow_a_period_of_computing():
-    from swarm.runtime.hopcost import CpuQuota
+def test_under_a_quota_a_hop_costs_the_round_trips_cpu_at_the_share():
+    from swarm.runtime.hopcost import CpuQuota, hop_overhead
+
+    assert hop_overhead(0.001, 0.0008, None) == pytest.approx(0.0005)  # no quota: half the idle round trip
+    assert hop_overhead(0.001, 0.0008, CpuQuota(0.002, 0.001)) == pytest.approx(0.0005)  # two CPUs
+    assert hop_overhead(0.001, 0.0008, CpuQuota(0.001, 0.005)) == pytest.approx(0.004)  # a fifth of a CPU
+    assert hop_overhead(0.012, 0.0008, CpuQuota(0.001, 0.005)) == pytest.approx(0.006)  # a slow wake-up is more
+
+
+def test_the_round_trips_cpu_is_counted_on_every_thread():
+    from swarm.runtime.hopcost import CpuQuota, round_trips
+    from swarm.runtime.wire import Kind, Message, decode, encode
 
     ctx = zmq.Context()
-    worker = TorchWorker(ctx, 1, DEFAULT_LIMITS)
-    worker.start("127.0.0.1", 0)
+    router, address = sockets.bind_router(ctx, "127.0.0.1", 0)
+    sizes = []  # ids of the pings answered
+
+    def answer(n: int) -> None:  # a data socket that spends 2 ms of CPU on each ping
+        for _ in range(n):
+            if not router.poll(5000):  # the prober gave up: so does this thread
+                return
+            identity, *frames = router.recv_multipart()
+            ping = decode(frames, DEFAULT_LIMITS)
+            sizes.append(ping.id)
+            end = time.thread_time() + 0.002
+            while time.thread_time() < end:
+                pass
+            router.send_multipart([identity, *encode(Message(Kind.PONG, {"status": {}}, re=ping.id))])
+
+    server = threading.Thread(target=answer, args=(10,))
+    server.start()
     try:
-        began = time.perf_counter()
-        overhead = measure_hop_overhead(f"tcp://127.0.0.1:{worker.port}", rounds=4, gap_s=0.001,
-                                        quota=CpuQuota(0.01, 0.02))  # half a CPU, 20 ms periods
-        took = time.perf_counter() - began
-        assert worker.status.received == 10  # 5 idle pings, then 5 after 20 ms of computing each
-        assert took >= 5 * 0.02 and 0 < overhead < 0.5
+        times, cpu = round_trips(address, rounds=4, gap_s=0.001)
+        # Under a tenth of a CPU, a round trip of 2 ms CPU or more is 20 ms or more of the device's time.
+        overhead = measure_hop_overhead(address, rounds=4, gap_s=0.001, quota=CpuQuota(0.001, 0.01))
     finally:
-        worker.join()
+        server.join()
+        router.close(linger=0)
         ctx.term()
+    assert len(sizes) == 10 and len(times) == 4
+    assert 0.002 <= cpu < 0.05  # this process's CPU per round trip: the answering thread's 2 ms included
+    assert 0.02 <= overhead < 0.5
