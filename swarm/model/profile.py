@@ -20,9 +20,12 @@ the noise). Each block's figure is b, in proportion to its bytes (a block alone 
 too short to time under a CPU quota: one run fits in a period's quota, the next waits
 out the period; the testbed's source once timed one block alone at 2.4 times the
 others). The embedding (a lookup of one row) keeps its alone time minus c. The head is
-timed where a stage runs it, after blocks: a decode step of a shard of the last blocks and
-the head, less c and those blocks' times (``head_in_shard``; a prefill step draws at its
-last position only, so the same figure is its prefill time). Alone, run again and again, SmolLM2's
+timed where a stage runs it, after blocks, and inside the step: in decode steps of a shard
+of the last blocks and the head, from the head's first operation to the step's end
+(``measure_head_in_step``; a prefill step draws at its last position only, so the same
+figure is its prefill time). Not as that shard's step less the blocks' figures: under a
+CPU quota each step varies by about 10%, and the difference of two such figures carried
+all of it (a peer of 0.35 CPU got 39.8 ms for a head whose step share is about 20). Alone, run again and again, SmolLM2's
 113 MB head stayed in the L3 and took 4.2 ms a token; after 30 blocks it is read from
 memory, 8-12 ms, and profiles that used its alone time predicted a whole-model step 20-25%
 short. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
@@ -72,7 +75,8 @@ log = logging.getLogger(__name__)
 # 3: unit times are times in a shard (the per-step constant apart, step_*_s); load recorded.
 # 4: ... in a shard of every block the device holds (not 8, which a large cache holds whole).
 # 5: the head's time is its time after blocks in a shard, not alone.
-PROFILE_VERSION = 5
+# 6: ... timed inside those steps, not as a difference of two shards' steps.
+PROFILE_VERSION = 6
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 100
 PREFILL_REPEATS = 3
@@ -246,13 +250,39 @@ def in_shard_units(units: list[UnitProfile], step_prefill: float, block_prefill:
     return out
 
 
-def head_in_shard(alone: UnitProfile, blocks: list[UnitProfile], tail_decode: float, step_decode: float) -> UnitProfile:
-    """The head's times from a shard of ``blocks`` and the head whose decode step took
-    ``tail_decode``: what is left once the step constant and the blocks' decode times in a
-    shard are taken off (never below MIN_UNIT_SHARE of its alone time). A prefill step draws
-    at its last position only, so the head's prefill time is the same figure."""
-    head = max(tail_decode - step_decode - sum(u.decode_s for u in blocks), MIN_UNIT_SHARE * alone.decode_s)
+def head_in_shard(alone: UnitProfile, head_s: float) -> UnitProfile:
+    """The head's times from its time inside a step after blocks (never below MIN_UNIT_SHARE of
+    its alone time). A prefill step draws at its last position only: the same figure."""
+    head = max(head_s, MIN_UNIT_SHARE * alone.decode_s)
     return replace(alone, prefill_s=head, decode_s=head)
+
+
+def measure_head_in_step(shard: Shard) -> float:
+    """Decode seconds of the head inside decode steps of ``shard`` (a last shard, after its blocks):
+    from the head's first operation (``Shard.logits``) to the step's end, the median of
+    DECODE_REPEATS steps at DECODE_CONTEXT."""
+    inputs = _inputs(shard)
+    context, token = inputs(DECODE_CONTEXT), inputs(1)
+    shard.open_slot(0)
+    shard.step([0], context)
+    starts: list[float] = []
+    logits = shard.logits
+
+    def timed(hidden: torch.Tensor) -> torch.Tensor:
+        starts.append(time.perf_counter())
+        return logits(hidden)
+
+    shard.logits = timed  # on this instance only: the profile's own shard
+    try:
+        for _ in range(WARMUP):
+            shard.step([0], token)
+        heads = []
+        for _ in range(DECODE_REPEATS):
+            shard.step([0], token)
+            heads.append(time.perf_counter() - starts[-1])
+    finally:
+        del shard.logits
+    return statistics.median(heads)
 
 
 class LoadMeter:
@@ -381,9 +411,9 @@ def _measure_shard(model_dir: Path, start: int, end: int, dtype: str, torch_devi
     return measure_unit(_load_for_profiling(model_dir, start, end, dtype, torch_device, quant))
 
 
-def _measure_shard_decode(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
-                          quant: str | None) -> float:
-    return measure_decode(_load_for_profiling(model_dir, start, end, dtype, torch_device, quant))
+def _measure_head_after_blocks(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
+                               quant: str | None) -> float:
+    return measure_head_in_step(_load_for_profiling(model_dir, start, end, dtype, torch_device, quant))
 
 
 def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, dtype: str, quant: str | None,
@@ -421,8 +451,8 @@ def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, d
         while j >= 1 and sum(weights[head - j:]) > mem:
             j -= 1
         if j >= 1:
-            tail = _measure_shard_decode(model_dir, head - j, head + 1, dtype, torch_device, quant)
-            units[head] = head_in_shard(units[head], units[head - j:head], tail, step_decode)
+            units[head] = head_in_shard(units[head], _measure_head_after_blocks(
+                model_dir, head - j, head + 1, dtype, torch_device, quant))
     others = meter.others_busy_cpus()
     model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)
     return DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,

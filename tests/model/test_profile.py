@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from swarm.model import profile as profiling
 from swarm.model.kernels import kernel_id
@@ -44,13 +45,19 @@ def test_the_shard_line_gives_the_per_step_constant_and_a_block_in_a_shard():
 def test_the_head_is_timed_after_blocks_in_a_shard(tiny_model_dir, monkeypatch):
     """Alone, a head stays in the caches run after run; a stage runs it after its blocks."""
     head = profiling.UnitProfile("head", 50, 0, 4, 0.009, 0.004)
-    blocks = [profiling.UnitProfile(f"b{i}", 10, 1, 4, 0.02, 0.001) for i in range(3)]
-    got = profiling.head_in_shard(head, blocks, 0.0133, 0.0003)
-    # decode: the tail's step less the constant and the blocks; prefill draws at one position, the same
-    assert (got.prefill_s, got.decode_s) == pytest.approx((0.0133 - 0.0003 - 0.003,) * 2, rel=1e-12)
+    got = profiling.head_in_shard(head, 0.0061)
+    # decode: its time inside the step; prefill draws at one position, the same
+    assert (got.prefill_s, got.decode_s) == pytest.approx((0.0061, 0.0061), rel=1e-12)
     assert got.weight_bytes == 50 and got.name == "head"
-    floor = profiling.head_in_shard(head, blocks, 0.002, 0.0003)  # noise never makes it free
+    floor = profiling.head_in_shard(head, 0.0001)  # noise never makes it free
     assert (floor.prefill_s, floor.decode_s) == pytest.approx((0.0004, 0.0004), rel=1e-12)
+
+    # timed inside decode steps of a last shard: a part of each step, and the shard is left as it was
+    n = len(profiling.ModelLayout.read(tiny_model_dir).unit_names())
+    tail = profiling._load_for_profiling(tiny_model_dir, 1, n, "float32", torch.device("cpu"), None)
+    inside = profiling.measure_head_in_step(tail)
+    assert "logits" not in vars(tail)
+    assert 0 < inside < profiling.measure_decode(tail)
 
     # and the profile measures that shard: the last blocks that fit beside the head, and the head
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
@@ -67,9 +74,9 @@ def test_the_head_is_timed_after_blocks_in_a_shard(tiny_model_dir, monkeypatch):
 def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)
     fresh = profile_device(tiny_model_dir, threads=1, use_cache=False)
-    assert fresh.version == profiling.PROFILE_VERSION == 5
+    assert fresh.version == profiling.PROFILE_VERSION == 6
     assert fresh.step_decode_s >= 0 and fresh.step_prefill_s >= 0
-    # a version-2 cache (units alone, no constant) at the same path is never read as version 5
+    # a version-2 cache (units alone, no constant) at the same path is never read as version 6
     path = profiling.profile_cache_path(fresh.device.name, fresh.model.fingerprint, fresh.model.dtype, 1, "cpu",
                                         fresh.kernels)
     old = fresh.to_json()
@@ -78,8 +85,8 @@ def test_profile_units_are_times_in_a_shard_and_old_caches_are_measured_again(ti
         del old[key]
     path.write_text(json.dumps(old))
     again = profile_device(tiny_model_dir, threads=1)
-    assert again.version == 5 and again.measured_s != fresh.measured_s
-    assert json.loads(path.read_text())["version"] == 5
+    assert again.version == 6 and again.measured_s != fresh.measured_s
+    assert json.loads(path.read_text())["version"] == 6
 
 
 def test_a_profile_taken_under_load_is_marked_and_measured_again_when_quiet(tiny_model_dir, monkeypatch):
