@@ -21,11 +21,11 @@ too short to time under a CPU quota: one run fits in a period's quota, the next 
 out the period; the testbed's source once timed one block alone at 2.4 times the
 others). The embedding (a lookup of one row) keeps its alone time minus c. The head is
 timed where a stage runs it, after blocks, and inside the step: in decode steps of a shard
-of the last blocks and the head, from the head's first operation to the step's end
+of the last blocks and the head, the step's time times the head's share of its CPU time
 (``measure_head_in_step``; a prefill step draws at its last position only, so the same
 figure is its prefill time). Not as that shard's step less the blocks' figures: under a
 CPU quota each step varies by about 10%, and the difference of two such figures carried
-all of it (a peer of 0.35 CPU got 39.8 ms for a head whose step share is about 20). Alone, run again and again, SmolLM2's
+all of it (a peer of 0.35 CPU got 39.8 ms for a head its alone-based figure put at 20.2). Alone, run again and again, SmolLM2's
 113 MB head stayed in the L3 and took 4.2 ms a token; after 30 blocks it is read from
 memory, 8-12 ms, and profiles that used its alone time predicted a whole-model step 20-25%
 short. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 # 3: unit times are times in a shard (the per-step constant apart, step_*_s); load recorded.
 # 4: ... in a shard of every block the device holds (not 8, which a large cache holds whole).
 # 5: the head's time is its time after blocks in a shard, not alone.
-# 6: ... timed inside those steps, not as a difference of two shards' steps.
+# 6: ... its share of those steps' CPU time, not a difference of two shards' steps.
 PROFILE_VERSION = 6
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 100
@@ -259,8 +259,10 @@ def head_in_shard(alone: UnitProfile, head_s: float) -> UnitProfile:
 
 def measure_head_in_step(shard: Shard) -> float:
     """Decode seconds of the head inside decode steps of ``shard`` (a last shard, after its blocks):
-    from the head's first operation (``Shard.logits``) to the step's end, the median of
-    DECODE_REPEATS steps at DECODE_CONTEXT."""
+    the median step's wall time times the head's share of the steps' CPU time (from the head's
+    first operation, ``Shard.logits``, to the step's end), over DECODE_REPEATS steps at
+    DECODE_CONTEXT. Its share of the CPU, not the wall time of that part of the step: under a
+    CPU quota a step is throttled where its quota runs out, often after its last operation."""
     inputs = _inputs(shard)
     context, token = inputs(DECODE_CONTEXT), inputs(1)
     shard.open_slot(0)
@@ -269,20 +271,24 @@ def measure_head_in_step(shard: Shard) -> float:
     logits = shard.logits
 
     def timed(hidden: torch.Tensor) -> torch.Tensor:
-        starts.append(time.perf_counter())
+        starts.append(time.process_time())  # every thread's: torch may compute on several
         return logits(hidden)
 
     shard.logits = timed  # on this instance only: the profile's own shard
     try:
         for _ in range(WARMUP):
             shard.step([0], token)
-        heads = []
+        walls, step_cpu, head_cpu = [], 0.0, 0.0
         for _ in range(DECODE_REPEATS):
+            began, cpu_began = time.perf_counter(), time.process_time()
             shard.step([0], token)
-            heads.append(time.perf_counter() - starts[-1])
+            cpu_ended = time.process_time()
+            walls.append(time.perf_counter() - began)
+            step_cpu += cpu_ended - cpu_began
+            head_cpu += cpu_ended - starts[-1]
     finally:
         del shard.logits
-    return statistics.median(heads)
+    return statistics.median(walls) * head_cpu / step_cpu if step_cpu > 0 else 0.0
 
 
 class LoadMeter:
