@@ -114,7 +114,7 @@ class SwarmPeer:
         try:
             host = bind_host(self.config.interfaces)
             self.hop_overhead_s = self.config.hop_overhead_s
-            if self.hop_overhead_s is None:
+            if self.hop_overhead_s is None:  # before serving: no warm-up yet, nothing else computes
                 self.hop_overhead_s = await measure_own_hop_overhead(
                     f"tcp://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.server.data_port}")
             await self.directory.__aenter__()

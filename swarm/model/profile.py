@@ -25,9 +25,9 @@ of the last blocks and the head, the step's time times the head's share of its C
 (``measure_head_in_step``; a prefill step draws at its last position only, so the same
 figure is its prefill time). Not as that shard's step less the blocks' figures: under a
 CPU quota each step varies by about 10%, and the difference of two such figures carried
-all of it (a peer of 0.35 CPU got 39.8 ms for a head its alone-based figure put at 20.2). Alone, run again and again, SmolLM2's
-113 MB head stayed in the L3 and took 4.2 ms a token; after 30 blocks it is read from
-memory, 8-12 ms, and profiles that used its alone time predicted a whole-model step 20-25%
+all of it (a peer of 0.35 CPU got 39.8 ms for a head its alone-based figure put at 20.2).
+Alone, run again and again, SmolLM2's 113 MB head stayed in the L3 and took 4.2 ms a
+token; after 30 blocks it is read from memory, 8-12 ms, and profiles that used its alone time predicted a whole-model step 20-25%
 short. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
 ``step_overhead``). The planner plans decode with the decode times; prefill times give
 the first token.

@@ -17,10 +17,10 @@ waits for a later period. Every CPU millisecond of a hop then costs 1/share of w
 on that device. Timed pings cannot show it (an idle device has its quota in hand), so
 there the hop is the CPU this process spends on a round trip (both ends, every thread:
 the prober, the worker, zmq's I/O thread) divided by the share. A whole round trip, not
-half: measured in the testbed's pipelines, a step's receive and send cost a stage
-1.3-1.5 ms of process CPU beyond its compute (its event loop's heartbeats included), where a ping round trip costs 0.6-1.0 ms (a
-step carries an eight-field header and a tensor, is checked, and publishes the worker's
-status; a ping carries neither).
+half: measured in the testbed's pipelines, a step's receive and send cost a stage 1.3-1.5 ms
+of process CPU beyond its compute (its event loop's heartbeats included), where a ping
+round trip costs 0.5-1.2 ms (a step carries an eight-field header and a tensor, is checked,
+and publishes the worker's status; a ping carries neither).
 
     overhead_s = measure_hop_overhead("tcp://127.0.0.1:5555")    # a peer's own data socket
     overhead_s = measure_local_hop_overhead(threads=1)           # a source: a worker of its own
