@@ -209,12 +209,18 @@ def measure_unit(shard: Shard) -> tuple[float, float]:
     return prefill, measure_decode(shard, inputs)
 
 
-def measure_decode(shard: Shard, inputs: Callable[[int], torch.Tensor] | None = None) -> float:
-    """Decode seconds for one token at DECODE_CONTEXT."""
+def _ready_to_decode(shard: Shard, inputs: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """Slot 0 opened and holding DECODE_CONTEXT positions; returns a one-token input."""
     inputs = inputs or _inputs(shard)
     context, token = inputs(DECODE_CONTEXT), inputs(1)
     shard.open_slot(0)
     shard.step([0], context)
+    return token
+
+
+def measure_decode(shard: Shard, inputs: Callable[[int], torch.Tensor] | None = None) -> float:
+    """Decode seconds for one token at DECODE_CONTEXT."""
+    token = _ready_to_decode(shard, inputs)
     _median_seconds(lambda: shard.step([0], token), WARMUP)
     return _median_seconds(lambda: shard.step([0], token), DECODE_REPEATS)
 
@@ -263,10 +269,7 @@ def measure_head_in_step(shard: Shard) -> float:
     first operation, ``Shard.logits``, to the step's end), over DECODE_REPEATS steps at
     DECODE_CONTEXT. Its share of the CPU, not the wall time of that part of the step: under a
     CPU quota a step is throttled where its quota runs out, often after its last operation."""
-    inputs = _inputs(shard)
-    context, token = inputs(DECODE_CONTEXT), inputs(1)
-    shard.open_slot(0)
-    shard.step([0], context)
+    token = _ready_to_decode(shard)
     starts: list[float] = []
     logits = shard.logits
 

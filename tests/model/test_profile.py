@@ -57,7 +57,7 @@ def test_the_head_is_timed_after_blocks_in_a_shard(tiny_model_dir, monkeypatch):
     tail = profiling._load_for_profiling(tiny_model_dir, 1, n, "float32", torch.device("cpu"), None)
     inside = profiling.measure_head_in_step(tail)
     assert "logits" not in vars(tail)
-    assert 0 < inside < profiling.measure_decode(tail)
+    assert 0 < inside < 0.7 * profiling.measure_decode(tail)  # about a quarter of this tiny model's step
 
     # and the profile measures that shard: the last blocks that fit beside the head, and the head
     monkeypatch.setattr(profiling, "loaded", lambda others, threads: False)

@@ -71,7 +71,7 @@ def test_the_round_trips_cpu_is_counted_on_every_thread():
 
     ctx = zmq.Context()
     router, address = sockets.bind_router(ctx, "127.0.0.1", 0)
-    sizes = []  # ids of the pings answered
+    answered = []  # ids of the pings answered
 
     def answer(n: int) -> None:  # a data socket that spends 2 ms of CPU on each ping
         for _ in range(n):
@@ -79,7 +79,7 @@ def test_the_round_trips_cpu_is_counted_on_every_thread():
                 return
             identity, *frames = router.recv_multipart()
             ping = decode(frames, DEFAULT_LIMITS)
-            sizes.append(ping.id)
+            answered.append(ping.id)
             end = time.thread_time() + 0.002
             while time.thread_time() < end:
                 pass
@@ -95,6 +95,6 @@ def test_the_round_trips_cpu_is_counted_on_every_thread():
         server.join()
         router.close(linger=0)
         ctx.term()
-    assert len(sizes) == 10 and len(times) == 4
+    assert len(answered) == 10 and len(times) == 4
     assert 0.002 <= cpu < 0.05  # this process's CPU per round trip: the answering thread's 2 ms included
     assert 0.02 <= overhead < 0.5
