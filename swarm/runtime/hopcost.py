@@ -41,7 +41,10 @@ from swarm.runtime.wire import DEFAULT_LIMITS, Kind, Message, decode, encode
 
 log = logging.getLogger(__name__)
 
-HOP_PROBES = 15  # timed round trips; the median is kept
+# Timed round trips; the medians of their wall time and CPU are kept. Under a quota the CPU
+# is divided by the share: with the mean of 15, the same 0.25-CPU board announced 4.97 ms in
+# one testbed scenario and 2.13 ms in another, and the planner put a slower board in its place.
+HOP_PROBES = 30
 HOP_PROBE_GAP_S = 0.01  # sleep between them, as a stage waits between its steps
 HOP_PROBE_TIMEOUT_S = 5.0
 
@@ -86,15 +89,15 @@ def cpu_quota(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup"
 
 
 def round_trips(address: str, rounds: int = HOP_PROBES, gap_s: float = HOP_PROBE_GAP_S,
-                timeout_s: float = HOP_PROBE_TIMEOUT_S) -> tuple[list[float], float]:
+                timeout_s: float = HOP_PROBE_TIMEOUT_S) -> tuple[list[float], list[float]]:
     """Blocking: PING round trips through the data socket at ``address`` (the first, which
-    connects, untimed), each sent ``gap_s`` after the last reply. Returns their wall times, and
-    the CPU seconds this process (every thread) spent per round trip while one was in flight.
+    connects, untimed), each sent ``gap_s`` after the last reply. Returns, per round trip, its
+    wall time and the CPU seconds this process (every thread) spent while it was in flight.
     Raises TimeoutError when the worker does not answer."""
     ctx = zmq.Context()
     sock = sockets.connect_dealer(ctx, address)
     try:
-        times, cpu = [], 0.0
+        times, cpus = [], []
         for i in range(rounds + 1):
             cpu_began, began = time.process_time(), time.perf_counter()
             sock.send_multipart(encode(Message(Kind.PING, {}, id=i + 1)), copy=False)
@@ -105,12 +108,12 @@ def round_trips(address: str, rounds: int = HOP_PROBES, gap_s: float = HOP_PROBE
                 raise RuntimeError(f"{address} answered {reply.kind.value} to a ping")
             if i:
                 times.append(time.perf_counter() - began)
-                cpu += time.process_time() - cpu_began
+                cpus.append(time.process_time() - cpu_began)
             time.sleep(gap_s)
     finally:
         sock.close(linger=0)
         ctx.term()
-    return times, cpu / max(1, rounds)
+    return times, cpus
 
 
 def hop_overhead(idle_round_trip_s: float, cpu_per_round_trip_s: float, quota: CpuQuota | None) -> float:
@@ -126,8 +129,8 @@ def measure_hop_overhead(address: str, rounds: int = HOP_PROBES, gap_s: float = 
     """Blocking: seconds a hop costs the torch worker whose data socket is at ``address``, in this
     process (``hop_overhead``; ``quota``: default this process's cgroup's). Under a quota, call it
     while nothing else in the process computes: their CPU would count as the hop's."""
-    times, cpu = round_trips(address, rounds, gap_s, timeout_s)
-    return hop_overhead(statistics.median(times), cpu, cpu_quota() if quota is None else quota)
+    times, cpus = round_trips(address, rounds, gap_s, timeout_s)
+    return hop_overhead(statistics.median(times), statistics.median(cpus), cpu_quota() if quota is None else quota)
 
 
 def measure_local_hop_overhead(threads: int, rounds: int = HOP_PROBES, gap_s: float = HOP_PROBE_GAP_S,
