@@ -15,7 +15,7 @@ not in wall time: the device's step runs until its quota is spent, and whatever 
 needs after it (the worker's encode and send, the I/O thread's write, the next receive)
 waits for a later period. Every CPU millisecond of a hop then costs 1/share of wall time
 on that device. Timed pings cannot show it (an idle device has its quota in hand), so
-there the hop is the CPU this process spends on a round trip (both ends, every thread:
+there the hop is the median CPU this process spends on a round trip (both ends, every thread:
 the prober, the worker, zmq's I/O thread) divided by the share. A whole round trip, not
 half: measured in the testbed's pipelines, a step's receive and send cost a stage 1.3-1.5 ms
 of process CPU beyond its compute (its event loop's heartbeats included), where a ping
