@@ -203,9 +203,18 @@ def cgroup_path(tag: str, name: str) -> Path:
     return cgroup_root() / f"{CGROUP_PREFIX}{tag}-{name}"
 
 
+LEAST_QUOTA_US = 1000  # the kernel refuses a smaller CFS quota
+
+
+def quota_us(cpus: float, period_us: int) -> int:
+    """The quota a share gets per period. The kernel's least is 1 ms, so at the scenarios'
+    5 ms period a share below 0.2 runs at 0.2 (`up` prints the share in effect)."""
+    return max(LEAST_QUOTA_US, int(cpus * period_us))
+
+
 def make_cgroup(path: Path, cpus: float, period_us: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    quota = max(1000, int(cpus * period_us))  # the kernel's least quota is 1 ms
+    quota = quota_us(cpus, period_us)
     if cgroup_kind() == "v1":
         (path / "cpu.shares").write_text("1024")  # the weight of one ordinary process
         (path / "cpu.cfs_period_us").write_text(str(period_us))
@@ -618,7 +627,10 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         for d in net.scenario.devices:
             role = "source (start yours here)" if d.source else f"peer {net.peer_ids[d.name]}"
-            print(f"{d.name:6s} ns {net.ns(d.name):14s} {net.ip(d.name):12s} {d.cpus:.2f} cpu  {role}")
+            period = net.scenario.cpu_period_us
+            effect = quota_us(d.cpus, period) / period
+            share = f"{d.cpus:.2f} cpu" + (f" ({effect:.2f} in effect)" if effect > d.cpus else "")
+            print(f"{d.name:6s} ns {net.ns(d.name):14s} {net.ip(d.name):12s} {share}  {role}")
         print(f"down with: python bootstrap/netns/homenet.py down {net.tag}", file=sys.stderr)
         return 0
     if args.cmd == "down":
