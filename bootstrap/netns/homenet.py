@@ -212,6 +212,11 @@ def quota_us(cpus: float, period_us: int) -> int:
     return max(LEAST_QUOTA_US, int(cpus * period_us))
 
 
+def share_in_effect(cpus: float, period_us: int) -> float:
+    """The CPUs a device with this share gets (more than ``cpus`` below the least quota)."""
+    return quota_us(cpus, period_us) / period_us
+
+
 def make_cgroup(path: Path, cpus: float, period_us: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     quota = quota_us(cpus, period_us)
@@ -627,8 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         for d in net.scenario.devices:
             role = "source (start yours here)" if d.source else f"peer {net.peer_ids[d.name]}"
-            period = net.scenario.cpu_period_us
-            effect = quota_us(d.cpus, period) / period
+            effect = share_in_effect(d.cpus, net.scenario.cpu_period_us)
             share = f"{d.cpus:.2f} cpu" + (f" ({effect:.2f} in effect)" if effect > d.cpus else "")
             print(f"{d.name:6s} ns {net.ns(d.name):14s} {net.ip(d.name):12s} {share}  {role}")
         print(f"down with: python bootstrap/netns/homenet.py down {net.tag}", file=sys.stderr)

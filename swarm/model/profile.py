@@ -27,8 +27,8 @@ figure is its prefill time). Not as that shard's step less the blocks' figures: 
 CPU quota each step varies by about 10%, and the difference of two such figures carried
 all of it (a peer of 0.35 CPU got 39.8 ms for a head its alone-based figure put at 20.2).
 Alone, run again and again, SmolLM2's 113 MB head stayed in the L3 and took 4.2 ms a
-token; after 30 blocks it is read from memory, 8-12 ms, and profiles that used its alone time predicted a whole-model step 20-25%
-short. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
+token; after 30 blocks it is read from memory, 8-12 ms, and profiles that used its alone
+time predicted a whole-model step 20-25% short. The constant is kept (``step_decode_s``): a stage pays it once per step (the planner's
 ``step_overhead``). The planner plans decode with the decode times; prefill times give
 the first token.
 
@@ -415,16 +415,6 @@ def _load_for_profiling(model_dir: Path, start: int, end: int, dtype: str, torch
                       dtype=dtype, device=torch_device, quant=quant)
 
 
-def _measure_shard(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
-                   quant: str | None) -> tuple[float, float]:
-    return measure_unit(_load_for_profiling(model_dir, start, end, dtype, torch_device, quant))
-
-
-def _measure_head_after_blocks(model_dir: Path, start: int, end: int, dtype: str, torch_device: torch.device,
-                               quant: str | None) -> float:
-    return measure_head_in_step(_load_for_profiling(model_dir, start, end, dtype, torch_device, quant))
-
-
 def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, dtype: str, quant: str | None,
              mem: int, fingerprint: str, name: str, threads: int, kernel: str,
              on_unit: Callable[[int, int, str], None] | None) -> DeviceProfile:
@@ -450,7 +440,7 @@ def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, d
         k -= 1
     step_prefill = step_decode = 0.0
     if k >= 1:
-        blocks = _measure_shard(model_dir, 1, 1 + k, dtype, torch_device, quant)
+        blocks = measure_unit(_load_for_profiling(model_dir, 1, 1 + k, dtype, torch_device, quant))
         step_prefill, block_prefill = shard_line(units[0].prefill_s, k, blocks[0])
         step_decode, block_decode = shard_line(units[0].decode_s, k, blocks[1])
         units = in_shard_units(units, step_prefill, block_prefill, step_decode, block_decode)
@@ -460,8 +450,8 @@ def _measure(model_dir: Path, layout: ModelLayout, torch_device: torch.device, d
         while j >= 1 and sum(weights[head - j:]) > mem:
             j -= 1
         if j >= 1:
-            units[head] = head_in_shard(units[head], _measure_head_after_blocks(
-                model_dir, head - j, head + 1, dtype, torch_device, quant))
+            units[head] = head_in_shard(units[head], measure_head_in_step(
+                _load_for_profiling(model_dir, head - j, head + 1, dtype, torch_device, quant)))
     others = meter.others_busy_cpus()
     model = ModelInfo(model_dir.name, fingerprint, layout.num_units, dtype, layout.hidden_size, quant)
     return DeviceProfile(DeviceInfo(name, torch_device.type, threads, mem), model, units,

@@ -1,6 +1,6 @@
 """The CPU quota a testbed device gets (bootstrap/netns/homenet.py), without namespaces or root."""
 
-from bootstrap.netns.homenet import LEAST_QUOTA_US, Scenario, quota_us
+from bootstrap.netns.homenet import LEAST_QUOTA_US, Scenario, quota_us, share_in_effect
 
 
 def test_a_share_gets_its_quota_down_to_the_kernels_least():
@@ -12,5 +12,6 @@ def test_a_share_gets_its_quota_down_to_the_kernels_least():
 
 def test_which_scenario_devices_run_above_their_share():
     home = Scenario.load("home")
-    above = {d.name for d in home.devices if quota_us(d.cpus, home.cpu_period_us) > d.cpus * home.cpu_period_us}
-    assert above == {"nx"}  # docs/testbed.md: the NX-like board runs at 0.2
+    above = {d.name: share_in_effect(d.cpus, home.cpu_period_us) for d in home.devices
+             if share_in_effect(d.cpus, home.cpu_period_us) > d.cpus}
+    assert above == {"nx": 0.2}  # docs/testbed.md: the NX-like board runs at 0.2, not 0.12
